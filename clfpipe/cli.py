@@ -1,0 +1,190 @@
+"""The one CLI, ``clfpipe``: each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from clfpipe.errors import ClfpipeError
+
+
+def _cmd_data_demo(args: argparse.Namespace) -> None:
+    from clfpipe.demo_data import write_demo_dataset
+
+    counts = write_demo_dataset(args.out_dir, seed=args.seed)
+    print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out_dir}")
+
+
+def _recipe(args: argparse.Namespace):
+    from clfpipe.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.set or [])
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from train.loop import train_run
+
+    train_run(args.data, args.run, _recipe(args))
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> None:
+    from export.onnx_export import export_onnx
+
+    export_onnx(args.run, args.data)
+
+
+def _cmd_repo(args: argparse.Namespace) -> None:
+    from serve.repository import build_repository
+
+    build_repository(args.run, args.out, args.target)
+
+
+def _ports(args: argparse.Namespace):
+    from serve.server import Ports
+
+    return Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
+
+
+def _cmd_serve_up(args: argparse.Namespace) -> None:
+    from serve.server import start_server
+
+    info = start_server(args.repo, args.state_dir, args.host, _ports(args), args.timeout)
+    print(f"tritonserver ready (pid {info.pid}): http {info.http_url}, grpc {info.grpc_url}, "
+          f"metrics {info.host}:{info.ports.metrics}; log {info.log}")
+
+
+def _cmd_serve_down(args: argparse.Namespace) -> None:
+    from serve.server import stop_server
+
+    info = stop_server(args.state_dir)
+    print(f"stopped tritonserver (pid {info.pid})" if info else "no server running")
+
+
+def _cmd_serve_status(args: argparse.Namespace) -> int:
+    from serve.server import server_status
+
+    info, state = server_status(args.state_dir)
+    if info is None or state == "not running":
+        print("not running")
+        return 3  # like `systemctl status`: non-zero when nothing runs
+    print(f"{state}: pid {info.pid}, http {info.http_url}, grpc {info.grpc_url}, repo {info.repo}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from serve.client import Classifier
+
+    client = Classifier(args.url, args.protocol, args.model)
+    for p in client.predict(args.paths, top_k=args.top_k):
+        if args.json:
+            print(p.to_json())
+        else:
+            print(f"{p.file}\t" + "\t".join(f"{label} {prob:.4f}" for label, prob in p.top_k))
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from clfpipe.pipeline import run_pipeline
+
+    run_pipeline(args.data, args.run, _recipe(args))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from clfpipe.pipeline import run_demo
+
+    run_demo(args.workdir, _recipe(args), _ports(args), args.seed)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--recipe", type=Path, default=default, help="recipe TOML (default: built-in defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.epochs=2 or stages.*.size=96")
+
+
+def _add_port_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clfpipe", description="Image classifier: train, export, serve on Triton, verify.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("demo", help="write the deterministic demo dataset (fast.ai folder layout)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_demo)
+
+    p = sub.add_parser("train", help="train a recipe on DATA/train, validate on DATA/valid")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True)
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="export_command", required=True)
+    p = export.add_parser("onnx", help="ONNX with the PyTorch agreement gate")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="data folder for the gate (default: the one training used)")
+    p.set_defaults(func=_cmd_export_onnx)
+
+    p = sub.add_parser("repo", help="generate the Triton model repository for a run")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--target", default="embedded", choices=["embedded"])
+    p.add_argument("--out", type=Path, help="default: RUN/model_repository")
+    p.set_defaults(func=_cmd_repo)
+
+    serve = sub.add_parser("serve", help="the embedded Triton server").add_subparsers(dest="serve_command", required=True)
+    for name, func, doc in (("up", _cmd_serve_up, "start and wait until ready"), ("down", _cmd_serve_down, "stop it and its stubs"),
+                            ("status", _cmd_serve_status, "say what runs")):
+        p = serve.add_parser(name, help=doc)
+        p.add_argument("--state-dir", type=Path, help="pid file and log (default: $CLFPIPE_STATE_DIR or ~/.cache/clfpipe, /server)")
+        p.set_defaults(func=func)
+        if name == "up":
+            p.add_argument("--repo", type=Path, required=True)
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+            _add_port_args(p)
+
+    p = sub.add_parser("predict", help="classify images with a running server")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT (8000 http, 8001 grpc by default)")
+    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("--model", default="classifier")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("run", help="train, export and repo in one go")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True)
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the demo data, served by Triton")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seed", type=int, default=0)
+    _add_recipe_args(p, default="recipes/demo.toml")
+    _add_port_args(p)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ClfpipeError as exc:
+        print(f"clfpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `clfpipe predict ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("clfpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

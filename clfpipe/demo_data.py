@@ -1,0 +1,64 @@
+"""A small deterministic image dataset the project makes itself (no downloads).
+
+Three texture classes, ``horizontal`` and ``vertical`` stripes and ``checker``, each at a random
+period, phase, small tilt and pair of colours, with pixel noise and a random occluding disc. An
+untrained network is at chance (1/3); resnet34 from scratch learns them within a few CPU
+minutes, which shapes on clutter (tried first) did not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("checker", "horizontal", "vertical")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    train_per_class: int = 120
+    valid_per_class: int = 30
+    image_size: int = 96
+    jpeg_quality: int = 90
+
+
+def _wave(label: str, u: np.ndarray, v: np.ndarray, period: float, phase: float) -> np.ndarray:
+    if label == "horizontal":
+        return np.sin(2 * math.pi * v / period + phase)
+    if label == "vertical":
+        return np.sin(2 * math.pi * u / period + phase)
+    return np.sin(2 * math.pi * u / period + phase) * np.sin(2 * math.pi * v / period + phase)
+
+
+def draw_example(rng: np.random.Generator, label: str, size: int) -> Image.Image:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    period, phase, tilt = rng.uniform(8, 20), rng.uniform(0, 2 * math.pi), rng.uniform(-0.25, 0.25)
+    u = xx * math.cos(tilt) + yy * math.sin(tilt)
+    v = -xx * math.sin(tilt) + yy * math.cos(tilt)
+    t = (np.sign(_wave(label, u, v, period, phase)) * 0.5 + 0.5)[..., None]
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    pixels = a * (1 - t) + b * t + rng.normal(0.0, 20.0, (size, size, 3))
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    r = rng.uniform(0.1, 0.25) * size
+    cx, cy = rng.uniform(0, size, 2)
+    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
+def write_demo_dataset(out_dir: str | Path, seed: int = 0, spec: DemoSpec = DemoSpec()) -> dict[str, int]:
+    """Write OUT/train/<class>/*.jpg and OUT/valid/<class>/*.jpg; returns counts per split."""
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    counts = {"train": 0, "valid": 0}
+    for split, per_class in (("train", spec.train_per_class), ("valid", spec.valid_per_class)):
+        for label in CLASSES:
+            folder = out / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                draw_example(rng, label, spec.image_size).save(folder / f"{label}_{i:04d}.jpg", quality=spec.jpeg_quality)
+                counts[split] += 1
+    return counts

@@ -1,0 +1,111 @@
+"""Stages chained: ``run`` (train, export, repo) and the ``demo`` that serves and checks it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from clfpipe.agreement import Agreement, compare
+from clfpipe.dataset import scan_split
+from clfpipe.demo_data import write_demo_dataset
+from clfpipe.errors import ServeError
+from clfpipe.inference import files_to_batch, load_run_model, softmax, torch_logits
+from clfpipe.manifest import RunDir
+from clfpipe.recipe import Recipe
+from export.onnx_export import export_onnx
+from serve.client import Classifier
+from serve.repository import build_repository
+from serve.server import Ports, start_server, stop_server
+from train.loop import train_run
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds per named stage, in order."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
+
+    def table(self) -> str:
+        rows = [f"  {name:<10} {secs:7.1f} s" for name, secs in self.seconds.items()]
+        return "\n".join(rows + [f"  {'total':<10} {sum(self.seconds.values()):7.1f} s"])
+
+
+def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print, timer: StageTimer | None = None) -> Path:
+    """Train, export (with its agreement gate) and build the Triton repository."""
+    timer = timer or StageTimer()
+    with timer.stage("train"):
+        train_run(data_dir, run_dir, recipe, log)
+    with timer.stage("export"):
+        export_onnx(run_dir, data_dir, log)
+    with timer.stage("repo"):
+        return build_repository(run_dir, log=log)
+
+
+def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
+    """Triton's probabilities vs PyTorch's on the same files, at the export tolerance."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    reference = softmax(torch_logits(load_run_model(run, manifest), files_to_batch(files, manifest.preprocess)))
+    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
+    tolerance = manifest.recipe.export
+    return compare(reference, served, tolerance.rtol, tolerance.atol)
+
+
+def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
+    picked: list[Path] = []
+    for label in sorted(set(labels)):
+        picked += [f for f, l in zip(files, labels) if l == label][:per_class]
+    return picked
+
+
+def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 0, log: Log = print) -> dict[str, float]:
+    """The whole product on the demo data; returns the seconds per stage."""
+    timer = StageTimer()
+    data_dir, run_dir = workdir / "data", workdir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its workdir: start clean
+    with timer.stage("data"):
+        counts = write_demo_dataset(data_dir, seed)
+        log(f"data: {counts['train']} train / {counts['valid']} valid JPEGs -> {data_dir}")
+    repo = run_pipeline(data_dir, run_dir, recipe, log, timer)
+    valid = scan_split(data_dir, "valid")
+    state_dir = workdir / "server"
+    with timer.stage("serve up"):
+        info = start_server(repo, state_dir, ports=ports)
+        log(f"serve: tritonserver pid {info.pid} ready, http {info.http_url}, grpc {info.grpc_url}")
+    try:
+        with timer.stage("predict"):
+            for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
+                client = Classifier(url, protocol)
+                log(f"\npredict over {protocol} ({url}):")
+                for p in client.predict(_sample(list(valid.files), list(valid.labels), 2), top_k=1):
+                    log(f"  {Path(p.file).parent.name + '/' + Path(p.file).name:<28} -> {p.label:<11} {p.prob:.3f}")
+                agreement = served_agreement(run_dir, client, list(valid.files))
+                log(f"  Triton ({protocol}) vs PyTorch probabilities on {agreement.summary()}")
+                if not agreement.passed:
+                    raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
+    finally:
+        with timer.stage("serve down"):
+            stop_server(state_dir)
+    manifest = RunDir(run_dir).read()
+    onnx_agreement = manifest.stage("export")["agreement"]
+    log(f"\nvalid accuracy (PyTorch): {manifest.stage('train')['valid_accuracy']:.4f}")
+    log(f"PyTorch vs ONNX Runtime: top-1 agreement {onnx_agreement['top1_agreement']:.4f}, "
+        f"max |logit diff| {onnx_agreement['max_abs_diff']:.3g} (tolerance {onnx_agreement['tolerance']:.3g})")
+    log(f"\nstage times:\n{timer.table()}")
+    return timer.seconds

@@ -1,0 +1,137 @@
+"""The one preprocessing spec: training eval transforms, export, Triton and clients use it.
+
+Pixels are produced by PIL (decode, RGB, resize the shorter side, centre crop) as uint8,
+then normalised with the spec's mean/std. Both halves are plain functions so every consumer
+computes bit-identical pixels from the same file.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+# ImageNet statistics: torchvision's pretrained weights were trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Decompression-bomb guard for decoding untrusted bytes (server side, 64 megapixels).
+MAX_PIXELS = 64_000_000
+
+_INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image file becomes the model's input tensor."""
+
+    resize: int  # shorter side is scaled to this many pixels
+    crop: int  # then a centre crop of crop x crop
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.crop < 8 or self.resize < self.crop:
+            raise ValueError(f"expected 8 <= crop <= resize, got crop={self.crop} resize={self.resize}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"expected interpolation in {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"expected 3 mean and 3 std values, got {self.mean} and {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessSpec":
+        return cls(
+            resize=int(data["resize"]),
+            crop=int(data["crop"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            interpolation=str(data["interpolation"]),
+        )
+
+    @classmethod
+    def for_size(cls, size: int) -> "PreprocessSpec":
+        """fastai's ``sz``: shorter side to sz, centre crop sz x sz."""
+        return cls(resize=size, crop=size)
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image; ValueError names what is wrong."""
+    if not data:
+        raise ValueError("empty image: expected encoded JPEG/PNG bytes, got 0 bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ValueError(
+                f"image too large: expected at most {max_pixels} pixels, got {img.width}x{img.height}"
+            )
+        img.load()
+    except ValueError:
+        raise
+    except Image.UnidentifiedImageError as exc:
+        raise ValueError(f"not an image: expected encoded JPEG/PNG bytes, got {len(data)} bytes starting {data[:8]!r}") from exc
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"not a decodable image: {exc}") from exc
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode: grayscale, palette, RGBA (alpha dropped), 16-bit."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB; ValueError names the file."""
+    try:
+        data = Path(path).read_bytes()
+        return decode_image(data)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Shorter side to spec.resize, centre crop spec.crop: uint8 HWC."""
+    w, h = img.size
+    scale = spec.resize / min(w, h)
+    new_w, new_h = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    img = img.resize((new_w, new_h), _INTERPOLATIONS[spec.interpolation])
+    left, top = (new_w - spec.crop) // 2, (new_h - spec.crop) // 2
+    img = img.crop((left, top, left + spec.crop, top + spec.crop))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 HWC or NHWC -> float32 CHW or NCHW, scaled to [0, 1] and standardised."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """A file to the model's float32 CHW input."""
+    return normalize(resize_crop(load_image(path), spec), spec)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Encoded bytes to the model's float32 CHW input (what Triton's preprocess model does)."""
+    return normalize(resize_crop(decode_image(data), spec), spec)

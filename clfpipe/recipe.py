@@ -1,0 +1,247 @@
+"""The training recipe as data: frozen dataclasses, one per section, loaded from TOML.
+
+A recipe is read like fastai's ``fine_tune``: a list of stages, each saying what is
+trainable, which learning rates, how many epochs, which schedule and which image size.
+Unknown keys are an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tomli_w
+
+from clfpipe.errors import RecipeError
+from clfpipe.preprocess import PreprocessSpec
+
+ARCHS = ("resnet34", "resnext50_32x4d")
+TRAINABLE = ("head", "all")
+SCHEDULES = ("constant", "cosine", "sgdr")
+AUGMENTS = ("none", "side_on", "top_down")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def _check_choice(where: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise RecipeError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(where: str, value: int) -> None:
+    if value <= 0:
+        raise RecipeError(f"{where}: expected a positive number, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet34"
+    weights: str = "none"  # "imagenet", "none" or the path of a torchvision state dict
+    hidden: int = 512  # fastai head: concat-pool -> BN -> dropout -> Linear(hidden) -> ...
+    dropout: tuple[float, float] = (0.25, 0.5)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.arch", self.arch, ARCHS)
+        if len(self.dropout) != 2:
+            raise RecipeError(f"model.dropout: expected 2 values, got {list(self.dropout)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 32
+    num_workers: int = 0
+    resize_scale: float = 1.0  # resize = round(size * resize_scale), then centre crop size
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        _check_positive("data.batch_size", self.batch_size)
+        if self.resize_scale < 1.0:
+            raise RecipeError(f"data.resize_scale: expected >= 1.0, got {self.resize_scale}")
+        _check_choice("data.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str = "fit"
+    trainable: str = "all"  # "head" (body frozen, BN in eval) or "all"
+    epochs: int = 3
+    lr: tuple[float, ...] = (1e-3,)  # one value, or one per layer group (body-early, body-late, head)
+    schedule: str = "cosine"
+    cycle_len: int = 1  # sgdr: epochs in the first cycle
+    cycle_mult: int = 1  # sgdr: each cycle is cycle_mult times longer than the last
+    size: int = 64
+    augment: str = "side_on"
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        where = f"stage {self.name!r}"
+        _check_choice(f"{where} trainable", self.trainable, TRAINABLE)
+        _check_choice(f"{where} schedule", self.schedule, SCHEDULES)
+        _check_choice(f"{where} augment", self.augment, AUGMENTS)
+        _check_choice(f"{where} optimizer", self.optimizer, OPTIMIZERS)
+        _check_positive(f"{where} epochs", self.epochs)
+        _check_positive(f"{where} size", self.size)
+        if len(self.lr) not in (1, 3) or min(self.lr) <= 0:
+            raise RecipeError(f"{where} lr: expected one positive value or 3 (one per layer group), got {list(self.lr)}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 20
+    # Agreement gate: max|diff| of logits <= rtol * max|logit| + atol, and equal top-1.
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    preprocess_instances: int = 1
+    model_instances: int = 1
+    ort_threads: int = 0  # 0: ONNX Runtime's default (all cores)
+
+    def __post_init__(self) -> None:
+        _check_positive("serve.max_batch_size", self.max_batch_size)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise RecipeError("stages: expected at least one stage, got none")
+
+    def final_size(self) -> int:
+        return self.stages[-1].size
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """What inference uses: the last stage's size, fastai's sz semantics."""
+        size = self.final_size()
+        return PreprocessSpec(resize=round(size * self.data.resize_scale), crop=size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """Check one TOML value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        item_type = typing.get_args(hint)[0]
+        return tuple(_coerce(where, item_type, v) for v in items)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise RecipeError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where or 'recipe'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise RecipeError(
+            f"unknown key '{where}{unknown[0]}' in recipe: valid keys are {', '.join(valid)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint, key = hints[name], f"{where}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{key}.")
+        elif name == "stages":
+            if not isinstance(value, list):
+                raise RecipeError(f"stages: expected a list of tables, got {value!r}")
+            kwargs[name] = tuple(_build(StageConfig, s, f"stages.{i}.") for i, s in enumerate(value))
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    return _build(Recipe, data, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'stages.0.epochs=2' -> (['stages', '0', 'epochs'], 2). Values are TOML; bare words are strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set: expected key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply --set overrides to a recipe dict; 'stages.*.key' sets the key in every stage."""
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(data, path, value, text)
+    return data
+
+
+def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
+    head, rest = path[0], path[1:]
+    if isinstance(node, list):
+        if head == "*":
+            targets = node
+        elif head.isdigit() and int(head) < len(node):
+            targets = [node[int(head)]]
+        else:
+            raise RecipeError(f"--set {text}: expected a stage index below {len(node)} or '*', got {head!r}")
+        for target in targets:
+            _set_path(target, rest, value, text)
+        return
+    if not rest:
+        node[head] = value
+        return
+    if head == "stages":
+        node.setdefault("stages", [dataclasses.asdict(StageConfig())])
+    else:
+        node.setdefault(head, {})
+    _set_path(node[head], rest, value, text)
+
+
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe TOML (or the defaults when path is None) and apply --set overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise RecipeError(f"recipe file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+    return recipe_from_dict(apply_overrides(data, overrides))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return tomli_w.dumps(recipe.to_dict())

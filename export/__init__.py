@@ -1,0 +1,1 @@
+"""Export stage: ONNX from the trained checkpoint, gated on agreement with PyTorch."""

@@ -1,0 +1,1 @@
+"""Serving stage: Triton model repository, the embedded server, and clients."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: the demo data, one trained run and one real Triton server per test session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from clfpipe.demo_data import write_demo_dataset
+from clfpipe.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = ROOT / "recipes" / "demo.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    write_demo_dataset(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo recipe, trained and exported once for the whole session (about 2.5 minutes)."""
+    from export.onnx_export import export_onnx
+    from train.loop import train_run
+
+    run = tmp_path_factory.mktemp("runs") / "demo"
+    train_run(demo_data, run, load_recipe(DEMO_RECIPE))
+    export_onnx(run, demo_data)
+    return run
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run that a test may damage."""
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run, dst, ignore=shutil.ignore_patterns("model_repository"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real tritonserver on free loopback ports, serving the trained run."""
+    from serve.repository import build_repository
+    from serve.server import Ports, start_server, stop_server
+
+    repo = build_repository(trained_run)
+    state = tmp_path_factory.mktemp("server")
+    info = start_server(repo, state, ports=Ports(free_port(), free_port(), free_port()))
+    yield info
+    stop_server(state)

@@ -1,0 +1,81 @@
+"""Bad input to the CLI: exit code 2 and one line naming the problem, no traceback."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clfpipe.cli import main
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    root = tmp_path / "data"
+    write_demo_dataset(root, spec=DemoSpec(train_per_class=3, valid_per_class=2, image_size=32))
+    return root
+
+
+def _one_line_error(capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("clfpipe: error: ") and expected in err, err
+    return err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "nope"), "--run", str(tmp_path / "run")], "data folder not found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_folder_with_no_images(tiny_data, tmp_path, capsys):
+    for f in (tiny_data / "train" / "checker").iterdir():
+        f.unlink()
+    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
+
+
+def test_corrupt_image_file_is_named(tiny_data, tmp_path, capsys):
+    bad = tiny_data / "train" / "vertical" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "corrupt image file")
+    assert "broken.jpg" in err
+
+
+def test_valid_classes_must_match_train(tiny_data, tmp_path, capsys):
+    shutil.rmtree(tiny_data / "valid" / "checker")
+    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "expected class folders")
+
+
+def test_unknown_recipe_key_from_the_command_line(tiny_data, tmp_path, capsys):
+    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--set", "model.depth=3"],
+                    "valid keys are arch, weights")
+
+
+def test_run_directory_without_manifest_or_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["export", "onnx", "--run", str(tmp_path / "empty")], "has no manifest.json")
+    _one_line_error(capsys, ["repo", "--run", str(tmp_path / "missing")], "run directory not found")
+
+
+def test_corrupt_manifest(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"schema_version": 1, "recipe": ')
+    _one_line_error(capsys, ["export", "onnx", "--run", str(tmp_path)], "corrupt manifest")
+
+
+def test_serve_up_without_a_repository(tmp_path, capsys):
+    _one_line_error(capsys, ["serve", "up", "--repo", str(tmp_path), "--state-dir", str(tmp_path / "s")],
+                    "expected a model repository")
+
+
+def test_predict_without_a_server(tmp_path, capsys):
+    _one_line_error(capsys, ["predict", "--url", "127.0.0.1:1", str(tmp_path / "x.jpg")], "cannot reach Triton")
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    _one_line_error(capsys, ["predict", "--url", "127.0.0.1:1", "--protocol", "grpc", str(img)], "cannot reach Triton")
+
+
+def test_data_demo_command(tmp_path, capsys):
+    assert main(["data", "demo", str(tmp_path / "d"), "--seed", "1"]) == 0
+    assert "wrote 360 train and 90 valid images" in capsys.readouterr().out

@@ -1,0 +1,178 @@
+"""End to end on CPU: demo data -> train -> export -> repo -> a real tritonserver -> HTTP and gRPC."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from clfpipe.cli import main
+from clfpipe.dataset import scan_split
+from clfpipe.errors import ExportError, ManifestError, ServeError
+from clfpipe.inference import files_to_batch, load_run_model, softmax, torch_logits
+from clfpipe.manifest import RunDir
+from clfpipe.models import build_model
+from clfpipe.recipe import ModelConfig
+from clfpipe.pipeline import served_agreement
+from export.onnx_export import check_agreement, export_onnx, write_onnx
+from serve.client import Classifier
+from serve.server import Ports, _group_alive, server_status, start_server, stop_server
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _valid(run):
+    manifest = RunDir(run).read()
+    return scan_split(manifest.data["data_dir"], "valid", tuple(manifest.classes))
+
+
+def test_trained_model_beats_chance_and_untrained_is_at_chance(trained_run):
+    manifest = RunDir(trained_run).read()
+    assert manifest.stage("train")["valid_accuracy"] >= 0.6  # chance is 1/3
+    valid = _valid(trained_run)
+    untrained = build_model(ModelConfig(), 3).eval()
+    logits = torch_logits(untrained, files_to_batch(valid.files, manifest.preprocess))
+    assert (logits.argmax(1) == np.array(valid.labels)).mean() < 0.5
+
+
+def test_run_directory_describes_itself(trained_run):
+    manifest = RunDir(trained_run).read()
+    assert manifest.classes == ["checker", "horizontal", "vertical"]
+    assert manifest.data["preprocess"]["crop"] == 64
+    for name, stage in (("checkpoint", "train"), ("onnx", "export")):
+        entry = manifest.artifact(name)
+        assert entry["stage"] == stage and len(entry["sha256"]) == 64 and entry["versions"]["torch"].startswith("2.14")
+    state = torch.load(trained_run / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and "head.8.weight" in state
+    assert (trained_run / "metrics.csv").read_text().count("\n") == 1 + manifest.stage("train")["epochs"]
+    assert (trained_run / "recipe.resolved.toml").is_file()
+
+
+def test_onnx_is_named_dynamic_and_passes_the_gate(trained_run):
+    manifest = RunDir(trained_run).read()
+    model = onnx.load(str(trained_run / "model.onnx"))
+    onnx.checker.check_model(model)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "input" and out.name == "logits"
+    assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert json.loads({p.key: p.value for p in model.metadata_props}["classes"]) == manifest.classes
+    figures = manifest.stage("export")["agreement"]
+    assert figures["passed"] and figures["top1_agreement"] == 1.0 and figures["images"] == 90
+    assert figures["max_abs_diff"] <= figures["tolerance"]
+
+
+def test_gate_rejects_a_perturbed_model(trained_run, tmp_path):
+    run = RunDir(trained_run)
+    manifest = run.read()
+    model = load_run_model(run, manifest)
+    perturbed = load_run_model(run, manifest)
+    with torch.no_grad():
+        perturbed.head[8].bias[0] += 0.05  # one weight of the last layer
+    path = tmp_path / "perturbed.onnx"
+    write_onnx(perturbed, path, 64, 20, {})
+    result = check_agreement(model, path, manifest, list(_valid(trained_run).files))
+    assert not result.passed and result.max_abs_diff == pytest.approx(0.05, rel=1e-3)
+
+
+def test_failed_export_leaves_the_manifest_as_it_was(run_copy):
+    manifest_path = run_copy / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["recipe"]["export"].update(rtol=0.0, atol=0.0)  # an impossible gate
+    manifest_path.write_text(json.dumps(data))
+    (run_copy / "model.onnx").unlink()
+    before = manifest_path.read_bytes()
+    with pytest.raises(ExportError, match="ONNX Runtime disagrees with PyTorch: 90 images"):
+        export_onnx(run_copy)
+    assert manifest_path.read_bytes() == before
+    assert not (run_copy / "model.onnx").exists() and not list(run_copy.glob(".*partial"))
+
+
+def test_run_without_checkpoint_is_refused(run_copy, capsys):
+    (run_copy / "model.pt").unlink()
+    with pytest.raises(ManifestError, match="artifact 'checkpoint' missing"):
+        export_onnx(run_copy)
+    assert main(["repo", "--run", str(run_copy), "--out", str(run_copy / "r")]) == 0  # the ONNX is intact
+    assert main(["export", "onnx", "--run", str(run_copy)]) == 2
+    assert "artifact 'checkpoint' missing" in capsys.readouterr().err
+
+
+def test_generated_repository_parses(trained_run, server):
+    for path in (trained_run / "model_repository").glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        assert config.name == path.parent.name
+    assert (trained_run / "model_repository" / "classifier" / "labels.txt").read_text().split() == RunDir(trained_run).read().classes
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_matches_pytorch(trained_run, server, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    client = Classifier(url, protocol)
+    valid = _valid(trained_run)
+    agreement = served_agreement(trained_run, client, list(valid.files))
+    assert agreement.passed, agreement.summary()
+    assert agreement.images == 90 and agreement.top1_agreement == 1.0
+    manifest = RunDir(trained_run).read()
+    reference = softmax(torch_logits(load_run_model(RunDir(trained_run), manifest), files_to_batch(valid.files[:6], manifest.preprocess)))
+    labels = [p.label for p in client.predict(valid.files[:6])]
+    assert labels == [manifest.classes[i] for i in reference.argmax(1)]
+
+
+def test_cli_predict_json(trained_run, server, capsys):
+    valid_dir = _valid(trained_run).files[0].parent
+    assert main(["predict", "--url", server.grpc_url, "--protocol", "grpc", "--json", "--top-k", "2", str(valid_dir)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 30
+    classes = RunDir(trained_run).read().classes
+    for row in rows:
+        assert set(row) == {"file", "label", "prob", "probs"}
+        assert len(row["probs"]) == 3 and sum(row["probs"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == classes[int(np.argmax(row["probs"]))] and row["prob"] == max(row["probs"])
+
+
+def test_non_image_gets_an_error_and_the_server_answers_the_next_request(trained_run, server, tmp_path, capsys):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is text, not a JPEG")
+    good = _valid(trained_run).files[0]
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        assert main(["predict", "--url", url, "--protocol", protocol, str(good), str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "notes.jpg" in err and "not an image" in err, err
+        assert main(["predict", "--url", url, "--protocol", protocol, str(good)]) == 0
+        assert capsys.readouterr().out.startswith(str(good))
+    with pytest.raises(ServeError, match="model 'nope' is not served"):
+        Classifier(server.http_url, "http", model="nope")
+
+
+def test_serve_up_status_down_stops_server_and_stubs(trained_run, server, tmp_path, capsys):
+    state = tmp_path / "state"
+    ports = Ports(free_port(), free_port(), free_port())
+    argv_ports = ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
+    repo = str(trained_run / "model_repository")
+    assert main(["serve", "up", "--repo", repo, "--state-dir", str(state), *argv_ports]) == 0
+    info, status = server_status(state)
+    assert status == "ready" and _group_alive(info.pid)
+    assert main(["serve", "up", "--repo", repo, "--state-dir", str(state), *argv_ports]) == 2
+    assert "already running" in capsys.readouterr().err
+    assert main(["serve", "status", "--state-dir", str(state)]) == 0
+    assert main(["serve", "down", "--state-dir", str(state)]) == 0
+    assert not _group_alive(info.pid)  # tritonserver and its python stubs are gone
+    assert main(["serve", "status", "--state-dir", str(state)]) == 3
+    with pytest.raises(ServeError, match="port .* is in use"):
+        start_server(trained_run / "model_repository", state, ports=Ports(server.ports.http, free_port(), free_port()))
+
+
+def test_run_command_chains_train_export_repo(demo_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["run", "--data", str(demo_data), "--run", str(run), "--recipe", "recipes/demo.toml",
+                 "--set", "stages.0.epochs=1", "--set", "stages.0.size=32"]) == 0
+    manifest = RunDir(run).read()
+    assert set(manifest.data["stages"]) == {"train", "export", "repo"}
+    assert (run / "model_repository" / "backbone" / "1" / "model.onnx").is_file()
+    shutil.rmtree(run)

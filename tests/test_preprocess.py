@@ -1,0 +1,65 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from clfpipe.preprocess import PreprocessSpec, decode_image, normalize, preprocess_bytes, resize_crop
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_spec_round_trip_and_validation():
+    spec = PreprocessSpec(resize=80, crop=64)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="crop <= resize"):
+        PreprocessSpec(resize=32, crop=64)
+    with pytest.raises(ValueError, match="interpolation"):
+        PreprocessSpec(resize=64, crop=64, interpolation="lanczos9")
+
+
+def test_resize_shorter_side_then_centre_crop():
+    img = Image.fromarray(np.zeros((100, 200, 3), np.uint8))
+    out = resize_crop(img, PreprocessSpec(resize=50, crop=40))
+    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
+
+
+def test_normalize_matches_torchvision():
+    spec = PreprocessSpec(resize=8, crop=8)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    expected = v2.Normalize(spec.mean, spec.std)(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    np.testing.assert_allclose(normalize(pixels, spec), expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("array, mode", [
+    (np.full((20, 30), 128, np.uint8), None),  # grayscale
+    (np.full((20, 30, 4), 200, np.uint8), None),  # RGBA
+    (np.full((20, 30), 65535, np.uint16), None),  # 16-bit grayscale PNG
+])
+def test_any_mode_decodes_to_rgb(array, mode):
+    img = decode_image(_png(array, mode))
+    assert img.mode == "RGB" and img.size == (30, 20)
+    assert preprocess_bytes(_png(array, mode), PreprocessSpec(16, 16)).shape == (3, 16, 16)
+
+
+def test_16_bit_white_stays_white():
+    assert np.asarray(decode_image(_png(np.full((4, 4), 65535, np.uint16)))).min() == 255
+
+
+def test_bad_bytes_say_what_is_wrong():
+    with pytest.raises(ValueError, match="empty image"):
+        decode_image(b"")
+    with pytest.raises(ValueError, match="not an image: expected encoded JPEG/PNG bytes"):
+        decode_image(b"hello, world")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(jpeg, format="JPEG")
+    with pytest.raises(ValueError, match="not a decodable image"):
+        decode_image(jpeg.getvalue()[:200])  # truncated
+    with pytest.raises(ValueError, match="image too large"):
+        decode_image(_png(np.zeros((100, 100), np.uint8)), max_pixels=5000)

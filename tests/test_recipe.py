@@ -1,0 +1,74 @@
+import pytest
+
+from clfpipe.errors import RecipeError
+from clfpipe.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+from tests.conftest import DEMO_RECIPE
+
+
+def test_defaults_load_without_a_file():
+    recipe = load_recipe(None)
+    assert recipe == Recipe()
+    assert recipe.model.arch == "resnet34"
+
+
+def test_demo_recipe_loads_and_round_trips(tmp_path):
+    recipe = load_recipe(DEMO_RECIPE)
+    assert recipe.stages[0].size == 64 and recipe.model.weights == "none"
+    path = tmp_path / "resolved.toml"
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\narch = "resnet34"\nwieghts = "none"\n')
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert "'model.wieghts'" in message
+    for valid in ("arch", "weights", "hidden", "dropout"):
+        assert valid in message
+
+
+def test_unknown_stage_key_is_reported_with_its_index():
+    with pytest.raises(RecipeError, match=r"stages\.1\.cyclelen.*cycle_len"):
+        recipe_from_dict({"stages": [{"name": "a"}, {"name": "b", "cyclelen": 2}]})
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    recipe = load_recipe(DEMO_RECIPE, ["model.weights=imagenet", "stages.0.epochs=2", "stages.*.lr=[1e-4, 1e-3, 1e-2]", "seed=7"])
+    assert recipe.model.weights == "imagenet"
+    assert recipe.stages[0].epochs == 2
+    assert recipe.stages[0].lr == (1e-4, 1e-3, 1e-2)
+    assert recipe.seed == 7
+
+
+def test_wrong_types_and_choices_say_what_was_expected():
+    with pytest.raises(RecipeError, match="expected int, got 'two'"):
+        load_recipe(None, ["stages.0.epochs=two"])
+    with pytest.raises(RecipeError, match="expected one of resnet34, resnext50_32x4d, got 'vgg'"):
+        load_recipe(None, ["model.arch=vgg"])
+    with pytest.raises(RecipeError, match="expected one positive value or 3"):
+        load_recipe(None, ["stages.0.lr=[1e-3, 1e-2]"])
+
+
+def test_bad_override_syntax_and_index():
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(None, ["epochs"])
+    with pytest.raises(RecipeError, match="stage index below 1"):
+        load_recipe(None, ["stages.3.epochs=1"])
+
+
+def test_preprocess_spec_follows_the_last_stage_size():
+    recipe = load_recipe(None, ["stages.0.size=96", "data.resize_scale=1.25"])
+    spec = recipe.preprocess_spec()
+    assert (spec.resize, spec.crop) == (120, 96)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = = 1")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(bad)

@@ -1,0 +1,37 @@
+import math
+
+import pytest
+
+from train.schedule import cosine, multiplier, sgdr, sgdr_cycles
+
+
+def test_cosine_closed_form():
+    assert cosine(0.0) == 1.0
+    assert cosine(0.5) == pytest.approx(0.5)
+    assert cosine(1.0) == pytest.approx(0.0, abs=1e-12)
+    for t in (0.1, 0.3, 0.77):
+        assert cosine(t) == pytest.approx((math.cos(math.pi * t) + 1) / 2)
+
+
+def test_sgdr_cycle_lengths_1_2_4():
+    assert sgdr_cycles(7, 1, 2) == [1, 2, 4]
+    assert sgdr_cycles(3, 1, 1) == [1, 1, 1]
+    with pytest.raises(ValueError, match="whole number of SGDR cycles"):
+        sgdr_cycles(5, 1, 2)
+
+
+def test_sgdr_restarts_at_cycle_boundaries():
+    spe = 10  # steps per epoch; cycles of 1, 2, 4 epochs start at steps 0, 10, 30
+    for start in (0, 10, 30):
+        assert sgdr(start, spe, 7, 1, 2) == 1.0
+    assert sgdr(5, spe, 7, 1, 2) == pytest.approx(0.5)  # middle of the first cycle
+    assert sgdr(20, spe, 7, 1, 2) == pytest.approx(0.5)  # middle of the second (20 steps long)
+    assert sgdr(50, spe, 7, 1, 2) == pytest.approx(0.5)  # middle of the third (40 steps long)
+    assert sgdr(29, spe, 7, 1, 2) < 0.01
+
+
+def test_multiplier_dispatch():
+    assert multiplier("constant", 5, 10, 2) == 1.0
+    assert multiplier("cosine", 10, 10, 2) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        multiplier("step", 0, 1, 1)
