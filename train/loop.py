@@ -98,7 +98,8 @@ def run_stage(model: Classifier, stage: StageConfig, train: Split, valid: Split,
     for epoch in range(stage.epochs):
         start, losses = time.perf_counter(), []
         train_mode(model)
-        bar = tqdm(train_loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True)
+        # disable=None: a bar on a terminal, none in logs (epoch lines are printed either way).
+        bar = tqdm(train_loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True, disable=None)
         for x, y in bar:
             scale = multiplier(stage.schedule, step, steps_per_epoch, stage.epochs, stage.cycle_len, stage.cycle_mult)
             for group in optimizer.param_groups:
