@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clfpipe.errors import ClfpipeError
+from clfpipe.errors import ClfpipeError, RecipeError
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> None:
@@ -26,7 +26,20 @@ def _recipe(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> None:
     from train.loop import train_run
 
-    train_run(args.data, args.run, _recipe(args))
+    if args.resume:
+        train_run(None, args.resume, resume=True)
+    elif args.data is None or args.run is None:
+        raise RecipeError("train: expected --data and --run, or --resume RUN_DIR")
+    else:
+        train_run(args.data, args.run, _recipe(args))
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> None:
+    from train.loop import lr_find_for_run
+
+    result = lr_find_for_run(args.run, args.stage)
+    for name, lr in result.suggestions.items():
+        print(f"{name}\t{lr:.3e}")
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -118,10 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_demo)
 
     p = sub.add_parser("train", help="train a recipe on DATA/train, validate on DATA/valid")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--run", type=Path)
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("lr-find", help="learning-rate sweep for a stage of a trained run (weights restored)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--stage", type=int, default=0)
+    p.set_defaults(func=_cmd_lr_find)
 
     export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="export_command", required=True)
     p = export.add_parser("onnx", help="ONNX with the PyTorch agreement gate")

@@ -21,7 +21,9 @@ from clfpipe.preprocess import PreprocessSpec
 
 ARCHS = ("resnet34", "resnext50_32x4d")
 TRAINABLE = ("head", "all")
-SCHEDULES = ("constant", "cosine", "sgdr")
+SCHEDULES = ("constant", "cosine", "sgdr", "onecycle")
+SUGGESTIONS = ("valley", "steep", "minimum")
+TTA_POLICIES = ("fastai", "deterministic")
 AUGMENTS = ("none", "side_on", "top_down")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -55,12 +57,15 @@ class DataConfig:
     num_workers: int = 0
     resize_scale: float = 1.0  # resize = round(size * resize_scale), then centre crop size
     device: str = "auto"  # "auto", "cpu" or "cuda"
+    cache_dir: str = ""  # precomputed activations; "" = $XDG_CACHE_HOME/clfpipe/features
+    decode: str = "auto"  # training images: "pil" in loader workers, "tensor" batched on the device; auto = tensor on CUDA
 
     def __post_init__(self) -> None:
         _check_positive("data.batch_size", self.batch_size)
         if self.resize_scale < 1.0:
             raise RecipeError(f"data.resize_scale: expected >= 1.0, got {self.resize_scale}")
         _check_choice("data.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("data.decode", self.decode, ("auto", "pil", "tensor"))
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class StageConfig:
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    precompute: bool = False  # train the head on cached activations of the frozen body
+    lr_find: bool = False  # run lr_find first and take the peak lr from its suggestion
+    warmup: float = 0.0  # fraction of the first cycle held at lr/100 (fastai 0.7 used 1/20)
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -86,8 +94,37 @@ class StageConfig:
         _check_choice(f"{where} optimizer", self.optimizer, OPTIMIZERS)
         _check_positive(f"{where} epochs", self.epochs)
         _check_positive(f"{where} size", self.size)
+        if self.precompute and self.trainable != "head":
+            raise RecipeError(f"{where}: precompute needs trainable = \"head\" (a trainable body changes its activations), got {self.trainable!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise RecipeError(f"{where} warmup: expected a fraction in [0, 1), got {self.warmup}")
         if len(self.lr) not in (1, 3) or min(self.lr) <= 0:
             raise RecipeError(f"{where} lr: expected one positive value or 3 (one per layer group), got {list(self.lr)}")
+
+
+@dataclass(frozen=True)
+class LrFindConfig:
+    start: float = 1e-5
+    end: float = 10.0
+    num_it: int = 100  # at most this many batches (fastai: one epoch)
+    suggestion: str = "valley"
+
+    def __post_init__(self) -> None:
+        _check_choice("lr_find.suggestion", self.suggestion, SUGGESTIONS)
+        if not 0 < self.start < self.end:
+            raise RecipeError(f"lr_find: expected 0 < start < end, got start={self.start} end={self.end}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    tta: tuple[str, ...] = TTA_POLICIES  # which TTA policies to report next to the plain accuracy
+    n_aug: int = 4  # fastai policy: augmented passes besides the plain one
+    report: bool = True  # the data-cleaning report (index.html in the run directory)
+    report_images: int = 8  # images per grid
+
+    def __post_init__(self) -> None:
+        for policy in self.tta:
+            _check_choice("evaluate.tta", policy, TTA_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -116,6 +153,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: tuple[StageConfig, ...] = (StageConfig(),)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 

@@ -53,6 +53,35 @@ def test_run_directory_describes_itself(trained_run):
     assert isinstance(state, dict) and "head.8.weight" in state
     assert (trained_run / "metrics.csv").read_text().count("\n") == 1 + manifest.stage("train")["epochs"]
     assert (trained_run / "recipe.resolved.toml").is_file()
+    for name in ("schedule.png", "lr_find_stage0.png", "report/index.html", "report/confusion_matrix.png"):
+        assert (trained_run / name).is_file(), name
+    assert not (trained_run / "train_state.pt").exists()
+    figures = manifest.stage("train")
+    assert set(figures["accuracy"]) == {"plain", "tta_fastai", "tta_deterministic"}
+    assert figures["lr_finds"][0]["stage"] == "head_precomputed"
+    assert len(figures["stage_lrs"]) == 4
+
+
+def test_tta_policies_repeat_exactly(trained_run):
+    from train.evaluate import deterministic_tta, fastai_tta, predict_probs
+
+    run = RunDir(trained_run)
+    manifest = run.read()
+    model, valid, spec, cpu = load_run_model(run, manifest), _valid(trained_run), manifest.preprocess, torch.device("cpu")
+    plain = predict_probs(model, valid, spec, 32, cpu)
+    first = fastai_tta(model, valid, spec, 32, cpu, "side_on", 4, 0, plain)
+    np.testing.assert_array_equal(first, fastai_tta(model, valid, spec, 32, cpu, "side_on", 4, 0, plain))
+    np.testing.assert_array_equal(deterministic_tta(model, valid, spec, 32, cpu), deterministic_tta(model, valid, spec, 32, cpu))
+    assert not np.array_equal(first, plain)
+
+
+def test_lr_find_command_restores_the_run(run_copy, capsys):
+    before = (run_copy / "model.pt").read_bytes()
+    assert main(["lr-find", "--run", str(run_copy), "--stage", "0"]) == 0
+    out = capsys.readouterr().out
+    assert {line.split()[0] for line in out.strip().splitlines()[-3:]} == {"valley", "steep", "minimum"}
+    assert (run_copy / "lr_find_stage0.json").is_file() and (run_copy / "lr_find_stage0.png").is_file()
+    assert (run_copy / "model.pt").read_bytes() == before
 
 
 def test_onnx_is_named_dynamic_and_passes_the_gate(trained_run):

@@ -13,7 +13,8 @@ def test_defaults_load_without_a_file():
 
 def test_demo_recipe_loads_and_round_trips(tmp_path):
     recipe = load_recipe(DEMO_RECIPE)
-    assert recipe.stages[0].size == 64 and recipe.model.weights == "none"
+    assert [s.size for s in recipe.stages] == [48, 48, 48, 64] and recipe.model.weights == "none"
+    assert recipe.stages[0].precompute and recipe.stages[2].lr == (5e-4, 7e-4, 1e-3)
     path = tmp_path / "resolved.toml"
     path.write_text(dump_recipe(recipe))
     assert load_recipe(path) == recipe

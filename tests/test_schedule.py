@@ -35,3 +35,20 @@ def test_multiplier_dispatch():
     assert multiplier("cosine", 10, 10, 2) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         multiplier("step", 0, 1, 1)
+
+
+def test_one_cycle_endpoints_and_peak():
+    from train.schedule import one_cycle
+
+    assert one_cycle(0.0) == pytest.approx(1 / 25)
+    assert one_cycle(0.25) == pytest.approx(1.0)
+    assert one_cycle(1.0) == pytest.approx(1e-5)
+    assert one_cycle(0.125) == pytest.approx(1 / 25 + (1 - 1 / 25) * 0.5)
+
+
+def test_warmup_holds_lr_over_100_for_the_first_part_of_the_first_cycle():
+    # sgdr 1+2 epochs of 10 steps, warm-up 1/20 of the first cycle = 0.5 -> round to 0 steps; use 0.2 -> 2 steps
+    assert multiplier("sgdr", 0, 10, 3, 1, 2, warmup=0.2) == pytest.approx(0.01)
+    assert multiplier("sgdr", 1, 10, 3, 1, 2, warmup=0.2) == pytest.approx(0.01 * sgdr(1, 10, 3, 1, 2))
+    assert multiplier("sgdr", 2, 10, 3, 1, 2, warmup=0.2) == pytest.approx(sgdr(2, 10, 3, 1, 2))
+    assert multiplier("sgdr", 10, 10, 3, 1, 2, warmup=0.2) == 1.0  # the restart is not warmed up again

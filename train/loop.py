@@ -1,18 +1,28 @@
-"""The training stage: run the recipe's stages, then commit checkpoint and manifest."""
+"""The training stage: run the recipe's stages, evaluate, then commit checkpoint and manifest.
+
+Every epoch ends with an atomic ``train_state.pt`` (weights, optimizer, position in the
+recipe), so ``clfpipe train --resume RUN_DIR`` continues a killed run with the same schedule.
+Each epoch seeds its own shuffling and augmentation from (seed, stage, epoch), so a resumed run
+draws the same batches as an uninterrupted one. The manifest is written last.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime as _dt
 import io
+import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from clfpipe.dataset import Split, scan_split
@@ -21,12 +31,19 @@ from clfpipe.inference import CHECKPOINT
 from clfpipe.manifest import Manifest, RunDir, atomic_write_bytes, library_versions, new_manifest
 from clfpipe.models import Classifier, build_model, set_trainable, train_mode
 from clfpipe.preprocess import PreprocessSpec
-from clfpipe.recipe import Recipe, RecipeError, StageConfig, dump_recipe
+from clfpipe.recipe import Recipe, RecipeError, StageConfig, dump_recipe, load_recipe
 from train.data import ImageDataset, make_loader
-from train.schedule import multiplier, sgdr_cycles
+from train.evaluate import evaluate
+from train.lr_find import LrFindResult, lr_find, plot_lr_find
+from train.precompute import FeatureCache, cached_features, default_cache_dir
+from train.report import write_report
+from train.schedule import multiplier, schedule_values, sgdr_cycles
+from train.tensor_data import augment_batch, decode_batch, encoded_loader
 
 TRAIN_VERSIONS = ("torch", "torchvision", "numpy", "pillow")
 METRIC_FIELDS = ("stage", "epoch", "lr", "train_loss", "valid_loss", "accuracy", "seconds")
+STATE_FILE = "train_state.pt"
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -40,9 +57,21 @@ class EpochMetrics:
     seconds: float
 
 
+@dataclass
+class Context:
+    """What every stage needs: the run's fixed inputs."""
+
+    recipe: Recipe
+    train: Split
+    valid: Split
+    device: torch.device
+    run_dir: Path
+    log: Log
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -52,6 +81,21 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RecipeError("data.device: expected a CUDA device, got none (torch.cuda.is_available() is False)")
     return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA where supported; plain fp32 on the CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def on_device_decode(decode: str, device: torch.device) -> bool:
+    return decode == "tensor" or (decode == "auto" and device.type == "cuda")
+
+
+def stage_spec(recipe: Recipe, stage: StageConfig) -> PreprocessSpec:
+    return PreprocessSpec(resize=round(stage.size * recipe.data.resize_scale), crop=stage.size)
 
 
 def param_groups(model: Classifier, lrs: tuple[float, ...]) -> list[dict]:
@@ -71,62 +115,90 @@ def make_optimizer(stage: StageConfig, groups: list[dict]) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
 
 
-@torch.inference_mode()
-def evaluate(model: Classifier, loader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on a loader."""
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        count += len(y)
-    return loss_sum / count, correct / count
+class StageData:
+    """Batches and forward pass of one stage: images through the model, or cached activations
+    through the head only (precompute)."""
+
+    def __init__(self, model: Classifier, stage: StageConfig, index: int, ctx: Context) -> None:
+        recipe, spec = ctx.recipe, stage_spec(ctx.recipe, stage)
+        self.model, self.device, self.seed = model, ctx.device, recipe.seed * 1000 + index * 100
+        self.spec, self.augment, self.augment_gen = spec, stage.augment, torch.Generator()
+        self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device)
+        bs, workers = recipe.data.batch_size, recipe.data.num_workers
+        if stage.precompute:
+            if stage.augment != "none":
+                ctx.log(f"warning: stage {stage.name!r}: augment={stage.augment!r} has no effect while precompute=true "
+                        "(the same activations are shown every epoch)")
+            cache = FeatureCache(default_cache_dir(recipe.data.cache_dir))
+            tensors = []
+            for split in (ctx.train, ctx.valid):
+                result = cached_features(model, split, spec, cache, bs, ctx.device)
+                ctx.log(f"precompute: {len(split)} images, cache {result.status} ({cache.root / result.key}.npy)")
+                tensors.append(TensorDataset(torch.from_numpy(result.features), torch.tensor(split.labels)))
+            self.generator = torch.Generator()
+            self.train_loader = DataLoader(tensors[0], bs, shuffle=True, drop_last=len(tensors[0]) > bs, generator=self.generator)
+            self.valid_loader = DataLoader(tensors[1], bs)
+            self.forward = model.head[2:]
+        elif self.tensor_decode:
+            self.train_loader = encoded_loader(ctx.train, bs, workers, recipe.seed)
+            self.generator = self.train_loader.generator
+        else:
+            self.train_loader = make_loader(ImageDataset(ctx.train, spec, stage.augment), bs, True, workers, recipe.seed)
+            self.generator = self.train_loader.generator
+        if not stage.precompute:
+            self.valid_loader = make_loader(ImageDataset(ctx.valid, spec), bs, False, workers, recipe.seed)
+            self.forward = model
+        self.channels_last = ctx.device.type == "cuda" and not stage.precompute
+
+    def to_input(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if self.tensor_decode:  # encoded bytes: decode and augment on the device
+            return augment_batch(decode_batch(x, self.device), self.spec, self.augment, self.augment_gen)
+        return x.to(self.device, non_blocking=True)
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Shuffle order and augmentation depend on (seed, stage, epoch) only: resumable."""
+        self.generator.manual_seed(self.seed + epoch)
+        self.augment_gen.manual_seed(self.seed + epoch)
+        torch.manual_seed(self.seed + epoch)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        x = self.to_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            return nn.functional.cross_entropy(self.forward(x).float(), y.to(self.device))
+
+    @torch.inference_mode()
+    def validate(self) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on the validation set."""
+        self.model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in self.valid_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device):
+                logits = self.forward(x).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+        return loss_sum / count, correct / count
 
 
-def run_stage(model: Classifier, stage: StageConfig, train: Split, valid: Split, recipe: Recipe, device: torch.device) -> list[EpochMetrics]:
-    """Train one stage of the recipe; returns one metrics row per epoch."""
-    spec = PreprocessSpec(resize=round(stage.size * recipe.data.resize_scale), crop=stage.size)
-    if stage.schedule == "sgdr":
-        sgdr_cycles(stage.epochs, stage.cycle_len, stage.cycle_mult)  # fail before training, not after
+def find_lr(model: Classifier, stage: StageConfig, data: StageData, ctx: Context, index: int) -> LrFindResult:
+    """Run lr_find for a stage; writes lr_find_stage<N>.png and returns the sweep."""
     set_trainable(model, stage.trainable)
-    optimizer = make_optimizer(stage, param_groups(model, stage.lr))
-    train_loader = make_loader(ImageDataset(train, spec, stage.augment), recipe.data.batch_size, True, recipe.data.num_workers, recipe.seed)
-    valid_loader = make_loader(ImageDataset(valid, spec), recipe.data.batch_size, False, recipe.data.num_workers, recipe.seed)
-    steps_per_epoch, step, rows = len(train_loader), 0, []
-    for epoch in range(stage.epochs):
-        start, losses = time.perf_counter(), []
-        train_mode(model)
-        # disable=None: a bar on a terminal, none in logs (epoch lines are printed either way).
-        bar = tqdm(train_loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True, disable=None)
-        for x, y in bar:
-            scale = multiplier(stage.schedule, step, steps_per_epoch, stage.epochs, stage.cycle_len, stage.cycle_mult)
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * scale
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-            step += 1
-        valid_loss, accuracy = evaluate(model, valid_loader, device)
-        rows.append(EpochMetrics(stage.name, epoch + 1, optimizer.param_groups[-1]["lr"], float(np.mean(losses)),
-                                 valid_loss, accuracy, time.perf_counter() - start))
-        r = rows[-1]
-        tqdm.write(f"{r.stage} epoch {r.epoch}/{stage.epochs}: train_loss {r.train_loss:.4f} "
-                   f"valid_loss {r.valid_loss:.4f} accuracy {r.accuracy:.4f} ({r.seconds:.1f}s)")
-    return rows
+    data.seed_epoch(-1)
+    result = lr_find(model, data.train_loader, data.loss, lambda: make_optimizer(stage, param_groups(model, stage.lr)),
+                     ctx.recipe.lr_find, lambda: train_mode(model))
+    plot_lr_find(result, ctx.run_dir / f"lr_find_stage{index}.png")
+    shown = ", ".join(f"{k} {v:.2e}" for k, v in result.suggestions.items())
+    ctx.log(f"lr_find (stage {stage.name!r}): {len(result.lrs)} steps; suggestions: {shown or 'none (diverged at once)'}")
+    return result
 
 
-def _metrics_csv(rows: list[EpochMetrics]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(METRIC_FIELDS)
-    for r in rows:
-        writer.writerow([getattr(r, f) for f in METRIC_FIELDS])
-    return buf.getvalue().encode()
+def scaled_lrs(lrs: tuple[float, ...], peak: float) -> tuple[float, ...]:
+    """Keep the ratios between layer groups, move the head's lr to peak."""
+    return tuple(lr * peak / lrs[-1] for lr in lrs)
 
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
@@ -135,45 +207,210 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def train_run(data_dir: Path, run_dir: Path, recipe: Recipe, log: Callable[[str], None] = print) -> Manifest:
-    """Train on DATA/train, validate on DATA/valid, write RUN_DIR with its manifest last."""
-    run = RunDir(run_dir)
-    if run.exists():
-        raise ManifestError(f"{run_dir} already holds a run (manifest.json): expected a new run directory")
+def save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(run_dir / STATE_FILE, buf.getvalue())  # a kill never leaves a torn file
+
+
+def run_stage(model: Classifier, index: int, ctx: Context, state: dict[str, Any]) -> None:
+    """Train stage `index` from state["epoch"] on, saving the state after each epoch."""
+    stage = ctx.recipe.stages[index]
+    if stage.schedule == "sgdr":
+        sgdr_cycles(stage.epochs, stage.cycle_len, stage.cycle_mult)  # fail before training, not after
+    data = StageData(model, stage, index, ctx)
+    lrs = tuple(state["lrs"]) if state.get("lrs") else stage.lr
+    if stage.lr_find and not state.get("lrs"):
+        result = find_lr(model, stage, data, ctx, index)
+        suggestion = result.suggestions.get(ctx.recipe.lr_find.suggestion)
+        if suggestion:
+            lrs = scaled_lrs(stage.lr, suggestion)
+        state.setdefault("lr_finds", []).append({"stage": stage.name, **result.to_dict()})
+    state["lrs"] = list(lrs)
+    set_trainable(model, stage.trainable)
+    optimizer = make_optimizer(stage, param_groups(model, lrs))
+    if state.get("optimizer"):
+        optimizer.load_state_dict(state.pop("optimizer"))
+    steps = len(data.train_loader)
+    for epoch in range(state["epoch"], stage.epochs):
+        start, losses = time.perf_counter(), []
+        data.seed_epoch(epoch)
+        train_mode(model)
+        # disable=None: a bar on a terminal, none in logs (epoch lines are printed either way).
+        bar = tqdm(data.train_loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True, disable=None)
+        for i, batch in enumerate(bar):
+            scale = multiplier(stage.schedule, epoch * steps + i, steps, stage.epochs, stage.cycle_len, stage.cycle_mult, stage.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * scale
+            loss = data.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        valid_loss, acc = data.validate()
+        row = EpochMetrics(stage.name, epoch + 1, optimizer.param_groups[-1]["lr"], float(np.mean(losses)), valid_loss, acc,
+                           time.perf_counter() - start)
+        state["rows"].append(asdict(row))
+        ctx.log(f"{row.stage} epoch {row.epoch}/{stage.epochs}: train_loss {row.train_loss:.4f} "
+                f"valid_loss {row.valid_loss:.4f} accuracy {row.accuracy:.4f} ({row.seconds:.1f}s)")
+        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+        save_state(ctx.run_dir, state)
+        state.pop("optimizer")
+    state["stages_done"].append({"lrs": list(lrs), "steps": steps})
+
+
+def _metrics_csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def plot_schedule(recipe: Recipe, steps_per_epoch: list[int], lrs: list[list[float]], path: Path) -> None:
+    """The head's learning rate at every step of every stage, as it ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    offset = 0
+    for stage, steps, peaks in zip(recipe.stages, steps_per_epoch, lrs):
+        values = np.asarray(schedule_values(stage.schedule, steps, stage.epochs, stage.cycle_len, stage.cycle_mult, stage.warmup))
+        ax.plot(np.arange(offset, offset + len(values)), values * peaks[-1], label=stage.name)
+        offset += len(values)
+    ax.set_xlabel("step")
+    ax.set_ylabel("lr (head)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _new_state(data_dir: Path) -> dict[str, Any]:
+    return {"stage": 0, "epoch": 0, "rows": [], "lrs": None, "data_dir": str(data_dir.resolve()), "sessions": [],
+            "stages_done": []}
+
+
+def prepare_run(data_dir: Path, run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """A new run directory: the resolved recipe now, the manifest only when training is done."""
+    if RunDir(run_dir).exists() or (run_dir / STATE_FILE).exists():
+        raise ManifestError(f"{run_dir} already holds a run: expected a new run directory (or --resume {run_dir})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "recipe.resolved.toml", dump_recipe(recipe).encode())
+    return _new_state(data_dir)
+
+
+def load_state(run_dir: Path) -> tuple[Recipe, dict[str, Any]]:
+    """What --resume continues from: the resolved recipe and the last epoch's state."""
+    if RunDir(run_dir).exists():
+        raise ManifestError(f"{run_dir} has finished training (manifest.json exists): nothing to resume")
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise ManifestError(f"{run_dir} has no {STATE_FILE}: expected a run that was interrupted after its first epoch")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torn or foreign file
+        raise ManifestError(f"{path}: unreadable training state ({exc})") from exc
+    return load_recipe(run_dir / "recipe.resolved.toml"), state
+
+
+def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None, log: Log = print, resume: bool = False) -> Manifest:
+    """Train DATA/train (validate on DATA/valid) into RUN_DIR; the manifest is written last."""
+    if resume:
+        recipe, state = load_state(run_dir)
+        data_dir = Path(state["data_dir"])
+        log(f"resume: stage {state['stage'] + 1}/{len(recipe.stages)}, epoch {state['epoch']} done")
+    else:
+        if recipe is None or data_dir is None:
+            raise RecipeError("train: expected --data and a recipe, or --resume RUN_DIR")
     train_split = scan_split(data_dir, "train")
     valid_split = scan_split(data_dir, "valid", classes=train_split.classes)
     device = pick_device(recipe.data.device)
+    if not resume:  # only once the inputs are known to be good
+        state = prepare_run(data_dir, run_dir, recipe)
+    state["sessions"].append({"started": _now(), "stage": state["stage"], "epoch": state["epoch"]})
+    ctx = Context(recipe, train_split, valid_split, device, run_dir, log)
     log(f"train: {len(train_split)} train / {len(valid_split)} valid images, classes {list(train_split.classes)}, "
         f"{recipe.model.arch} on {device}")
     seed_everything(recipe.seed)
     model = build_model(recipe.model, len(train_split.classes)).to(device)
-    rows: list[EpochMetrics] = []
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if state.get("model"):
+        model.load_state_dict(state["model"])
     start = time.perf_counter()
-    for stage in recipe.stages:
-        rows += run_stage(model, stage, train_split, valid_split, recipe, device)
-    seconds = time.perf_counter() - start
+    for index in range(state["stage"], len(recipe.stages)):
+        run_stage(model, index, ctx, state)
+        state.update(stage=index + 1, epoch=0, lrs=None)
+    return finish_run(model, ctx, state, time.perf_counter() - start)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def finish_run(model: Classifier, ctx: Context, state: dict[str, Any], seconds: float) -> Manifest:
+    recipe, run_dir, log = ctx.recipe, ctx.run_dir, ctx.log
+    steps = [done["steps"] for done in state["stages_done"]]
+    stage_lrs = [done["lrs"] for done in state["stages_done"]]
+    final = recipe.stages[-1]
+    spec = recipe.preprocess_spec()
+    result = evaluate(model, ctx.valid, spec, recipe.data.batch_size, ctx.device, recipe.evaluate.tta,
+                      final.augment if final.augment != "none" else "side_on", recipe.evaluate.n_aug, recipe.seed)
+    log("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.accuracy.items()))
+    if recipe.evaluate.report:
+        index = write_report(run_dir / "report", ctx.valid.files, np.asarray(ctx.valid.labels), result.probs,
+                             ctx.valid.classes, recipe.evaluate.report_images)
+        log(f"report: {index}")
+    plot_schedule(recipe, steps, stage_lrs, run_dir / "schedule.png")
     checkpoint = run_dir / "model.pt"
     atomic_write_bytes(checkpoint, _state_dict_bytes(model))
-    atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(rows))
-    atomic_write_bytes(run_dir / "recipe.resolved.toml", dump_recipe(recipe).encode())
-    manifest = new_manifest(recipe, list(train_split.classes), data_dir)
+    atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state["rows"]))
+    manifest = new_manifest(recipe, list(ctx.train.classes), Path(state["data_dir"]))
     manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, "train", library_versions(TRAIN_VERSIONS))
+    last = state["rows"][-1]
     manifest = manifest.with_stage("train", {
-        "valid_accuracy": rows[-1].accuracy,
-        "valid_loss": rows[-1].valid_loss,
-        "epochs": len(rows),
+        "valid_accuracy": result.accuracy["plain"],
+        "valid_loss": last["valid_loss"],
+        "accuracy": result.accuracy,
+        "epochs": len(state["rows"]),
         "seconds": round(seconds, 2),
-        "device": str(device),
-        "train_images": len(train_split),
-        "valid_images": len(valid_split),
+        "device": str(ctx.device),
+        "train_images": len(ctx.train),
+        "valid_images": len(ctx.valid),
+        "stage_lrs": stage_lrs,
+        "sessions": state["sessions"],
+        "lr_finds": [{k: v for k, v in f.items() if k in ("stage", "suggestions")} for f in state.get("lr_finds", [])],
     })
-    run.write(manifest)
-    log(f"train: valid accuracy {rows[-1].accuracy:.4f} after {len(rows)} epochs ({seconds:.1f}s) -> {run_dir}")
+    RunDir(run_dir).write(manifest)
+    (run_dir / STATE_FILE).unlink(missing_ok=True)  # optimizer state is large; model.pt is the artifact
+    log(f"train: valid accuracy {result.accuracy['plain']:.4f} after {len(state['rows'])} epochs ({seconds:.1f}s) -> {run_dir}")
     return manifest
 
 
-def with_stage_override(recipe: Recipe, **changes) -> Recipe:
+def with_stage_override(recipe: Recipe, **changes: Any) -> Recipe:
     """A copy of the recipe with every stage changed (used by tests and benchmarks)."""
     return replace(recipe, stages=tuple(replace(s, **changes) for s in recipe.stages))
+
+
+def lr_find_for_run(run_dir: Path, stage_index: int, log: Log = print) -> LrFindResult:
+    """``clfpipe lr-find``: sweep stage N's settings from the run's trained weights (weights restored)."""
+    from clfpipe.inference import load_run_model
+
+    run = RunDir(run_dir)
+    manifest = run.read()
+    recipe = manifest.recipe
+    if not 0 <= stage_index < len(recipe.stages):
+        raise RecipeError(f"--stage: expected 0..{len(recipe.stages) - 1}, got {stage_index}")
+    data_dir = Path(manifest.data["data_dir"])
+    train_split = scan_split(data_dir, "train", tuple(manifest.classes))
+    valid_split = scan_split(data_dir, "valid", tuple(manifest.classes))
+    ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), run_dir, log)
+    model = load_run_model(run, manifest).to(ctx.device)
+    stage = recipe.stages[stage_index]
+    result = find_lr(model, stage, StageData(model, stage, stage_index, ctx), ctx, stage_index)
+    atomic_write_bytes(run_dir / f"lr_find_stage{stage_index}.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
+    return result

@@ -1,0 +1,37 @@
+import numpy as np
+from PIL import Image
+
+from train.report import confusion_matrix, most_correct, most_incorrect, most_uncertain, write_report
+
+# 6 images, 3 classes; rows are probabilities, labels the truth.
+PROBS = np.array([
+    [0.9, 0.05, 0.05],  # 0: class 0, correct, confident
+    [0.5, 0.3, 0.2],    # 1: class 0, correct, less so
+    [0.2, 0.7, 0.1],    # 2: class 0, wrong (says 1)
+    [0.34, 0.33, 0.33], # 3: class 0, correct, the most uncertain
+    [0.1, 0.8, 0.1],    # 4: class 1, correct
+    [0.6, 0.1, 0.3],    # 5: class 2, wrong (says 0)
+])
+LABELS = np.array([0, 0, 0, 0, 1, 2])
+
+
+def test_hand_checked_rankings():
+    assert list(most_correct(PROBS, LABELS, 0, 10)) == [0, 1, 3]
+    assert list(most_incorrect(PROBS, LABELS, 0, 10)) == [2]
+    assert list(most_uncertain(PROBS, LABELS, 0, 2)) == [3, 2]  # |0.34-1/3| < |0.2-1/3| < |0.5-1/3|
+    assert list(most_incorrect(PROBS, LABELS, 2, 10)) == [5]
+    matrix = confusion_matrix(LABELS, PROBS.argmax(1), 3)
+    assert matrix.tolist() == [[3, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_report_files(tmp_path):
+    files = []
+    for i in range(6):
+        f = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
+        files.append(f)
+    index = write_report(tmp_path / "report", files, LABELS, PROBS, ["a", "b", "c"], k=4)
+    html = index.read_text()
+    assert "confusion_matrix.png" in html and "a_most_incorrect.png" in html
+    assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 1000
+    assert len(list((tmp_path / "report").glob("*_most_*.png"))) == 9
