@@ -11,10 +11,14 @@ from clfpipe.errors import ClfpipeError, RecipeError
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> None:
-    from clfpipe.demo_data import write_demo_dataset
+    from clfpipe.demo_data import LABELS_CSV, write_demo_dataset, write_demo_multilabel
 
-    counts = write_demo_dataset(args.out_dir, seed=args.seed)
-    print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out_dir}")
+    if args.multi_label:
+        counts = write_demo_multilabel(args.out_dir, seed=args.seed)
+        print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out_dir}, tags in {LABELS_CSV}")
+    else:
+        counts = write_demo_dataset(args.out_dir, seed=args.seed)
+        print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out_dir}")
 
 
 def _recipe(args: argparse.Namespace):
@@ -128,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="write the deterministic demo dataset (fast.ai folder layout)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multi-label", action="store_true", help="Planet-style tags in labels.csv instead of class folders")
     p.set_defaults(func=_cmd_data_demo)
 
     p = sub.add_parser("train", help="train a recipe on DATA/train, validate on DATA/valid")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -14,14 +16,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class Split:
-    """One split: files with their class indices, and the class names in order."""
+    """One split: files with their labels, and the class names in order.
+
+    A label is a class index (single-label) or a multi-hot tuple over the classes (multi-label).
+    """
 
     files: tuple[Path, ...]
-    labels: tuple[int, ...]
+    labels: tuple[Any, ...]
     classes: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.labels) and isinstance(self.labels[0], tuple)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -63,3 +72,51 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
             files.append(path)
             labels.append(index)
     return Split(tuple(files), tuple(labels), tuple(classes))
+
+
+def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
+    """Planet-style labels: a CSV with columns image,tags (tags space-separated); keys are file stems."""
+    if not csv_path.is_file():
+        raise DataError(f"labels file not found: {csv_path} (expected a CSV with columns image,tags)")
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"image", "tags"} <= set(reader.fieldnames):
+            raise DataError(f"{csv_path}: expected columns image,tags, got {reader.fieldnames}")
+        return {Path(row["image"]).stem: tuple(row["tags"].split()) for row in reader}
+
+
+def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None,
+                    verify: bool = True) -> Split:
+    """DATA/<split>/*.jpg with tags from DATA/<labels_csv>; classes default to the sorted tags."""
+    root = Path(data_dir) / split
+    if not Path(data_dir).is_dir():
+        raise DataError(f"data folder not found: {data_dir}")
+    if not root.is_dir():
+        raise DataError(f"expected a '{split}' folder in {data_dir} (multi-label layout {split}/*.jpg), got none")
+    tags = read_tags(Path(data_dir) / labels_csv)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images in {root} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    missing = [f.name for f in files if f.stem not in tags]
+    if missing:
+        raise DataError(f"{labels_csv} has no tags for {len(missing)} image(s) in {root}, e.g. {missing[0]}")
+    if classes is None:
+        classes = tuple(sorted({t for f in files for t in tags[f.stem]}))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = []
+    for path in files:
+        if verify:
+            check_image(path)
+        unknown = [t for t in tags[path.stem] if t not in index]
+        if unknown:
+            raise DataError(f"{path.name}: tag {unknown[0]!r} not among the training tags {list(classes)}")
+        labels.append(tuple(int(c in tags[path.stem]) for c in classes))
+    return Split(tuple(files), tuple(labels), tuple(classes))
+
+
+def scan_data(data_dir: Path, split: str, labels_csv: str = "", classes: tuple[str, ...] | None = None,
+              verify: bool = True) -> Split:
+    """Single-label class folders, or multi-label tags when labels_csv is set."""
+    if labels_csv:
+        return scan_multilabel(data_dir, split, labels_csv, classes, verify)
+    return scan_split(data_dir, split, classes, verify)

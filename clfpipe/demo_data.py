@@ -62,3 +62,45 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0, spec: DemoSpec = Demo
                 draw_example(rng, label, spec.image_size).save(folder / f"{label}_{i:04d}.jpg", quality=spec.jpeg_quality)
                 counts[split] += 1
     return counts
+
+
+TAGS = ("disc", "horizontal", "vertical")
+LABELS_CSV = "labels.csv"
+
+
+def draw_tagged(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple[str, ...]]:
+    """Multi-label example: horizontal and/or vertical stripes (both: a grid), maybe a disc."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    period, phase = rng.uniform(8, 20), rng.uniform(0, 2 * math.pi)
+    texture = ("horizontal", "vertical", "both")[int(rng.integers(0, 3))]
+    mask = np.zeros((size, size), dtype=bool)
+    if texture in ("horizontal", "both"):
+        mask |= np.sin(2 * math.pi * yy / period + phase) > 0.3
+    if texture in ("vertical", "both"):
+        mask |= np.sin(2 * math.pi * xx / period + phase) > 0.3
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    pixels = np.where(mask[..., None], b, a) + rng.normal(0.0, 15.0, (size, size, 3))
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    tags = {"horizontal", "vertical"} if texture == "both" else {texture}
+    if rng.random() < 0.5:
+        r = rng.uniform(0.12, 0.25) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        tags.add("disc")
+    return img, tuple(sorted(tags))
+
+
+def write_demo_multilabel(out_dir: str | Path, seed: int = 0, train: int = 240, valid: int = 60, image_size: int = 96) -> dict[str, int]:
+    """Planet-style layout: OUT/train/*.jpg, OUT/valid/*.jpg and OUT/labels.csv (image,tags)."""
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    rows = ["image,tags"]
+    for split, count in (("train", train), ("valid", valid)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            img, tags = draw_tagged(rng, image_size)
+            name = f"{split}_{i:04d}"
+            img.save(out / split / f"{name}.jpg", quality=90)
+            rows.append(f"{name},{' '.join(tags)}")
+    (out / LABELS_CSV).write_text("\n".join(rows) + "\n")
+    return {"train": train, "valid": valid}

@@ -36,6 +36,13 @@ def torch_logits(model: Classifier, batch: np.ndarray, batch_size: int = 64) -> 
     return np.concatenate(outs)
 
 
+def probabilities(logits: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """Softmax over classes, or an independent sigmoid per tag (multi-label)."""
+    if multi_label:
+        return 1.0 / (1.0 + np.exp(-logits))
+    return softmax(logits)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)

@@ -11,13 +11,15 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def make_session(path: str | Path, intra_op_threads: int = 0) -> ort.InferenceSession:
+def make_session(path: str | Path, intra_op_threads: int = 0,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime picks (all cores)
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 def ort_logits(session: ort.InferenceSession, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    outs = [session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + batch_size]})[0] for i in range(0, len(batch), batch_size)]
+    output = session.get_outputs()[0].name  # "logits", or "probs" when TTA is folded in
+    outs = [session.run([output], {INPUT_NAME: batch[i : i + batch_size]})[0] for i in range(0, len(batch), batch_size)]
     return np.concatenate(outs)

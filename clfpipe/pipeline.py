@@ -15,7 +15,7 @@ from clfpipe.agreement import Agreement, compare
 from clfpipe.dataset import scan_split
 from clfpipe.demo_data import write_demo_dataset
 from clfpipe.errors import ServeError
-from clfpipe.inference import files_to_batch, load_run_model, softmax, torch_logits
+from clfpipe.inference import files_to_batch, load_run_model, probabilities, torch_logits
 from clfpipe.manifest import RunDir
 from clfpipe.recipe import Recipe
 from export.onnx_export import export_onnx
@@ -61,7 +61,8 @@ def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Ag
     """Triton's probabilities vs PyTorch's on the same files, at the export tolerance."""
     run = RunDir(run_dir)
     manifest = run.read()
-    reference = softmax(torch_logits(load_run_model(run, manifest), files_to_batch(files, manifest.preprocess)))
+    logits = torch_logits(load_run_model(run, manifest), files_to_batch(files, manifest.preprocess))
+    reference = probabilities(logits, manifest.recipe.multi_label)
     served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
     tolerance = manifest.recipe.export
     return compare(reference, served, tolerance.rtol, tolerance.atol)

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from clfpipe.inference import softmax
+from clfpipe.inference import probabilities
 from clfpipe.ort import make_session, ort_logits
 from clfpipe.preprocess import PreprocessSpec, preprocess_bytes
 
@@ -41,15 +41,16 @@ class Preprocessor:
 
 
 class OnnxProbabilities:
-    """ONNX Runtime logits -> softmax probabilities."""
+    """ONNX Runtime logits -> probabilities (softmax; sigmoid per tag for multi-label)."""
 
-    def __init__(self, onnx_path: Path, threads: int = 0) -> None:
+    def __init__(self, onnx_path: Path, threads: int = 0, multi_label: bool = False) -> None:
         self.session = make_session(onnx_path, threads)
+        self.multi_label = multi_label
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any], repository: str, version: str) -> "OnnxProbabilities":
         path = Path(repository) / version / _param(parameters, "onnx_file")
-        return cls(path, int(_param(parameters, "ort_threads")))
+        return cls(path, int(_param(parameters, "ort_threads")), _param(parameters, "activation") == "sigmoid")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(ort_logits(self.session, batch)).astype(np.float32)
+        return probabilities(ort_logits(self.session, batch), self.multi_label).astype(np.float32)

@@ -62,7 +62,8 @@ def backbone_config(manifest: Manifest, onnx_file: str) -> mc.ModelConfig:
         "backbone", serve, serve.model_instances,
         [_tensor("INPUT", mc.TYPE_FP32, [3, spec.crop, spec.crop])],
         [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)],
-        {"onnx_file": onnx_file, "ort_threads": str(serve.ort_threads)},
+        {"onnx_file": onnx_file, "ort_threads": str(serve.ort_threads),
+         "activation": "sigmoid" if manifest.recipe.multi_label else "softmax"},
     )
 
 

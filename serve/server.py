@@ -163,10 +163,13 @@ def is_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def _log_errors(log: Path, lines: int = 3) -> str:
+def _log_errors(log: Path, lines: int = 2) -> str:
+    """The lines that say why: model load failures first; GPU-less noise (NVML, DCGM) skipped."""
     text = log.read_text(errors="replace").splitlines() if log.exists() else []
-    errors = [l for l in text if l.startswith("E") or "error" in l.lower()]
-    return " | ".join((errors or text)[-lines:])
+    noise = ("NVML", "DCGM")
+    errors = [l for l in text if (l.startswith("E") or "error" in l.lower()) and not any(n in l for n in noise)]
+    loads = [l.split("] ", 1)[-1].split("\\n")[0] for l in errors if "failed to load" in l]
+    return " | ".join(loads[:lines] or errors[-lines:] or text[-lines:])
 
 
 def read_info(state_dir: Path | None = None) -> ServerInfo | None:

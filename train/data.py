@@ -51,8 +51,11 @@ class ImageDataset(Dataset):
         img = v2.RandomCrop(self.spec.crop)(img)
         return np.asarray(self.transform(img), dtype=np.uint8)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(normalize(self._pixels(index), self.spec)), self.split.labels[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        label = self.split.labels[index]
+        if isinstance(label, tuple):  # multi-hot, for BCE
+            label = torch.tensor(label, dtype=torch.float32)
+        return torch.from_numpy(normalize(self._pixels(index), self.spec)), label
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:

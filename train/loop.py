@@ -25,15 +25,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from clfpipe.dataset import Split, scan_split
+from clfpipe.dataset import Split, scan_data
 from clfpipe.errors import ManifestError
-from clfpipe.inference import CHECKPOINT
+from clfpipe.inference import CHECKPOINT, probabilities
 from clfpipe.manifest import Manifest, RunDir, atomic_write_bytes, library_versions, new_manifest
 from clfpipe.models import Classifier, build_model, set_trainable, train_mode
 from clfpipe.preprocess import PreprocessSpec
 from clfpipe.recipe import Recipe, RecipeError, StageConfig, dump_recipe, load_recipe
 from train.data import ImageDataset, make_loader
 from train.evaluate import evaluate
+from train.metrics import accuracy, f2_score
 from train.lr_find import LrFindResult, lr_find, plot_lr_find
 from train.precompute import FeatureCache, cached_features, default_cache_dir
 from train.report import write_report
@@ -41,7 +42,7 @@ from train.schedule import multiplier, schedule_values, sgdr_cycles
 from train.tensor_data import augment_batch, decode_batch, encoded_loader
 
 TRAIN_VERSIONS = ("torch", "torchvision", "numpy", "pillow")
-METRIC_FIELDS = ("stage", "epoch", "lr", "train_loss", "valid_loss", "accuracy", "seconds")
+METRIC_FIELDS = ("stage", "epoch", "lr", "train_loss", "valid_loss", "metric", "seconds")
 STATE_FILE = "train_state.pt"
 Log = Callable[[str], None]
 
@@ -53,7 +54,7 @@ class EpochMetrics:
     lr: float
     train_loss: float
     valid_loss: float
-    accuracy: float
+    metric: float  # accuracy, or F2 at threshold 0.2 for multi-label
     seconds: float
 
 
@@ -88,6 +89,13 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices; BCE for multi-hot targets (multi-label)."""
+    if y.dim() == 2:
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return nn.functional.cross_entropy(logits, y)
 
 
 def on_device_decode(decode: str, device: torch.device) -> bool:
@@ -167,21 +175,23 @@ class StageData:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
-            return nn.functional.cross_entropy(self.forward(x).float(), y.to(self.device))
+            return criterion(self.forward(x).float(), y.to(self.device))
 
     @torch.inference_mode()
     def validate(self) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on the validation set."""
+        """Mean loss and the metric (accuracy; F2 at 0.2 for multi-label) on the validation set."""
         self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
+        losses, outputs, targets = [], [], []
         for x, y in self.valid_loader:
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.device):
                 logits = self.forward(x).float()
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
-        return loss_sum / count, correct / count
+            losses.append(criterion(logits, y).item() * len(y))
+            outputs.append(logits.cpu().numpy())
+            targets.append(y.cpu().numpy())
+        logits, labels = np.concatenate(outputs), np.concatenate(targets)
+        metric = f2_score(probabilities(logits, True), labels, 0.2) if labels.ndim == 2 else accuracy(logits, labels)
+        return float(np.sum(losses) / len(labels)), metric
 
 
 def find_lr(model: Classifier, stage: StageConfig, data: StageData, ctx: Context, index: int) -> LrFindResult:
@@ -253,18 +263,23 @@ def run_stage(model: Classifier, index: int, ctx: Context, state: dict[str, Any]
                            time.perf_counter() - start)
         state["rows"].append(asdict(row))
         ctx.log(f"{row.stage} epoch {row.epoch}/{stage.epochs}: train_loss {row.train_loss:.4f} "
-                f"valid_loss {row.valid_loss:.4f} accuracy {row.accuracy:.4f} ({row.seconds:.1f}s)")
+                f"valid_loss {row.valid_loss:.4f} {metric_name(ctx.recipe)} {row.metric:.4f} ({row.seconds:.1f}s)")
         state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
         save_state(ctx.run_dir, state)
         state.pop("optimizer")
     state["stages_done"].append({"lrs": list(lrs), "steps": steps})
 
 
-def _metrics_csv(rows: list[dict]) -> bytes:
+def metric_name(recipe: Recipe) -> str:
+    return "f2" if recipe.multi_label else "accuracy"
+
+
+def _metrics_csv(rows: list[dict], metric: str) -> bytes:
+    """One row per epoch and stage; the metric column is named for what it holds."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, METRIC_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(buf)
+    writer.writerow([metric if f == "metric" else f for f in METRIC_FIELDS])
+    writer.writerows([row[f] for f in METRIC_FIELDS] for row in rows)
     return buf.getvalue().encode()
 
 
@@ -330,8 +345,8 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
     else:
         if recipe is None or data_dir is None:
             raise RecipeError("train: expected --data and a recipe, or --resume RUN_DIR")
-    train_split = scan_split(data_dir, "train")
-    valid_split = scan_split(data_dir, "valid", classes=train_split.classes)
+    train_split = scan_data(data_dir, "train", recipe.data.labels_csv)
+    valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, classes=train_split.classes)
     device = pick_device(recipe.data.device)
     if not resume:  # only once the inputs are known to be good
         state = prepare_run(data_dir, run_dir, recipe)
@@ -360,22 +375,26 @@ def finish_run(model: Classifier, ctx: Context, state: dict[str, Any], seconds: 
     spec = recipe.preprocess_spec()
     result = evaluate(model, ctx.valid, spec, recipe.data.batch_size, ctx.device, recipe.evaluate.tta,
                       final.augment if final.augment != "none" else "side_on", recipe.evaluate.n_aug, recipe.seed)
-    log("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.accuracy.items()))
-    if recipe.evaluate.report:
+    log("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items())
+        + (f" (F2 at threshold {result.threshold})" if result.threshold is not None else ""))
+    if recipe.evaluate.report and not recipe.multi_label:
         index = write_report(run_dir / "report", ctx.valid.files, np.asarray(ctx.valid.labels), result.probs,
                              ctx.valid.classes, recipe.evaluate.report_images)
         log(f"report: {index}")
     plot_schedule(recipe, steps, stage_lrs, run_dir / "schedule.png")
     checkpoint = run_dir / "model.pt"
     atomic_write_bytes(checkpoint, _state_dict_bytes(model))
-    atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state["rows"]))
+    atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state["rows"], metric_name(recipe)))
     manifest = new_manifest(recipe, list(ctx.train.classes), Path(state["data_dir"]))
     manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, "train", library_versions(TRAIN_VERSIONS))
     last = state["rows"][-1]
+    figures = {"valid_accuracy": result.scores["plain"], "accuracy": result.scores}
+    if recipe.multi_label:
+        figures = {"valid_f2": result.scores["plain"], "f2": result.scores, "threshold": result.threshold}
     manifest = manifest.with_stage("train", {
-        "valid_accuracy": result.accuracy["plain"],
+        **figures,
+        "metric": metric_name(recipe),
         "valid_loss": last["valid_loss"],
-        "accuracy": result.accuracy,
         "epochs": len(state["rows"]),
         "seconds": round(seconds, 2),
         "device": str(ctx.device),
@@ -387,7 +406,7 @@ def finish_run(model: Classifier, ctx: Context, state: dict[str, Any], seconds: 
     })
     RunDir(run_dir).write(manifest)
     (run_dir / STATE_FILE).unlink(missing_ok=True)  # optimizer state is large; model.pt is the artifact
-    log(f"train: valid accuracy {result.accuracy['plain']:.4f} after {len(state['rows'])} epochs ({seconds:.1f}s) -> {run_dir}")
+    log(f"train: valid {metric_name(recipe)} {result.scores['plain']:.4f} after {len(state['rows'])} epochs ({seconds:.1f}s) -> {run_dir}")
     return manifest
 
 
@@ -406,8 +425,8 @@ def lr_find_for_run(run_dir: Path, stage_index: int, log: Log = print) -> LrFind
     if not 0 <= stage_index < len(recipe.stages):
         raise RecipeError(f"--stage: expected 0..{len(recipe.stages) - 1}, got {stage_index}")
     data_dir = Path(manifest.data["data_dir"])
-    train_split = scan_split(data_dir, "train", tuple(manifest.classes))
-    valid_split = scan_split(data_dir, "valid", tuple(manifest.classes))
+    train_split = scan_data(data_dir, "train", recipe.data.labels_csv, tuple(manifest.classes))
+    valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, tuple(manifest.classes))
     ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), run_dir, log)
     model = load_run_model(run, manifest).to(ctx.device)
     stage = recipe.stages[stage_index]

@@ -1,0 +1,101 @@
+"""Training throughput: JPEG files to optimizer step, against the same steps on in-memory input.
+
+    python benchmarks/train_throughput.py [--data DIR] [--size 224] [--batch 128] [--steps 30]
+
+Prints one JSON object: e2e_img_s (files read by loader workers, decoded and augmented on the
+device: nvJPEG on CUDA), synthetic_img_s (a fixed batch already on the device), and
+ratio = e2e / synthetic (goal on a GPU machine: >= 0.85). With no --data it writes demo images
+at --image-size pixels into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clfpipe.dataset import scan_split
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.models import build_model, set_trainable, train_mode
+from clfpipe.recipe import load_recipe
+from train.loop import Context, StageData, make_optimizer, param_groups, pick_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(step, batches, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` steps after `warmup` untimed ones."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(next(it))
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(next(it))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--arch", default="resnet34")
+    parser.add_argument("--image-size", type=int, default=384, help="generated demo images (no --data)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data or Path(tmp) / "data"
+        if args.data is None:
+            per_class = max(args.batch * (args.steps + args.warmup) // 3 // 4, 8)  # the loader cycles over ~4 epochs
+            write_demo_dataset(data_dir, spec=DemoSpec(train_per_class=per_class, valid_per_class=1, image_size=args.image_size))
+        recipe = load_recipe(None, [f"model.arch={args.arch}", f"stages.0.size={args.size}", f"data.batch_size={args.batch}",
+                                    f"data.num_workers={args.workers}", "data.decode=tensor", "stages.0.augment=side_on"])
+        train, valid = scan_split(data_dir, "train", verify=False), scan_split(data_dir, "valid", verify=False)
+        device = pick_device("auto")
+        ctx = Context(recipe, train, valid, device, Path(tmp), lambda _: None)
+        model = build_model(recipe.model, len(train.classes)).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        stage = recipe.stages[0]
+        set_trainable(model, "all")
+        optimizer = make_optimizer(stage, param_groups(model, stage.lr))
+        data = StageData(model, stage, 0, ctx)
+        train_mode(model)
+
+        def step(batch) -> None:
+            loss = data.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
+        x = torch.randn(args.batch, 3, args.size, args.size)
+        y = torch.randint(0, len(train.classes), (args.batch,))
+        data.tensor_decode = False  # the same loss path, fed a batch already in memory
+        synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)
+    images = args.batch * args.steps
+    print(json.dumps({
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,
+        "batch": args.batch, "steps": args.steps, "e2e_img_s": round(images / e2e_s, 1),
+        "synthetic_img_s": round(images / synthetic_s, 1), "ratio": round(synthetic_s / e2e_s, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from clfpipe.dataset import scan_data
+from clfpipe.demo_data import LABELS_CSV, write_demo_multilabel
+from clfpipe.errors import DataError
+from train.metrics import best_threshold, f2_score
+
+# Hand-checked: 3 samples, 4 tags.
+TARGETS = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
+PROBS = np.array([[0.9, 0.1, 0.15, 0.0], [0.3, 0.8, 0.0, 0.1], [0.6, 0.5, 0.4, 0.05]])
+
+
+def test_f2_hand_checked():
+    # threshold 0.2: predictions [1,0,0,0], [1,1,0,0], [1,1,1,0]
+    # sample 1: tp1 fn1 fp0 -> 5/(5+4) ; sample 2: tp1 fp1 -> 5/(5+1) ; sample 3: tp3 fn1 -> 15/(15+4)
+    expected = np.mean([5 / 9, 5 / 6, 15 / 19])
+    assert f2_score(PROBS, TARGETS, 0.2) == pytest.approx(expected)
+    assert f2_score(np.zeros((1, 3)), np.zeros((1, 3)), 0.5) == 1.0  # nothing to find, nothing claimed
+
+
+def test_threshold_search_picks_the_best_in_range():
+    # at 0.17 sample 1 also predicts its third tag (0.15 < 0.17: no) -> equal up to 0.24; lowest wins ties
+    threshold, score = best_threshold(PROBS, TARGETS)
+    assert 0.17 <= threshold <= 0.24
+    assert score == max(f2_score(PROBS, TARGETS, t) for t in np.arange(0.17, 0.245, 0.01))
+    probs = np.array([[0.21, 0.9]])
+    assert best_threshold(probs, np.array([[1, 1]]))[0] == pytest.approx(0.17)
+    assert best_threshold(probs, np.array([[0, 1]]))[0] == pytest.approx(0.21)
+
+
+def test_planet_layout_scans_to_multi_hot(tmp_path):
+    write_demo_multilabel(tmp_path, train=12, valid=4, image_size=32)
+    train = scan_data(tmp_path, "train", LABELS_CSV)
+    assert train.multi_label and train.classes == ("disc", "horizontal", "vertical")
+    assert all(len(label) == 3 and sum(label) >= 1 for label in train.labels)
+    valid = scan_data(tmp_path, "valid", LABELS_CSV, classes=train.classes)
+    assert len(valid) == 4
+    (tmp_path / "train" / "stray.jpg").write_bytes((tmp_path / "train" / "train_0000.jpg").read_bytes())
+    with pytest.raises(DataError, match="no tags for 1 image"):
+        scan_data(tmp_path, "train", LABELS_CSV)
+    with pytest.raises(DataError, match="labels file not found"):
+        scan_data(tmp_path, "train", "nope.csv")
+
+
+@pytest.mark.slow
+def test_multilabel_trains_exports_and_records_f2(tmp_path):
+    from clfpipe.inference import files_to_batch, load_run_model, probabilities, torch_logits
+    from clfpipe.manifest import RunDir
+    from clfpipe.recipe import load_recipe
+    from export.onnx_export import export_onnx
+    from serve.pipeline import OnnxProbabilities
+    from train.loop import train_run
+
+    write_demo_multilabel(tmp_path / "data", train=96, valid=24, image_size=48)
+    recipe = load_recipe(None, [f"data.labels_csv={LABELS_CSV}", "data.batch_size=16", "stages.0.epochs=2",
+                                "stages.0.size=32", "evaluate.report=true"])
+    manifest = train_run(tmp_path / "data", tmp_path / "run", recipe, log=lambda _: None)
+    figures = manifest.stage("train")
+    assert figures["metric"] == "f2" and 0.17 <= figures["threshold"] <= 0.24
+    assert set(figures["f2"]) == {"plain", "tta_fastai", "tta_deterministic"} and 0 < figures["valid_f2"] <= 1
+    assert (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")[5] == "f2"
+    export_onnx(tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    manifest = run.read()
+    files = list(scan_data(tmp_path / "data", "valid", LABELS_CSV, tuple(manifest.classes)).files)
+    batch = files_to_batch(files, manifest.preprocess)
+    reference = probabilities(torch_logits(load_run_model(run, manifest), batch), multi_label=True)
+    served = OnnxProbabilities(tmp_path / "run" / "model.onnx", multi_label=True)(batch)  # what Triton's backbone runs
+    np.testing.assert_allclose(served, reference, atol=1e-4)
+    assert (served.sum(1) != pytest.approx(1.0)).any()  # independent sigmoids, not a softmax
