@@ -48,8 +48,23 @@ def _cmd_lr_find(args: argparse.Namespace) -> None:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from export.onnx_export import export_onnx
+    from export.variants import Variant
 
-    export_onnx(args.run, args.data)
+    variant = Variant(args.precision, args.fold_preprocess, args.fold_tta)
+    export_onnx(args.run, args.data, variant=variant, calibration=args.calibration_images)
+
+
+def _cmd_export_trt(args: argparse.Namespace) -> None:
+    from export.tensorrt import build_engine
+
+    build_engine(args.run, args.variant, args.min_batch, args.opt_batch, args.max_batch)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.verify import verify_run
+
+    _, passed = verify_run(args.run, args.images)
+    return 0 if passed else 1
 
 
 def _cmd_repo(args: argparse.Namespace) -> None:
@@ -151,12 +166,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = export.add_parser("onnx", help="ONNX with the PyTorch agreement gate")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--data", type=Path, help="data folder for the gate (default: the one training used)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-trt"],
+                   help="int8: uint8 activations for ONNX Runtime on x86; int8-trt: symmetric int8 for TensorRT")
+    p.add_argument("--fold-preprocess", action="store_true", help="uint8 NHWC input, normalisation in the graph")
+    p.add_argument("--fold-tta", action="store_true", help="the deterministic TTA views and averaging in the graph")
+    p.add_argument("--calibration-images", type=int, help="int8 calibration set size (default: the recipe's)")
     p.set_defaults(func=_cmd_export_onnx)
+
+    p = export.add_parser("trt", help="a TensorRT engine from an exported ONNX variant (needs TensorRT and a GPU)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--variant", default="onnx", help="artifact name, e.g. onnx, onnx-fp16, onnx-int8-trt")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.set_defaults(func=_cmd_export_trt)
+
+    p = sub.add_parser("verify", help="every exported variant on every runtime here against PyTorch fp32")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--images", type=Path, help="a folder laid out like DATA/valid (default: the validation set)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("repo", help="generate the Triton model repository for a run")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--target", default="embedded", choices=["embedded"])
-    p.add_argument("--out", type=Path, help="default: RUN/model_repository")
+    p.add_argument("--target", default="embedded", choices=["embedded", "container"],
+                   help="embedded: the nvidia-pytriton binary; container: NVIDIA's Triton image (prints its docker run line)")
+    p.add_argument("--out", type=Path, help="default: RUN/model_repository (container: RUN/model_repository_container)")
     p.set_defaults(func=_cmd_repo)
 
     serve = sub.add_parser("serve", help="the embedded Triton server").add_subparsers(dest="serve_command", required=True)

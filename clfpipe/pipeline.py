@@ -19,6 +19,7 @@ from clfpipe.inference import files_to_batch, load_run_model, probabilities, tor
 from clfpipe.manifest import RunDir
 from clfpipe.recipe import Recipe
 from export.onnx_export import export_onnx
+from export.variants import Variant
 from serve.client import Classifier
 from serve.repository import build_repository
 from serve.server import Ports, start_server, stop_server
@@ -51,8 +52,11 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print
     timer = timer or StageTimer()
     with timer.stage("train"):
         train_run(data_dir, run_dir, recipe, log)
+    precision = recipe.serve.precision
     with timer.stage("export"):
-        export_onnx(run_dir, data_dir, log)
+        export_onnx(run_dir, data_dir, log)  # the plain fp32 graph: the reference export
+        for tta in (False, True):  # what the server runs: uint8 pixels in, with and without TTA
+            export_onnx(run_dir, data_dir, log, Variant(precision, fold_preprocess=True, fold_tta=tta))
     with timer.stage("repo"):
         return build_repository(run_dir, log=log)
 

@@ -8,6 +8,7 @@ computes bit-identical pixels from the same file.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -135,3 +136,35 @@ def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
 def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Encoded bytes to the model's float32 CHW input (what Triton's preprocess model does)."""
     return normalize(resize_crop(decode_image(data), spec), spec)
+
+
+def decode_to_pixels(images: Any, spec: PreprocessSpec) -> np.ndarray:
+    """A batch of encoded images ((batch,) or (batch, 1) of bytes) -> uint8 (batch, crop, crop, 3).
+
+    ValueError names the bad image by its index, so a server can fail that request alone.
+    """
+    flat = np.asarray(images, dtype=object).reshape(-1)
+    out = np.empty((len(flat), spec.crop, spec.crop, 3), dtype=np.uint8)
+    for index, data in enumerate(flat):
+        try:
+            out[index] = resize_crop(decode_image(bytes(data)), spec)
+        except ValueError as exc:
+            where = f"image {index} of {len(flat)}: " if len(flat) > 1 else ""
+            raise ValueError(f"{where}{exc}") from exc
+    return out
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The Triton preprocessing step; depends on numpy and Pillow only, so the container
+    repository can ship this module beside its model.py."""
+
+    spec: PreprocessSpec
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> "Preprocessor":
+        """Triton passes config parameters as {key: {"string_value": ...}}."""
+        return cls(PreprocessSpec.from_dict(json.loads(parameters["preprocess"]["string_value"])))
+
+    def __call__(self, images: Any) -> np.ndarray:
+        return decode_to_pixels(images, self.spec)

@@ -152,9 +152,17 @@ class ServeConfig:
     preprocess_instances: int = 1
     model_instances: int = 1
     ort_threads: int = 0  # 0: ONNX Runtime's default (all cores)
+    precision: str = "fp32"  # which exported variant the backbone serves: fp32, fp16, int8, int8-trt
+    # container target (NVIDIA's Triton image): GPU instances, and TensorRT inside the ORT backend
+    container_image: str = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as the embedded binary
+    container_gpu_instances: int = 1
+    container_ort_tensorrt: bool = False
+    container_trt_precision: str = "FP16"
 
     def __post_init__(self) -> None:
         _check_positive("serve.max_batch_size", self.max_batch_size)
+        _check_choice("serve.precision", self.precision, ("fp32", "fp16", "int8", "int8-trt"))
+        _check_choice("serve.container_trt_precision", self.container_trt_precision, ("FP32", "FP16"))
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Generate a Triton model repository for a run (configs are generated, never hand-written).
 
-Layout for the embedded target (python backend, as the nvidia-pytriton binary has no ORT
-backend):
+Two targets from the same run:
 
-    OUT/preprocess/{config.pbtxt, 1/model.py}            bytes -> float32 CHW
-    OUT/backbone/{config.pbtxt, 1/model.py, 1/model.onnx} float32 CHW -> PROBS
-    OUT/classifier/{config.pbtxt, 1/, labels.txt}         ensemble: IMAGE -> PROBS
+- ``embedded`` (the nvidia-pytriton binary, which has only the python backend):
+  ``preprocess`` (python: bytes -> uint8 pixels), ``backbone`` (python: ONNX Runtime on the
+  run's folded-preprocessing variant -> PROBS), ensemble ``classifier`` (IMAGE -> PROBS); with a
+  folded-TTA variant also ``backbone_tta`` and ensemble ``classifier_tta``.
+- ``container`` (NVIDIA's Triton image): the same python ``preprocess``, the backbones as
+  ``onnxruntime_onnx`` models (optionally with TensorRT inside the ORT backend) on KIND_GPU, and
+  a ``tensorrt_plan`` model where an engine was built.
 """
 
 from __future__ import annotations
@@ -14,69 +17,110 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+import clfpipe.preprocess as preprocess_module
 from clfpipe.errors import ManifestError
 from clfpipe.manifest import Manifest, RunDir
-from clfpipe.recipe import ServeConfig
-from export.onnx_export import ONNX_ARTIFACT
+from export.variants import Variant
 from model_repository import TEMPLATES
 
-TARGETS = ("embedded",)
-ENSEMBLE = "classifier"
+TARGETS = ("embedded", "container")
 LABELS_FILE = "labels.txt"
+INPUT = "input"  # the backbone's input: uint8 NHWC pixels (folded preprocessing)
 
 
-def _tensor(name: str, dtype: int, dims: list[int], label_filename: str = "") -> mc.ModelInput:
+@dataclass(frozen=True)
+class Backbone:
+    model: str  # Triton model name
+    ensemble: str  # the ensemble that puts preprocess in front of it
+    variant: Variant
+    onnx: Path
+
+
+def _tensor(name: str, dtype: int, dims: list[int], label_filename: str = "") -> dict:
     return dict(name=name, data_type=dtype, dims=dims, **({"label_filename": label_filename} if label_filename else {}))
 
 
-def _python_model(name: str, serve: ServeConfig, instances: int, inputs: list, outputs: list, parameters: dict[str, str]) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=name, backend="python", max_batch_size=serve.max_batch_size)
+def _base(name: str, manifest: Manifest, kind: int, instances: int, inputs: list, outputs: list) -> mc.ModelConfig:
+    serve = manifest.recipe.serve
+    config = mc.ModelConfig(name=name, max_batch_size=serve.max_batch_size)
     config.input.extend(mc.ModelInput(**t) for t in inputs)
     config.output.extend(mc.ModelOutput(**t) for t in outputs)
     config.dynamic_batching.max_queue_delay_microseconds = serve.max_queue_delay_us
-    config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances))
-    for key, value in parameters.items():
-        config.parameters[key].string_value = value
+    config.instance_group.append(mc.ModelInstanceGroup(kind=kind, count=instances))
     return config
 
 
+def _pixels_dims(manifest: Manifest) -> list[int]:
+    crop = manifest.preprocess.crop
+    return [crop, crop, 3]
+
+
 def preprocess_config(manifest: Manifest) -> mc.ModelConfig:
-    serve, spec = manifest.recipe.serve, manifest.preprocess
-    return _python_model(
-        "preprocess", serve, serve.preprocess_instances,
-        [_tensor("IMAGE", mc.TYPE_STRING, [1])],
-        [_tensor("INPUT", mc.TYPE_FP32, [3, spec.crop, spec.crop])],
-        {"preprocess": json.dumps(spec.to_dict())},
-    )
+    config = _base("preprocess", manifest, mc.ModelInstanceGroup.KIND_CPU, manifest.recipe.serve.preprocess_instances,
+                   [_tensor("IMAGE", mc.TYPE_STRING, [1])], [_tensor("PIXELS", mc.TYPE_UINT8, _pixels_dims(manifest))])
+    config.backend = "python"
+    config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
+    return config
 
 
-def backbone_config(manifest: Manifest, onnx_file: str) -> mc.ModelConfig:
-    serve, spec = manifest.recipe.serve, manifest.preprocess
-    return _python_model(
-        "backbone", serve, serve.model_instances,
-        [_tensor("INPUT", mc.TYPE_FP32, [3, spec.crop, spec.crop])],
-        [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)],
-        {"onnx_file": onnx_file, "ort_threads": str(serve.ort_threads),
-         "activation": "sigmoid" if manifest.recipe.multi_label else "softmax"},
-    )
+def _activation(manifest: Manifest, variant: Variant) -> str:
+    if variant.fold_tta:
+        return "none"  # the graph already averages probabilities
+    return "sigmoid" if manifest.recipe.multi_label else "softmax"
 
 
-def ensemble_config(manifest: Manifest) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=manifest.recipe.serve.max_batch_size)
+def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.ModelConfig:
+    serve = manifest.recipe.serve
+    inputs = [_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))]
+    outputs = [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)]
+    if target == "embedded":
+        config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_CPU, serve.model_instances, inputs, outputs)
+        config.backend = "python"
+        config.parameters["onnx_file"].string_value = "model.onnx"
+        config.parameters["ort_threads"].string_value = str(serve.ort_threads)
+        config.parameters["activation"].string_value = _activation(manifest, backbone.variant)
+        return config
+    config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_GPU, serve.container_gpu_instances, inputs, outputs)
+    config.platform = "onnxruntime_onnx"
+    if serve.container_ort_tensorrt:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = serve.container_trt_precision
+        accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
+        accelerator.parameters["trt_engine_cache_enable"] = "1"
+        accelerator.parameters["trt_engine_cache_path"] = f"/models/{backbone.model}/trt_cache"
+    return config
+
+
+def ensemble_config(manifest: Manifest, backbone: Backbone) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=backbone.ensemble, platform="ensemble", max_batch_size=manifest.recipe.serve.max_batch_size)
     config.input.append(mc.ModelInput(**_tensor("IMAGE", mc.TYPE_STRING, [1])))
     config.output.append(mc.ModelOutput(**_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)))
     steps = config.ensemble_scheduling.step
     # input_map/output_map: key = the step model's tensor, value = the ensemble's tensor.
-    steps.add(model_name="preprocess", model_version=-1, input_map={"IMAGE": "IMAGE"}, output_map={"INPUT": "pixels"})
-    steps.add(model_name="backbone", model_version=-1, input_map={"INPUT": "pixels"}, output_map={"PROBS": "PROBS"})
+    steps.add(model_name="preprocess", model_version=-1, input_map={"IMAGE": "IMAGE"}, output_map={"PIXELS": "pixels"})
+    steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"}, output_map={"PROBS": "PROBS"})
     # Clients read the class names in order from the model config: the repository describes itself.
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
+    config.parameters["multi_label"].string_value = json.dumps(manifest.recipe.multi_label)
+    return config
+
+
+def plan_config(manifest: Manifest, name: str, entry: dict) -> mc.ModelConfig:
+    """A tensorrt_plan model for an engine built from a folded-preprocessing variant."""
+    (out_name, _), = entry["outputs"].items()
+    config = _base("backbone_trt", manifest, mc.ModelInstanceGroup.KIND_GPU, manifest.recipe.serve.container_gpu_instances,
+                   [_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))],
+                   [_tensor(out_name, mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)])
+    config.platform = "tensorrt_plan"
+    config.max_batch_size = min(manifest.recipe.serve.max_batch_size, entry["profile"]["max"])
     return config
 
 
@@ -84,45 +128,107 @@ def config_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
-def _write_model(root: Path, config: mc.ModelConfig, files: dict[str, Path] | None = None, extra: dict[str, str] | None = None) -> None:
+def backbones(run: RunDir, manifest: Manifest) -> list[Backbone]:
+    """The variants served: the recipe's serve.precision, folded preprocessing, with and without TTA."""
+    precision = manifest.recipe.serve.precision
+    found = []
+    for model, ensemble, tta in (("backbone", "classifier", False), ("backbone_tta", "classifier_tta", True)):
+        variant = Variant(precision, fold_preprocess=True, fold_tta=tta)
+        if variant.name in manifest.data["artifacts"]:
+            found.append(Backbone(model, ensemble, variant, run.artifact_path(manifest, variant.name)))
+        elif not tta:
+            flag = "" if precision == "fp32" else f" --precision {precision}"
+            raise ManifestError(f"manifest has no artifact {variant.name!r}: the server takes uint8 pixels; run "
+                                f"'clfpipe export onnx --run {run.path} --fold-preprocess{flag}' first")
+    return found
+
+
+def with_probs_output(source: Path, target: Path, activation: str) -> None:
+    """The ONNX for ORT/TensorRT backends: the activation appended, the output named PROBS."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    (out,) = graph.output
+    if activation == "none":
+        for node in graph.node:
+            node.output[:] = ["PROBS" if o == out.name else o for o in node.output]
+    else:
+        op = "Softmax" if activation == "softmax" else "Sigmoid"
+        graph.node.append(onnx.helper.make_node(op, [out.name], ["PROBS"], **({"axis": -1} if op == "Softmax" else {})))
+    out.name = "PROBS"
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(target))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # the ONNX can be large: share it with the run when possible
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _write_model(root: Path, config: mc.ModelConfig, labels: str | None = None) -> Path:
     model_dir = root / config.name
     (model_dir / "1").mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(config_text(config))
-    for rel, source in (files or {}).items():
-        target = model_dir / rel
-        try:
-            os.link(source, target)  # the ONNX can be large: share it with the run when possible
-        except OSError:
-            shutil.copy2(source, target)
-    for rel, text in (extra or {}).items():
-        (model_dir / rel).write_text(text)
+    if labels is not None:
+        (model_dir / LABELS_FILE).write_text(labels)
+    return model_dir
+
+
+def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> list[str]:
+    labels = "\n".join(manifest.classes) + "\n"
+    pre = _write_model(staging, preprocess_config(manifest))
+    shutil.copy2(TEMPLATES / "preprocess" / "model.py", pre / "1" / "model.py")
+    if target == "container":  # NVIDIA's image lacks clfpipe: ship the standalone preprocessing module
+        shutil.copy2(preprocess_module.__file__, pre / "1" / "clfpipe_preprocess.py")
+    names = ["preprocess"]
+    for backbone in backbones(run, manifest):
+        model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
+        if target == "embedded":
+            shutil.copy2(TEMPLATES / "backbone" / "model.py", model_dir / "1" / "model.py")
+            _link_or_copy(backbone.onnx, model_dir / "1" / "model.onnx")
+        else:
+            with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", _activation(manifest, backbone.variant))
+        _write_model(staging, ensemble_config(manifest, backbone), labels)
+        names += [backbone.model, backbone.ensemble]
+    if target == "container":
+        for name, entry in manifest.data["artifacts"].items():
+            if name.startswith("trt") and entry.get("variant", {}).get("fold_preprocess"):
+                model_dir = _write_model(staging, plan_config(manifest, name, entry), labels)
+                _link_or_copy(run.artifact_path(manifest, name), model_dir / "1" / "model.plan")
+                names.append("backbone_trt")
+                break
+    return names
+
+
+def docker_command(out: Path, image: str) -> str:
+    """How to serve a container repository with NVIDIA's image (Pillow is not in it)."""
+    return (f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {out.resolve()}:/models {image} "
+            f"bash -c 'pip install -q pillow && tritonserver --model-repository=/models'")
 
 
 def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded", log: Callable[[str], None] = print) -> Path:
-    """Assemble OUT (default RUN_DIR/model_repository) atomically and record it in the manifest."""
+    """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it."""
     if target not in TARGETS:
         raise ManifestError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
     run = RunDir(run_dir)
     manifest = run.read()
-    onnx_path = run.artifact_path(manifest, ONNX_ARTIFACT)
-    out = Path(out) if out else run_dir / "model_repository"
-    labels = "\n".join(manifest.classes) + "\n"
+    default = "model_repository" if target == "embedded" else "model_repository_container"
+    out = Path(out) if out else run_dir / default
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        _write_model(staging, preprocess_config(manifest), {"1/model.py": TEMPLATES / "preprocess" / "model.py"})
-        _write_model(staging, backbone_config(manifest, onnx_path.name),
-                     {"1/model.py": TEMPLATES / "backbone" / "model.py", f"1/{onnx_path.name}": onnx_path},
-                     {LABELS_FILE: labels})
-        _write_model(staging, ensemble_config(manifest), extra={LABELS_FILE: labels})
+        names = _assemble(staging, run, manifest, target)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    manifest = manifest.with_stage("repo", {"path": str(out.resolve()), "target": target,
-                                            "models": ["preprocess", "backbone", ENSEMBLE]})
-    run.write(manifest)
-    log(f"repo: {target} repository with models preprocess, backbone, {ENSEMBLE} -> {out}")
+    repos = dict(manifest.data["stages"].get("repo", {}).get("targets", {}))
+    repos[target] = {"path": str(out.resolve()), "models": names}
+    run.write(manifest.with_stage("repo", {"targets": repos, "path": repos.get("embedded", repos[target])["path"]}))
+    log(f"repo: {target} repository with models {', '.join(names)} -> {out}")
+    if target == "container":
+        log(f"repo: serve it with\n  {docker_command(out, manifest.recipe.serve.container_image)}")
     return out

@@ -30,13 +30,12 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo recipe, trained and exported once for the whole session (about 2.5 minutes)."""
-    from export.onnx_export import export_onnx
-    from train.loop import train_run
+    """`clfpipe run` with the demo recipe, once for the whole session (about 3 minutes):
+    trained, exported (plain, folded preprocessing, folded TTA) and with its repository."""
+    from clfpipe.pipeline import run_pipeline
 
     run = tmp_path_factory.mktemp("runs") / "demo"
-    train_run(demo_data, run, load_recipe(DEMO_RECIPE))
-    export_onnx(run, demo_data)
+    run_pipeline(demo_data, run, load_recipe(DEMO_RECIPE))
     return run
 
 
@@ -51,10 +50,9 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real tritonserver on free loopback ports, serving the trained run."""
-    from serve.repository import build_repository
     from serve.server import Ports, start_server, stop_server
 
-    repo = build_repository(trained_run)
+    repo = trained_run / "model_repository"
     state = tmp_path_factory.mktemp("server")
     info = start_server(repo, state, ports=Ports(free_port(), free_port(), free_port()))
     yield info

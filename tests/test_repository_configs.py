@@ -1,44 +1,72 @@
 import json
+from pathlib import Path
 
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from clfpipe.manifest import new_manifest
 from clfpipe.preprocess import PreprocessSpec
 from clfpipe.recipe import load_recipe
-from serve.repository import backbone_config, config_text, ensemble_config, preprocess_config
+from export.variants import Variant
+from serve.repository import Backbone, backbone_config, config_text, docker_command, ensemble_config, plan_config, preprocess_config
+
+PLAIN = Backbone("backbone", "classifier", Variant("fp32", True, False), Path("model-pre.onnx"))
+TTA = Backbone("backbone_tta", "classifier_tta", Variant("fp32", True, True), Path("model-pre-tta.onnx"))
 
 
-def _manifest(tmp_path):
-    return new_manifest(load_recipe(None, ["stages.0.size=96", "serve.max_batch_size=16"]), ["x", "y", "z"], tmp_path)
+def _manifest(tmp_path, *overrides):
+    recipe = load_recipe(None, ["stages.0.size=96", "serve.max_batch_size=16", *overrides])
+    return new_manifest(recipe, ["x", "y", "z"], tmp_path)
 
 
 def _parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())  # unknown fields or bad enums raise
 
 
-def test_generated_configs_parse_with_tritons_schema(tmp_path):
-    manifest = _manifest(tmp_path)
-    for config in (preprocess_config(manifest), backbone_config(manifest, "model.onnx"), ensemble_config(manifest)):
+@pytest.mark.parametrize("target", ["embedded", "container"])
+def test_every_generated_config_parses_with_tritons_schema(tmp_path, target):
+    manifest = _manifest(tmp_path, "serve.container_ort_tensorrt=true")
+    configs = [preprocess_config(manifest)]
+    for backbone in (PLAIN, TTA):
+        configs += [backbone_config(manifest, backbone, target), ensemble_config(manifest, backbone)]
+    if target == "container":
+        configs.append(plan_config(manifest, "trt-pre", {"outputs": {"logits": ["batch", 3]}, "profile": {"max": 8}}))
+    for config in configs:
         parsed = _parse(config_text(config))
         assert parsed == config
-        assert parsed.max_batch_size == 16
+        assert parsed.max_batch_size in (8, 16)
 
 
-def test_models_that_batch_have_dynamic_batching_and_shapes_follow_the_manifest(tmp_path):
+def test_python_models_batch_and_ship_uint8_between_steps(tmp_path):
     manifest = _manifest(tmp_path)
-    pre, backbone = preprocess_config(manifest), backbone_config(manifest, "model.onnx")
+    pre, backbone = preprocess_config(manifest), backbone_config(manifest, PLAIN, "embedded")
     for config in (pre, backbone):
         assert config.backend == "python" and config.HasField("dynamic_batching")
-    assert list(pre.output[0].dims) == [3, 96, 96]
-    assert list(backbone.output[0].dims) == [3]
+    assert pre.output[0].data_type == mc.TYPE_UINT8 and list(pre.output[0].dims) == [96, 96, 3]
+    assert backbone.input[0].data_type == mc.TYPE_UINT8 and list(backbone.output[0].dims) == [3]
     assert PreprocessSpec.from_dict(json.loads(pre.parameters["preprocess"].string_value)) == manifest.preprocess
+    assert backbone.parameters["activation"].string_value == "softmax"
+    assert backbone_config(manifest, TTA, "embedded").parameters["activation"].string_value == "none"
+    multi = _manifest(tmp_path, "data.labels_csv=labels.csv")
+    assert backbone_config(multi, PLAIN, "embedded").parameters["activation"].string_value == "sigmoid"
+
+
+def test_container_backbone_is_onnxruntime_on_gpu_with_optional_tensorrt(tmp_path):
+    plain = backbone_config(_manifest(tmp_path), PLAIN, "container")
+    assert plain.platform == "onnxruntime_onnx" and plain.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert not plain.optimization.execution_accelerators.gpu_execution_accelerator
+    accelerated = backbone_config(_manifest(tmp_path, "serve.container_ort_tensorrt=true"), PLAIN, "container")
+    (trt,) = accelerated.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    assert "trt_engine_cache_path" in trt.parameters
+    assert "--gpus all" in docker_command(tmp_path, "img:tag") and f"{tmp_path}:/models" in docker_command(tmp_path, "img:tag")
 
 
 def test_ensemble_wires_image_to_probs(tmp_path):
-    config = ensemble_config(_manifest(tmp_path))
-    assert config.platform == "ensemble"
-    assert [s.model_name for s in config.ensemble_scheduling.step] == ["preprocess", "backbone"]
+    config = ensemble_config(_manifest(tmp_path), TTA)
+    assert config.name == "classifier_tta" and config.platform == "ensemble"
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["preprocess", "backbone_tta"]
     assert config.input[0].name == "IMAGE" and config.input[0].data_type == mc.TYPE_STRING
     assert config.output[0].name == "PROBS" and config.output[0].label_filename == "labels.txt"
     assert json.loads(config.parameters["classes"].string_value) == ["x", "y", "z"]

@@ -1,0 +1,134 @@
+"""The precision ladder and folded graphs on the demo run (CPU), and TensorRT where it exists."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from clfpipe.cli import main
+from clfpipe.errors import ExportError
+from clfpipe.inference import load_run_model
+from clfpipe.manifest import RunDir, sha256_file
+from clfpipe.ort import make_session, ort_logits
+from clfpipe.preprocess import normalize
+from export.onnx_export import calibration_files, export_onnx, pixels_of, validation_split
+from export.quantize import quantize_int8
+from export.tensorrt import check_engine_platform, trt_status
+from export.variants import Variant, variant_inputs
+from train.evaluate import deterministic_tta
+
+pytestmark = pytest.mark.slow
+
+LADDER = [Variant("fp16"), Variant("int8"), Variant("int8-trt"), Variant("int8", True, True)]
+
+
+@pytest.fixture(scope="module")
+def ladder_run(trained_run, tmp_path_factory):
+    """A copy of the demo run with every precision exported (about a minute)."""
+    run = tmp_path_factory.mktemp("ladder") / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("model_repository*"))
+    for variant in LADDER:
+        export_onnx(run, variant=variant, log=lambda _: None)
+    return run
+
+
+@pytest.mark.parametrize("variant", [Variant(), Variant("fp32", True), Variant("fp32", True, True), *LADDER], ids=lambda v: v.name)
+def test_each_variant_exports_checks_and_passes_its_gate(ladder_run, variant):
+    manifest = RunDir(ladder_run).read()
+    entry = manifest.artifact(variant.name)
+    assert entry["gate"]["passed"] and entry["variant"] == variant.to_dict()
+    model = onnx.load(str(ladder_run / entry["path"]))
+    onnx.checker.check_model(model)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "input" and out.name == variant.output_name
+    expected = onnx.TensorProto.UINT8 if variant.fold_preprocess else onnx.TensorProto.FLOAT
+    assert inp.type.tensor_type.elem_type == expected
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp16 keeps float32 I/O
+    assert json.loads({p.key: p.value for p in model.metadata_props}["variant"]) == variant.to_dict()
+    if variant.precision.startswith("int8"):
+        assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+        assert entry["calibration_images"] == 64
+
+
+def test_folded_preprocessing_equals_the_unfolded_model(trained_run):
+    manifest = RunDir(trained_run).read()
+    files = list(validation_split(manifest, None).files)
+    pixels = pixels_of(files, manifest)
+    folded = ort_logits(make_session(trained_run / "model-pre.onnx"), pixels)
+    unfolded = ort_logits(make_session(trained_run / "model.onnx"), normalize(pixels, manifest.preprocess))
+    np.testing.assert_allclose(folded, unfolded, atol=1e-4 * np.abs(unfolded).max() + 1e-5)
+    assert (folded.argmax(1) == unfolded.argmax(1)).all()
+
+
+def test_folded_tta_equals_the_training_side_deterministic_tta(trained_run):
+    run = RunDir(trained_run)
+    manifest = run.read()
+    split = validation_split(manifest, None)
+    served = ort_logits(make_session(trained_run / "model-pre-tta.onnx"), pixels_of(list(split.files), manifest))
+    training = deterministic_tta(load_run_model(run, manifest), split, manifest.preprocess, 32, torch.device("cpu"))
+    np.testing.assert_allclose(served, training, atol=1e-5)
+    assert np.allclose(served.sum(1), 1.0, atol=1e-5)
+
+
+def test_int8_calibration_is_deterministic(trained_run, tmp_path):
+    manifest = RunDir(trained_run).read()
+    from clfpipe.dataset import scan_data
+
+    train = scan_data(manifest.data["data_dir"], "train", classes=tuple(manifest.classes), verify=False)
+    files = calibration_files(train, 16, seed=0)
+    assert files == calibration_files(train, 16, seed=0) and files != calibration_files(train, 16, seed=1)
+    inputs = variant_inputs(pixels_of(files, manifest), manifest.preprocess, Variant("int8"))
+    for name in ("a.onnx", "b.onnx"):
+        quantize_int8(trained_run / "model.onnx", tmp_path / name, inputs, symmetric_activations=False)
+    assert sha256_file(tmp_path / "a.onnx") == sha256_file(tmp_path / "b.onnx")
+
+
+def test_verify_passes_then_fails_when_a_gate_is_tightened(ladder_run, tmp_path, capsys):
+    assert main(["verify", "--run", str(ladder_run)]) == 0
+    out = capsys.readouterr().out
+    for variant in LADDER:
+        assert variant.name in out
+    report = json.loads((ladder_run / "verify.json").read_text())
+    assert report["passed"] and {r["runtime"] for r in report["results"]} >= {"onnxruntime-cpu"}
+    tight = tmp_path / "tight"
+    shutil.copytree(ladder_run, tight)
+    data = json.loads((tight / "manifest.json").read_text())
+    data["recipe"]["export"].update(rtol=0.0, atol=0.0)
+    (tight / "manifest.json").write_text(json.dumps(data))
+    assert main(["verify", "--run", str(tight)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ExportError, match="expected one of fp32, fp16, int8, int8-trt, got 'int4'"):
+        Variant("int4")
+
+
+def test_engine_from_another_platform_is_refused_with_how_to_rebuild(tmp_path):
+    here = {"tensorrt": "11.0.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    check_engine_platform(dict(here), here, tmp_path, "onnx-fp16")
+    with pytest.raises(ExportError, match=r"tensorrt '10\.3\.0' here '11\.0\.0'.*clfpipe export trt --run .* --variant onnx-fp16"):
+        check_engine_platform({**here, "tensorrt": "10.3.0"}, here, tmp_path, "onnx-fp16")
+    with pytest.raises(ExportError, match="gpu 'NVIDIA A10'"):
+        check_engine_platform({**here, "gpu": "NVIDIA A10"}, here, tmp_path, "onnx")
+
+
+@pytest.mark.skipif(trt_status()[0], reason="TensorRT is installed here: the build test below runs instead")
+def test_export_trt_without_tensorrt_says_so_in_one_line(trained_run, capsys):
+    assert main(["export", "trt", "--run", str(trained_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot use TensorRT" in err
+
+
+@pytest.mark.skipif(not trt_status()[0], reason=f"TensorRT unavailable: {trt_status()[1]}")
+def test_tensorrt_engine_builds_and_agrees(ladder_run):
+    from export.verify import verify_run
+
+    assert main(["export", "trt", "--run", str(ladder_run), "--variant", "onnx-fp16", "--max-batch", "32"]) == 0
+    rows, passed = verify_run(ladder_run)
+    assert passed and any(r.runtime == "tensorrt" for r in rows)
