@@ -116,6 +116,17 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             print(f"{p.file}\t" + "\t".join(f"{label} {prob:.4f}" for label, prob in p.top_k))
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from serve.bench import sweep, write_results
+    from serve.client import expand_inputs
+
+    images = [f.read_bytes() for f in expand_inputs(args.images)]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    levels = sweep(args.url, args.model, images, args.protocol, concurrencies, args.batch, args.requests, args.seconds)
+    paths = write_results(levels, args.out, args.model)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from clfpipe.pipeline import run_pipeline
 
@@ -213,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("bench", help="latency/throughput sweep over concurrency against a running server")
+    p.add_argument("--url", default="127.0.0.1:8000")
+    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("--model", default="classifier")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="requests per level")
+    amount.add_argument("--seconds", type=float, help="seconds per level")
+    p.add_argument("--batch", type=int, default=1, help="images per request")
+    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.csv, bench.png")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("run", help="train, export and repo in one go")
     p.add_argument("--data", type=Path, required=True)

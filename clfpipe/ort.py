@@ -12,10 +12,12 @@ OUTPUT_NAME = "logits"
 
 
 def make_session(path: str | Path, intra_op_threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime picks (all cores)
     options.log_severity_level = 3
+    if not spin:  # idle threads sleep instead of spinning: they leave the cores to other processes
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 

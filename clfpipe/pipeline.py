@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from clfpipe.agreement import Agreement, compare
-from clfpipe.dataset import scan_split
+from clfpipe.dataset import scan_data, scan_split
 from clfpipe.demo_data import write_demo_dataset
 from clfpipe.errors import ServeError
 from clfpipe.inference import files_to_batch, load_run_model, probabilities, torch_logits
@@ -59,6 +60,31 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print
             export_onnx(run_dir, data_dir, log, Variant(precision, fold_preprocess=True, fold_tta=tta))
     with timer.stage("repo"):
         return build_repository(run_dir, log=log)
+
+
+def init_run(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print) -> Path:
+    """A run with the recipe's model at its initial (seeded or pretrained) weights and no training:
+    for benchmarks and for serving checks that need the real size but not a trained model."""
+    import torch
+
+    from clfpipe.inference import CHECKPOINT
+    from clfpipe.manifest import atomic_write_bytes, library_versions, new_manifest
+    from clfpipe.models import build_model
+    from train.loop import TRAIN_VERSIONS, prepare_run, seed_everything
+
+    train = scan_data(data_dir, "train", recipe.data.labels_csv)
+    prepare_run(data_dir, run_dir, recipe)
+    seed_everything(recipe.seed)
+    model = build_model(recipe.model, len(train.classes)).eval()
+    checkpoint = run_dir / "model.pt"
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(checkpoint, buf.getvalue())
+    manifest = new_manifest(recipe, list(train.classes), data_dir)
+    manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, "train", library_versions(TRAIN_VERSIONS))
+    RunDir(run_dir).write(manifest.with_stage("train", {"epochs": 0, "note": "initial weights, not trained"}))
+    log(f"init: {recipe.model.arch} at its initial weights -> {run_dir}")
+    return run_dir
 
 
 def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:

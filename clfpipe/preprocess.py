@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -160,6 +161,7 @@ class Preprocessor:
     repository can ship this module beside its model.py."""
 
     spec: PreprocessSpec
+    _pool: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> "Preprocessor":
@@ -168,3 +170,38 @@ class Preprocessor:
 
     def __call__(self, images: Any) -> np.ndarray:
         return decode_to_pixels(images, self.spec)
+
+    def batch(self, requests: list[Any]) -> list[np.ndarray | ValueError]:
+        """Every image of every request in a dynamic batch at once, on a thread pool (Pillow
+        releases the GIL while it decodes and resizes); a bad request yields its ValueError."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            object.__setattr__(self, "_pool", ThreadPoolExecutor(max_workers=os.cpu_count() or 1))
+        futures = [self._pool.submit(decode_to_pixels, images, self.spec) for images in requests]
+        results: list[np.ndarray | ValueError] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except ValueError as exc:
+                results.append(exc)
+        return results
+
+
+@dataclass(frozen=True)
+class PixelsPreprocessor:
+    """The second input form: clients that hold decoded uint8 HWC RGB pixels skip re-encoding."""
+
+    spec: PreprocessSpec
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> "PixelsPreprocessor":
+        return cls(PreprocessSpec.from_dict(json.loads(parameters["preprocess"]["string_value"])))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(batch, H, W, 3) uint8 -> (batch, crop, crop, 3) uint8."""
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 pixels of shape (batch, H, W, 3), got {images.dtype} {images.shape}")
+        if images.shape[1] * images.shape[2] > MAX_PIXELS:
+            raise ValueError(f"image too large: expected at most {MAX_PIXELS} pixels, got {images.shape[2]}x{images.shape[1]}")
+        return np.stack([resize_crop(Image.fromarray(img), self.spec) for img in images])

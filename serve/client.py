@@ -48,6 +48,18 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k: int) -> Prediction:
+    order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
+    best = int(order[0])
+    return Prediction(name, classes[best], float(probs[best]), [float(p) for p in probs],
+                      [(classes[int(i)], float(probs[int(i)])) for i in order])
+
+
+def encoded_batch(images: Sequence[bytes]) -> np.ndarray:
+    """The IMAGE input: (N, 1) BYTES."""
+    return np.array([[img] for img in images], dtype=np.object_)
+
+
 def _chunks(items: Sequence[bytes], max_count: int) -> list[tuple[int, int]]:
     """[start, end) ranges of at most max_count items and about MAX_REQUEST_BYTES each."""
     ranges, start, size = [], 0, 0
@@ -99,17 +111,22 @@ class Classifier:
             return ServeError(f"model {self.model!r} is not served at {self.url}: {message.splitlines()[0]}")
         return ServeError(f"server error: {message.splitlines()[0]}")
 
-    def _infer(self, images: Sequence[bytes]) -> np.ndarray:
-        data = np.array([[img] for img in images], dtype=np.object_)
-        tensor = self._lib.InferInput("IMAGE", list(data.shape), "BYTES")
+    def _request(self, name: str, data: np.ndarray, datatype: str) -> tuple[list, list]:
+        tensor = self._lib.InferInput(name, list(data.shape), datatype)
         if self.protocol == "http":
             tensor.set_data_from_numpy(data, binary_data=True)
-            outputs = [httpclient.InferRequestedOutput("PROBS", binary_data=True)]
-        else:
-            tensor.set_data_from_numpy(data)
-            outputs = [grpcclient.InferRequestedOutput("PROBS")]
-        result = self._client.infer(self.model, [tensor], outputs=outputs)
-        return result.as_numpy("PROBS")
+            return [tensor], [httpclient.InferRequestedOutput("PROBS", binary_data=True)]
+        tensor.set_data_from_numpy(data)
+        return [tensor], [grpcclient.InferRequestedOutput("PROBS")]
+
+    def _infer(self, images: Sequence[bytes]) -> np.ndarray:
+        inputs, outputs = self._request("IMAGE", encoded_batch(images), "BYTES")
+        return self._client.infer(self.model, inputs, outputs=outputs).as_numpy("PROBS")
+
+    def _infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Decoded uint8 HWC RGB images of one shape -> the <model>_pixels ensemble (no re-encoding)."""
+        inputs, outputs = self._request("IMAGE_PIXELS", pixels, "UINT8")
+        return self._client.infer(f"{self.model}_pixels", inputs, outputs=outputs).as_numpy("PROBS")
 
     def probabilities(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """(N, classes) probabilities for encoded images, batched into few requests."""
@@ -123,16 +140,39 @@ class Classifier:
                 raise ServeError(f"{_blame(str(err), names[start:end])}") from exc
         return np.concatenate(outs)
 
-    def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction]:
-        files = expand_inputs(paths)
+    def predict(self, items: Sequence[str | Path | np.ndarray], top_k: int = 1) -> list[Prediction]:
+        """Files, directories (their images) or decoded uint8 HWC RGB arrays."""
+        arrays = [i for i in items if isinstance(i, np.ndarray)]
+        if arrays and len(arrays) != len(items):
+            raise ServeError("predict: expected either paths or arrays, got both")
+        if arrays:
+            return [self._prediction(f"array {i}", p, top_k) for i, p in enumerate(self.pixel_probabilities(arrays))]
+        files = expand_inputs(items)
         probs = self.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
         return [self._prediction(str(f), p, top_k) for f, p in zip(files, probs)]
 
+    def pixel_probabilities(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Arrays of one shape go together, up to max_batch_size per request."""
+        for i, a in enumerate(arrays):
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+                raise ServeError(f"array {i}: expected uint8 pixels of shape (H, W, 3), got {a.dtype} {a.shape}")
+        out: list[np.ndarray | None] = [None] * len(arrays)
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape, []).append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.max_batch_size):
+                chunk = indices[start : start + self.max_batch_size]
+                try:
+                    probs = self._infer_pixels(np.stack([arrays[i] for i in chunk]))
+                except InferenceServerException as exc:
+                    raise ServeError(f"array {chunk[0]}: {self._error(exc)}") from exc
+                for i, p in zip(chunk, probs):
+                    out[i] = p
+        return np.stack(out)  # type: ignore[arg-type]
+
     def _prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
-        order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
-        best = int(order[0])
-        return Prediction(name, self.classes[best], float(probs[best]), [float(p) for p in probs],
-                          [(self.classes[int(i)], float(probs[int(i)])) for i in order])
+        return make_prediction(name, probs, self.classes, top_k)
 
 
 def _blame(message: str, names: Sequence[str]) -> str:
@@ -144,3 +184,61 @@ def _blame(message: str, names: Sequence[str]) -> str:
         if tag in message:
             return f"{name}: {message.replace(tag, '')}"
     return f"one of {len(names)} images ({names[0]} ...): {message}"
+
+
+class AsyncClassifier:
+    """The asyncio variant: ``await AsyncClassifier(url, protocol, model).predict(paths)``.
+
+    Requests for many files go out concurrently (up to ``max_batch_size`` images each), so the
+    server's dynamic batcher sees them together.
+    """
+
+    def __init__(self, url: str, protocol: str = "http", model: str = "classifier") -> None:
+        if protocol not in PROTOCOLS:
+            raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
+        self.url, self.protocol, self.model = url, protocol, model
+        if protocol == "http":
+            import tritonclient.http.aio as aio
+        else:
+            import tritonclient.grpc.aio as aio
+        self._aio = aio
+        self._client = aio.InferenceServerClient(url)
+        self.classes: list[str] = []
+        self.max_batch_size = 1
+
+    async def _setup(self) -> None:
+        if self.classes:
+            return
+        try:
+            config = await self._client.get_model_config(self.model, **({"as_json": True} if self.protocol == "grpc" else {}))
+        except InferenceServerException as exc:
+            raise ServeError(f"model {self.model!r} at {self.url}: {exc.message()}") from exc
+        except (ConnectionError, OSError) as exc:
+            raise ServeError(f"cannot reach Triton at {self.url} over {self.protocol}: {exc}") from exc
+        config = config["config"] if self.protocol == "grpc" else config
+        self.classes = json.loads(config["parameters"]["classes"]["string_value"])
+        self.max_batch_size = max(1, int(config.get("max_batch_size", 1)))
+
+    async def _infer(self, images: Sequence[bytes]) -> np.ndarray:
+        data = encoded_batch(images)
+        tensor = self._aio.InferInput("IMAGE", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        result = await self._client.infer(self.model, [tensor], outputs=[self._aio.InferRequestedOutput("PROBS")])
+        return result.as_numpy("PROBS")
+
+    async def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction]:
+        import asyncio
+
+        await self._setup()
+        files = expand_inputs(paths)
+        images = [f.read_bytes() for f in files]
+        ranges = _chunks(images, self.max_batch_size)
+        try:
+            parts = await asyncio.gather(*(self._infer(images[a:b]) for a, b in ranges))
+        except InferenceServerException as exc:
+            raise ServeError(f"server error: {exc.message()}") from exc
+        probs = np.concatenate(parts)
+        return [make_prediction(str(f), p, self.classes, top_k) for f, p in zip(files, probs)]
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -13,18 +13,22 @@ Two targets from the same run:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import onnx
+from PIL import Image
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+import clfpipe.postprocess as postprocess_module
 import clfpipe.preprocess as preprocess_module
 from clfpipe.errors import ManifestError
 from clfpipe.manifest import Manifest, RunDir
@@ -63,12 +67,59 @@ def _pixels_dims(manifest: Manifest) -> list[int]:
     return [crop, crop, 3]
 
 
+WARMUP_IMAGE = "warmup_image"
+
+
+def _warmup(config: mc.ModelConfig, inputs: dict[str, tuple[int, list[int], str]], batch_sizes: list[int]) -> None:
+    """model_warmup samples: a data file (relative to <model>/warmup/) or zeros per input."""
+    for batch in sorted(set(batch_sizes)):
+        sample = config.model_warmup.add(name=f"warmup_batch_{batch}", batch_size=batch, count=2)
+        for name, (dtype, dims, data_file) in inputs.items():
+            spec = sample.inputs[name]
+            spec.data_type, spec.dims[:] = dtype, dims
+            if data_file:
+                spec.input_data_file = data_file
+            else:
+                spec.zero_data = True
+
+
 def preprocess_config(manifest: Manifest) -> mc.ModelConfig:
-    config = _base("preprocess", manifest, mc.ModelInstanceGroup.KIND_CPU, manifest.recipe.serve.preprocess_instances,
+    serve = manifest.recipe.serve
+    config = _base("preprocess", manifest, mc.ModelInstanceGroup.KIND_CPU, serve.preprocess_instances,
                    [_tensor("IMAGE", mc.TYPE_STRING, [1])], [_tensor("PIXELS", mc.TYPE_UINT8, _pixels_dims(manifest))])
     config.backend = "python"
     config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
+    if serve.warmup:
+        _warmup(config, {"IMAGE": (mc.TYPE_STRING, [1], WARMUP_IMAGE)}, [1, serve.max_batch_size])
     return config
+
+
+def preprocess_pixels_config(manifest: Manifest) -> mc.ModelConfig:
+    """The second input form: decoded uint8 HWC images of any size."""
+    serve = manifest.recipe.serve
+    config = _base("preprocess_pixels", manifest, mc.ModelInstanceGroup.KIND_CPU, serve.preprocess_instances,
+                   [_tensor("IMAGE_PIXELS", mc.TYPE_UINT8, [-1, -1, 3])],
+                   [_tensor("PIXELS", mc.TYPE_UINT8, _pixels_dims(manifest))])
+    config.backend = "python"
+    config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
+    if serve.warmup:
+        _warmup(config, {"IMAGE_PIXELS": (mc.TYPE_UINT8, _pixels_dims(manifest), "")}, [1])
+    return config
+
+
+def labels_config(manifest: Manifest) -> mc.ModelConfig:
+    """Container target: PROBS -> LABELS as a python step after the ORT backbone."""
+    serve = manifest.recipe.serve
+    config = _base("labels", manifest, mc.ModelInstanceGroup.KIND_CPU, 1,
+                   [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)])], [_tensor("LABELS", mc.TYPE_STRING, [-1])])
+    config.backend = "python"
+    _label_parameters(config, manifest)
+    return config
+
+
+def _label_parameters(config: mc.ModelConfig, manifest: Manifest) -> None:
+    config.parameters["classes"].string_value = json.dumps(manifest.classes)
+    config.parameters["top_k"].string_value = str(manifest.recipe.serve.top_k)
 
 
 def _activation(manifest: Manifest, variant: Variant) -> str:
@@ -82,14 +133,21 @@ def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.M
     inputs = [_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))]
     outputs = [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)]
     if target == "embedded":
+        outputs.append(_tensor("LABELS", mc.TYPE_STRING, [-1]))
         config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_CPU, serve.model_instances, inputs, outputs)
         config.backend = "python"
         config.parameters["onnx_file"].string_value = "model.onnx"
         config.parameters["ort_threads"].string_value = str(serve.ort_threads)
+        config.parameters["ort_spin"].string_value = json.dumps(serve.ort_spin)
         config.parameters["activation"].string_value = _activation(manifest, backbone.variant)
+        _label_parameters(config, manifest)
+    else:
+        config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_GPU, serve.container_gpu_instances, inputs, outputs)
+        config.platform = "onnxruntime_onnx"
+    if serve.warmup:
+        _warmup(config, {INPUT: (mc.TYPE_UINT8, _pixels_dims(manifest), "")}, [1, serve.max_batch_size])
+    if target == "embedded":
         return config
-    config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_GPU, serve.container_gpu_instances, inputs, outputs)
-    config.platform = "onnxruntime_onnx"
     if serve.container_ort_tensorrt:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters["precision_mode"] = serve.container_trt_precision
@@ -99,14 +157,24 @@ def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.M
     return config
 
 
-def ensemble_config(manifest: Manifest, backbone: Backbone) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=backbone.ensemble, platform="ensemble", max_batch_size=manifest.recipe.serve.max_batch_size)
-    config.input.append(mc.ModelInput(**_tensor("IMAGE", mc.TYPE_STRING, [1])))
+def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embedded", pixels: bool = False) -> mc.ModelConfig:
+    """IMAGE (encoded bytes) or IMAGE_PIXELS (decoded uint8 HWC) -> PROBS and LABELS."""
+    name = backbone.ensemble + ("_pixels" if pixels else "")
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=manifest.recipe.serve.max_batch_size)
+    image, pre = (("IMAGE_PIXELS", "preprocess_pixels") if pixels else ("IMAGE", "preprocess"))
+    dims = [-1, -1, 3] if pixels else [1]
+    config.input.append(mc.ModelInput(**_tensor(image, mc.TYPE_UINT8 if pixels else mc.TYPE_STRING, dims)))
     config.output.append(mc.ModelOutput(**_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)))
+    config.output.append(mc.ModelOutput(**_tensor("LABELS", mc.TYPE_STRING, [-1])))
     steps = config.ensemble_scheduling.step
     # input_map/output_map: key = the step model's tensor, value = the ensemble's tensor.
-    steps.add(model_name="preprocess", model_version=-1, input_map={"IMAGE": "IMAGE"}, output_map={"PIXELS": "pixels"})
-    steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"}, output_map={"PROBS": "PROBS"})
+    steps.add(model_name=pre, model_version=-1, input_map={image: image}, output_map={"PIXELS": "pixels"})
+    if target == "embedded":  # the python backbone also writes LABELS: one step fewer
+        steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"},
+                  output_map={"PROBS": "PROBS", "LABELS": "LABELS"})
+    else:
+        steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"}, output_map={"PROBS": "PROBS"})
+        steps.add(model_name="labels", model_version=-1, input_map={"PROBS": "PROBS"}, output_map={"LABELS": "LABELS"})
     # Clients read the class names in order from the model config: the repository describes itself.
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
     config.parameters["multi_label"].string_value = json.dumps(manifest.recipe.multi_label)
@@ -172,16 +240,35 @@ def _write_model(root: Path, config: mc.ModelConfig, labels: str | None = None) 
     (model_dir / "config.pbtxt").write_text(config_text(config))
     if labels is not None:
         (model_dir / LABELS_FILE).write_text(labels)
+    if any(i.input_data_file for w in config.model_warmup for i in w.inputs.values()):
+        (model_dir / "warmup").mkdir()
+        (model_dir / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image_bytes())
     return model_dir
+
+
+def warmup_image_bytes() -> bytes:
+    """One BYTES element as Triton reads it from a warmup file: 4-byte length, then a JPEG."""
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (127, 127, 127)).save(buf, format="JPEG")
+    return struct.pack("<I", len(buf.getvalue())) + buf.getvalue()
+
+
+def _python_model(staging: Path, config: mc.ModelConfig, template: str, target: str, modules: tuple = ()) -> None:
+    model_dir = _write_model(staging, config)
+    shutil.copy2(TEMPLATES / template / "model.py", model_dir / "1" / "model.py")
+    if target == "container":  # NVIDIA's image lacks clfpipe: ship the standalone modules it imports
+        for module in modules:
+            shutil.copy2(module.__file__, model_dir / "1" / f"clfpipe_{Path(module.__file__).stem}.py")
 
 
 def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> list[str]:
     labels = "\n".join(manifest.classes) + "\n"
-    pre = _write_model(staging, preprocess_config(manifest))
-    shutil.copy2(TEMPLATES / "preprocess" / "model.py", pre / "1" / "model.py")
-    if target == "container":  # NVIDIA's image lacks clfpipe: ship the standalone preprocessing module
-        shutil.copy2(preprocess_module.__file__, pre / "1" / "clfpipe_preprocess.py")
-    names = ["preprocess"]
+    _python_model(staging, preprocess_config(manifest), "preprocess", target, (preprocess_module,))
+    _python_model(staging, preprocess_pixels_config(manifest), "preprocess_pixels", target, (preprocess_module,))
+    names = ["preprocess", "preprocess_pixels"]
+    if target == "container":
+        _python_model(staging, labels_config(manifest), "labels", target, (postprocess_module,))
+        names.append("labels")
     for backbone in backbones(run, manifest):
         model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
         if target == "embedded":
@@ -189,8 +276,11 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> li
             _link_or_copy(backbone.onnx, model_dir / "1" / "model.onnx")
         else:
             with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", _activation(manifest, backbone.variant))
-        _write_model(staging, ensemble_config(manifest, backbone), labels)
-        names += [backbone.model, backbone.ensemble]
+        for pixels in (False, True):
+            ensemble = ensemble_config(manifest, backbone, target, pixels)
+            _write_model(staging, ensemble, labels)
+            names.append(ensemble.name)
+        names.append(backbone.model)
     if target == "container":
         for name, entry in manifest.data["artifacts"].items():
             if name.startswith("trt") and entry.get("variant", {}).get("fold_preprocess"):

@@ -1,6 +1,7 @@
 """Triton python-backend model: encoded JPEG/PNG bytes -> uint8 (crop, crop, 3) pixels.
 
-uint8 between the ensemble's steps is 4x fewer bytes than float32 (reference section 2, #5082).
+uint8 between the ensemble's steps is 4x fewer bytes than float32, and every image of the
+dynamic batch is decoded at once on a thread pool (reference section 2, #5082).
 """
 
 import json
@@ -18,14 +19,12 @@ class TritonPythonModel:
         self.preprocessor = Preprocessor.from_parameters(json.loads(args["model_config"])["parameters"])
 
     def execute(self, requests):
+        images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
         responses = []
-        for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-            try:
-                pixels = self.preprocessor(images)
-            except ValueError as exc:
+        for result in self.preprocessor.batch(images):
+            if isinstance(result, ValueError):
                 # One bad request fails alone; the others in this dynamic batch still get answers.
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
-                continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PIXELS", pixels)]))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+            else:
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PIXELS", result)]))
         return responses

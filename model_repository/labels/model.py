@@ -1,0 +1,29 @@
+"""Triton python-backend model (container target): PROBS -> LABELS, top-k 'label:prob' strings."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+try:
+    from clfpipe.postprocess import requested_top_k, top_k_labels
+except ImportError:
+    from clfpipe_postprocess import requested_top_k, top_k_labels  # the copy shipped beside this file
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.classes = json.loads(params["classes"]["string_value"])
+        self.top_k = int(params["top_k"]["string_value"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            probs = pb_utils.get_input_tensor_by_name(request, "PROBS").as_numpy()
+            try:
+                labels = top_k_labels(probs, self.classes, requested_top_k(request.parameters(), self.top_k))
+            except ValueError as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("LABELS", labels)]))
+        return responses

@@ -1,0 +1,202 @@
+"""``clfpipe bench``: a latency/throughput sweep over concurrency, in the manner of perf_analyzer.
+
+Each level runs `concurrency` closed-loop clients (one thread and one client each) that send
+requests of `batch` encoded images; client latencies give p50/p90/p95/p99, and deltas of
+Triton's statistics extension give the server-side split (queue, compute input/infer/output)
+and the mean executed batch size of each composing model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from clfpipe.errors import ServeError
+from clfpipe.manifest import atomic_write_bytes
+from serve.client import PROTOCOLS, encoded_batch
+
+
+@dataclass(frozen=True)
+class Level:
+    concurrency: int
+    requests: int
+    images: int
+    seconds: float
+    throughput: float  # images/s
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+    server: dict[str, Any] = field(default_factory=dict)  # per model: queue/compute us per request, mean batch
+
+
+def percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
+    values = np.asarray(latencies_s) * 1000.0
+    return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 90, 95, 99)}
+
+
+def _client(url: str, protocol: str):
+    return httpclient.InferenceServerClient(url, network_timeout=300, connection_timeout=300) if protocol == "http" \
+        else grpcclient.InferenceServerClient(url)
+
+
+def _stats(client, protocol: str, model: str) -> dict[str, float]:
+    raw = client.get_inference_statistics(model, as_json=True) if protocol == "grpc" else client.get_inference_statistics(model)
+    stats = raw["model_stats"][0]
+    inf = stats["inference_stats"]
+    ns = lambda key: float(inf.get(key, {}).get("ns", 0))  # noqa: E731
+    count = lambda key: float(inf.get(key, {}).get("count", 0))  # noqa: E731
+    return {"inference_count": float(stats.get("inference_count", 0)), "execution_count": float(stats.get("execution_count", 0)),
+            "success": count("success"), "queue_ns": ns("queue"), "compute_input_ns": ns("compute_input"),
+            "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
+
+
+def composing_models(client, protocol: str, model: str) -> list[str]:
+    config = client.get_model_config(model, as_json=True)["config"] if protocol == "grpc" else client.get_model_config(model)
+    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    return [model] + [s["model_name"] for s in steps]
+
+
+def server_split(before: dict[str, dict], after: dict[str, dict]) -> dict[str, Any]:
+    """Per model: mean queue and compute times per request (us) and mean executed batch size."""
+    split = {}
+    for model in after:
+        d = {k: after[model][k] - before[model][k] for k in after[model]}
+        requests = max(d["success"], 1.0)
+        split[model] = {
+            "queue_us": d["queue_ns"] / requests / 1e3,
+            "compute_input_us": d["compute_input_ns"] / requests / 1e3,
+            "compute_infer_us": d["compute_infer_ns"] / requests / 1e3,
+            "compute_output_us": d["compute_output_ns"] / requests / 1e3,
+            "inference_count": d["inference_count"],
+            "execution_count": d["execution_count"],
+            "mean_batch": d["inference_count"] / d["execution_count"] if d["execution_count"] else None,
+        }
+    return split
+
+
+def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], concurrency: int, batch: int,
+              requests: int | None, seconds: float | None, parameters: dict | None = None) -> Level:
+    """One concurrency level: `requests` in total, or as many as fit in `seconds`."""
+    monitor = _client(url, protocol)
+    models = composing_models(monitor, protocol, model)
+    before = {m: _stats(monitor, protocol, m) for m in models}
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    counter = iter(range(requests if requests is not None else 10**12))
+    deadline = time.perf_counter() + seconds if seconds is not None else None
+
+    def worker(worker_id: int) -> None:
+        client = _client(url, protocol)
+        lib = httpclient if protocol == "http" else grpcclient
+        position = worker_id * batch
+        while True:
+            with lock:
+                if next(counter, None) is None or (deadline is not None and time.perf_counter() > deadline):
+                    return
+            chunk = [images[(position + i) % len(images)] for i in range(batch)]
+            position += batch * concurrency
+            data = encoded_batch(chunk)
+            tensor = lib.InferInput("IMAGE", list(data.shape), "BYTES")
+            tensor.set_data_from_numpy(data)
+            start = time.perf_counter()
+            try:
+                client.infer(model, [tensor], outputs=[lib.InferRequestedOutput("PROBS")], parameters=parameters)
+            except InferenceServerException:
+                with lock:
+                    errors[0] += 1
+                continue
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    after = {m: _stats(monitor, protocol, m) for m in models}
+    if not latencies:
+        raise ServeError(f"bench: every request to {model!r} failed at concurrency {concurrency} ({errors[0]} errors)")
+    return Level(concurrency, len(latencies), len(latencies) * batch, wall, len(latencies) * batch / wall,
+                 errors=errors[0], server=server_split(before, after), **percentiles(latencies))
+
+
+def sweep(url: str, model: str, images: Sequence[bytes], protocol: str = "http", concurrencies: Sequence[int] = (1, 2, 4, 8, 16),
+          batch: int = 1, requests: int | None = None, seconds: float | None = None,
+          log: Callable[[str], None] = print) -> list[Level]:
+    if protocol not in PROTOCOLS:
+        raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
+    if (requests is None) == (seconds is None):
+        raise ServeError("bench: expected one of --requests or --seconds")
+    try:
+        _client(url, protocol).get_model_config(model)
+    except InferenceServerException as exc:
+        raise ServeError(f"bench: model {model!r} at {url}: {exc.message()}") from exc
+    except (ConnectionError, OSError) as exc:
+        raise ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}") from exc
+    levels = []
+    for c in concurrencies:
+        level = run_level(url, protocol, model, images, c, batch, requests, seconds)
+        levels.append(level)
+        log(format_level(level, model))
+    return levels
+
+
+def format_level(level: Level, model: str) -> str:
+    parts = [f"concurrency {level.concurrency:>3}: {level.throughput:8.1f} img/s, p50 {level.p50_ms:7.1f} ms, "
+             f"p90 {level.p90_ms:7.1f}, p95 {level.p95_ms:7.1f}, p99 {level.p99_ms:7.1f}"]
+    for name, s in level.server.items():
+        if name == model or s["mean_batch"] is None:
+            continue
+        parts.append(f"{name}: queue {s['queue_us'] / 1e3:.1f} ms, infer {s['compute_infer_us'] / 1e3:.1f} ms, "
+                     f"batch {s['mean_batch']:.2f}")
+    return " | ".join(parts)
+
+
+def write_results(levels: list[Level], out_dir: Path, model: str) -> dict[str, Path]:
+    """bench.json, bench.csv and bench.png (latency vs throughput) in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "csv": out_dir / "bench.csv", "png": out_dir / "bench.png"}
+    atomic_write_bytes(paths["json"], (json.dumps({"model": model, "levels": [asdict(l) for l in levels]}, indent=2) + "\n").encode())
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    fields = ["concurrency", "requests", "images", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "errors"]
+    writer.writerow(fields + ["server_mean_batch"])
+    for level in levels:
+        batches = {m: s["mean_batch"] for m, s in level.server.items() if s["mean_batch"] is not None and m != model}
+        writer.writerow([getattr(level, f) for f in fields] + [json.dumps(batches)])
+    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for q in ("p50_ms", "p95_ms", "p99_ms"):
+        ax.plot([l.throughput for l in levels], [getattr(l, q) for l in levels], marker="o", label=q[:3])
+    for l in levels:
+        ax.annotate(f"c{l.concurrency}", (l.throughput, l.p50_ms), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{model}: latency vs throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=100)
+    plt.close(fig)
+    return paths
