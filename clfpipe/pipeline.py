@@ -98,6 +98,21 @@ def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Ag
     return compare(reference, served, tolerance.rtol, tolerance.atol)
 
 
+def served_tta_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
+    """Triton's classifier_tta against train.evaluate's deterministic TTA on the same files."""
+    import torch
+
+    from clfpipe.dataset import Split
+    from train.evaluate import deterministic_tta
+
+    run = RunDir(run_dir)
+    manifest = run.read()
+    split = Split(tuple(files), tuple(0 for _ in files), tuple(manifest.classes))
+    reference = deterministic_tta(load_run_model(run, manifest), split, manifest.preprocess, 32, torch.device("cpu"))
+    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
+    return compare(reference, served, manifest.recipe.export.rtol, manifest.recipe.export.atol)
+
+
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
     picked: list[Path] = []
     for label in sorted(set(labels)):
@@ -130,12 +145,15 @@ def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 
                 log(f"  Triton ({protocol}) vs PyTorch probabilities on {agreement.summary()}")
                 if not agreement.passed:
                     raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
+            tta = served_tta_agreement(run_dir, Classifier(info.http_url, "http", "classifier_tta"), list(valid.files))
+            log(f"\nclassifier_tta (http) vs the training side's deterministic TTA on {tta.summary()}")
     finally:
         with timer.stage("serve down"):
             stop_server(state_dir)
     manifest = RunDir(run_dir).read()
     onnx_agreement = manifest.stage("export")["agreement"]
-    log(f"\nvalid accuracy (PyTorch): {manifest.stage('train')['valid_accuracy']:.4f}")
+    scores = manifest.stage("train")["accuracy"]
+    log("\nvalid accuracy (PyTorch): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     log(f"PyTorch vs ONNX Runtime: top-1 agreement {onnx_agreement['top1_agreement']:.4f}, "
         f"max |logit diff| {onnx_agreement['max_abs_diff']:.3g} (tolerance {onnx_agreement['tolerance']:.3g})")
     log(f"\nstage times:\n{timer.table()}")

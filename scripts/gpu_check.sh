@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU-only checks, run on a lent GPU machine within a few minutes (no network there: missing
-# wheels travel in .whl/, see the device tool's README). Prints one JSON line per check.
+# GPU-only checks, run on a lent GPU machine within 8 minutes (no network there: the wheels it
+# lacks - tomli-w, onnxscript, onnx-ir, polygraphy, tritonclient, python-rapidjson - travel in
+# .whl/, see the device tool's README). Prints one JSON line per check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -10,6 +11,8 @@ else
 fi
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 2
 status=0
+echo "== CUDA training, CUDA PyTorch vs ONNX Runtime per export variant, TensorRT if present"
+python3 scripts/gpu_check.py || status=1
 echo "== train throughput (goal: ratio >= 0.85)"
 python3 benchmarks/train_throughput.py --size 224 --batch 256 --steps 40 --workers 16 || status=1
 echo "== precompute speedup"

@@ -125,6 +125,8 @@ def server_args(install: TritonInstall, repo: Path, backends: Path, host: str, p
         f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
         f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
         "--allow-metrics=true",
+        # Idle keep-alive client connections otherwise hold a SIGTERM for the default 30 s.
+        "--exit-timeout-secs=5",
         # Unique shared-memory names so several servers can run side by side (tests, demo).
         f"--backend-config=python,shm-region-prefix-name=clfpipe_{ports.http}_",
         "--backend-config=python,shm-default-byte-size=16777216",

@@ -66,6 +66,6 @@ def test_multilabel_trains_exports_and_records_f2(tmp_path):
     files = list(scan_data(tmp_path / "data", "valid", LABELS_CSV, tuple(manifest.classes)).files)
     batch = files_to_batch(files, manifest.preprocess)
     reference = probabilities(torch_logits(load_run_model(run, manifest), batch), multi_label=True)
-    served = OnnxProbabilities(tmp_path / "run" / "model.onnx", multi_label=True)(batch)  # what Triton's backbone runs
+    served = OnnxProbabilities(tmp_path / "run" / "model.onnx", activation="sigmoid")(batch)  # what Triton's backbone runs
     np.testing.assert_allclose(served, reference, atol=1e-4)
     assert (served.sum(1) != pytest.approx(1.0)).any()  # independent sigmoids, not a softmax

@@ -200,7 +200,7 @@ def test_serve_up_status_down_stops_server_and_stubs(trained_run, server, tmp_pa
 def test_run_command_chains_train_export_repo(demo_data, tmp_path):
     run = tmp_path / "run"
     assert main(["run", "--data", str(demo_data), "--run", str(run), "--recipe", "recipes/demo.toml",
-                 "--set", "stages.0.epochs=1", "--set", "stages.0.size=32"]) == 0
+                 "--set", "stages.*.epochs=1", "--set", "stages.*.size=32", "--set", "lr_find.num_it=20"]) == 0
     manifest = RunDir(run).read()
     assert set(manifest.data["stages"]) == {"train", "export", "repo"}
     assert (run / "model_repository" / "backbone" / "1" / "model.onnx").is_file()

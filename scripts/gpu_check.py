@@ -1,0 +1,70 @@
+"""GPU checks (run by scripts/gpu_check.sh on a GPU machine): the demo recipe trained on CUDA
+(AMP, channels_last, nvJPEG decode), every export variant gated against PyTorch run on CUDA, and
+TensorRT engines where TensorRT exists. Prints one JSON object per check."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clfpipe.inference import load_run_model
+from clfpipe.manifest import RunDir
+from clfpipe.demo_data import write_demo_dataset
+from clfpipe.ort import make_session, ort_logits
+from clfpipe.recipe import load_recipe
+from export.gates import gate
+from export.onnx_export import export_onnx, pixels_of, validation_split
+from export.tensorrt import build_engine, trt_status
+from export.variants import Folded, Variant, variant_inputs
+from train.loop import train_run
+
+VARIANTS = [Variant(), Variant("fp16"), Variant("int8"), Variant("int8-trt"), Variant("fp32", True, True)]
+
+
+def main() -> int:
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run_dir = Path(tmp) / "data", Path(tmp) / "run"
+        write_demo_dataset(data)
+        start = time.perf_counter()
+        manifest = train_run(data, run_dir, load_recipe(Path(__file__).parent.parent / "recipes" / "demo.toml"), log=lambda _: None)
+        print(json.dumps({"check": "train_cuda", "device": manifest.stage("train")["device"],
+                          "accuracy": manifest.stage("train")["accuracy"], "seconds": round(time.perf_counter() - start, 1)}))
+        run = RunDir(run_dir)
+        model = load_run_model(run, manifest).cuda()
+        split = validation_split(manifest, None)
+        pixels = pixels_of(list(split.files), manifest)
+        for variant in VARIANTS:
+            manifest = export_onnx(run_dir, variant=variant, log=lambda _: None)
+            inputs = variant_inputs(pixels, manifest.preprocess, variant)
+            with torch.inference_mode():
+                folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label).cuda()
+                reference = folded(torch.from_numpy(inputs).cuda()).float().cpu().numpy()
+            test = ort_logits(make_session(run_dir / variant.file_name), inputs)
+            result = gate(variant.precision, reference, test, np.asarray(split.labels), variant.fold_tta, False,
+                          manifest.recipe.export.rtol, manifest.recipe.export.atol)
+            ok &= result.passed
+            print(json.dumps({"check": "cuda_torch_vs_ort", "variant": variant.name, **result.to_dict()}))
+        available, why = trt_status()
+        if not available:
+            print(json.dumps({"check": "tensorrt", "skipped": why}))
+        else:
+            from export.verify import verify_run
+
+            for name in ("onnx", "onnx-fp16", "onnx-int8-trt"):
+                build_engine(run_dir, name, log=lambda _: None)
+            rows, passed = verify_run(run_dir, log=lambda _: None)
+            ok &= passed
+            print(json.dumps({"check": "tensorrt", "passed": passed,
+                              "rows": [{"artifact": r.artifact, "runtime": r.runtime, "passed": r.result.passed} for r in rows]}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
