@@ -68,4 +68,4 @@ def test_multilabel_trains_exports_and_records_f2(tmp_path):
     reference = probabilities(torch_logits(load_run_model(run, manifest), batch), multi_label=True)
     served = OnnxProbabilities(tmp_path / "run" / "model.onnx", activation="sigmoid")(batch)  # what Triton's backbone runs
     np.testing.assert_allclose(served, reference, atol=1e-4)
-    assert (served.sum(1) != pytest.approx(1.0)).any()  # independent sigmoids, not a softmax
+    assert not np.allclose(served.sum(1), 1.0, atol=1e-3)  # independent sigmoids, not a softmax
