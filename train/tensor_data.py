@@ -11,11 +11,12 @@ preprocessing spec, so validation figures match what Triton serves.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from clfpipe.dataset import Split
 from clfpipe.errors import DataError
@@ -34,7 +35,10 @@ class EncodedDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return read_file(str(self.split.files[index])), self.split.labels[index]
+        # A plain CPU tensor over the bytes: torchvision's read_file tensors cannot cross the
+        # worker processes' shared-memory queue (EBADF when pickled).
+        data = Path(self.split.files[index]).read_bytes()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.split.labels[index]
 
 
 def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
