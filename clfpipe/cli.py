@@ -82,7 +82,7 @@ def _ports(args: argparse.Namespace):
 def _cmd_serve_up(args: argparse.Namespace) -> None:
     from serve.server import start_server
 
-    info = start_server(args.repo, args.state_dir, args.host, _ports(args), args.timeout)
+    info = start_server(args.repo, args.state_dir, args.host, _ports(args), args.timeout, args.model_control)
     print(f"tritonserver ready (pid {info.pid}): http {info.http_url}, grpc {info.grpc_url}, "
           f"metrics {info.host}:{info.ports.metrics}; log {info.log}")
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--repo", type=Path, required=True)
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+            p.add_argument("--model-control", default="none", choices=["none", "explicit", "poll"],
+                           help="none (default): no remote load/unload; explicit: the repository API may load/unload")
             _add_port_args(p)
 
     p = sub.add_parser("predict", help="classify images with a running server")

@@ -15,8 +15,11 @@ from torch import nn
 from clfpipe.errors import ManifestError, RecipeError
 from clfpipe.recipe import ModelConfig
 
-# Channels out of the body (layer4) for the architectures we split.
-_BODY_CHANNELS = {"resnet34": 512, "resnext50_32x4d": 2048}
+def splittable_archs() -> list[str]:
+    """torchvision classifiers whose body splits into fastai's groups: the ResNet family
+    (stem, layer1..layer4, avgpool, fc): resnet18..152, resnext*, wide_resnet*."""
+    return sorted(name for name in torchvision.models.list_models(module=torchvision.models)
+                  if name.startswith(("resnet", "resnext", "wide_resnet")))
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -62,6 +65,8 @@ def make_head(in_features: int, num_classes: int, hidden: int, dropout: tuple[fl
 
 
 def _load_torchvision(config: ModelConfig) -> nn.Module:
+    if config.arch not in splittable_archs():
+        raise RecipeError(f"model.arch: expected one of {', '.join(splittable_archs())}, got {config.arch!r}")
     if config.weights == "none":
         return torchvision.models.get_model(config.arch, weights=None)
     if config.weights == "imagenet":
@@ -82,7 +87,7 @@ def _load_torchvision(config: ModelConfig) -> nn.Module:
 def build_model(config: ModelConfig, num_classes: int) -> Classifier:
     net = _load_torchvision(config)
     body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
-    head = make_head(_BODY_CHANNELS[config.arch], num_classes, config.hidden, config.dropout)
+    head = make_head(net.fc.in_features, num_classes, config.hidden, config.dropout)
     return Classifier(body, head)
 
 

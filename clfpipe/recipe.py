@@ -19,7 +19,6 @@ import tomli_w
 from clfpipe.errors import RecipeError
 from clfpipe.preprocess import PreprocessSpec
 
-ARCHS = ("resnet34", "resnext50_32x4d")
 TRAINABLE = ("head", "all")
 SCHEDULES = ("constant", "cosine", "sgdr", "onecycle")
 SUGGESTIONS = ("valley", "steep", "minimum")
@@ -47,7 +46,9 @@ class ModelConfig:
     dropout: tuple[float, float] = (0.25, 0.5)
 
     def __post_init__(self) -> None:
-        _check_choice("model.arch", self.arch, ARCHS)
+        from clfpipe.models import splittable_archs  # torchvision's registry, read when a recipe is built
+
+        _check_choice("model.arch", self.arch, splittable_archs())
         if len(self.dropout) != 2:
             raise RecipeError(f"model.dropout: expected 2 values, got {list(self.dropout)}")
 
@@ -81,7 +82,7 @@ class StageConfig:
     cycle_mult: int = 1  # sgdr: each cycle is cycle_mult times longer than the last
     size: int = 64
     augment: str = "side_on"
-    optimizer: str = "adamw"
+    optimizer: str = "sgd"  # fastai 0.7: SGD with momentum 0.9; "adamw" as an option
     weight_decay: float = 1e-4
     momentum: float = 0.9
     precompute: bool = False  # train the head on cached activations of the frozen body
@@ -160,6 +161,9 @@ class ServeConfig:
     precision: str = "fp32"  # which exported variant the backbone serves: fp32, fp16, int8, int8-trt
     top_k: int = 3  # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}
     warmup: bool = True  # model_warmup on every step: the first real request is as fast as the rest
+    # pil: pixels identical to training evaluation's; nvjpeg: batched GPU decode where CUDA and
+    # torch are in the server's environment (a few levels of pixel difference from Pillow)
+    decode: str = "pil"
     # container target (NVIDIA's Triton image): GPU instances, and TensorRT inside the ORT backend
     container_image: str = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as the embedded binary
     container_gpu_instances: int = 1
@@ -169,6 +173,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _check_positive("serve.max_batch_size", self.max_batch_size)
         _check_choice("serve.precision", self.precision, ("fp32", "fp16", "int8", "int8-trt"))
+        _check_choice("serve.decode", self.decode, ("pil", "nvjpeg"))
         _check_choice("serve.container_trt_precision", self.container_trt_precision, ("FP32", "FP16"))
 
 

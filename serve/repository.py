@@ -89,6 +89,7 @@ def preprocess_config(manifest: Manifest) -> mc.ModelConfig:
                    [_tensor("IMAGE", mc.TYPE_STRING, [1])], [_tensor("PIXELS", mc.TYPE_UINT8, _pixels_dims(manifest))])
     config.backend = "python"
     config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
+    config.parameters["decode"].string_value = serve.decode
     if serve.warmup:
         _warmup(config, {"IMAGE": (mc.TYPE_STRING, [1], WARMUP_IMAGE)}, [1, serve.max_batch_size])
     return config

@@ -114,12 +114,17 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-def server_args(install: TritonInstall, repo: Path, backends: Path, host: str, ports: Ports) -> list[str]:
-    return [
+CONTROL_MODES = ("none", "explicit", "poll")
+
+
+def server_args(install: TritonInstall, repo: Path, backends: Path, host: str, ports: Ports,
+                model_control: str = "none") -> list[str]:
+    args = [
         str(install.binary),
         f"--model-repository={repo}",
         f"--backend-directory={backends}",
-        "--model-control-mode=none",
+        # none: what the repository holds is what runs; no remote load/unload unless asked
+        f"--model-control-mode={model_control}",
         "--disable-auto-complete-config",
         f"--http-address={host}", f"--http-port={ports.http}",
         f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
@@ -132,6 +137,9 @@ def server_args(install: TritonInstall, repo: Path, backends: Path, host: str, p
         "--backend-config=python,shm-default-byte-size=16777216",
         "--backend-config=python,shm-growth-byte-size=16777216",
     ]
+    if model_control == "explicit":
+        args.append("--load-model=*")  # start with every model, as "none" does
+    return args
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -186,8 +194,10 @@ def read_info(state_dir: Path | None = None) -> ServerInfo | None:
 
 
 def start_server(repo: Path, state_dir: Path | None = None, host: str = "127.0.0.1", ports: Ports = Ports(),
-                 timeout: float = 180.0) -> ServerInfo:
+                 timeout: float = 180.0, model_control: str = "none") -> ServerInfo:
     """Start tritonserver on REPO and return once it reports ready."""
+    if model_control not in CONTROL_MODES:
+        raise ServeError(f"--model-control: expected one of {', '.join(CONTROL_MODES)}, got {model_control!r}")
     state_dir = state_dir or default_state_dir()
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
@@ -203,7 +213,7 @@ def start_server(repo: Path, state_dir: Path | None = None, host: str = "127.0.0
     backends = prepare_backends(install, state_dir)
     log = state_dir / LOG_FILE
     with open(log, "wb") as out:
-        proc = subprocess.Popen(server_args(install, repo, backends, host, ports), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(server_args(install, repo, backends, host, ports, model_control), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=server_env(install), start_new_session=True)
     info = ServerInfo(proc.pid, host, ports, str(repo), str(log), time.time())
     (state_dir / PID_FILE).write_text(info.to_json())

@@ -27,3 +27,16 @@ def test_frozen_body_keeps_batchnorm_in_eval():
     set_trainable(model, "all")
     train_mode(model)
     assert all(m.training for m in body_bn)
+
+
+def test_any_resnet_family_classifier_splits():
+    from clfpipe.errors import RecipeError
+    from clfpipe.models import splittable_archs
+
+    assert {"resnet18", "resnet34", "resnext50_32x4d", "wide_resnet50_2"} <= set(splittable_archs())
+    model = build_model(ModelConfig(arch="resnet18"), 4)
+    assert model.head[2].num_features == 1024 and len(model.layer_groups()) == 3
+    import pytest
+
+    with pytest.raises(RecipeError, match="expected one of"):
+        ModelConfig(arch="vit_b_16")

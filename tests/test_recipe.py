@@ -47,7 +47,7 @@ def test_overrides_parse_toml_values_and_bare_words():
 def test_wrong_types_and_choices_say_what_was_expected():
     with pytest.raises(RecipeError, match="expected int, got 'two'"):
         load_recipe(None, ["stages.0.epochs=two"])
-    with pytest.raises(RecipeError, match="expected one of resnet34, resnext50_32x4d, got 'vgg'"):
+    with pytest.raises(RecipeError, match=r"expected one of .*resnet34.*resnext50_32x4d.*, got 'vgg'"):
         load_recipe(None, ["model.arch=vgg"])
     with pytest.raises(RecipeError, match="expected one positive value or 3"):
         load_recipe(None, ["stages.0.lr=[1e-3, 1e-2]"])

@@ -9,7 +9,8 @@ from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.preprocess import PreprocessSpec, load_image, normalize, resize_crop
 from clfpipe.recipe import load_recipe
 from train.loop import train_run
-from train.tensor_data import augment_batch, decode_batch, encoded_loader
+from clfpipe.gpu_decode import decode_batch
+from train.tensor_data import augment_batch, encoded_loader
 
 
 @pytest.fixture
@@ -53,3 +54,18 @@ def test_training_with_on_device_decode_and_workers(data, tmp_path):
                                 "stages.0.size=32", "evaluate.tta=[]", "evaluate.report=false"])
     manifest = train_run(data, tmp_path / "run", recipe, log=lambda _: None)
     assert manifest.stage("train")["epochs"] == 1
+
+
+def test_device_preprocessor_batches_and_blames_the_bad_request(data):
+    """The server's nvJPEG path, run here on the CPU device."""
+    from clfpipe.gpu_decode import DevicePreprocessor
+
+    files = scan_split(data, "valid").files
+    spec = PreprocessSpec(40, 32)
+    good = [np.array([[f.read_bytes()]], dtype=object) for f in files[:3]]
+    results = DevicePreprocessor(spec, "cpu").batch([good[0], np.array([[b"junk"]], dtype=object), good[1], good[2]])
+    assert isinstance(results[1], ValueError) and "not a decodable image" in str(results[1])
+    pil = np.stack([resize_crop(load_image(f), spec) for f in files[:3]])
+    got = np.concatenate([results[0], results[2], results[3]])
+    assert got.shape == (3, 32, 32, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - pil).mean() < 6  # another decoder and resampler: close, not identical

@@ -39,7 +39,8 @@ from train.lr_find import LrFindResult, lr_find, plot_lr_find
 from train.precompute import FeatureCache, cached_features, default_cache_dir
 from train.report import write_report
 from train.schedule import multiplier, schedule_values, sgdr_cycles
-from train.tensor_data import augment_batch, decode_batch, encoded_loader
+from clfpipe.gpu_decode import decode_batch
+from train.tensor_data import augment_batch, encoded_loader
 
 TRAIN_VERSIONS = ("torch", "torchvision", "numpy", "pillow")
 METRIC_FIELDS = ("stage", "epoch", "lr", "train_loss", "valid_loss", "metric", "seconds")

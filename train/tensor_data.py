@@ -16,14 +16,9 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from clfpipe.dataset import Split
-from clfpipe.errors import DataError
 from clfpipe.preprocess import PreprocessSpec
-
-_JPEG_MAGIC = b"\xff\xd8"
-
 
 class EncodedDataset(Dataset):
     """(encoded bytes as a uint8 tensor, label): the loader workers only read files."""
@@ -49,24 +44,6 @@ def encoded_loader(split: Split, batch_size: int, num_workers: int, seed: int) -
     return DataLoader(EncodedDataset(split), batch_size=batch_size, shuffle=True, num_workers=num_workers,
                       collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
                       drop_last=len(split) > batch_size, pin_memory=torch.cuda.is_available())
-
-
-def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEGs in one batched call on the device (nvJPEG on CUDA); other formats one by one."""
-    is_jpeg = [bytes(e[:2].tolist()) == _JPEG_MAGIC for e in encoded]
-    images: list[torch.Tensor | None] = [None] * len(encoded)
-    jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
-    try:
-        if jpeg_idx:
-            decoded = decode_jpeg([encoded[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
-            for i, img in zip(jpeg_idx, decoded):
-                images[i] = img
-        for i, j in enumerate(is_jpeg):
-            if not j:
-                images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
-    except RuntimeError as exc:
-        raise DataError(f"corrupt image in a training batch: {exc}") from exc
-    return images  # type: ignore[return-value]
 
 
 def _random_zoom_crop(img: torch.Tensor, spec: PreprocessSpec, max_zoom: float, gen: torch.Generator) -> torch.Tensor:
