@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 
 from clfpipe.agreement import Agreement, compare
 from clfpipe.dataset import scan_data, scan_split

@@ -110,8 +110,7 @@ def preprocess_pixels_config(manifest: Manifest) -> mc.ModelConfig:
 
 def labels_config(manifest: Manifest) -> mc.ModelConfig:
     """Container target: PROBS -> LABELS as a python step after the ORT backbone."""
-    serve = manifest.recipe.serve
-    config = _base("labels", manifest, mc.ModelInstanceGroup.KIND_CPU, 1,
+    config = _base("labels", manifest, mc.ModelInstanceGroup.KIND_CPU, manifest.recipe.serve.preprocess_instances,
                    [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)])], [_tensor("LABELS", mc.TYPE_STRING, [-1])])
     config.backend = "python"
     _label_parameters(config, manifest)

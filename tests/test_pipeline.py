@@ -22,7 +22,7 @@ from clfpipe.recipe import ModelConfig
 from clfpipe.pipeline import served_agreement
 from export.onnx_export import check_agreement, export_onnx, write_onnx
 from serve.client import Classifier
-from serve.server import Ports, _group_alive, server_status, start_server, stop_server
+from serve.server import Ports, _group_alive, server_status, start_server
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,3 @@
-import numpy as np
-import pytest
 import torch
 
 from clfpipe.tta import DETERMINISTIC_VIEWS, View, average_probs
