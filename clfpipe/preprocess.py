@@ -134,11 +134,6 @@ def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     return normalize(resize_crop(load_image(path), spec), spec)
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
-    """Encoded bytes to the model's float32 CHW input (what Triton's preprocess model does)."""
-    return normalize(resize_crop(decode_image(data), spec), spec)
-
-
 def decode_to_pixels(images: Any, spec: PreprocessSpec) -> np.ndarray:
     """A batch of encoded images ((batch,) or (batch, 1) of bytes) -> uint8 (batch, crop, crop, 3).
 

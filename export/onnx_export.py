@@ -84,16 +84,6 @@ def check_variant(path: Path, model: Classifier, manifest: Manifest, variant: Va
                 manifest.recipe.multi_label, export.rtol, export.atol)
 
 
-def check_agreement(model: Classifier, onnx_path: Path, manifest: Manifest, files: list[Path]):
-    """Plain fp32 PyTorch vs ONNX Runtime logits on image files (the skeleton's gate)."""
-    from clfpipe.agreement import compare
-    from clfpipe.inference import files_to_batch
-
-    batch = files_to_batch(files, manifest.preprocess)
-    export = manifest.recipe.export
-    return compare(torch_logits(model, batch), ort_logits(make_session(onnx_path), batch), export.rtol, export.atol)
-
-
 def _convert_precision(fp32_path: Path, out: Path, variant: Variant, manifest: Manifest, split_train: Split,
                        calibration: int, metadata: dict[str, str]) -> dict:
     """fp16 conversion or int8 static quantization of an fp32 graph; returns what to record."""

@@ -20,7 +20,8 @@ from clfpipe.manifest import RunDir
 from clfpipe.models import build_model
 from clfpipe.recipe import ModelConfig
 from clfpipe.pipeline import served_agreement
-from export.onnx_export import check_agreement, export_onnx, write_onnx
+from export.onnx_export import check_variant, export_onnx, write_onnx
+from export.variants import Variant
 from serve.client import Classifier
 from serve.server import Ports, _group_alive, server_status, start_server
 from tests.conftest import free_port
@@ -106,7 +107,7 @@ def test_gate_rejects_a_perturbed_model(trained_run, tmp_path):
         perturbed.head[8].bias[0] += 0.05  # one weight of the last layer
     path = tmp_path / "perturbed.onnx"
     write_onnx(perturbed, path, torch.zeros(2, 3, 64, 64), 20, {})
-    result = check_agreement(model, path, manifest, list(_valid(trained_run).files))
+    result = check_variant(path, model, manifest, Variant(), _valid(trained_run))
     assert not result.passed and result.max_abs_diff == pytest.approx(0.05, rel=1e-3)
 
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from clfpipe.preprocess import PreprocessSpec, decode_image, normalize, preprocess_bytes, resize_crop
+from clfpipe.preprocess import PreprocessSpec, decode_image, normalize, preprocess_file, resize_crop
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -42,10 +42,12 @@ def test_normalize_matches_torchvision():
     (np.full((20, 30, 4), 200, np.uint8), None),  # RGBA
     (np.full((20, 30), 65535, np.uint16), None),  # 16-bit grayscale PNG
 ])
-def test_any_mode_decodes_to_rgb(array, mode):
+def test_any_mode_decodes_to_rgb(array, mode, tmp_path):
     img = decode_image(_png(array, mode))
     assert img.mode == "RGB" and img.size == (30, 20)
-    assert preprocess_bytes(_png(array, mode), PreprocessSpec(16, 16)).shape == (3, 16, 16)
+    path = tmp_path / "x.png"
+    path.write_bytes(_png(array, mode))
+    assert preprocess_file(path, PreprocessSpec(16, 16)).shape == (3, 16, 16)
 
 
 def test_16_bit_white_stays_white():

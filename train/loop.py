@@ -15,7 +15,7 @@ import io
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -409,11 +409,6 @@ def finish_run(model: Classifier, ctx: Context, state: dict[str, Any], seconds: 
     (run_dir / STATE_FILE).unlink(missing_ok=True)  # optimizer state is large; model.pt is the artifact
     log(f"train: valid {metric_name(recipe)} {result.scores['plain']:.4f} after {len(state['rows'])} epochs ({seconds:.1f}s) -> {run_dir}")
     return manifest
-
-
-def with_stage_override(recipe: Recipe, **changes: Any) -> Recipe:
-    """A copy of the recipe with every stage changed (used by tests and benchmarks)."""
-    return replace(recipe, stages=tuple(replace(s, **changes) for s in recipe.stages))
 
 
 def lr_find_for_run(run_dir: Path, stage_index: int, log: Log = print) -> LrFindResult:
