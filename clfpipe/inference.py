@@ -11,7 +11,7 @@ import torch
 
 from clfpipe.manifest import Manifest, RunDir
 from clfpipe.models import Classifier, build_model, load_checkpoint
-from clfpipe.preprocess import PreprocessSpec, preprocess_file
+from clfpipe.preprocess import PreprocessSpec, load_pixels, normalize
 
 CHECKPOINT = "checkpoint"
 
@@ -26,7 +26,7 @@ def load_run_model(run: RunDir, manifest: Manifest) -> Classifier:
 
 
 def files_to_batch(files: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
-    return np.stack([preprocess_file(f, spec) for f in files])
+    return normalize(load_pixels(files, spec), spec)
 
 
 @torch.inference_mode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import time
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from clfpipe.errors import ServeError
 from clfpipe.inference import files_to_batch, load_run_model, probabilities, torch_logits
 from clfpipe.manifest import RunDir
 from clfpipe.recipe import Recipe
-from export.onnx_export import export_onnx
+from export.onnx_export import export_variants
 from export.variants import Variant
 from serve.client import Classifier
 from serve.repository import build_repository
@@ -53,10 +52,11 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print
     with timer.stage("train"):
         train_run(data_dir, run_dir, recipe, log)
     precision = recipe.serve.precision
+    # the plain fp32 graph (the reference export), then what the server runs: uint8 pixels in,
+    # without and with TTA
+    variants = [Variant(), Variant(precision, fold_preprocess=True), Variant(precision, fold_preprocess=True, fold_tta=True)]
     with timer.stage("export"):
-        export_onnx(run_dir, data_dir, log)  # the plain fp32 graph: the reference export
-        for tta in (False, True):  # what the server runs: uint8 pixels in, with and without TTA
-            export_onnx(run_dir, data_dir, log, Variant(precision, fold_preprocess=True, fold_tta=tta))
+        export_variants(run_dir, variants, data_dir, log)
     with timer.stage("repo"):
         return build_repository(run_dir, log=log)
 
@@ -64,37 +64,34 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print
 def init_run(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print) -> Path:
     """A run with the recipe's model at its initial (seeded or pretrained) weights and no training:
     for benchmarks and for serving checks that need the real size but not a trained model."""
-    import torch
-
-    from clfpipe.inference import CHECKPOINT
-    from clfpipe.manifest import atomic_write_bytes, library_versions, new_manifest
     from clfpipe.models import build_model
-    from train.loop import TRAIN_VERSIONS, prepare_run, seed_everything
+    from train.loop import commit_checkpoint, prepare_run, seed_everything
 
     train = scan_data(data_dir, "train", recipe.data.labels_csv)
     prepare_run(data_dir, run_dir, recipe)
     seed_everything(recipe.seed)
-    model = build_model(recipe.model, len(train.classes)).eval()
-    checkpoint = run_dir / "model.pt"
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write_bytes(checkpoint, buf.getvalue())
-    manifest = new_manifest(recipe, list(train.classes), data_dir)
-    manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, "train", library_versions(TRAIN_VERSIONS))
-    RunDir(run_dir).write(manifest.with_stage("train", {"epochs": 0, "note": "initial weights, not trained"}))
+    model = build_model(recipe.model, len(train.classes))
+    commit_checkpoint(model, run_dir, recipe, list(train.classes), data_dir, {"epochs": 0, "note": "initial weights, not trained"})
     log(f"init: {recipe.model.arch} at its initial weights -> {run_dir}")
     return run_dir
 
 
-def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
-    """Triton's probabilities vs PyTorch's on the same files, at the export tolerance."""
+def _served_vs(run_dir: Path, client: Classifier, files: list[Path], reference: Callable) -> Agreement:
+    """Triton's probabilities for the files against reference(model, manifest), at the export tolerance."""
     run = RunDir(run_dir)
     manifest = run.read()
-    logits = torch_logits(load_run_model(run, manifest), files_to_batch(files, manifest.preprocess))
-    reference = probabilities(logits, manifest.recipe.multi_label)
+    expected = reference(load_run_model(run, manifest), manifest)
     served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
-    tolerance = manifest.recipe.export
-    return compare(reference, served, tolerance.rtol, tolerance.atol)
+    return compare(expected, served, manifest.recipe.export.rtol, manifest.recipe.export.atol)
+
+
+def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
+    """Triton's probabilities vs PyTorch's on the same files."""
+    def reference(model, manifest):
+        logits = torch_logits(model, files_to_batch(files, manifest.preprocess))
+        return probabilities(logits, manifest.recipe.multi_label)
+
+    return _served_vs(run_dir, client, files, reference)
 
 
 def served_tta_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
@@ -104,12 +101,11 @@ def served_tta_agreement(run_dir: Path, client: Classifier, files: list[Path]) -
     from clfpipe.dataset import Split
     from train.evaluate import deterministic_tta
 
-    run = RunDir(run_dir)
-    manifest = run.read()
-    split = Split(tuple(files), tuple(0 for _ in files), tuple(manifest.classes))
-    reference = deterministic_tta(load_run_model(run, manifest), split, manifest.preprocess, 32, torch.device("cpu"))
-    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
-    return compare(reference, served, manifest.recipe.export.rtol, manifest.recipe.export.atol)
+    def reference(model, manifest):
+        split = Split(tuple(files), tuple(0 for _ in files), tuple(manifest.classes))
+        return deterministic_tta(model, split, manifest.preprocess, 32, torch.device("cpu"))
+
+    return _served_vs(run_dir, client, files, reference)
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -122,6 +122,11 @@ def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def load_pixels(files: Sequence[str | Path], spec: PreprocessSpec) -> np.ndarray:
+    """Files -> uint8 (N, crop, crop, 3): the spec's resize and crop, before normalisation."""
+    return np.stack([resize_crop(load_image(f), spec) for f in files])
+
+
 def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC or NHWC -> float32 CHW or NCHW, scaled to [0, 1] and standardised."""
     x = pixels.astype(np.float32) / np.float32(255.0)
@@ -130,8 +135,8 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess_file(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
-    """A file to the model's float32 CHW input."""
-    return normalize(resize_crop(load_image(path), spec), spec)
+    """One file to the model's float32 CHW input."""
+    return normalize(load_pixels([path], spec), spec)[0]
 
 
 def decode_to_pixels(images: Any, spec: PreprocessSpec) -> np.ndarray:
@@ -150,6 +155,11 @@ def decode_to_pixels(images: Any, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
+def spec_from_parameters(parameters: Mapping[str, Any]) -> PreprocessSpec:
+    """The spec from a Triton config's parameters ({key: {"string_value": ...}})."""
+    return PreprocessSpec.from_dict(json.loads(parameters["preprocess"]["string_value"]))
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """The Triton preprocessing step; depends on numpy and Pillow only, so the container
@@ -160,8 +170,7 @@ class Preprocessor:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> "Preprocessor":
-        """Triton passes config parameters as {key: {"string_value": ...}}."""
-        return cls(PreprocessSpec.from_dict(json.loads(parameters["preprocess"]["string_value"])))
+        return cls(spec_from_parameters(parameters))
 
     def __call__(self, images: Any) -> np.ndarray:
         return decode_to_pixels(images, self.spec)
@@ -191,7 +200,7 @@ class PixelsPreprocessor:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> "PixelsPreprocessor":
-        return cls(PreprocessSpec.from_dict(json.loads(parameters["preprocess"]["string_value"])))
+        return cls(spec_from_parameters(parameters))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(batch, H, W, 3) uint8 -> (batch, crop, crop, 3) uint8."""

@@ -13,7 +13,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ from clfpipe.inference import load_run_model, torch_logits
 from clfpipe.manifest import Manifest, RunDir, library_versions
 from clfpipe.models import Classifier
 from clfpipe.ort import INPUT_NAME, make_session, ort_logits
-from clfpipe.preprocess import load_image, resize_crop
+from clfpipe.preprocess import load_pixels
 from export.gates import GateResult, gate
 from export.variants import Folded, Variant, example_input, variant_inputs
 
@@ -62,26 +62,26 @@ def validation_split(manifest: Manifest, data_dir: Path | None) -> Split:
         raise ExportError(f"cannot read the validation images for the agreement gate: {exc} (pass --data)") from exc
 
 
-def pixels_of(files: list[Path], manifest: Manifest) -> np.ndarray:
-    """uint8 NHWC: the spec's resize and crop, before normalisation."""
-    spec = manifest.preprocess
-    return np.stack([resize_crop(load_image(f), spec) for f in files])
-
-
 def reference_outputs(model: Classifier, manifest: Manifest, variant: Variant, pixels: np.ndarray) -> np.ndarray:
     """PyTorch fp32 through the same folded wrapper: what every runtime is judged against."""
     folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label)
     return torch_logits(folded, variant_inputs(pixels, manifest.preprocess, variant))
 
 
+def judge(variant: Variant, manifest: Manifest, reference: np.ndarray, test: np.ndarray, labels: np.ndarray) -> GateResult:
+    """The variant's gate, at the recipe's tolerances."""
+    export = manifest.recipe.export
+    return gate(variant.precision, reference, test.astype(np.float32), labels, variant.fold_tta,
+                manifest.recipe.multi_label, export.rtol, export.atol)
+
+
 def check_variant(path: Path, model: Classifier, manifest: Manifest, variant: Variant, split: Split,
-                  providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> GateResult:
-    pixels = pixels_of(list(split.files), manifest)
+                  providers: tuple[str, ...] = ("CPUExecutionProvider",), pixels: np.ndarray | None = None) -> GateResult:
+    """ONNX Runtime on `path` against PyTorch fp32 on the split (pixels: the split's, if already loaded)."""
+    pixels = load_pixels(split.files, manifest.preprocess) if pixels is None else pixels
     reference = reference_outputs(model, manifest, variant, pixels)
     test = ort_logits(make_session(path, providers=providers), variant_inputs(pixels, manifest.preprocess, variant))
-    export = manifest.recipe.export
-    return gate(variant.precision, reference, test.astype(np.float32), np.asarray(split.labels), variant.fold_tta,
-                manifest.recipe.multi_label, export.rtol, export.atol)
+    return judge(variant, manifest, reference, test, np.asarray(split.labels))
 
 
 def _convert_precision(fp32_path: Path, out: Path, variant: Variant, manifest: Manifest, split_train: Split,
@@ -99,7 +99,7 @@ def _convert_precision(fp32_path: Path, out: Path, variant: Variant, manifest: M
     from export.quantize import quantize_int8
 
     files = calibration_files(split_train, calibration, manifest.recipe.seed)
-    quantize_int8(fp32_path, out, variant_inputs(pixels_of(files, manifest), manifest.preprocess, variant),
+    quantize_int8(fp32_path, out, variant_inputs(load_pixels(files, manifest.preprocess), manifest.preprocess, variant),
                   symmetric_activations=variant.precision == "int8-trt", method=manifest.recipe.export.calibration_method)
     proto = onnx.load(str(out))
     set_metadata(proto, metadata)
@@ -137,10 +137,27 @@ def _files_digest(files: list[Path]) -> str:
 def export_onnx(run_dir: Path, data_dir: Path | None = None, log: Callable[[str], None] = print,
                 variant: Variant = Variant(), calibration: int | None = None) -> Manifest:
     """Export one variant of the run's checkpoint, gate it, then record it in the manifest."""
+    return export_variants(run_dir, [variant], data_dir, log, calibration)
+
+
+def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path | None = None,
+                    log: Callable[[str], None] = print, calibration: int | None = None) -> Manifest:
+    """Export several variants; the model, the validation images and their pixels load once.
+    Each variant enters the manifest as soon as it passes; a failure keeps those before it."""
     run = RunDir(run_dir)
     manifest = run.read()
     model = load_run_model(run, manifest)
     split = validation_split(manifest, data_dir)
+    pixels = load_pixels(split.files, manifest.preprocess)
+    root = Path(data_dir or manifest.data["data_dir"])
+    for variant in variants:
+        manifest = _export_one(run, manifest, model, split, pixels, root, variant, calibration, log)
+    return manifest
+
+
+def _export_one(run: RunDir, manifest: Manifest, model: Classifier, split: Split, pixels: np.ndarray, data_root: Path,
+                variant: Variant, calibration: int | None, log: Callable[[str], None]) -> Manifest:
+    run_dir = run.path
     spec, recipe = manifest.preprocess, manifest.recipe
     final = run_dir / variant.file_name
     staging, fp32_staging = run_dir / f".{variant.file_name}.partial", run_dir / f".{variant.file_name}.fp32.partial"
@@ -153,11 +170,10 @@ def export_onnx(run_dir: Path, data_dir: Path | None = None, log: Callable[[str]
         write_onnx(folded, fp32_path, example_input(variant, spec.crop), recipe.export.opset, metadata, variant.output_name)
         extra = {}
         if variant.precision != "fp32":
-            train_split = scan_data(Path(data_dir or manifest.data["data_dir"]), "train", recipe.data.labels_csv,
-                                    tuple(manifest.classes), verify=False)
+            train_split = scan_data(data_root, "train", recipe.data.labels_csv, tuple(manifest.classes), verify=False)
             count = calibration or recipe.export.calibration_images
             extra = _convert_precision(fp32_path, staging, variant, manifest, train_split, count, metadata)
-        result = check_variant(staging, model, manifest, variant, split)
+        result = check_variant(staging, model, manifest, variant, split, pixels=pixels)
         if not result.passed:
             raise ExportError(f"{variant.name} fails its gate against PyTorch: {result.summary()}")
         staging.replace(final)
@@ -172,14 +188,13 @@ def export_onnx(run_dir: Path, data_dir: Path | None = None, log: Callable[[str]
         inputs={INPUT_NAME: {"shape": input_shape, "dtype": "uint8" if variant.fold_preprocess else "float32"}},
         outputs={variant.output_name: ["batch", len(manifest.classes)]}, gate=result.to_dict(), **extra,
     )
-    exports = dict(manifest.data["stages"].get("export", {}).get("variants", {}))
-    exports[variant.name] = {"gate": result.to_dict(), "seconds": round(seconds, 2)}
-    figures = {"variants": exports}
-    if variant.name == ONNX_ARTIFACT:  # the skeleton's figures, read by the demo
-        figures["agreement"] = {**result.to_dict(), "tolerance": result.tolerance}
-    else:
-        figures["agreement"] = manifest.data["stages"].get("export", {}).get("agreement")
-    manifest = manifest.with_stage("export", {k: v for k, v in figures.items() if v is not None})
+    previous = manifest.data["stages"].get("export", {})
+    figures = {"variants": {**previous.get("variants", {}), variant.name: {"gate": result.to_dict(), "seconds": round(seconds, 2)}}}
+    # the plain graph's gate is the skeleton's "agreement", read by the demo
+    agreement = result.to_dict() if variant.name == ONNX_ARTIFACT else previous.get("agreement")
+    if agreement is not None:
+        figures["agreement"] = agreement
+    manifest = manifest.with_stage("export", figures)
     run.write(manifest)
     log(f"export: {final} ({final.stat().st_size / 1e6:.1f} MB, {variant.name}, opset {recipe.export.opset}) in {seconds:.1f}s")
     log(f"export: PyTorch vs ONNX Runtime ({variant.name}) on {result.summary()}")

@@ -20,8 +20,9 @@ from clfpipe.errors import ExportError
 from clfpipe.inference import load_run_model
 from clfpipe.manifest import Manifest, RunDir, atomic_write_bytes
 from clfpipe.ort import make_session, ort_logits
-from export.gates import GateResult, gate
-from export.onnx_export import pixels_of, reference_outputs, validation_split
+from clfpipe.preprocess import load_pixels
+from export.gates import GateResult
+from export.onnx_export import judge, reference_outputs, validation_split
 from export.tensorrt import load_engine, run_engine, trt_status
 from export.variants import Variant, variant_inputs
 
@@ -54,8 +55,7 @@ def verify_run(run_dir: Path, images: Path | None = None, log: Callable[[str], N
     manifest = run.read()
     model = load_run_model(run, manifest)
     split = images_split(manifest, images)
-    pixels, labels = pixels_of(list(split.files), manifest), np.asarray(split.labels)
-    export = manifest.recipe.export
+    pixels, labels = load_pixels(split.files, manifest.preprocess), np.asarray(split.labels)
     rows: list[Row] = []
     trt_ok, trt_why = trt_status()
     for name, entry in sorted(manifest.data["artifacts"].items()):
@@ -74,9 +74,7 @@ def verify_run(run_dir: Path, images: Path | None = None, log: Callable[[str], N
                 continue
             outputs = [("tensorrt", run_engine(load_engine(run_dir, manifest, name), inputs, entry["profile"]["max"]))]
         for runtime, out in outputs:
-            result = gate(variant.precision, reference, out.astype(np.float32), labels, variant.fold_tta,
-                          manifest.recipe.multi_label, export.rtol, export.atol)
-            rows.append(Row(name, runtime, result))
+            rows.append(Row(name, runtime, judge(variant, manifest, reference, out, labels)))
     if not rows:
         raise ExportError(f"{run_dir} has no exported variants: run 'clfpipe export onnx --run {run_dir}' first")
     passed = all(r.result.passed for r in rows)

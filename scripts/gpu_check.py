@@ -18,8 +18,8 @@ from clfpipe.manifest import RunDir
 from clfpipe.demo_data import write_demo_dataset
 from clfpipe.ort import make_session, ort_logits
 from clfpipe.recipe import load_recipe
-from export.gates import gate
-from export.onnx_export import export_onnx, pixels_of, validation_split
+from clfpipe.preprocess import load_pixels
+from export.onnx_export import export_onnx, judge, validation_split
 from export.tensorrt import build_engine, trt_status
 from export.variants import Folded, Variant, variant_inputs
 from train.loop import train_run
@@ -39,7 +39,7 @@ def main() -> int:
         run = RunDir(run_dir)
         model = load_run_model(run, manifest).cuda()
         split = validation_split(manifest, None)
-        pixels = pixels_of(list(split.files), manifest)
+        pixels = load_pixels(split.files, manifest.preprocess)
         for variant in VARIANTS:
             manifest = export_onnx(run_dir, variant=variant, log=lambda _: None)
             inputs = variant_inputs(pixels, manifest.preprocess, variant)
@@ -47,8 +47,7 @@ def main() -> int:
                 folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label).cuda()
                 reference = folded(torch.from_numpy(inputs).cuda()).float().cpu().numpy()
             test = ort_logits(make_session(run_dir / variant.file_name), inputs)
-            result = gate(variant.precision, reference, test, np.asarray(split.labels), variant.fold_tta, False,
-                          manifest.recipe.export.rtol, manifest.recipe.export.atol)
+            result = judge(variant, manifest, reference, test, np.asarray(split.labels))
             ok &= result.passed
             print(json.dumps({"check": "cuda_torch_vs_ort", "variant": variant.name, **result.to_dict()}))
         available, why = trt_status()

@@ -48,6 +48,14 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def describe(config: dict[str, Any], model: str, url: str) -> tuple[list[str], int]:
+    """(class names in order, max batch size) from a clfpipe model's config."""
+    params = config.get("parameters", {})
+    if "classes" not in params:
+        raise ServeError(f"model {model!r} on {url} has no 'classes' parameter: expected a clfpipe repository")
+    return json.loads(params["classes"]["string_value"]), max(1, int(config.get("max_batch_size", 1)))
+
+
 def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k: int) -> Prediction:
     order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
     best = int(order[0])
@@ -91,11 +99,7 @@ class Classifier:
             raise self._error(exc) from exc
         except (ConnectionError, OSError) as exc:
             raise ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}") from exc
-        params = config.get("parameters", {})
-        if "classes" not in params:
-            raise ServeError(f"model {model!r} on {url} has no 'classes' parameter: expected a clfpipe repository")
-        self.classes: list[str] = json.loads(params["classes"]["string_value"])
-        self.max_batch_size = max(1, int(config.get("max_batch_size", 1)))
+        self.classes, self.max_batch_size = describe(config, model, url)
 
     def _model_config(self) -> dict[str, Any]:
         if self.protocol == "http":
@@ -216,8 +220,7 @@ class AsyncClassifier:
         except (ConnectionError, OSError) as exc:
             raise ServeError(f"cannot reach Triton at {self.url} over {self.protocol}: {exc}") from exc
         config = config["config"] if self.protocol == "grpc" else config
-        self.classes = json.loads(config["parameters"]["classes"]["string_value"])
-        self.max_batch_size = max(1, int(config.get("max_batch_size", 1)))
+        self.classes, self.max_batch_size = describe(config, self.model, self.url)
 
     async def _infer(self, images: Sequence[bytes]) -> np.ndarray:
         data = encoded_batch(images)

@@ -16,7 +16,8 @@ from clfpipe.inference import load_run_model
 from clfpipe.manifest import RunDir, sha256_file
 from clfpipe.ort import make_session, ort_logits
 from clfpipe.preprocess import normalize
-from export.onnx_export import calibration_files, export_onnx, pixels_of, validation_split
+from clfpipe.preprocess import load_pixels
+from export.onnx_export import calibration_files, export_onnx, validation_split
 from export.quantize import quantize_int8
 from export.tensorrt import check_engine_platform, trt_status
 from export.variants import Variant, variant_inputs
@@ -58,7 +59,7 @@ def test_each_variant_exports_checks_and_passes_its_gate(ladder_run, variant):
 def test_folded_preprocessing_equals_the_unfolded_model(trained_run):
     manifest = RunDir(trained_run).read()
     files = list(validation_split(manifest, None).files)
-    pixels = pixels_of(files, manifest)
+    pixels = load_pixels(files, manifest.preprocess)
     folded = ort_logits(make_session(trained_run / "model-pre.onnx"), pixels)
     unfolded = ort_logits(make_session(trained_run / "model.onnx"), normalize(pixels, manifest.preprocess))
     np.testing.assert_allclose(folded, unfolded, atol=1e-4 * np.abs(unfolded).max() + 1e-5)
@@ -69,7 +70,7 @@ def test_folded_tta_equals_the_training_side_deterministic_tta(trained_run):
     run = RunDir(trained_run)
     manifest = run.read()
     split = validation_split(manifest, None)
-    served = ort_logits(make_session(trained_run / "model-pre-tta.onnx"), pixels_of(list(split.files), manifest))
+    served = ort_logits(make_session(trained_run / "model-pre-tta.onnx"), load_pixels(split.files, manifest.preprocess))
     training = deterministic_tta(load_run_model(run, manifest), split, manifest.preprocess, 32, torch.device("cpu"))
     np.testing.assert_allclose(served, training, atol=1e-5)
     assert np.allclose(served.sum(1), 1.0, atol=1e-5)
@@ -82,7 +83,7 @@ def test_int8_calibration_is_deterministic(trained_run, tmp_path):
     train = scan_data(manifest.data["data_dir"], "train", classes=tuple(manifest.classes), verify=False)
     files = calibration_files(train, 16, seed=0)
     assert files == calibration_files(train, 16, seed=0) and files != calibration_files(train, 16, seed=1)
-    inputs = variant_inputs(pixels_of(files, manifest), manifest.preprocess, Variant("int8"))
+    inputs = variant_inputs(load_pixels(files, manifest.preprocess), manifest.preprocess, Variant("int8"))
     for name in ("a.onnx", "b.onnx"):
         quantize_int8(trained_run / "model.onnx", tmp_path / name, inputs, symmetric_activations=False)
     assert sha256_file(tmp_path / "a.onnx") == sha256_file(tmp_path / "b.onnx")

@@ -218,6 +218,18 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
+def commit_checkpoint(model: nn.Module, run_dir: Path, recipe: Recipe, classes: list[str], data_dir: Path,
+                      figures: dict[str, Any]) -> Manifest:
+    """Write model.pt, then the manifest naming it: the last step of the train stage."""
+    checkpoint = run_dir / "model.pt"
+    atomic_write_bytes(checkpoint, _state_dict_bytes(model))
+    manifest = new_manifest(recipe, classes, data_dir)
+    manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, "train", library_versions(TRAIN_VERSIONS))
+    manifest = manifest.with_stage("train", figures)
+    RunDir(run_dir).write(manifest)
+    return manifest
+
+
 def save_state(run_dir: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -383,16 +395,12 @@ def finish_run(model: Classifier, ctx: Context, state: dict[str, Any], seconds: 
                              ctx.valid.classes, recipe.evaluate.report_images)
         log(f"report: {index}")
     plot_schedule(recipe, steps, stage_lrs, run_dir / "schedule.png")
-    checkpoint = run_dir / "model.pt"
-    atomic_write_bytes(checkpoint, _state_dict_bytes(model))
     atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state["rows"], metric_name(recipe)))
-    manifest = new_manifest(recipe, list(ctx.train.classes), Path(state["data_dir"]))
-    manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, "train", library_versions(TRAIN_VERSIONS))
     last = state["rows"][-1]
     figures = {"valid_accuracy": result.scores["plain"], "accuracy": result.scores}
     if recipe.multi_label:
         figures = {"valid_f2": result.scores["plain"], "f2": result.scores, "threshold": result.threshold}
-    manifest = manifest.with_stage("train", {
+    manifest = commit_checkpoint(model, run_dir, recipe, list(ctx.train.classes), Path(state["data_dir"]), {
         **figures,
         "metric": metric_name(recipe),
         "valid_loss": last["valid_loss"],
@@ -405,7 +413,6 @@ def finish_run(model: Classifier, ctx: Context, state: dict[str, Any], seconds: 
         "sessions": state["sessions"],
         "lr_finds": [{k: v for k, v in f.items() if k in ("stage", "suggestions")} for f in state.get("lr_finds", [])],
     })
-    RunDir(run_dir).write(manifest)
     (run_dir / STATE_FILE).unlink(missing_ok=True)  # optimizer state is large; model.pt is the artifact
     log(f"train: valid {metric_name(recipe)} {result.scores['plain']:.4f} after {len(state['rows'])} epochs ({seconds:.1f}s) -> {run_dir}")
     return manifest
