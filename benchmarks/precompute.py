@@ -17,12 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
-from clfpipe.dataset import scan_split
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import write_demo_dataset
-from clfpipe.models import build_model, set_trainable
-from clfpipe.recipe import load_recipe
-from train.loop import Context, StageData, make_optimizer, param_groups, pick_device, train_mode
+from clfpipe.nn.models import build_model, set_trainable, train_mode
 
 
 def head_epoch_seconds(data: StageData, model, stage) -> float:
@@ -52,7 +52,7 @@ def main() -> None:
                                     "stages.0.optimizer=sgd", "stages.0.lr=1e-2", "data.batch_size=32",
                                     f"data.cache_dir={Path(tmp) / 'cache'}"])
         train, valid = scan_split(data_dir, "train"), scan_split(data_dir, "valid")
-        ctx = Context(recipe, train, valid, pick_device("auto"), Path(tmp), lambda _: None)
+        ctx = Context(recipe, train, valid, pick_device("auto"), Path(tmp))
         torch.manual_seed(0)
         model = build_model(recipe.model, len(train.classes)).to(ctx.device)
         cached = StageData(model, replace(recipe.stages[0], precompute=True), 0, ctx)  # builds the cache

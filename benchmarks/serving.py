@@ -32,21 +32,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from clfpipe.export.onnx_export import export_onnx
+from clfpipe.serve.bench import run_level
+from clfpipe.serve.client import Classifier
+from clfpipe.serve.repository import build_repository
+from clfpipe.serve.server import Ports, start_server, stop_server
+from clfpipe.train.loop import init_run
 
-from clfpipe.dataset import scan_split
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.engines import Variant
+from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.preprocess import decode_to_pixels, normalize
+from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.inference import load_run_model
-from clfpipe.manifest import RunDir
-from clfpipe.ort import make_session, ort_logits
-from clfpipe.pipeline import init_run
-from clfpipe.preprocess import decode_to_pixels, normalize
-from clfpipe.recipe import load_recipe
-from export.onnx_export import export_onnx
-from export.variants import Variant
-from serve.bench import run_level
-from serve.client import Classifier
-from serve.repository import build_repository
-from serve.server import Ports, start_server, stop_server
+from clfpipe.nn.reference import load_run_model
+from clfpipe.runtime.ort import make_session, run_graph
 
 
 def free_port() -> int:
@@ -59,9 +59,9 @@ def build_run(root: Path) -> Path:
     data = root / "data"
     write_demo_dataset(data, spec=DemoSpec(train_per_class=4, valid_per_class=16, image_size=320))
     recipe = load_recipe(None, ["stages.0.size=224", "serve.max_batch_size=32"])
-    run = init_run(data, root / "run", recipe, log=lambda _: None)
+    run = init_run(data, root / "run", recipe)
     for variant in (Variant(), Variant("fp32", True), Variant("fp32", True, True)):
-        export_onnx(run, variant=variant, log=lambda _: None)
+        export_onnx(run, variant=variant)
     return run
 
 
@@ -84,7 +84,7 @@ def throughput(fn, items, batch: int) -> float:
 
 def interleaved_p50(triton_fn, local_fn, items, rounds: int = 2) -> tuple[float, float]:
     """Median latency of both, alternating one call each on the same items: single timings on
-    this machine drift by tens of percent minutes apart (reference section 3)."""
+    this machine drift by tens of percent minutes apart."""
     remote, local = [], []
     for _ in range(rounds):
         for item in items:
@@ -107,29 +107,29 @@ def main() -> None:
         spec = manifest.preprocess
         files = list(scan_split(manifest.data["data_dir"], "valid", tuple(manifest.classes)).files)
         images = [f.read_bytes() for f in files]
-        repo = build_repository(run_dir, Path(tmp) / "repo", log=lambda _: None)
+        repo = build_repository(run_dir, Path(tmp) / "repo")
         state = Path(tmp) / "server"
         info = start_server(repo, state, ports=Ports(free_port(), free_port(), free_port()))
         spin = manifest.recipe.serve.ort_spin  # the server's session settings, for a like-for-like comparison
         plain = make_session(run_dir / Variant("fp32", True).file_name, spin=spin)
         tta = make_session(run_dir / Variant("fp32", True, True).file_name, spin=spin)
-        single = lambda data: ort_logits(plain, decode_to_pixels([data], spec))  # noqa: E731
-        batched = lambda chunk: ort_logits(plain, decode_to_pixels(chunk, spec))  # noqa: E731
-        batched_tta = lambda chunk: ort_logits(tta, decode_to_pixels(chunk, spec))  # noqa: E731
+        single = lambda data: run_graph(plain, decode_to_pixels([data], spec))  # noqa: E731
+        batched = lambda chunk: run_graph(plain, decode_to_pixels(chunk, spec))  # noqa: E731
+        batched_tta = lambda chunk: run_graph(tta, decode_to_pixels(chunk, spec))  # noqa: E731
         single(images[0]), batched_tta(images[:8])  # warm up
         try:
             url = info.http_url
             client = Classifier(url, "http")
             triton_c1_ms, ort_single_ms = interleaved_p50(lambda data: client.probabilities([data]), single, images)
-            c1 = run_level(url, "http", "classifier", images, 1, 1, args.requests, None)
+            c1 = run_level(url, "http", "classifier", images, concurrency=1, requests=args.requests)
             # TTA throughput: Triton at concurrency 8 and in-process batches of 8, alternated 3 times
             tta_rounds, ort_rounds = [], []
             for _ in range(3):
-                tta_rounds.append(run_level(url, "http", "classifier_tta", images, 8, 1, args.requests // 2, None))
+                tta_rounds.append(run_level(url, "http", "classifier_tta", images, concurrency=8, requests=args.requests // 2))
                 ort_rounds.append(throughput(batched_tta, images[: args.requests // 2], 8))
             tta8 = sorted(tta_rounds, key=lambda level: level.throughput)[1]
             ort_tta_b8 = float(np.median(ort_rounds))
-            c16 = run_level(url, "http", "classifier", images, 16, 1, args.requests * 2, None)
+            c16 = run_level(url, "http", "classifier", images, concurrency=16, requests=args.requests * 2)
         finally:
             stop_server(state)
         ort_b8 = throughput(batched, images, 8)

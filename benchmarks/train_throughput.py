@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
-from clfpipe.dataset import scan_split
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.models import build_model, set_trainable, train_mode
-from clfpipe.recipe import load_recipe
-from train.loop import Context, StageData, make_optimizer, param_groups, pick_device
+from clfpipe.nn.models import build_model, set_trainable, train_mode
 
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +68,7 @@ def main() -> None:
                                     f"data.num_workers={args.workers}", "data.decode=tensor", "stages.0.augment=side_on"])
         train, valid = scan_split(data_dir, "train", verify=False), scan_split(data_dir, "valid", verify=False)
         device = pick_device("auto")
-        ctx = Context(recipe, train, valid, device, Path(tmp), lambda _: None)
+        ctx = Context(recipe, train, valid, device, Path(tmp))
         model = build_model(recipe.model, len(train.classes)).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)

@@ -1,13 +1,19 @@
-"""The one CLI, ``clfpipe``: each subcommand parses its arguments and calls one library function."""
+"""The one CLI, ``clfpipe``: each subcommand parses its arguments and calls one library function.
+
+Library code logs through module loggers and raises ``ClfpipeError``; here the log level is set
+(``-v``/``-q``), results are printed, and errors become one line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from clfpipe.errors import ClfpipeError, RecipeError
+from clfpipe import __version__
+from clfpipe.contract.errors import ClfpipeError, RecipeError
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> None:
@@ -22,13 +28,13 @@ def _cmd_data_demo(args: argparse.Namespace) -> None:
 
 
 def _recipe(args: argparse.Namespace):
-    from clfpipe.recipe import load_recipe
+    from clfpipe.contract.recipe import load_recipe
 
     return load_recipe(args.recipe, args.set or [])
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from train.loop import train_run
+    from clfpipe.train.loop import train_run
 
     if args.resume:
         train_run(None, args.resume, resume=True)
@@ -39,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> None:
-    from train.loop import lr_find_for_run
+    from clfpipe.train.loop import lr_find_for_run
 
     result = lr_find_for_run(args.run, args.stage)
     for name, lr in result.suggestions.items():
@@ -47,55 +53,57 @@ def _cmd_lr_find(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
-    from export.onnx_export import export_onnx
-    from export.variants import Variant
+    from clfpipe.contract.engines import Variant
+    from clfpipe.export.onnx_export import export_onnx
 
     variant = Variant(args.precision, args.fold_preprocess, args.fold_tta)
     export_onnx(args.run, args.data, variant=variant, calibration=args.calibration_images)
 
 
 def _cmd_export_trt(args: argparse.Namespace) -> None:
-    from export.tensorrt import build_engine
+    from clfpipe.export.tensorrt import build_engine
 
-    build_engine(args.run, args.variant, args.min_batch, args.opt_batch, args.max_batch)
+    build_engine(args.run, args.variant, min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from export.verify import verify_run
+    from clfpipe.export.verify import format_table, verify_run
 
-    _, passed = verify_run(args.run, args.images)
+    rows, passed = verify_run(args.run, args.images)
+    print(format_table(rows, rows[0].result.images))
     return 0 if passed else 1
 
 
 def _cmd_repo(args: argparse.Namespace) -> None:
-    from serve.repository import build_repository
+    from clfpipe.serve.repository import build_repository
 
     build_repository(args.run, args.out, args.target)
 
 
 def _ports(args: argparse.Namespace):
-    from serve.server import Ports
+    from clfpipe.serve.server import Ports
 
     return Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
 
 
 def _cmd_serve_up(args: argparse.Namespace) -> None:
-    from serve.server import start_server
+    from clfpipe.serve.server import start_server
 
-    info = start_server(args.repo, args.state_dir, args.host, _ports(args), args.timeout, args.model_control)
+    info = start_server(args.repo, args.state_dir, host=args.host, ports=_ports(args), timeout=args.timeout,
+                        model_control=args.model_control)
     print(f"tritonserver ready (pid {info.pid}): http {info.http_url}, grpc {info.grpc_url}, "
           f"metrics {info.host}:{info.ports.metrics}; log {info.log}")
 
 
 def _cmd_serve_down(args: argparse.Namespace) -> None:
-    from serve.server import stop_server
+    from clfpipe.serve.server import stop_server
 
     info = stop_server(args.state_dir)
     print(f"stopped tritonserver (pid {info.pid})" if info else "no server running")
 
 
 def _cmd_serve_status(args: argparse.Namespace) -> int:
-    from serve.server import server_status
+    from clfpipe.serve.server import server_status
 
     info, state = server_status(args.state_dir)
     if info is None or state == "not running":
@@ -106,7 +114,7 @@ def _cmd_serve_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from serve.client import Classifier
+    from clfpipe.serve.client import Classifier
 
     client = Classifier(args.url, args.protocol, args.model)
     for p in client.predict(args.paths, top_k=args.top_k):
@@ -117,12 +125,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from serve.bench import sweep, write_results
-    from serve.client import expand_inputs
+    from clfpipe.serve.bench import sweep, write_results
+    from clfpipe.serve.client import expand_inputs
 
     images = [f.read_bytes() for f in expand_inputs(args.images)]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    levels = sweep(args.url, args.model, images, args.protocol, concurrencies, args.batch, args.requests, args.seconds)
+    levels = sweep(args.url, args.model, images, protocol=args.protocol, concurrencies=concurrencies, batch=args.batch,
+                   requests=args.requests, seconds=args.seconds)
     paths = write_results(levels, args.out, args.model)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -152,6 +161,9 @@ def _add_port_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clfpipe", description="Image classifier: train, export, serve on Triton, verify.")
+    parser.add_argument("--version", action="version", version=f"clfpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -255,8 +267,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Format(logging.Formatter):
+    """Progress and results as plain lines; warnings and debug lines say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"clfpipe: {record.levelname.lower()}: {message}"
+        if record.levelno < logging.INFO:
+            return f"[{record.name}] {message}"
+        return message
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is when a record arrives (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # logging must never take the command down
+            self.handleError(record)
+
+
+def configure_logging(verbose: int, quiet: int) -> None:
+    """One handler on the 'clfpipe' logger; the level from -v/-q."""
+    logger = logging.getLogger("clfpipe")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_Format())
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
     try:
         return args.func(args) or 0
     except ClfpipeError as exc:

@@ -26,7 +26,7 @@ class DemoSpec:
     jpeg_quality: int = 90
 
 
-def _wave(label: str, u: np.ndarray, v: np.ndarray, period: float, phase: float) -> np.ndarray:
+def _wave(label: str, u: np.ndarray, v: np.ndarray, *, period: float, phase: float) -> np.ndarray:
     if label == "horizontal":
         return np.sin(2 * math.pi * v / period + phase)
     if label == "vertical":
@@ -39,7 +39,7 @@ def draw_example(rng: np.random.Generator, label: str, size: int) -> Image.Image
     period, phase, tilt = rng.uniform(8, 20), rng.uniform(0, 2 * math.pi), rng.uniform(-0.25, 0.25)
     u = xx * math.cos(tilt) + yy * math.sin(tilt)
     v = -xx * math.sin(tilt) + yy * math.cos(tilt)
-    t = (np.sign(_wave(label, u, v, period, phase)) * 0.5 + 0.5)[..., None]
+    t = (np.sign(_wave(label, u, v, period=period, phase=phase)) * 0.5 + 0.5)[..., None]
     a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     pixels = a * (1 - t) + b * t + rng.normal(0.0, 20.0, (size, size, 3))
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -90,7 +90,7 @@ def draw_tagged(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple
     return img, tuple(sorted(tags))
 
 
-def write_demo_multilabel(out_dir: str | Path, seed: int = 0, train: int = 240, valid: int = 60, image_size: int = 96) -> dict[str, int]:
+def write_demo_multilabel(out_dir: str | Path, seed: int = 0, *, train: int = 240, valid: int = 60, image_size: int = 96) -> dict[str, int]:
     """Planet-style layout: OUT/train/*.jpg, OUT/valid/*.jpg and OUT/labels.csv (image,tags)."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)

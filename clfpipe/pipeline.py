@@ -1,7 +1,13 @@
-"""Stages chained: ``run`` (train, export, repo) and the ``demo`` that serves and checks it."""
+"""Stages chained, at the top of the layers: ``run`` (train, export, repo) and the ``demo`` that
+serves the result and checks Triton's answers against PyTorch's.
+
+Stages hand over through the run directory only; this module calls each stage's library function
+in turn and reads the manifest between them.
+"""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -9,22 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+import torch
 
-from clfpipe.agreement import Agreement, compare
-from clfpipe.dataset import scan_data, scan_split
+from clfpipe.contract.dataset import Split, scan_split
+from clfpipe.contract.engines import SERVED, Variant
+from clfpipe.contract.errors import ServeError
+from clfpipe.contract.manifest import Manifest, RunDir
+from clfpipe.contract.metrics import Agreement, compare
+from clfpipe.contract.probabilities import probabilities
+from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import write_demo_dataset
-from clfpipe.errors import ServeError
-from clfpipe.inference import files_to_batch, load_run_model, probabilities, torch_logits
-from clfpipe.manifest import RunDir
-from clfpipe.recipe import Recipe
-from export.onnx_export import export_variants
-from export.variants import Variant
-from serve.client import Classifier
-from serve.repository import build_repository
-from serve.server import Ports, start_server, stop_server
-from train.loop import train_run
+from clfpipe.export.onnx_export import export_variants
+from clfpipe.nn.models import Classifier
+from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
+from clfpipe.serve.client import Classifier as Client
+from clfpipe.serve.repository import build_repository
+from clfpipe.serve.server import Ports, start_server, stop_server
+from clfpipe.train.evaluate import deterministic_tta
+from clfpipe.train.loop import train_run
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,110 +57,101 @@ class StageTimer:
         return "\n".join(rows + [f"  {'total':<10} {sum(self.seconds.values()):7.1f} s"])
 
 
-def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print, timer: StageTimer | None = None) -> Path:
-    """Train, export (with its agreement gate) and build the Triton repository."""
+def served_variants(recipe: Recipe) -> list[Variant]:
+    """The plain fp32 graph (the reference export), then what the server runs: uint8 pixels in,
+    without and with TTA, at the recipe's serving precision."""
+    return [Variant(), *(served.variant(recipe.serve.precision) for served in SERVED)]
+
+
+def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTimer | None = None) -> Path:
+    """Train, export (with its agreement gates) and build the Triton repository."""
     timer = timer or StageTimer()
     with timer.stage("train"):
-        train_run(data_dir, run_dir, recipe, log)
-    precision = recipe.serve.precision
-    # the plain fp32 graph (the reference export), then what the server runs: uint8 pixels in,
-    # without and with TTA
-    variants = [Variant(), Variant(precision, fold_preprocess=True), Variant(precision, fold_preprocess=True, fold_tta=True)]
+        train_run(data_dir, run_dir, recipe)
     with timer.stage("export"):
-        export_variants(run_dir, variants, data_dir, log)
+        export_variants(run_dir, served_variants(recipe), data_dir)
     with timer.stage("repo"):
-        return build_repository(run_dir, log=log)
+        return build_repository(run_dir)
 
 
-def init_run(data_dir: Path, run_dir: Path, recipe: Recipe, log: Log = print) -> Path:
-    """A run with the recipe's model at its initial (seeded or pretrained) weights and no training:
-    for benchmarks and for serving checks that need the real size but not a trained model."""
-    from clfpipe.models import build_model
-    from train.loop import commit_checkpoint, prepare_run, seed_everything
-
-    train = scan_data(data_dir, "train", recipe.data.labels_csv)
-    prepare_run(data_dir, run_dir, recipe)
-    seed_everything(recipe.seed)
-    model = build_model(recipe.model, len(train.classes))
-    commit_checkpoint(model, run_dir, recipe, list(train.classes), data_dir, {"epochs": 0, "note": "initial weights, not trained"})
-    log(f"init: {recipe.model.arch} at its initial weights -> {run_dir}")
-    return run_dir
+Reference = Callable[[Classifier, Manifest, list[Path]], np.ndarray]
 
 
-def _served_vs(run_dir: Path, client: Classifier, files: list[Path], reference: Callable) -> Agreement:
-    """Triton's probabilities for the files against reference(model, manifest), at the export tolerance."""
+def _plain_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> np.ndarray:
+    logits = torch_logits(model, files_to_batch(files, manifest.preprocess))
+    return probabilities(logits, manifest.recipe.multi_label)
+
+
+def _tta_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> np.ndarray:
+    split = Split(tuple(files), tuple(0 for _ in files), tuple(manifest.classes))
+    return deterministic_tta(model, split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
+
+
+def _served_vs(run_dir: Path, client: Client, files: list[Path], reference: Reference) -> Agreement:
+    """Triton's probabilities for the files against reference(model, manifest, files), at the export tolerance."""
     run = RunDir(run_dir)
     manifest = run.read()
-    expected = reference(load_run_model(run, manifest), manifest)
+    expected = reference(load_run_model(run, manifest), manifest, files)
     served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
     return compare(expected, served, manifest.recipe.export.rtol, manifest.recipe.export.atol)
 
 
-def served_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
+def served_agreement(run_dir: Path, client: Client, files: list[Path]) -> Agreement:
     """Triton's probabilities vs PyTorch's on the same files."""
-    def reference(model, manifest):
-        logits = torch_logits(model, files_to_batch(files, manifest.preprocess))
-        return probabilities(logits, manifest.recipe.multi_label)
-
-    return _served_vs(run_dir, client, files, reference)
+    return _served_vs(run_dir, client, files, _plain_reference)
 
 
-def served_tta_agreement(run_dir: Path, client: Classifier, files: list[Path]) -> Agreement:
-    """Triton's classifier_tta against train.evaluate's deterministic TTA on the same files."""
-    import torch
-
-    from clfpipe.dataset import Split
-    from train.evaluate import deterministic_tta
-
-    def reference(model, manifest):
-        split = Split(tuple(files), tuple(0 for _ in files), tuple(manifest.classes))
-        return deterministic_tta(model, split, manifest.preprocess, 32, torch.device("cpu"))
-
-    return _served_vs(run_dir, client, files, reference)
+def served_tta_agreement(run_dir: Path, client: Client, files: list[Path]) -> Agreement:
+    """Triton's classifier_tta against the training side's deterministic TTA on the same files."""
+    return _served_vs(run_dir, client, files, _tta_reference)
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
     picked: list[Path] = []
     for label in sorted(set(labels)):
-        picked += [f for f, l in zip(files, labels) if l == label][:per_class]
+        picked += [f for f, lab in zip(files, labels) if lab == label][:per_class]
     return picked
 
 
-def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 0, log: Log = print) -> dict[str, float]:
+def _predict_and_check(info, run_dir: Path, valid: Split) -> None:
+    for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
+        client = Client(url, protocol)
+        log.info("\npredict over %s (%s):", protocol, url)
+        for p in client.predict(_sample(list(valid.files), list(valid.labels), 2), top_k=1):
+            log.info("  %-28s -> %-11s %.3f", Path(p.file).parent.name + "/" + Path(p.file).name, p.label, p.prob)
+        agreement = served_agreement(run_dir, client, list(valid.files))
+        log.info("  Triton (%s) vs PyTorch probabilities on %s", protocol, agreement.summary())
+        if not agreement.passed:
+            raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
+    tta = served_tta_agreement(run_dir, Client(info.http_url, "http", "classifier_tta"), list(valid.files))
+    log.info("\nclassifier_tta (http) vs the training side's deterministic TTA on %s", tta.summary())
+
+
+def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 0) -> dict[str, float]:
     """The whole product on the demo data; returns the seconds per stage."""
     timer = StageTimer()
     data_dir, run_dir = workdir / "data", workdir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its workdir: start clean
     with timer.stage("data"):
         counts = write_demo_dataset(data_dir, seed)
-        log(f"data: {counts['train']} train / {counts['valid']} valid JPEGs -> {data_dir}")
-    repo = run_pipeline(data_dir, run_dir, recipe, log, timer)
+        log.info("data: %d train / %d valid JPEGs -> %s", counts["train"], counts["valid"], data_dir)
+    repo = run_pipeline(data_dir, run_dir, recipe, timer)
     valid = scan_split(data_dir, "valid")
     state_dir = workdir / "server"
     with timer.stage("serve up"):
         info = start_server(repo, state_dir, ports=ports)
-        log(f"serve: tritonserver pid {info.pid} ready, http {info.http_url}, grpc {info.grpc_url}")
+        log.info("serve: tritonserver pid %d ready, http %s, grpc %s", info.pid, info.http_url, info.grpc_url)
     try:
         with timer.stage("predict"):
-            for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
-                client = Classifier(url, protocol)
-                log(f"\npredict over {protocol} ({url}):")
-                for p in client.predict(_sample(list(valid.files), list(valid.labels), 2), top_k=1):
-                    log(f"  {Path(p.file).parent.name + '/' + Path(p.file).name:<28} -> {p.label:<11} {p.prob:.3f}")
-                agreement = served_agreement(run_dir, client, list(valid.files))
-                log(f"  Triton ({protocol}) vs PyTorch probabilities on {agreement.summary()}")
-                if not agreement.passed:
-                    raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
-            tta = served_tta_agreement(run_dir, Classifier(info.http_url, "http", "classifier_tta"), list(valid.files))
-            log(f"\nclassifier_tta (http) vs the training side's deterministic TTA on {tta.summary()}")
+            _predict_and_check(info, run_dir, valid)
     finally:
         with timer.stage("serve down"):
             stop_server(state_dir)
     manifest = RunDir(run_dir).read()
     onnx_agreement = manifest.stage("export")["agreement"]
     scores = manifest.stage("train")["accuracy"]
-    log("\nvalid accuracy (PyTorch): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    log(f"PyTorch vs ONNX Runtime: top-1 agreement {onnx_agreement['top1_agreement']:.4f}, "
-        f"max |logit diff| {onnx_agreement['max_abs_diff']:.3g} (tolerance {onnx_agreement['tolerance']:.3g})")
-    log(f"\nstage times:\n{timer.table()}")
+    log.info("\nvalid accuracy (PyTorch): %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    log.info("PyTorch vs ONNX Runtime: top-1 agreement %.4f, max |logit diff| %.3g (tolerance %.3g)",
+             onnx_agreement["top1_agreement"], onnx_agreement["max_abs_diff"], onnx_agreement["tolerance"])
+    log.info("\nstage times:\n%s", timer.table())
     return timer.seconds

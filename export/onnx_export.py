@@ -1,17 +1,20 @@
-"""ONNX export of every variant, each behind its agreement gate (reference section 3).
+"""ONNX export of every variant, each behind its agreement gate.
 
 A variant's graph maps ``input`` to ``logits`` (or ``probs`` with TTA folded in) with a dynamic
 batch dimension at the recipe's pinned opset, saved as one self-contained file with the class
 names and preprocessing spec in its metadata. Before an artifact enters the manifest, PyTorch
-(fp32, the same folded wrapper) and ONNX Runtime run every validation image and the variant's
-gate must pass; otherwise the export fails with the figures and the manifest stays as it was.
+(fp32, the same folded graph) and ONNX Runtime run every validation image and the variant's gate
+must pass; otherwise the export fails with the figures and the manifest stays as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,28 +22,30 @@ import numpy as np
 import onnx
 import torch
 
-from clfpipe.dataset import Split, scan_data
-from clfpipe.errors import DataError, ExportError
-from clfpipe.inference import load_run_model, torch_logits
-from clfpipe.manifest import Manifest, RunDir, library_versions
-from clfpipe.models import Classifier
-from clfpipe.ort import INPUT_NAME, make_session, ort_logits
-from clfpipe.preprocess import load_pixels
-from export.gates import GateResult, gate
-from export.variants import Folded, Variant, example_input, variant_inputs
+from clfpipe.contract import tensors
+from clfpipe.contract.dataset import Split, scan_data
+from clfpipe.contract.engines import PRECISIONS, Variant
+from clfpipe.contract.errors import DataError, ExportError
+from clfpipe.contract.gates import GateResult, judge
+from clfpipe.contract.manifest import Manifest, RunDir, library_versions
+from clfpipe.contract.preprocess import load_pixels
+from clfpipe.nn.folded import Folded, example_input
+from clfpipe.nn.models import Classifier
+from clfpipe.nn.reference import load_run_model, reference_outputs
+from clfpipe.runtime import ort
 
-ONNX_ARTIFACT = "onnx"
-ONNX_FILE = "model.onnx"
+log = logging.getLogger(__name__)
+ONNX_ARTIFACT = Variant().name
 EXPORT_VERSIONS = ("torch", "onnx", "onnxscript", "onnxruntime")
 
 
-def write_onnx(model: torch.nn.Module, path: Path, example: torch.Tensor, opset: int, metadata: dict[str, str],
-               output_name: str = "logits") -> None:
+def write_onnx(model: torch.nn.Module, path: Path, example: torch.Tensor, *, opset: int, metadata: dict[str, str],
+               output_name: str = tensors.LOGITS) -> None:
     """Export an eval-mode module to one ONNX file with a dynamic batch and named tensors."""
-    model.eval()  # train mode exports BatchNorm/Dropout wrongly (reference section 3)
+    model.eval()  # a module left in train mode exports BatchNorm and Dropout wrongly
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[output_name],
+        program = torch.onnx.export(model, (example,), input_names=[tensors.INPUT], output_names=[output_name],
                                     opset_version=opset, dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
     proto = program.model_proto
     set_metadata(proto, metadata)
@@ -62,51 +67,45 @@ def validation_split(manifest: Manifest, data_dir: Path | None) -> Split:
         raise ExportError(f"cannot read the validation images for the agreement gate: {exc} (pass --data)") from exc
 
 
-def reference_outputs(model: Classifier, manifest: Manifest, variant: Variant, pixels: np.ndarray) -> np.ndarray:
-    """PyTorch fp32 through the same folded wrapper: what every runtime is judged against."""
-    folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label)
-    return torch_logits(folded, variant_inputs(pixels, manifest.preprocess, variant))
-
-
-def judge(variant: Variant, manifest: Manifest, reference: np.ndarray, test: np.ndarray, labels: np.ndarray) -> GateResult:
-    """The variant's gate, at the recipe's tolerances."""
+def gate_variant(variant: Variant, manifest: Manifest, *, reference: np.ndarray, test: np.ndarray, labels: np.ndarray) -> GateResult:
+    """The variant's gate at the recipe's tolerances and the run's F2 threshold."""
     export = manifest.recipe.export
-    return gate(variant.precision, reference, test.astype(np.float32), labels, variant.fold_tta,
-                manifest.recipe.multi_label, export.rtol, export.atol)
+    threshold = manifest.data["stages"].get("train", {}).get("threshold")
+    return judge(variant, reference, test, labels, multi_label=manifest.recipe.multi_label, rtol=export.rtol,
+                 atol=export.atol, threshold=threshold)
 
 
-def check_variant(path: Path, model: Classifier, manifest: Manifest, variant: Variant, split: Split,
-                  providers: tuple[str, ...] = ("CPUExecutionProvider",), pixels: np.ndarray | None = None) -> GateResult:
+def check_variant(path: Path, model: Classifier, manifest: Manifest, variant: Variant, *, split: Split,
+                  pixels: np.ndarray | None = None) -> GateResult:
     """ONNX Runtime on `path` against PyTorch fp32 on the split (pixels: the split's, if already loaded)."""
     pixels = load_pixels(split.files, manifest.preprocess) if pixels is None else pixels
     reference = reference_outputs(model, manifest, variant, pixels)
-    test = ort_logits(make_session(path, providers=providers), variant_inputs(pixels, manifest.preprocess, variant))
-    return judge(variant, manifest, reference, test, np.asarray(split.labels))
+    test = ort.run_graph(ort.make_session(path), variant.input_form.prepare(pixels, manifest.preprocess))
+    return gate_variant(variant, manifest, reference=reference, test=test, labels=np.asarray(split.labels))
 
 
-def _convert_precision(fp32_path: Path, out: Path, variant: Variant, manifest: Manifest, split_train: Split,
-                       calibration: int, metadata: dict[str, str]) -> dict:
-    """fp16 conversion or int8 static quantization of an fp32 graph; returns what to record."""
-    if variant.precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+Calibration = Callable[[], np.ndarray]  # loads the int8 calibration inputs when called
 
-        proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-        proto = topologically_sorted(proto)  # the converter appends its input Casts after their users
-        set_metadata(proto, metadata)
-        onnx.save_model(proto, str(out))
-        onnx.checker.check_model(str(out))
-        return {}
-    from export.quantize import quantize_int8
 
-    files = calibration_files(split_train, calibration, manifest.recipe.seed)
-    quantize_int8(fp32_path, out, variant_inputs(load_pixels(files, manifest.preprocess), manifest.preprocess, variant),
-                  symmetric_activations=variant.precision == "int8-trt", method=manifest.recipe.export.calibration_method)
-    proto = onnx.load(str(out))
-    set_metadata(proto, metadata)
-    onnx.save_model(proto, str(out))
-    onnx.checker.check_model(str(out))
-    return {"calibration_images": len(files), "calibration_sha256": _files_digest(files),
-            "calibration_method": manifest.recipe.export.calibration_method}
+def _to_fp16(fp32_path: Path, out: Path, *, precision: str, calibration: Calibration, method: str) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save_model(topologically_sorted(proto), str(out))  # the converter appends its input Casts after their users
+
+
+def _to_int8(fp32_path: Path, out: Path, *, precision: str, calibration: Calibration, method: str) -> None:
+    from clfpipe.export.quantize import quantize_int8
+
+    quantize_int8(fp32_path, out, calibration(), symmetric_activations=PRECISIONS[precision].symmetric_activations,
+                  method=method)
+
+
+# How the fp32 graph becomes each precision's (PRECISIONS[...].onnx_form), and whether it calibrates
+CONVERTERS: dict[str, tuple[Callable[..., None], bool]] = {
+    "fp16": (_to_fp16, False),
+    "int8": (_to_int8, True),
+}
 
 
 def topologically_sorted(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -126,54 +125,78 @@ def calibration_files(split: Split, count: int, seed: int) -> list[Path]:
 
 
 def _files_digest(files: list[Path]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())
     return digest.hexdigest()
 
 
-def export_onnx(run_dir: Path, data_dir: Path | None = None, log: Callable[[str], None] = print,
-                variant: Variant = Variant(), calibration: int | None = None) -> Manifest:
+@dataclass(frozen=True)
+class ExportInputs:
+    """What every variant of one export shares, loaded once."""
+
+    run: RunDir
+    model: Classifier
+    split: Split
+    pixels: np.ndarray
+    data_root: Path
+    calibration: int | None
+
+
+def export_onnx(run_dir: Path, data_dir: Path | None = None, variant: Variant = Variant(),
+                calibration: int | None = None) -> Manifest:
     """Export one variant of the run's checkpoint, gate it, then record it in the manifest."""
-    return export_variants(run_dir, [variant], data_dir, log, calibration)
+    return export_variants(run_dir, [variant], data_dir, calibration)
 
 
 def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path | None = None,
-                    log: Callable[[str], None] = print, calibration: int | None = None) -> Manifest:
+                    calibration: int | None = None) -> Manifest:
     """Export several variants; the model, the validation images and their pixels load once.
     Each variant enters the manifest as soon as it passes; a failure keeps those before it."""
     run = RunDir(run_dir)
     manifest = run.read()
-    model = load_run_model(run, manifest)
     split = validation_split(manifest, data_dir)
-    pixels = load_pixels(split.files, manifest.preprocess)
-    root = Path(data_dir or manifest.data["data_dir"])
+    log.info("export: loading %d validation images for the agreement gates", len(split))
+    inputs = ExportInputs(run, load_run_model(run, manifest), split, load_pixels(split.files, manifest.preprocess),
+                          Path(data_dir or manifest.data["data_dir"]), calibration)
     for variant in variants:
-        manifest = _export_one(run, manifest, model, split, pixels, root, variant, calibration, log)
+        manifest = _export_one(inputs, manifest, variant)
     return manifest
 
 
-def _export_one(run: RunDir, manifest: Manifest, model: Classifier, split: Split, pixels: np.ndarray, data_root: Path,
-                variant: Variant, calibration: int | None, log: Callable[[str], None]) -> Manifest:
-    run_dir = run.path
-    spec, recipe = manifest.preprocess, manifest.recipe
+def _calibration_inputs(inputs: ExportInputs, manifest: Manifest, variant: Variant) -> tuple[Callable[[], np.ndarray], dict]:
+    """A loader of the int8 calibration inputs, and what to record about them."""
+    recipe = manifest.recipe
+    train = scan_data(inputs.data_root, "train", recipe.data.labels_csv, tuple(manifest.classes), verify=False)
+    files = calibration_files(train, inputs.calibration or recipe.export.calibration_images, recipe.seed)
+    load = lambda: variant.input_form.prepare(load_pixels(files, manifest.preprocess), manifest.preprocess)  # noqa: E731
+    return load, {"calibration_images": len(files), "calibration_sha256": _files_digest(files),
+                  "calibration_method": recipe.export.calibration_method}
+
+
+def _export_one(inputs: ExportInputs, manifest: Manifest, variant: Variant) -> Manifest:
+    run_dir, spec, recipe = inputs.run.path, manifest.preprocess, manifest.recipe
     final = run_dir / variant.file_name
     staging, fp32_staging = run_dir / f".{variant.file_name}.partial", run_dir / f".{variant.file_name}.fp32.partial"
     start = time.perf_counter()
+    log.info("export: %s ...", variant.name)
     metadata = {"classes": json.dumps(manifest.classes), "preprocess": json.dumps(spec.to_dict()),
                 "variant": json.dumps(variant.to_dict()), "multi_label": json.dumps(recipe.multi_label)}
+    extra: dict = {}
     try:
-        folded = Folded(model, spec, variant, recipe.multi_label)
+        folded = Folded(inputs.model, spec, variant, recipe.multi_label)
         fp32_path = staging if variant.precision == "fp32" else fp32_staging
-        write_onnx(folded, fp32_path, example_input(variant, spec.crop), recipe.export.opset, metadata, variant.output_name)
-        extra = {}
+        write_onnx(folded, fp32_path, example_input(variant, spec.crop), opset=recipe.export.opset, metadata=metadata,
+                   output_name=variant.output_name)
         if variant.precision != "fp32":
-            train_split = scan_data(data_root, "train", recipe.data.labels_csv, tuple(manifest.classes), verify=False)
-            count = calibration or recipe.export.calibration_images
-            extra = _convert_precision(fp32_path, staging, variant, manifest, train_split, count, metadata)
-        result = check_variant(staging, model, manifest, variant, split, pixels=pixels)
+            convert, calibrated = CONVERTERS[PRECISIONS[variant.precision].onnx_form]
+            calibration, extra = _calibration_inputs(inputs, manifest, variant) if calibrated else (lambda: np.empty(0), {})
+            convert(fp32_path, staging, precision=variant.precision, calibration=calibration, method=recipe.export.calibration_method)
+            proto = onnx.load(str(staging))
+            set_metadata(proto, metadata)
+            onnx.save_model(proto, str(staging))
+            onnx.checker.check_model(str(staging))
+        result = check_variant(staging, inputs.model, manifest, variant, split=inputs.split, pixels=inputs.pixels)
         if not result.passed:
             raise ExportError(f"{variant.name} fails its gate against PyTorch: {result.summary()}")
         staging.replace(final)
@@ -181,21 +204,25 @@ def _export_one(run: RunDir, manifest: Manifest, model: Classifier, split: Split
         staging.unlink(missing_ok=True)
         fp32_staging.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    input_shape = ["batch", spec.crop, spec.crop, 3] if variant.fold_preprocess else ["batch", 3, spec.crop, spec.crop]
     manifest = manifest.with_artifact(
-        variant.name, run_dir, final, "export", library_versions(EXPORT_VERSIONS),
+        variant.name, run_dir, final, stage="export", versions=library_versions(EXPORT_VERSIONS),
         opset=recipe.export.opset, variant=variant.to_dict(),
-        inputs={INPUT_NAME: {"shape": input_shape, "dtype": "uint8" if variant.fold_preprocess else "float32"}},
+        inputs={tensors.INPUT: {"shape": variant.input_form.shape(spec.crop), "dtype": variant.input_form.dtype}},
         outputs={variant.output_name: ["batch", len(manifest.classes)]}, gate=result.to_dict(), **extra,
     )
+    manifest = manifest.with_stage("export", _export_figures(manifest, variant, result, seconds))
+    inputs.run.write(manifest)
+    log.info("export: %s (%.1f MB, %s, opset %d) in %.1fs", final, final.stat().st_size / 1e6, variant.name,
+             recipe.export.opset, seconds)
+    log.info("export: PyTorch vs ONNX Runtime (%s) on %s", variant.name, result.summary())
+    return manifest
+
+
+def _export_figures(manifest: Manifest, variant: Variant, result: GateResult, seconds: float) -> dict:
     previous = manifest.data["stages"].get("export", {})
     figures = {"variants": {**previous.get("variants", {}), variant.name: {"gate": result.to_dict(), "seconds": round(seconds, 2)}}}
-    # the plain graph's gate is the skeleton's "agreement", read by the demo
+    # the plain graph's gate is the stage's headline "agreement"
     agreement = result.to_dict() if variant.name == ONNX_ARTIFACT else previous.get("agreement")
     if agreement is not None:
         figures["agreement"] = agreement
-    manifest = manifest.with_stage("export", figures)
-    run.write(manifest)
-    log(f"export: {final} ({final.stat().st_size / 1e6:.1f} MB, {variant.name}, opset {recipe.export.opset}) in {seconds:.1f}s")
-    log(f"export: PyTorch vs ONNX Runtime ({variant.name}) on {result.summary()}")
-    return manifest
+    return figures

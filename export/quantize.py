@@ -1,20 +1,24 @@
 """int8 static quantization with onnxruntime.quantization (QDQ, per-channel int8 weights).
 
-Two forms (reference section 3): ``int8`` with asymmetric uint8 activations (U8S8), the fast
+Two forms: ``int8`` with asymmetric uint8 activations (U8S8), the fast
 form for ONNX Runtime on x86, and ``int8-trt`` with symmetric int8 activations and weights, the
 explicit quantization TensorRT consumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from clfpipe.ort import INPUT_NAME
+from clfpipe.contract import tensors
 
 
 class ArrayReader(CalibrationDataReader):
@@ -28,28 +32,45 @@ class ArrayReader(CalibrationDataReader):
         if self.position >= len(self.batches):
             return None
         self.position += 1
-        return {INPUT_NAME: self.batches[self.position - 1]}
+        return {tensors.INPUT: self.batches[self.position - 1]}
 
     def rewind(self) -> None:
         self.position = 0
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Swallow what the quantizer prints, and its root-logger warnings (a NullHandler keeps
+    logging.warning from configuring the root logger for the rest of the process)."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    level = root.level
+    root.addHandler(null)
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+        root.removeHandler(null)
+
+
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 
 
-def quantize_int8(fp32_path: Path, out: Path, calibration_inputs: np.ndarray, symmetric_activations: bool,
+def quantize_int8(fp32_path: Path, out: Path, calibration_inputs: np.ndarray, *, symmetric_activations: bool,
                   method: str = "percentile") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # The concat-pool head's Concat with a dynamic batch breaks symbolic shape inference
-        # (reference section 3): skip it, keep ONNX shape inference and graph optimisation.
+        # The concat-pool head's Concat with a dynamic batch breaks ORT's symbolic shape
+        # inference: skip it, keep ONNX shape inference and graph optimisation.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared), str(out), ArrayReader(calibration_inputs),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=METHODS[method],
-            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True, "CalibPercentile": 99.99},
-        )
+        with _quiet():  # the quantizer prints its progress and logs per-tensor warnings to the root logger
+            quantize_static(
+                str(prepared), str(out), ArrayReader(calibration_inputs),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=METHODS[method],
+                extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True, "CalibPercentile": 99.99},
+            )

@@ -1,30 +1,32 @@
-"""``clfpipe verify``: every exported variant on every available runtime against PyTorch fp32.
+"""``clfpipe verify``: every exported artifact on every runtime this host has, against PyTorch fp32.
 
-Runtimes: ONNX Runtime CPU always, ONNX Runtime CUDA where its provider is present, TensorRT
-engines where TensorRT and a GPU are. One table per variant, RUN_DIR/verify.json, and a
-non-zero exit when any gate fails.
+Runtimes come from a table keyed by engine: ONNX Runtime (CPU always, CUDA where its provider is
+present) for ONNX graphs, TensorRT for plans where TensorRT and a GPU are. One row per artifact
+and runtime, RUN_DIR/verify.json, and a failed gate makes the command exit non-zero.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
+from clfpipe.export.onnx_export import gate_variant, validation_split
 
-from clfpipe.dataset import Split, scan_data
-from clfpipe.errors import ExportError
-from clfpipe.inference import load_run_model
-from clfpipe.manifest import Manifest, RunDir, atomic_write_bytes
-from clfpipe.ort import make_session, ort_logits
-from clfpipe.preprocess import load_pixels
-from export.gates import GateResult
-from export.onnx_export import judge, reference_outputs, validation_split
-from export.tensorrt import load_engine, run_engine, trt_status
-from export.variants import Variant, variant_inputs
+from clfpipe.contract.dataset import Split, scan_data
+from clfpipe.contract.engines import Variant
+from clfpipe.contract.errors import ExportError
+from clfpipe.contract.gates import GateResult
+from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes
+from clfpipe.contract.preprocess import load_pixels
+from clfpipe.contract.progress import progress
+from clfpipe.nn.reference import load_run_model, reference_outputs
+from clfpipe.runtime import ort, tensorrt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,25 @@ class Row:
     result: GateResult
 
 
-def ort_runtimes() -> list[tuple[str, tuple[str, ...]]]:
-    available = ort.get_available_providers()
-    runtimes = [("onnxruntime-cpu", ("CPUExecutionProvider",))]
-    if "CUDAExecutionProvider" in available:
-        runtimes.append(("onnxruntime-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider")))
-    return runtimes
+Runner = Callable[[RunDir, Manifest, str, np.ndarray], list[tuple[str, np.ndarray]]]
+
+
+def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    path = run.artifact_path(manifest, name)
+    return [(runtime, ort.run_graph(ort.make_session(path, providers=providers), inputs)) for runtime, providers in ort.providers_here()]
+
+
+def _trt_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    ok, why = tensorrt.trt_status()
+    if not ok:
+        log.info("verify: skipping %s: %s", name, why)
+        return []
+    entry = manifest.artifact(name)
+    engine = tensorrt.load_engine(run.artifact_path(manifest, name), entry.get("platform", {}), run.path, entry.get("source", "onnx"))
+    return [("tensorrt", tensorrt.run_engine(engine, inputs, entry["profile"]["max"]))]
+
+
+RUNNERS: dict[str, Runner] = {"onnx": _onnx_outputs, "trt": _trt_outputs}
 
 
 def images_split(manifest: Manifest, images: Path | None) -> Split:
@@ -50,38 +65,26 @@ def images_split(manifest: Manifest, images: Path | None) -> Split:
     return scan_data(images.parent, images.name, manifest.recipe.data.labels_csv, tuple(manifest.classes))
 
 
-def verify_run(run_dir: Path, images: Path | None = None, log: Callable[[str], None] = print) -> tuple[list[Row], bool]:
+def verify_run(run_dir: Path, images: Path | None = None) -> tuple[list[Row], bool]:
     run = RunDir(run_dir)
     manifest = run.read()
     model = load_run_model(run, manifest)
     split = images_split(manifest, images)
     pixels, labels = load_pixels(split.files, manifest.preprocess), np.asarray(split.labels)
     rows: list[Row] = []
-    trt_ok, trt_why = trt_status()
-    for name, entry in sorted(manifest.data["artifacts"].items()):
-        if "variant" not in entry:
-            continue
+    artifacts = [(name, entry) for name, entry in sorted(manifest.data["artifacts"].items()) if "variant" in entry]
+    for name, entry in progress(artifacts, "verify", unit="artifact"):
         variant = Variant.from_dict(entry["variant"])
-        inputs = variant_inputs(pixels, manifest.preprocess, variant)
+        inputs = variant.input_form.prepare(pixels, manifest.preprocess)
         reference = reference_outputs(model, manifest, variant, pixels)
-        outputs: list[tuple[str, np.ndarray]] = []
-        if name.startswith("onnx"):
-            path = run.artifact_path(manifest, name)
-            outputs = [(rt, ort_logits(make_session(path, providers=providers), inputs)) for rt, providers in ort_runtimes()]
-        elif name.startswith("trt"):
-            if not trt_ok:
-                log(f"verify: skipping {name}: {trt_why}")
-                continue
-            outputs = [("tensorrt", run_engine(load_engine(run_dir, manifest, name), inputs, entry["profile"]["max"]))]
-        for runtime, out in outputs:
-            rows.append(Row(name, runtime, judge(variant, manifest, reference, out, labels)))
+        for runtime, out in RUNNERS[variant.engine](run, manifest, name, inputs):
+            rows.append(Row(name, runtime, gate_variant(variant, manifest, reference=reference, test=out, labels=labels)))
     if not rows:
         raise ExportError(f"{run_dir} has no exported variants: run 'clfpipe export onnx --run {run_dir}' first")
     passed = all(r.result.passed for r in rows)
-    report = {"images": len(split), "passed": passed, "tensorrt": trt_why,
+    report = {"images": len(split), "passed": passed, "tensorrt": tensorrt.trt_status()[1],
               "results": [{"artifact": r.artifact, "runtime": r.runtime, **r.result.to_dict()} for r in rows]}
-    atomic_write_bytes(run_dir / "verify.json", (json.dumps(report, indent=2) + "\n").encode())
-    log(format_table(rows, len(split)))
+    atomic_write_bytes(Path(run_dir) / "verify.json", (json.dumps(report, indent=2) + "\n").encode())
     return rows, passed
 
 

@@ -11,20 +11,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from clfpipe.serve.client import PROTOCOLS, encoded_batch
 from tritonclient.utils import InferenceServerException
 
-from clfpipe.errors import ServeError
-from clfpipe.manifest import atomic_write_bytes
-from serve.client import PROTOCOLS, encoded_batch
+from clfpipe.contract import tensors
+from clfpipe.contract.errors import ServeError
+from clfpipe.contract.manifest import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,8 @@ def server_split(before: dict[str, dict], after: dict[str, dict]) -> dict[str, A
     return split
 
 
-def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], concurrency: int, batch: int,
-              requests: int | None, seconds: float | None, parameters: dict | None = None) -> Level:
+def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], *, concurrency: int, batch: int = 1,
+              requests: int | None = None, seconds: float | None = None, parameters: dict | None = None) -> Level:
     """One concurrency level: `requests` in total, or as many as fit in `seconds`."""
     monitor = _client(url, protocol)
     models = composing_models(monitor, protocol, model)
@@ -110,11 +114,11 @@ def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], conc
             chunk = [images[(position + i) % len(images)] for i in range(batch)]
             position += batch * concurrency
             data = encoded_batch(chunk)
-            tensor = lib.InferInput("IMAGE", list(data.shape), "BYTES")
+            tensor = lib.InferInput(tensors.IMAGE, list(data.shape), "BYTES")
             tensor.set_data_from_numpy(data)
             start = time.perf_counter()
             try:
-                client.infer(model, [tensor], outputs=[lib.InferRequestedOutput("PROBS")], parameters=parameters)
+                client.infer(model, [tensor], outputs=[lib.InferRequestedOutput(tensors.SCORES)], parameters=parameters)
             except InferenceServerException:
                 with lock:
                     errors[0] += 1
@@ -137,9 +141,8 @@ def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], conc
                  errors=errors[0], server=server_split(before, after), **percentiles(latencies))
 
 
-def sweep(url: str, model: str, images: Sequence[bytes], protocol: str = "http", concurrencies: Sequence[int] = (1, 2, 4, 8, 16),
-          batch: int = 1, requests: int | None = None, seconds: float | None = None,
-          log: Callable[[str], None] = print) -> list[Level]:
+def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "http", concurrencies: Sequence[int] = (1, 2, 4, 8, 16),
+          batch: int = 1, requests: int | None = None, seconds: float | None = None) -> list[Level]:
     if protocol not in PROTOCOLS:
         raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
     if (requests is None) == (seconds is None):
@@ -152,9 +155,9 @@ def sweep(url: str, model: str, images: Sequence[bytes], protocol: str = "http",
         raise ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}") from exc
     levels = []
     for c in concurrencies:
-        level = run_level(url, protocol, model, images, c, batch, requests, seconds)
+        level = run_level(url, protocol, model, images, concurrency=c, batch=batch, requests=requests, seconds=seconds)
         levels.append(level)
-        log(format_level(level, model))
+        log.info("%s", format_level(level, model))
     return levels
 
 

@@ -12,11 +12,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from clfpipe.dataset import IMAGE_SUFFIXES
-from clfpipe.errors import ServeError
+from clfpipe.contract import tensors
+from clfpipe.contract.dataset import IMAGE_SUFFIXES
+from clfpipe.contract.errors import ServeError
 
 PROTOCOLS = ("http", "grpc")
-# gRPC caps messages at 4 MB by default (reference section 2, #4972): keep requests below it.
+# gRPC caps messages at 4 MB by default (triton-inference-server/server#4972): keep requests below it.
 MAX_REQUEST_BYTES = 3_000_000
 
 
@@ -54,6 +55,21 @@ def describe(config: dict[str, Any], model: str, url: str) -> tuple[list[str], i
     if "classes" not in params:
         raise ServeError(f"model {model!r} on {url} has no 'classes' parameter: expected a clfpipe repository")
     return json.loads(params["classes"]["string_value"]), max(1, int(config.get("max_batch_size", 1)))
+
+
+def unreachable(url: str, protocol: str, exc: Exception) -> ServeError:
+    return ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}")
+
+
+def server_error(exc: InferenceServerException, url: str, protocol: str, model: str) -> ServeError:
+    """One line for what Triton or the connection said: unreachable, unknown model, or the server's message."""
+    message = (exc.message() or str(exc)).splitlines()[0] if (exc.message() or str(exc)) else "no message"
+    lowered = message.lower()
+    if "connect" in lowered or "unavailable" in lowered or "refused" in lowered:
+        return ServeError(f"cannot reach Triton at {url} over {protocol}: {message}")
+    if "unknown model" in lowered or "not found" in lowered:
+        return ServeError(f"model {model!r} is not served at {url}: {message}")
+    return ServeError(f"server error: {message}")
 
 
 def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k: int) -> Prediction:
@@ -98,7 +114,7 @@ class Classifier:
         except InferenceServerException as exc:
             raise self._error(exc) from exc
         except (ConnectionError, OSError) as exc:
-            raise ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}") from exc
+            raise unreachable(url, protocol, exc) from exc
         self.classes, self.max_batch_size = describe(config, model, url)
 
     def _model_config(self) -> dict[str, Any]:
@@ -107,30 +123,24 @@ class Classifier:
         return self._client.get_model_config(self.model, as_json=True)["config"]
 
     def _error(self, exc: InferenceServerException) -> ServeError:
-        message = exc.message() or str(exc)
-        lowered = message.lower()
-        if "connect" in lowered or "unavailable" in lowered or "refused" in lowered:
-            return ServeError(f"cannot reach Triton at {self.url} over {self.protocol}: {message.splitlines()[0]}")
-        if "unknown model" in lowered or "not found" in lowered:
-            return ServeError(f"model {self.model!r} is not served at {self.url}: {message.splitlines()[0]}")
-        return ServeError(f"server error: {message.splitlines()[0]}")
+        return server_error(exc, self.url, self.protocol, self.model)
 
     def _request(self, name: str, data: np.ndarray, datatype: str) -> tuple[list, list]:
         tensor = self._lib.InferInput(name, list(data.shape), datatype)
         if self.protocol == "http":
             tensor.set_data_from_numpy(data, binary_data=True)
-            return [tensor], [httpclient.InferRequestedOutput("PROBS", binary_data=True)]
+            return [tensor], [httpclient.InferRequestedOutput(tensors.SCORES, binary_data=True)]
         tensor.set_data_from_numpy(data)
-        return [tensor], [grpcclient.InferRequestedOutput("PROBS")]
+        return [tensor], [grpcclient.InferRequestedOutput(tensors.SCORES)]
 
     def _infer(self, images: Sequence[bytes]) -> np.ndarray:
-        inputs, outputs = self._request("IMAGE", encoded_batch(images), "BYTES")
-        return self._client.infer(self.model, inputs, outputs=outputs).as_numpy("PROBS")
+        inputs, outputs = self._request(tensors.IMAGE, encoded_batch(images), "BYTES")
+        return self._client.infer(self.model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
 
     def _infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Decoded uint8 HWC RGB images of one shape -> the <model>_pixels ensemble (no re-encoding)."""
-        inputs, outputs = self._request("IMAGE_PIXELS", pixels, "UINT8")
-        return self._client.infer(f"{self.model}_pixels", inputs, outputs=outputs).as_numpy("PROBS")
+        inputs, outputs = self._request(tensors.IMAGE_PIXELS, pixels, "UINT8")
+        return self._client.infer(f"{self.model}_pixels", inputs, outputs=outputs).as_numpy(tensors.SCORES)
 
     def probabilities(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """(N, classes) probabilities for encoded images, batched into few requests."""
@@ -216,18 +226,18 @@ class AsyncClassifier:
         try:
             config = await self._client.get_model_config(self.model, **({"as_json": True} if self.protocol == "grpc" else {}))
         except InferenceServerException as exc:
-            raise ServeError(f"model {self.model!r} at {self.url}: {exc.message()}") from exc
+            raise server_error(exc, self.url, self.protocol, self.model) from exc
         except (ConnectionError, OSError) as exc:
-            raise ServeError(f"cannot reach Triton at {self.url} over {self.protocol}: {exc}") from exc
+            raise unreachable(self.url, self.protocol, exc) from exc
         config = config["config"] if self.protocol == "grpc" else config
         self.classes, self.max_batch_size = describe(config, self.model, self.url)
 
     async def _infer(self, images: Sequence[bytes]) -> np.ndarray:
         data = encoded_batch(images)
-        tensor = self._aio.InferInput("IMAGE", list(data.shape), "BYTES")
+        tensor = self._aio.InferInput(tensors.IMAGE, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
-        result = await self._client.infer(self.model, [tensor], outputs=[self._aio.InferRequestedOutput("PROBS")])
-        return result.as_numpy("PROBS")
+        result = await self._client.infer(self.model, [tensor], outputs=[self._aio.InferRequestedOutput(tensors.SCORES)])
+        return result.as_numpy(tensors.SCORES)
 
     async def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction]:
         import asyncio
@@ -239,7 +249,7 @@ class AsyncClassifier:
         try:
             parts = await asyncio.gather(*(self._infer(images[a:b]) for a, b in ranges))
         except InferenceServerException as exc:
-            raise ServeError(f"server error: {exc.message()}") from exc
+            raise server_error(exc, self.url, self.protocol, self.model) from exc
         probs = np.concatenate(parts)
         return [make_prediction(str(f), p, self.classes, top_k) for f, p in zip(files, probs)]
 

@@ -15,44 +15,55 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import onnx
-from PIL import Image
+from clfpipe.model_repository import TEMPLATES
 from google.protobuf import text_format
+from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
-import clfpipe.postprocess as postprocess_module
-import clfpipe.preprocess as preprocess_module
-from clfpipe.errors import ManifestError
-from clfpipe.manifest import Manifest, RunDir
-from export.variants import Variant
-from model_repository import TEMPLATES
+import clfpipe.contract.preprocess as preprocess_module
+import clfpipe.contract.probabilities as probabilities_module
+from clfpipe.contract import tensors
+from clfpipe.contract.engines import SERVED, Served, Variant
+from clfpipe.contract.errors import ManifestError
+from clfpipe.contract.manifest import Manifest, RunDir
+from clfpipe.contract.probabilities import NONE, SIGMOID, SOFTMAX
 
+log = logging.getLogger(__name__)
 TARGETS = ("embedded", "container")
 LABELS_FILE = "labels.txt"
-INPUT = "input"  # the backbone's input: uint8 NHWC pixels (folded preprocessing)
+INPUT = tensors.INPUT  # the backbone's input: uint8 NHWC pixels (folded preprocessing)
+IMAGE, IMAGE_PIXELS, PIXELS, PROBS, LABELS = tensors.IMAGE, tensors.IMAGE_PIXELS, tensors.PIXELS, tensors.SCORES, tensors.LABELS
 
 
 @dataclass(frozen=True)
 class Backbone:
-    model: str  # Triton model name
-    ensemble: str  # the ensemble that puts preprocess in front of it
+    served: Served  # Triton model and ensemble names
     variant: Variant
     onnx: Path
+
+    @property
+    def model(self) -> str:
+        return self.served.model
+
+    @property
+    def ensemble(self) -> str:
+        return self.served.ensemble
 
 
 def _tensor(name: str, dtype: int, dims: list[int], label_filename: str = "") -> dict:
     return dict(name=name, data_type=dtype, dims=dims, **({"label_filename": label_filename} if label_filename else {}))
 
 
-def _base(name: str, manifest: Manifest, kind: int, instances: int, inputs: list, outputs: list) -> mc.ModelConfig:
+def _base(name: str, manifest: Manifest, *, kind: int, instances: int, inputs: list, outputs: list) -> mc.ModelConfig:
     serve = manifest.recipe.serve
     config = mc.ModelConfig(name=name, max_batch_size=serve.max_batch_size)
     config.input.extend(mc.ModelInput(**t) for t in inputs)
@@ -85,33 +96,33 @@ def _warmup(config: mc.ModelConfig, inputs: dict[str, tuple[int, list[int], str]
 
 def preprocess_config(manifest: Manifest) -> mc.ModelConfig:
     serve = manifest.recipe.serve
-    config = _base("preprocess", manifest, mc.ModelInstanceGroup.KIND_CPU, serve.preprocess_instances,
-                   [_tensor("IMAGE", mc.TYPE_STRING, [1])], [_tensor("PIXELS", mc.TYPE_UINT8, _pixels_dims(manifest))])
+    config = _base("preprocess", manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.preprocess_instances,
+                   inputs=[_tensor(IMAGE, mc.TYPE_STRING, [1])], outputs=[_tensor(PIXELS, mc.TYPE_UINT8, _pixels_dims(manifest))])
     config.backend = "python"
     config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
     config.parameters["decode"].string_value = serve.decode
     if serve.warmup:
-        _warmup(config, {"IMAGE": (mc.TYPE_STRING, [1], WARMUP_IMAGE)}, [1, serve.max_batch_size])
+        _warmup(config, {IMAGE: (mc.TYPE_STRING, [1], WARMUP_IMAGE)}, [1, serve.max_batch_size])
     return config
 
 
 def preprocess_pixels_config(manifest: Manifest) -> mc.ModelConfig:
     """The second input form: decoded uint8 HWC images of any size."""
     serve = manifest.recipe.serve
-    config = _base("preprocess_pixels", manifest, mc.ModelInstanceGroup.KIND_CPU, serve.preprocess_instances,
-                   [_tensor("IMAGE_PIXELS", mc.TYPE_UINT8, [-1, -1, 3])],
-                   [_tensor("PIXELS", mc.TYPE_UINT8, _pixels_dims(manifest))])
+    config = _base("preprocess_pixels", manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.preprocess_instances,
+                   inputs=[_tensor(IMAGE_PIXELS, mc.TYPE_UINT8, [-1, -1, 3])],
+                   outputs=[_tensor(PIXELS, mc.TYPE_UINT8, _pixels_dims(manifest))])
     config.backend = "python"
     config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
     if serve.warmup:
-        _warmup(config, {"IMAGE_PIXELS": (mc.TYPE_UINT8, _pixels_dims(manifest), "")}, [1])
+        _warmup(config, {IMAGE_PIXELS: (mc.TYPE_UINT8, _pixels_dims(manifest), "")}, [1])
     return config
 
 
 def labels_config(manifest: Manifest) -> mc.ModelConfig:
     """Container target: PROBS -> LABELS as a python step after the ORT backbone."""
-    config = _base("labels", manifest, mc.ModelInstanceGroup.KIND_CPU, manifest.recipe.serve.preprocess_instances,
-                   [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)])], [_tensor("LABELS", mc.TYPE_STRING, [-1])])
+    config = _base("labels", manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=manifest.recipe.serve.preprocess_instances,
+                   inputs=[_tensor(PROBS, mc.TYPE_FP32, [len(manifest.classes)])], outputs=[_tensor(LABELS, mc.TYPE_STRING, [-1])])
     config.backend = "python"
     _label_parameters(config, manifest)
     return config
@@ -122,27 +133,23 @@ def _label_parameters(config: mc.ModelConfig, manifest: Manifest) -> None:
     config.parameters["top_k"].string_value = str(manifest.recipe.serve.top_k)
 
 
-def _activation(manifest: Manifest, variant: Variant) -> str:
-    if variant.fold_tta:
-        return "none"  # the graph already averages probabilities
-    return "sigmoid" if manifest.recipe.multi_label else "softmax"
-
-
 def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.ModelConfig:
     serve = manifest.recipe.serve
     inputs = [_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))]
-    outputs = [_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)]
+    outputs = [_tensor(PROBS, mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)]
     if target == "embedded":
-        outputs.append(_tensor("LABELS", mc.TYPE_STRING, [-1]))
-        config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_CPU, serve.model_instances, inputs, outputs)
+        outputs.append(_tensor(LABELS, mc.TYPE_STRING, [-1]))
+        config = _base(backbone.model, manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.model_instances,
+                       inputs=inputs, outputs=outputs)
         config.backend = "python"
         config.parameters["onnx_file"].string_value = "model.onnx"
         config.parameters["ort_threads"].string_value = str(serve.ort_threads)
         config.parameters["ort_spin"].string_value = json.dumps(serve.ort_spin)
-        config.parameters["activation"].string_value = _activation(manifest, backbone.variant)
+        config.parameters["activation"].string_value = backbone.variant.activation(manifest.recipe.multi_label)
         _label_parameters(config, manifest)
     else:
-        config = _base(backbone.model, manifest, mc.ModelInstanceGroup.KIND_GPU, serve.container_gpu_instances, inputs, outputs)
+        config = _base(backbone.model, manifest, kind=mc.ModelInstanceGroup.KIND_GPU, instances=serve.container_gpu_instances,
+                       inputs=inputs, outputs=outputs)
         config.platform = "onnxruntime_onnx"
     if serve.warmup:
         _warmup(config, {INPUT: (mc.TYPE_UINT8, _pixels_dims(manifest), "")}, [1, serve.max_batch_size])
@@ -161,20 +168,20 @@ def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embed
     """IMAGE (encoded bytes) or IMAGE_PIXELS (decoded uint8 HWC) -> PROBS and LABELS."""
     name = backbone.ensemble + ("_pixels" if pixels else "")
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=manifest.recipe.serve.max_batch_size)
-    image, pre = (("IMAGE_PIXELS", "preprocess_pixels") if pixels else ("IMAGE", "preprocess"))
+    image, pre = ((IMAGE_PIXELS, "preprocess_pixels") if pixels else (IMAGE, "preprocess"))
     dims = [-1, -1, 3] if pixels else [1]
     config.input.append(mc.ModelInput(**_tensor(image, mc.TYPE_UINT8 if pixels else mc.TYPE_STRING, dims)))
-    config.output.append(mc.ModelOutput(**_tensor("PROBS", mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)))
-    config.output.append(mc.ModelOutput(**_tensor("LABELS", mc.TYPE_STRING, [-1])))
+    config.output.append(mc.ModelOutput(**_tensor(PROBS, mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)))
+    config.output.append(mc.ModelOutput(**_tensor(LABELS, mc.TYPE_STRING, [-1])))
     steps = config.ensemble_scheduling.step
     # input_map/output_map: key = the step model's tensor, value = the ensemble's tensor.
-    steps.add(model_name=pre, model_version=-1, input_map={image: image}, output_map={"PIXELS": "pixels"})
+    steps.add(model_name=pre, model_version=-1, input_map={image: image}, output_map={PIXELS: "pixels"})
     if target == "embedded":  # the python backbone also writes LABELS: one step fewer
         steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"},
-                  output_map={"PROBS": "PROBS", "LABELS": "LABELS"})
+                  output_map={PROBS: PROBS, LABELS: LABELS})
     else:
-        steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"}, output_map={"PROBS": "PROBS"})
-        steps.add(model_name="labels", model_version=-1, input_map={"PROBS": "PROBS"}, output_map={"LABELS": "LABELS"})
+        steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"}, output_map={PROBS: PROBS})
+        steps.add(model_name="labels", model_version=-1, input_map={PROBS: PROBS}, output_map={LABELS: LABELS})
     # Clients read the class names in order from the model config: the repository describes itself.
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
     config.parameters["multi_label"].string_value = json.dumps(manifest.recipe.multi_label)
@@ -184,9 +191,10 @@ def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embed
 def plan_config(manifest: Manifest, name: str, entry: dict) -> mc.ModelConfig:
     """A tensorrt_plan model for an engine built from a folded-preprocessing variant."""
     (out_name, _), = entry["outputs"].items()
-    config = _base("backbone_trt", manifest, mc.ModelInstanceGroup.KIND_GPU, manifest.recipe.serve.container_gpu_instances,
-                   [_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))],
-                   [_tensor(out_name, mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)])
+    config = _base("backbone_trt", manifest, kind=mc.ModelInstanceGroup.KIND_GPU,
+                   instances=manifest.recipe.serve.container_gpu_instances,
+                   inputs=[_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))],
+                   outputs=[_tensor(out_name, mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)])
     config.platform = "tensorrt_plan"
     config.max_batch_size = min(manifest.recipe.serve.max_batch_size, entry["profile"]["max"])
     return config
@@ -200,15 +208,19 @@ def backbones(run: RunDir, manifest: Manifest) -> list[Backbone]:
     """The variants served: the recipe's serve.precision, folded preprocessing, with and without TTA."""
     precision = manifest.recipe.serve.precision
     found = []
-    for model, ensemble, tta in (("backbone", "classifier", False), ("backbone_tta", "classifier_tta", True)):
-        variant = Variant(precision, fold_preprocess=True, fold_tta=tta)
+    for served in SERVED:
+        variant = served.variant(precision)
         if variant.name in manifest.data["artifacts"]:
-            found.append(Backbone(model, ensemble, variant, run.artifact_path(manifest, variant.name)))
-        elif not tta:
+            found.append(Backbone(served, variant, run.artifact_path(manifest, variant.name)))
+        elif not served.fold_tta:
             flag = "" if precision == "fp32" else f" --precision {precision}"
             raise ManifestError(f"manifest has no artifact {variant.name!r}: the server takes uint8 pixels; run "
                                 f"'clfpipe export onnx --run {run.path} --fold-preprocess{flag}' first")
     return found
+
+
+# The activation appended to a graph for the container target's ORT and TensorRT backends
+ONNX_ACTIVATIONS = {SOFTMAX: ("Softmax", {"axis": -1}), SIGMOID: ("Sigmoid", {})}
 
 
 def with_probs_output(source: Path, target: Path, activation: str) -> None:
@@ -216,13 +228,13 @@ def with_probs_output(source: Path, target: Path, activation: str) -> None:
     model = onnx.load(str(source))
     graph = model.graph
     (out,) = graph.output
-    if activation == "none":
+    if activation == NONE:
         for node in graph.node:
-            node.output[:] = ["PROBS" if o == out.name else o for o in node.output]
+            node.output[:] = [PROBS if o == out.name else o for o in node.output]
     else:
-        op = "Softmax" if activation == "softmax" else "Sigmoid"
-        graph.node.append(onnx.helper.make_node(op, [out.name], ["PROBS"], **({"axis": -1} if op == "Softmax" else {})))
-    out.name = "PROBS"
+        op, attrs = ONNX_ACTIVATIONS[activation]
+        graph.node.append(onnx.helper.make_node(op, [out.name], [PROBS], **attrs))
+    out.name = PROBS
     onnx.checker.check_model(model)
     onnx.save_model(model, str(target))
 
@@ -253,7 +265,7 @@ def warmup_image_bytes() -> bytes:
     return struct.pack("<I", len(buf.getvalue())) + buf.getvalue()
 
 
-def _python_model(staging: Path, config: mc.ModelConfig, template: str, target: str, modules: tuple = ()) -> None:
+def _python_model(staging: Path, config: mc.ModelConfig, template: str, *, target: str, modules: tuple = ()) -> None:
     model_dir = _write_model(staging, config)
     shutil.copy2(TEMPLATES / template / "model.py", model_dir / "1" / "model.py")
     if target == "container":  # NVIDIA's image lacks clfpipe: ship the standalone modules it imports
@@ -263,11 +275,11 @@ def _python_model(staging: Path, config: mc.ModelConfig, template: str, target: 
 
 def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> list[str]:
     labels = "\n".join(manifest.classes) + "\n"
-    _python_model(staging, preprocess_config(manifest), "preprocess", target, (preprocess_module,))
-    _python_model(staging, preprocess_pixels_config(manifest), "preprocess_pixels", target, (preprocess_module,))
+    _python_model(staging, preprocess_config(manifest), "preprocess", target=target, modules=(preprocess_module,))
+    _python_model(staging, preprocess_pixels_config(manifest), "preprocess_pixels", target=target, modules=(preprocess_module,))
     names = ["preprocess", "preprocess_pixels"]
     if target == "container":
-        _python_model(staging, labels_config(manifest), "labels", target, (postprocess_module,))
+        _python_model(staging, labels_config(manifest), "labels", target=target, modules=(probabilities_module,))
         names.append("labels")
     for backbone in backbones(run, manifest):
         model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
@@ -275,7 +287,7 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> li
             shutil.copy2(TEMPLATES / "backbone" / "model.py", model_dir / "1" / "model.py")
             _link_or_copy(backbone.onnx, model_dir / "1" / "model.onnx")
         else:
-            with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", _activation(manifest, backbone.variant))
+            with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", backbone.variant.activation(manifest.recipe.multi_label))
         for pixels in (False, True):
             ensemble = ensemble_config(manifest, backbone, target, pixels)
             _write_model(staging, ensemble, labels)
@@ -283,7 +295,8 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> li
         names.append(backbone.model)
     if target == "container":
         for name, entry in manifest.data["artifacts"].items():
-            if name.startswith("trt") and entry.get("variant", {}).get("fold_preprocess"):
+            variant = Variant.from_dict(entry.get("variant", {}))
+            if "variant" in entry and variant.engine == "trt" and variant.fold_preprocess:
                 model_dir = _write_model(staging, plan_config(manifest, name, entry), labels)
                 _link_or_copy(run.artifact_path(manifest, name), model_dir / "1" / "model.plan")
                 names.append("backbone_trt")
@@ -297,7 +310,7 @@ def docker_command(out: Path, image: str) -> str:
             f"bash -c 'pip install -q pillow && tritonserver --model-repository=/models'")
 
 
-def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded", log: Callable[[str], None] = print) -> Path:
+def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded") -> Path:
     """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it."""
     if target not in TARGETS:
         raise ManifestError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
@@ -318,7 +331,7 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
     repos = dict(manifest.data["stages"].get("repo", {}).get("targets", {}))
     repos[target] = {"path": str(out.resolve()), "models": names}
     run.write(manifest.with_stage("repo", {"targets": repos, "path": repos.get("embedded", repos[target])["path"]}))
-    log(f"repo: {target} repository with models {', '.join(names)} -> {out}")
+    log.info("repo: %s repository with models %s -> %s", target, ", ".join(names), out)
     if target == "container":
-        log(f"repo: serve it with\n  {docker_command(out, manifest.recipe.serve.container_image)}")
+        log.info("repo: serve it with\n  %s", docker_command(out, manifest.recipe.serve.container_image))
     return out

@@ -1,13 +1,15 @@
 """The embedded Triton server: the real ``tritonserver`` from the nvidia-pytriton wheel.
 
-The wheel ships the binary, its shared libraries and the python backend with one stub per
-Python version (reference section 2). ``start_server`` assembles a backend directory with the
+The wheel ships the binary (``pytriton/tritonserver/bin``), its shared libraries
+(``nvidia_pytriton.libs``) and the python backend with one stub per Python version
+(``pytriton/tritonserver/python_backend_stubs/3.X``). ``start_server`` assembles a backend directory with the
 stub matching this interpreter, starts the server in its own process group with a pid file and
 a log, and returns once it is ready; ``stop_server`` ends the group (server and stubs).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +24,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clfpipe.errors import ServeError
+from clfpipe.contract.errors import ServeError
 
 PID_FILE = "server.json"
 LOG_FILE = "server.log"
@@ -75,11 +77,11 @@ def default_state_dir() -> Path:
 
 def find_triton() -> TritonInstall:
     """Locate tritonserver, its libraries and the python-backend stub for this Python."""
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise ServeError("nvidia-pytriton is not installed: expected it to provide tritonserver (pip install nvidia-pytriton)") from exc
-    root = Path(pytriton.__file__).parent / "tritonserver"
+    # find_spec, not import: importing pytriton pulls in its whole client (gevent, zmq, ...)
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError("nvidia-pytriton is not installed: expected it to provide tritonserver (pip install nvidia-pytriton)")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = TritonInstall(
         binary=root / "bin" / "tritonserver",
@@ -117,7 +119,7 @@ def server_env(install: TritonInstall) -> dict[str, str]:
 CONTROL_MODES = ("none", "explicit", "poll")
 
 
-def server_args(install: TritonInstall, repo: Path, backends: Path, host: str, ports: Ports,
+def server_args(install: TritonInstall, repo: Path, backends: Path, *, host: str, ports: Ports,
                 model_control: str = "none") -> list[str]:
     args = [
         str(install.binary),
@@ -193,7 +195,7 @@ def read_info(state_dir: Path | None = None) -> ServerInfo | None:
         return None
 
 
-def start_server(repo: Path, state_dir: Path | None = None, host: str = "127.0.0.1", ports: Ports = Ports(),
+def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.0.0.1", ports: Ports = Ports(),
                  timeout: float = 180.0, model_control: str = "none") -> ServerInfo:
     """Start tritonserver on REPO and return once it reports ready."""
     if model_control not in CONTROL_MODES:
@@ -213,7 +215,7 @@ def start_server(repo: Path, state_dir: Path | None = None, host: str = "127.0.0
     backends = prepare_backends(install, state_dir)
     log = state_dir / LOG_FILE
     with open(log, "wb") as out:
-        proc = subprocess.Popen(server_args(install, repo, backends, host, ports, model_control), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(server_args(install, repo, backends, host=host, ports=ports, model_control=model_control), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=server_env(install), start_new_session=True)
     info = ServerInfo(proc.pid, host, ports, str(repo), str(log), time.time())
     (state_dir / PID_FILE).write_text(info.to_json())

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import write_demo_dataset
-from clfpipe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "recipes" / "demo.toml"
@@ -50,7 +50,7 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real tritonserver on free loopback ports, serving the trained run."""
-    from serve.server import Ports, start_server, stop_server
+    from clfpipe.serve.server import Ports, start_server, stop_server
 
     repo = trained_run / "model_repository"
     state = tmp_path_factory.mktemp("server")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from clfpipe.agreement import compare
+from clfpipe.contract.metrics import compare
 
 
 def test_within_scaled_tolerance_passes():

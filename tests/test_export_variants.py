@@ -9,19 +9,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from clfpipe.export.onnx_export import calibration_files, export_onnx, validation_split
+from clfpipe.export.quantize import quantize_int8
+from clfpipe.train.evaluate import deterministic_tta
 
 from clfpipe.cli import main
-from clfpipe.errors import ExportError
-from clfpipe.inference import load_run_model
-from clfpipe.manifest import RunDir, sha256_file
-from clfpipe.ort import make_session, ort_logits
-from clfpipe.preprocess import normalize
-from clfpipe.preprocess import load_pixels
-from export.onnx_export import calibration_files, export_onnx, validation_split
-from export.quantize import quantize_int8
-from export.tensorrt import check_engine_platform, trt_status
-from export.variants import Variant, variant_inputs
-from train.evaluate import deterministic_tta
+from clfpipe.contract.engines import Variant
+from clfpipe.contract.errors import ExportError
+from clfpipe.contract.manifest import RunDir, sha256_file
+from clfpipe.contract.preprocess import load_pixels, normalize
+from clfpipe.nn.reference import load_run_model
+from clfpipe.runtime.ort import make_session
+from clfpipe.runtime.ort import run_graph as ort_logits
+from clfpipe.runtime.tensorrt import check_engine_platform, trt_status
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def ladder_run(trained_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("ladder") / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("model_repository*"))
     for variant in LADDER:
-        export_onnx(run, variant=variant, log=lambda _: None)
+        export_onnx(run, variant=variant)
     return run
 
 
@@ -71,19 +71,19 @@ def test_folded_tta_equals_the_training_side_deterministic_tta(trained_run):
     manifest = run.read()
     split = validation_split(manifest, None)
     served = ort_logits(make_session(trained_run / "model-pre-tta.onnx"), load_pixels(split.files, manifest.preprocess))
-    training = deterministic_tta(load_run_model(run, manifest), split, manifest.preprocess, 32, torch.device("cpu"))
+    training = deterministic_tta(load_run_model(run, manifest), split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
     np.testing.assert_allclose(served, training, atol=1e-5)
     assert np.allclose(served.sum(1), 1.0, atol=1e-5)
 
 
 def test_int8_calibration_is_deterministic(trained_run, tmp_path):
     manifest = RunDir(trained_run).read()
-    from clfpipe.dataset import scan_data
+    from clfpipe.contract.dataset import scan_data
 
     train = scan_data(manifest.data["data_dir"], "train", classes=tuple(manifest.classes), verify=False)
     files = calibration_files(train, 16, seed=0)
     assert files == calibration_files(train, 16, seed=0) and files != calibration_files(train, 16, seed=1)
-    inputs = variant_inputs(load_pixels(files, manifest.preprocess), manifest.preprocess, Variant("int8"))
+    inputs = Variant("int8").input_form.prepare(load_pixels(files, manifest.preprocess), manifest.preprocess)
     for name in ("a.onnx", "b.onnx"):
         quantize_int8(trained_run / "model.onnx", tmp_path / name, inputs, symmetric_activations=False)
     assert sha256_file(tmp_path / "a.onnx") == sha256_file(tmp_path / "b.onnx")
@@ -128,7 +128,7 @@ def test_export_trt_without_tensorrt_says_so_in_one_line(trained_run, capsys):
 
 @pytest.mark.skipif(not trt_status()[0], reason=f"TensorRT unavailable: {trt_status()[1]}")
 def test_tensorrt_engine_builds_and_agrees(ladder_run):
-    from export.verify import verify_run
+    from clfpipe.export.verify import verify_run
 
     assert main(["export", "trt", "--run", str(ladder_run), "--variant", "onnx-fp16", "--max-batch", "32"]) == 0
     rows, passed = verify_run(ladder_run)

@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from clfpipe.train.lr_find import diverged, exp_lrs, lr_find, smooth_losses, suggest_minimum, suggest_steep, suggest_valley
 from torch import nn
 
-from clfpipe.recipe import LrFindConfig
-from train.lr_find import diverged, exp_lrs, lr_find, smooth_losses, suggest_minimum, suggest_steep, suggest_valley
+from clfpipe.contract.recipe import LrFindConfig
 
 
 def test_exponential_sweep_closed_form():
@@ -47,7 +47,8 @@ def test_lr_find_on_a_small_problem_restores_weights_exactly():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
     result = lr_find(model, batches, lambda b: nn.functional.cross_entropy(model(b[0]), b[1]),
-                     lambda: torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), LrFindConfig(num_it=100), model.train)
+                     lambda: torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), config=LrFindConfig(num_it=100),
+                     set_mode=model.train)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert set(result.suggestions) == {"valley", "steep", "minimum"}

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from clfpipe.errors import ManifestError
-from clfpipe.manifest import RunDir, new_manifest, sha256_file
-from clfpipe.recipe import load_recipe
+from clfpipe.contract.errors import ManifestError
+from clfpipe.contract.manifest import RunDir, new_manifest, sha256_file
+from clfpipe.contract.recipe import load_recipe
 
 
 def _manifest(tmp_path):
@@ -16,7 +16,7 @@ def test_round_trip_with_artifact(tmp_path):
     (tmp_path / "run").mkdir()
     weights = tmp_path / "run" / "model.pt"
     weights.write_bytes(b"weights")
-    manifest = _manifest(tmp_path).with_artifact("checkpoint", run.path, weights, "train", {"torch": "x"})
+    manifest = _manifest(tmp_path).with_artifact("checkpoint", run.path, weights, stage="train", versions={"torch": "x"})
     manifest = manifest.with_stage("train", {"valid_accuracy": 0.9})
     run.write(manifest)
     back = run.read()
@@ -33,7 +33,7 @@ def test_changed_artifact_is_detected(tmp_path):
     run = RunDir(tmp_path)
     weights = tmp_path / "model.pt"
     weights.write_bytes(b"weights")
-    run.write(_manifest(tmp_path).with_artifact("checkpoint", tmp_path, weights, "train", {}))
+    run.write(_manifest(tmp_path).with_artifact("checkpoint", tmp_path, weights, stage="train", versions={}))
     weights.write_bytes(b"tampered")
     with pytest.raises(ManifestError, match="changed since train wrote it"):
         run.artifact_path(run.read(), "checkpoint")

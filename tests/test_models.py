@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from clfpipe.models import build_model, set_trainable, train_mode
-from clfpipe.recipe import ModelConfig
+from clfpipe.contract.recipe import ModelConfig
+from clfpipe.nn.models import build_model, set_trainable, train_mode
 
 
 def test_three_layer_groups_and_head_shape():
@@ -30,10 +30,10 @@ def test_frozen_body_keeps_batchnorm_in_eval():
 
 
 def test_any_resnet_family_classifier_splits():
-    from clfpipe.errors import RecipeError
-    from clfpipe.models import splittable_archs
+    from clfpipe.contract.archs import arch_names
+    from clfpipe.contract.errors import RecipeError
 
-    assert {"resnet18", "resnet34", "resnext50_32x4d", "wide_resnet50_2"} <= set(splittable_archs())
+    assert {"resnet18", "resnet34", "resnext50_32x4d", "wide_resnet50_2"} <= set(arch_names())
     model = build_model(ModelConfig(arch="resnet18"), 4)
     assert model.head[2].num_features == 1024 and len(model.layer_groups()) == 3
     import pytest

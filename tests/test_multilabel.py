@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from clfpipe.dataset import scan_data
+from clfpipe.contract.dataset import scan_data
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.metrics import best_threshold, f2_score
 from clfpipe.demo_data import LABELS_CSV, write_demo_multilabel
-from clfpipe.errors import DataError
-from train.metrics import best_threshold, f2_score
 
 # Hand-checked: 3 samples, 4 tags.
 TARGETS = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
@@ -45,17 +45,19 @@ def test_planet_layout_scans_to_multi_hot(tmp_path):
 
 @pytest.mark.slow
 def test_multilabel_trains_exports_and_records_f2(tmp_path):
-    from clfpipe.inference import files_to_batch, load_run_model, probabilities, torch_logits
-    from clfpipe.manifest import RunDir
-    from clfpipe.recipe import load_recipe
-    from export.onnx_export import export_onnx
-    from serve.pipeline import OnnxProbabilities
-    from train.loop import train_run
+    from clfpipe.export.onnx_export import export_onnx
+    from clfpipe.train.loop import train_run
+
+    from clfpipe.contract.manifest import RunDir
+    from clfpipe.contract.probabilities import probabilities
+    from clfpipe.contract.recipe import load_recipe
+    from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
+    from clfpipe.runtime.ort import OnnxProbabilities
 
     write_demo_multilabel(tmp_path / "data", train=96, valid=24, image_size=48)
     recipe = load_recipe(None, [f"data.labels_csv={LABELS_CSV}", "data.batch_size=16", "stages.0.epochs=2",
                                 "stages.0.size=32", "evaluate.report=true"])
-    manifest = train_run(tmp_path / "data", tmp_path / "run", recipe, log=lambda _: None)
+    manifest = train_run(tmp_path / "data", tmp_path / "run", recipe)
     figures = manifest.stage("train")
     assert figures["metric"] == "f2" and 0.17 <= figures["threshold"] <= 0.24
     assert set(figures["f2"]) == {"plain", "tta_fastai", "tta_deterministic"} and 0 < figures["valid_f2"] <= 1

@@ -9,21 +9,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from clfpipe.export.onnx_export import check_variant, export_onnx, write_onnx
+from clfpipe.serve.client import Classifier
+from clfpipe.serve.server import Ports, _group_alive, server_status, start_server
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from clfpipe.cli import main
-from clfpipe.dataset import scan_split
-from clfpipe.errors import ExportError, ManifestError, ServeError
-from clfpipe.inference import files_to_batch, load_run_model, softmax, torch_logits
-from clfpipe.manifest import RunDir
-from clfpipe.models import build_model
-from clfpipe.recipe import ModelConfig
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.engines import Variant
+from clfpipe.contract.errors import ExportError, ManifestError, ServeError
+from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.probabilities import softmax
+from clfpipe.contract.recipe import ModelConfig
+from clfpipe.nn.models import build_model
+from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
 from clfpipe.pipeline import served_agreement
-from export.onnx_export import check_variant, export_onnx, write_onnx
-from export.variants import Variant
-from serve.client import Classifier
-from serve.server import Ports, _group_alive, server_status, start_server
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -64,15 +65,16 @@ def test_run_directory_describes_itself(trained_run):
 
 
 def test_tta_policies_repeat_exactly(trained_run):
-    from train.evaluate import deterministic_tta, fastai_tta, predict_probs
+    from clfpipe.train.evaluate import deterministic_tta, fastai_tta, predict_probs
 
     run = RunDir(trained_run)
     manifest = run.read()
     model, valid, spec, cpu = load_run_model(run, manifest), _valid(trained_run), manifest.preprocess, torch.device("cpu")
-    plain = predict_probs(model, valid, spec, 32, cpu)
-    first = fastai_tta(model, valid, spec, 32, cpu, "side_on", 4, 0, plain)
-    np.testing.assert_array_equal(first, fastai_tta(model, valid, spec, 32, cpu, "side_on", 4, 0, plain))
-    np.testing.assert_array_equal(deterministic_tta(model, valid, spec, 32, cpu), deterministic_tta(model, valid, spec, 32, cpu))
+    common = dict(spec=spec, batch_size=32, device=cpu)
+    plain = predict_probs(model, valid, **common)
+    first = fastai_tta(model, valid, **common, augment="side_on", n_aug=4, seed=0, plain=plain)
+    np.testing.assert_array_equal(first, fastai_tta(model, valid, **common, augment="side_on", n_aug=4, seed=0, plain=plain))
+    np.testing.assert_array_equal(deterministic_tta(model, valid, **common), deterministic_tta(model, valid, **common))
     assert not np.array_equal(first, plain)
 
 
@@ -106,8 +108,8 @@ def test_gate_rejects_a_perturbed_model(trained_run, tmp_path):
     with torch.no_grad():
         perturbed.head[8].bias[0] += 0.05  # one weight of the last layer
     path = tmp_path / "perturbed.onnx"
-    write_onnx(perturbed, path, torch.zeros(2, 3, 64, 64), 20, {})
-    result = check_variant(path, model, manifest, Variant(), _valid(trained_run))
+    write_onnx(perturbed, path, torch.zeros(2, 3, 64, 64), opset=20, metadata={})
+    result = check_variant(path, model, manifest, Variant(), split=_valid(trained_run))
     assert not result.passed and result.max_abs_diff == pytest.approx(0.05, rel=1e-3)
 
 

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from clfpipe.train.precompute import FeatureCache, cached_features
 
-from clfpipe.dataset import scan_split
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.preprocess import PreprocessSpec
+from clfpipe.contract.recipe import ModelConfig
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.models import build_model
-from clfpipe.preprocess import PreprocessSpec
-from clfpipe.recipe import ModelConfig
-from train.precompute import FeatureCache, cached_features
+from clfpipe.nn.models import build_model
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def setup(tmp_path):
 
 
 def _features(root, model, cache, spec):
-    return cached_features(model, scan_split(root / "data", "train"), spec, cache, 4, torch.device("cpu"))
+    return cached_features(model, scan_split(root / "data", "train"), spec, cache, batch_size=4, device=torch.device("cpu"))
 
 
 def test_miss_then_hit_with_equal_features(setup):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from clfpipe.preprocess import PreprocessSpec, decode_image, normalize, preprocess_file, resize_crop
+from clfpipe.contract.preprocess import PreprocessSpec, decode_image, normalize, preprocess_file, resize_crop
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -1,7 +1,7 @@
 import pytest
 
-from clfpipe.errors import RecipeError
-from clfpipe.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+from clfpipe.contract.errors import RecipeError
+from clfpipe.contract.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
 from tests.conftest import DEMO_RECIPE
 
 

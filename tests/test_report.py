@@ -1,7 +1,6 @@
 import numpy as np
+from clfpipe.train.report import confusion_matrix, most_correct, most_incorrect, most_uncertain, write_report
 from PIL import Image
-
-from train.report import confusion_matrix, most_correct, most_incorrect, most_uncertain, write_report
 
 # 6 images, 3 classes; rows are probabilities, labels the truth.
 PROBS = np.array([
@@ -30,7 +29,7 @@ def test_report_files(tmp_path):
         f = tmp_path / f"{i}.png"
         Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
         files.append(f)
-    index = write_report(tmp_path / "report", files, LABELS, PROBS, ["a", "b", "c"], k=4)
+    index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=["a", "b", "c"], k=4)
     html = index.read_text()
     assert "confusion_matrix.png" in html and "a_most_incorrect.png" in html
     assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 1000

@@ -2,17 +2,25 @@ import json
 from pathlib import Path
 
 import pytest
+from clfpipe.serve.repository import (
+    Backbone,
+    backbone_config,
+    config_text,
+    docker_command,
+    ensemble_config,
+    plan_config,
+    preprocess_config,
+)
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from clfpipe.manifest import new_manifest
-from clfpipe.preprocess import PreprocessSpec
-from clfpipe.recipe import load_recipe
-from export.variants import Variant
-from serve.repository import Backbone, backbone_config, config_text, docker_command, ensemble_config, plan_config, preprocess_config
+from clfpipe.contract.engines import SERVED, Variant
+from clfpipe.contract.manifest import new_manifest
+from clfpipe.contract.preprocess import PreprocessSpec
+from clfpipe.contract.recipe import load_recipe
 
-PLAIN = Backbone("backbone", "classifier", Variant("fp32", True, False), Path("model-pre.onnx"))
-TTA = Backbone("backbone_tta", "classifier_tta", Variant("fp32", True, True), Path("model-pre-tta.onnx"))
+PLAIN = Backbone(SERVED[0], Variant("fp32", True, False), Path("model-pre.onnx"))
+TTA = Backbone(SERVED[1], Variant("fp32", True, True), Path("model-pre-tta.onnx"))
 
 
 def _manifest(tmp_path, *overrides):

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
+from clfpipe.train.loop import STATE_FILE, train_run
 
 from clfpipe.cli import main
+from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.manifest import RunDir
-from clfpipe.recipe import load_recipe
-from train.loop import STATE_FILE, train_run
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     recipe_path = tmp_path / "recipe.toml"
     recipe_path.write_text(RECIPE)
     reference = tmp_path / "reference"
-    train_run(data, reference, load_recipe(recipe_path), log=lambda _: None)
+    train_run(data, reference, load_recipe(recipe_path))
 
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "clfpipe.cli", "train", "--data", str(data), "--run", str(run),

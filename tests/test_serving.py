@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import struct
 import threading
 
@@ -13,20 +14,21 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from clfpipe.export.onnx_export import validation_split
+from clfpipe.serve.bench import run_level
+from clfpipe.serve.client import AsyncClassifier, Classifier
+from clfpipe.serve.repository import build_repository
+from clfpipe.train.evaluate import deterministic_tta
 from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from clfpipe.cli import main
-from clfpipe.inference import load_run_model
-from clfpipe.manifest import RunDir
-from clfpipe.preprocess import load_image
-from export.onnx_export import validation_split
-from serve.bench import run_level
-from serve.client import AsyncClassifier, Classifier
-from serve.repository import build_repository
-from train.evaluate import deterministic_tta
+from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.preprocess import load_image
+from clfpipe.contract.probabilities import softmax
+from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,7 @@ def test_classifier_tta_equals_the_training_side_deterministic_tta(trained_run, 
     run = RunDir(trained_run)
     manifest = run.read()
     split = _valid(trained_run)
-    expected = deterministic_tta(load_run_model(run, manifest), split, manifest.preprocess, 32, torch.device("cpu"))
+    expected = deterministic_tta(load_run_model(run, manifest), split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
     client = Classifier(server.http_url if protocol == "http" else server.grpc_url, protocol, model="classifier_tta")
     served = client.probabilities([f.read_bytes() for f in split.files])
     np.testing.assert_allclose(served, expected, atol=1e-4)
@@ -100,7 +102,7 @@ def test_async_client(trained_run, server):
 def test_batches_form_under_concurrency(trained_run, server):
     images = [f.read_bytes() for f in _valid(trained_run).files]
     for model, backbone in (("classifier", "backbone"), ("classifier_tta", "backbone_tta")):
-        level = run_level(server.http_url, "http", model, images, 8, 1, 64, None)
+        level = run_level(server.http_url, "http", model, images, concurrency=8, requests=64)
         stats = level.server[backbone]
         assert level.errors == 0 and stats["inference_count"] == 64
         assert stats["execution_count"] < stats["inference_count"] / 1.5, stats  # dynamic batches formed
@@ -113,9 +115,13 @@ def test_bench_command_writes_csv_json_png(trained_run, server, tmp_path, capsys
                  "--images", str(_valid(trained_run).files[0].parent), "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert [l["concurrency"] for l in report["levels"]] == [1, 4]
-    level = report["levels"][1]
-    assert level["throughput"] > 0 and level["p50_ms"] <= level["p99_ms"]
-    assert {"preprocess", "backbone"} <= set(level["server"]) and "queue_us" in level["server"]["backbone"]
+    for level in report["levels"]:
+        assert level["requests"] == level["images"] == 8 and level["errors"] == 0
+        assert level["throughput"] == pytest.approx(level["images"] / level["seconds"])
+        assert 0 < level["p50_ms"] <= level["p90_ms"] <= level["p95_ms"] <= level["p99_ms"] < level["seconds"] * 1000
+        backbone = level["server"]["backbone"]
+        assert backbone["inference_count"] == 8 and 1 <= backbone["mean_batch"] <= level["concurrency"]
+        assert backbone["queue_us"] >= 0 and backbone["compute_infer_us"] > 0
     assert (out / "bench.csv").read_text().count("\n") == 3 and (out / "bench.png").stat().st_size > 1000
 
 
@@ -139,11 +145,18 @@ def test_bad_input_gets_a_clear_error_and_the_next_request_its_answer(trained_ru
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("image", [np.full((40, 50), 90, np.uint8), np.full((40, 50, 4), 200, np.uint8),
-                                   np.full((40, 50), 40000, np.uint16)], ids=["gray", "rgba", "16-bit"])
-def test_other_png_modes_are_served(server, image):
+@pytest.mark.parametrize("image", [np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8),
+                                   np.random.default_rng(1).integers(0, 256, (40, 50, 4), dtype=np.uint8),
+                                   np.random.default_rng(2).integers(0, 65536, (40, 50), dtype=np.uint16)],
+                         ids=["gray", "rgba", "16-bit"])
+def test_other_png_modes_are_served_as_pytorch_sees_them(trained_run, server, image, tmp_path):
     probs = _infer(server, "http", "classifier", "IMAGE", np.array([[_png(image)]], dtype=np.object_), "BYTES").as_numpy("PROBS")
-    assert probs.shape == (1, 3)
+    path = tmp_path / "x.png"
+    path.write_bytes(_png(image))
+    run = RunDir(trained_run)
+    manifest = run.read()
+    expected = softmax(torch_logits(load_run_model(run, manifest), files_to_batch([path], manifest.preprocess)))
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
 def test_wrong_dtype_shape_and_empty_batch_are_refused(server):
@@ -180,7 +193,7 @@ def test_one_bad_request_in_a_dynamic_batch_fails_alone(trained_run, server):
 
 def test_both_targets_generate_configs_triton_parses(trained_run, tmp_path):
     for target in ("embedded", "container"):
-        repo = build_repository(trained_run, tmp_path / target, target, log=lambda _: None)
+        repo = build_repository(trained_run, tmp_path / target, target)
         configs = list(repo.glob("*/config.pbtxt"))
         assert len(configs) >= 7
         for path in configs:
@@ -193,7 +206,7 @@ def test_both_targets_generate_configs_triton_parses(trained_run, tmp_path):
                         assert struct.unpack("<I", data[:4])[0] == len(data) - 4  # one length-prefixed BYTES element
     container = tmp_path / "container"
     assert (container / "preprocess" / "1" / "clfpipe_preprocess.py").is_file()
-    assert (container / "labels" / "1" / "clfpipe_postprocess.py").is_file()
+    assert (container / "labels" / "1" / "clfpipe_probabilities.py").is_file()
     backbone = text_format.Parse((container / "backbone" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert backbone.platform == "onnxruntime_onnx"
     import onnx
@@ -201,5 +214,27 @@ def test_both_targets_generate_configs_triton_parses(trained_run, tmp_path):
     assert [o.name for o in onnx.load(str(container / "backbone" / "1" / "model.onnx")).graph.output] == ["PROBS"]
 
 
+def _non_loopback_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
 def test_server_binds_loopback_by_default(server):
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to try")
+    with socket.socket() as control:  # the address is reachable: a listener on all interfaces accepts there
+        control.bind(("0.0.0.0", 0))
+        control.listen()
+        socket.create_connection((address, control.getsockname()[1]), timeout=5).close()
     assert server.host == "127.0.0.1"
+    for port in (server.ports.http, server.ports.grpc, server.ports.metrics):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, port), timeout=5)

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from clfpipe.train.data import ImageDataset, make_loader
 
-from clfpipe.dataset import Split
-from clfpipe.models import Classifier
-from clfpipe.preprocess import PreprocessSpec
-from clfpipe.tta import DETERMINISTIC_VIEWS, average_probs
-from train.data import ImageDataset, make_loader
-from train.metrics import accuracy, best_threshold, f2_score
+from clfpipe.contract.dataset import Split
+from clfpipe.contract.metrics import best_threshold, score
+from clfpipe.contract.preprocess import PreprocessSpec
+from clfpipe.contract.probabilities import activate, activation_for
+from clfpipe.contract.progress import progress
+from clfpipe.nn.models import Classifier
+from clfpipe.nn.tta import average_probs
 
 
 @dataclass(frozen=True)
@@ -24,54 +26,56 @@ class Evaluation:
     probs: np.ndarray  # plain pass, (N, classes)
     scores: dict[str, float]  # "plain" and "tta_<policy>"
     threshold: float | None = None  # multi-label only
+    tta_probs: dict[str, np.ndarray] | None = None  # per policy
 
 
-def _activate(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+def _batches(split: Split, spec: PreprocessSpec, batch_size: int, *, augment: str, what: str):
+    loader = make_loader(ImageDataset(split, spec, augment), batch_size, shuffle=False, num_workers=0, seed=0)
+    return progress(loader, what, total=len(loader), unit="batch")
 
 
 @torch.inference_mode()
-def predict_probs(model: Classifier, split: Split, spec: PreprocessSpec, batch_size: int, device: torch.device,
+def predict_probs(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int, device: torch.device,
                   augment: str = "none") -> np.ndarray:
     model.eval()
-    loader = make_loader(ImageDataset(split, spec, augment), batch_size, False, 0, 0)
-    return np.concatenate([_activate(model(x.to(device)), split.multi_label).float().cpu().numpy() for x, _ in loader])
+    activation = activation_for(split.multi_label)
+    return np.concatenate([activate(model(x.to(device)).float().cpu().numpy(), activation)
+                           for x, _ in _batches(split, spec, batch_size, augment=augment, what=f"predict ({augment})")])
 
 
 @torch.inference_mode()
-def deterministic_tta(model: Classifier, split: Split, spec: PreprocessSpec, batch_size: int, device: torch.device) -> np.ndarray:
+def deterministic_tta(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int,
+                      device: torch.device) -> np.ndarray:
     model.eval()
-    loader = make_loader(ImageDataset(split, spec), batch_size, False, 0, 0)
-    return np.concatenate([average_probs(model, x.to(device), DETERMINISTIC_VIEWS, split.multi_label).float().cpu().numpy()
-                           for x, _ in loader])
+    activation = activation_for(split.multi_label)
+    return np.concatenate([average_probs(model, x.to(device), activation).float().cpu().numpy()
+                           for x, _ in _batches(split, spec, batch_size, augment="none", what="TTA (deterministic views)")])
 
 
-def fastai_tta(model: Classifier, split: Split, spec: PreprocessSpec, batch_size: int, device: torch.device,
+def fastai_tta(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int, device: torch.device,
                augment: str, n_aug: int, seed: int, plain: np.ndarray) -> np.ndarray:
     """fastai 0.7: the plain pass plus n_aug passes with the training augmentation, probabilities
     averaged. Seeded, so the same run reports the same figure twice."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        passes = [predict_probs(model, split, spec, batch_size, device, augment) for _ in range(n_aug)]
+        passes = [predict_probs(model, split, spec=spec, batch_size=batch_size, device=device, augment=augment)
+                  for _ in range(n_aug)]
     finally:
         torch.set_rng_state(state)
     return np.mean([plain, *passes], axis=0)
 
 
-def evaluate(model: Classifier, split: Split, spec: PreprocessSpec, batch_size: int, device: torch.device,
+def evaluate(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int, device: torch.device,
              policies: tuple[str, ...], augment: str, n_aug: int, seed: int) -> Evaluation:
     labels = np.asarray(split.labels)
-    plain = predict_probs(model, split, spec, batch_size, device)
-    threshold = None
-    if split.multi_label:
-        threshold, _ = best_threshold(plain, labels)
-        score = lambda probs: f2_score(probs, labels, threshold)  # noqa: E731
-    else:
-        score = lambda probs: accuracy(probs, labels)  # noqa: E731
-    result = {"plain": score(plain)}
+    plain = predict_probs(model, split, spec=spec, batch_size=batch_size, device=device)
+    threshold = best_threshold(plain, labels)[0] if split.multi_label else None
+    tta: dict[str, np.ndarray] = {}
     if "fastai" in policies:
-        result["tta_fastai"] = score(fastai_tta(model, split, spec, batch_size, device, augment, n_aug, seed, plain))
+        tta["fastai"] = fastai_tta(model, split, spec=spec, batch_size=batch_size, device=device, augment=augment,
+                                   n_aug=n_aug, seed=seed, plain=plain)
     if "deterministic" in policies:
-        result["tta_deterministic"] = score(deterministic_tta(model, split, spec, batch_size, device))
-    return Evaluation(plain, result, threshold)
+        tta["deterministic"] = deterministic_tta(model, split, spec=spec, batch_size=batch_size, device=device)
+    scores = {"plain": score(plain, labels, threshold), **{f"tta_{k}": score(v, labels, threshold) for k, v in tta.items()}}
+    return Evaluation(plain, scores, threshold, tta)

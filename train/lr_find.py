@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clfpipe.recipe import LrFindConfig
+from clfpipe.contract.recipe import LrFindConfig
 
 
 def exp_lrs(start: float, end: float, n: int) -> np.ndarray:
@@ -82,7 +82,7 @@ def _forever(batches: Iterable) -> Iterator:
 
 
 def lr_find(model: nn.Module, batches: Iterable, loss_fn: Callable[[tuple], torch.Tensor],
-            make_optimizer: Callable[[], torch.optim.Optimizer], config: LrFindConfig,
+            make_optimizer: Callable[[], torch.optim.Optimizer], *, config: LrFindConfig,
             set_mode: Callable[[], None]) -> LrFindResult:
     """Sweep config.start..config.end over config.num_it batches; the model's weights are restored."""
     saved = copy.deepcopy(model.state_dict())

@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+from clfpipe.train.data import ImageDataset, make_loader
 
-from clfpipe.dataset import Split
-from clfpipe.manifest import atomic_write_bytes, sha256_file
-from clfpipe.models import Classifier
-from clfpipe.preprocess import PreprocessSpec
-from train.data import ImageDataset, make_loader
+from clfpipe.contract.dataset import Split
+from clfpipe.contract.manifest import atomic_write_bytes, sha256_file
+from clfpipe.contract.preprocess import PreprocessSpec
+from clfpipe.contract.progress import progress
+from clfpipe.nn.models import Classifier
 
 CACHE_VERSION = 1
 
@@ -56,12 +57,13 @@ def cache_key(model: Classifier, spec: PreprocessSpec, split: Split) -> str:
 
 
 @torch.inference_mode()
-def pooled_features(model: Classifier, split: Split, spec: PreprocessSpec, batch_size: int, device: torch.device) -> np.ndarray:
+def pooled_features(model: Classifier, split: Split, spec: PreprocessSpec, *, batch_size: int, device: torch.device) -> np.ndarray:
     """body + concat pool + flatten on every image (validation transforms), as float32 (N, 2C)."""
     model.eval()
-    loader = make_loader(ImageDataset(split, spec), batch_size, False, 0, 0)
+    loader = make_loader(ImageDataset(split, spec), batch_size, shuffle=False, num_workers=0, seed=0)
     pool = model.head[:2]
-    return np.concatenate([pool(model.body(x.to(device))).float().cpu().numpy() for x, _ in loader])
+    batches = progress(loader, f"precompute {len(split)} images", unit="batch")
+    return np.concatenate([pool(model.body(x.to(device))).float().cpu().numpy() for x, _ in batches])
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class FeatureCache:
         return CacheResult(features, key, "rebuilt (corrupt)" if existed else "miss")
 
 
-def cached_features(model: Classifier, split: Split, spec: PreprocessSpec, cache: FeatureCache, batch_size: int,
+def cached_features(model: Classifier, split: Split, spec: PreprocessSpec, cache: FeatureCache, *, batch_size: int,
                     device: torch.device) -> CacheResult:
     key = cache_key(model, spec, split)
-    return cache.get(key, lambda: pooled_features(model, split, spec, batch_size, device))
+    return cache.get(key, lambda: pooled_features(model, split, spec, batch_size=batch_size, device=device))

@@ -1,4 +1,4 @@
-"""The data-cleaning report (seed notes): most correct, most incorrect and most uncertain images
+"""The data-cleaning report (fastai lesson 1): most correct, most incorrect and most uncertain images
 per class, the confusion matrix and per-class accuracy, linked from RUN_DIR/report/index.html."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clfpipe.preprocess import load_image
+from clfpipe.contract.preprocess import load_image
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -77,7 +77,7 @@ def _confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path) -> No
     plt.close(fig)
 
 
-def write_report(out_dir: Path, files: Sequence[Path], labels: np.ndarray, probs: np.ndarray,
+def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, probs: np.ndarray,
                  classes: Sequence[str], k: int = 8) -> Path:
     """Write PNGs and index.html into out_dir; returns the index path."""
     out_dir.mkdir(parents=True, exist_ok=True)

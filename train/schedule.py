@@ -1,17 +1,52 @@
-"""Learning-rate schedules as pure functions of the step (fastai's sched_cos and SGDR).
+"""Learning-rate schedules as pure functions, composed the way fastai's ``combine_scheds`` does.
 
-Each returns a multiplier in [0, 1] of the stage's peak learning rates.
+A schedule maps the position in a stage (0 at its first step, 1 at its end) to a multiplier of the
+stage's peak learning rates. Positions are exact fractions (step / total steps), so cycle
+boundaries land exactly on their first step.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from typing import Callable, Sequence
+
+from clfpipe.contract.recipe import StageConfig
+
+Sched = Callable[[Fraction], float]
 
 
 def cosine(t: float) -> float:
     """Cosine annealing from 1 at t=0 to 0 at t=1: (cos(pi t) + 1) / 2."""
-    t = min(max(t, 0.0), 1.0)
+    t = min(max(float(t), 0.0), 1.0)
     return 0.5 * (math.cos(math.pi * t) + 1.0)
+
+
+def sched_cos(start: float, end: float) -> Sched:
+    """fastai's sched_cos: cosine from start to end."""
+    return lambda pos: end + (start - end) * cosine(pos)
+
+
+def sched_const(value: float) -> Sched:
+    return lambda pos: value
+
+
+def combine_scheds(spans: Sequence[int | Fraction], scheds: Sequence[Sched]) -> Sched:
+    """Run scheds[i] over a share of the stage proportional to spans[i], each on its own 0..1."""
+    total = Fraction(sum(spans))
+    bounds, start = [], Fraction(0)
+    for span in spans:
+        bounds.append((start, start + Fraction(span) / total))
+        start += Fraction(span) / total
+
+    def combined(pos: Fraction) -> float:
+        pos = min(max(Fraction(pos), Fraction(0)), Fraction(1))
+        for (lo, hi), sched in zip(bounds, scheds):
+            if pos < hi or hi == 1:
+                return sched((pos - lo) / (hi - lo))
+        raise AssertionError("unreachable: the last span ends at 1")
+
+    return combined
 
 
 def sgdr_cycles(epochs: int, cycle_len: int, cycle_mult: int) -> list[int]:
@@ -29,51 +64,54 @@ def sgdr_cycles(epochs: int, cycle_len: int, cycle_mult: int) -> list[int]:
     return cycles
 
 
-def sgdr(step: int, steps_per_epoch: int, epochs: int, cycle_len: int, cycle_mult: int) -> float:
-    """Cosine annealing per batch with warm restarts; T grows by cycle_mult after each cycle."""
-    start = 0
-    for length in sgdr_cycles(epochs, cycle_len, cycle_mult):
-        span = length * steps_per_epoch
-        if step < start + span:
-            return cosine((step - start) / span)
-        start += span
-    return cosine(1.0)
+def sched_sgdr(epochs: int, cycle_len: int, cycle_mult: int) -> Sched:
+    """Cosine annealing with warm restarts; each cycle cycle_mult times longer than the last."""
+    cycles = sgdr_cycles(epochs, cycle_len, cycle_mult)
+    return combine_scheds(cycles, [sched_cos(1.0, 0.0)] * len(cycles))
 
 
-def multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, cycle_len: int = 1, cycle_mult: int = 1,
-               warmup: float = 0.0) -> float:
-    """Dispatch on the recipe's schedule name; warmup is the fraction of the first cycle at lr/100."""
-    total = steps_per_epoch * epochs
-    if schedule == "constant":
-        value = 1.0
-    elif schedule == "cosine":
-        value = cosine(step / total)
-    elif schedule == "sgdr":
-        value = sgdr(step, steps_per_epoch, epochs, cycle_len, cycle_mult)
-    elif schedule == "onecycle":
-        return one_cycle(step / total)  # has its own warm-up
-    else:
-        raise ValueError(f"expected schedule constant, cosine, sgdr or onecycle, got {schedule!r}")
-    first_cycle = cycle_len * steps_per_epoch if schedule == "sgdr" else total
-    return with_warmup(value, step, round(warmup * first_cycle))
-
-
-def schedule_values(schedule: str, steps_per_epoch: int, epochs: int, cycle_len: int = 1, cycle_mult: int = 1,
-                    warmup: float = 0.0) -> list[float]:
-    """Every step's multiplier: for the PNG of the schedule that ran."""
-    return [multiplier(schedule, s, steps_per_epoch, epochs, cycle_len, cycle_mult, warmup) for s in range(steps_per_epoch * epochs)]
-
-
-def one_cycle(t: float, pct_start: float = 0.25, div: float = 25.0, final_div: float = 1e5) -> float:
+def sched_one_cycle(pct_start: float = 0.25, div: float = 25.0, final_div: float = 1e5) -> Sched:
     """fastai's one-cycle: cosine warm-up from 1/div to 1 over pct_start, then cosine to 1/final_div."""
-    t = min(max(t, 0.0), 1.0)
-    if t < pct_start:
-        lo = 1.0 / div
-        return lo + (1.0 - lo) * (1.0 - cosine(t / pct_start))
-    hi, lo = 1.0, 1.0 / final_div
-    return lo + (hi - lo) * cosine((t - pct_start) / (1.0 - pct_start))
+    start = Fraction(pct_start).limit_denominator(1000)
+    return combine_scheds([start, 1 - start], [sched_cos(1.0 / div, 1.0), sched_cos(1.0, 1.0 / final_div)])
 
 
-def with_warmup(value: float, step: int, warmup_steps: int, factor: float = 0.01) -> float:
-    """fastai 0.7's SGDR warm-up: lr/100 for the first warmup_steps steps, then the schedule."""
-    return value * factor if step < warmup_steps else value
+SCHEDULES: dict[str, Callable[[StageConfig], Sched]] = {
+    "constant": lambda stage: sched_const(1.0),
+    "cosine": lambda stage: sched_cos(1.0, 0.0),
+    "sgdr": lambda stage: sched_sgdr(stage.epochs, stage.cycle_len, stage.cycle_mult),
+    "onecycle": lambda stage: sched_one_cycle(),  # has its own warm-up
+}
+
+
+def warmup_steps(stage: StageConfig, steps_per_epoch: int) -> int:
+    """fastai 0.7's SGDR warm-up: the first `warmup` fraction of the first cycle runs at lr/100."""
+    if stage.schedule == "onecycle":
+        return 0
+    first_cycle = stage.cycle_len if stage.schedule == "sgdr" else stage.epochs
+    return round(stage.warmup * first_cycle * steps_per_epoch)
+
+
+def stage_multipliers(stage: StageConfig, steps_per_epoch: int) -> list[float]:
+    """Every step's multiplier for a stage: what runs, and what schedule.png draws."""
+    sched, total = SCHEDULES[stage.schedule](stage), steps_per_epoch * stage.epochs
+    warm = warmup_steps(stage, steps_per_epoch)
+    return [sched(Fraction(step, total)) * (0.01 if step < warm else 1.0) for step in range(total)]
+
+
+def multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, *, cycle_len: int = 1, cycle_mult: int = 1,
+               warmup: float = 0.0) -> float:
+    """One step's multiplier (a stage given by its schedule fields)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"expected schedule {', '.join(SCHEDULES)}, got {schedule!r}")
+    stage = StageConfig(schedule=schedule, epochs=epochs, cycle_len=cycle_len, cycle_mult=cycle_mult, warmup=warmup)
+    sched = SCHEDULES[schedule](stage)
+    return sched(Fraction(step, steps_per_epoch * epochs)) * (0.01 if step < warmup_steps(stage, steps_per_epoch) else 1.0)
+
+
+def sgdr(step: int, steps_per_epoch: int, epochs: int, *, cycle_len: int, cycle_mult: int) -> float:
+    return multiplier("sgdr", step, steps_per_epoch, epochs, cycle_len=cycle_len, cycle_mult=cycle_mult)
+
+
+def one_cycle(t: float) -> float:
+    return sched_one_cycle()(Fraction(t).limit_denominator(10**9))

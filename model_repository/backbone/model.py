@@ -1,36 +1,44 @@
 """Triton python-backend model: an exported ONNX variant on ONNX Runtime, one run per dynamic batch.
 
 Outputs PROBS and LABELS (top-k 'label:prob', k from the request parameter top_k or the config).
+Imports the contract and ONNX Runtime only (no torch).
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from clfpipe.postprocess import requested_top_k, top_k_labels
-from serve.pipeline import OnnxProbabilities
+from clfpipe.contract import tensors
+from clfpipe.contract.probabilities import requested_top_k, top_k_labels
+from clfpipe.runtime.ort import OnnxProbabilities
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = config["parameters"]
-        self.model = OnnxProbabilities.from_parameters(params, args["model_repository"], args["model_version"])
+        self.input_name = config["input"][0]["name"]
+        self.probs_dtype = pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, tensors.SCORES)["data_type"])
+        self.model = OnnxProbabilities.from_parameters(params, Path(args["model_repository"]) / args["model_version"])
         self.classes = json.loads(params["classes"]["string_value"])
         self.top_k = int(params["top_k"]["string_value"])
 
     def execute(self, requests):
-        inputs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
-        probs = self.model(np.concatenate(inputs))  # every request of the dynamic batch in one run
+        inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        probs = self.model(np.concatenate(inputs)).astype(self.probs_dtype)  # the dynamic batch in one run
         bounds = np.cumsum([len(x) for x in inputs])[:-1]
         responses = []
         for request, p in zip(requests, np.split(probs, bounds)):
             try:
-                k = requested_top_k(request.parameters(), self.top_k)
+                k = requested_top_k(request.parameters(), self.top_k, tensors.TOP_K_PARAMETER)
             except ValueError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
-            labels = pb_utils.Tensor("LABELS", top_k_labels(p, self.classes, k))
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PROBS", p), labels]))
+            labels = pb_utils.Tensor(tensors.LABELS, top_k_labels(p, self.classes, k))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(tensors.SCORES, p), labels]))
         return responses
+
+    def finalize(self):
+        self.model.close()

@@ -5,25 +5,30 @@ import json
 import triton_python_backend_utils as pb_utils
 
 try:
-    from clfpipe.postprocess import requested_top_k, top_k_labels
+    from clfpipe.contract.probabilities import requested_top_k, top_k_labels
 except ImportError:
-    from clfpipe_postprocess import requested_top_k, top_k_labels  # the copy shipped beside this file
+    from clfpipe_probabilities import requested_top_k, top_k_labels  # the copy shipped beside this file
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
+        config = json.loads(args["model_config"])
+        params = config["parameters"]
+        self.input_name, self.output_name = config["input"][0]["name"], config["output"][0]["name"]
         self.classes = json.loads(params["classes"]["string_value"])
         self.top_k = int(params["top_k"]["string_value"])
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            probs = pb_utils.get_input_tensor_by_name(request, "PROBS").as_numpy()
+            probs = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
             try:
                 labels = top_k_labels(probs, self.classes, requested_top_k(request.parameters(), self.top_k))
             except ValueError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("LABELS", labels)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, labels)]))
         return responses
+
+    def finalize(self):
+        self.classes = None

@@ -5,23 +5,28 @@ import json
 import triton_python_backend_utils as pb_utils
 
 try:
-    from clfpipe.preprocess import PixelsPreprocessor
+    from clfpipe.contract.preprocess import PixelsPreprocessor
 except ImportError:
     from clfpipe_preprocess import PixelsPreprocessor  # container target: the copy shipped beside this file
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.preprocessor = PixelsPreprocessor.from_parameters(json.loads(args["model_config"])["parameters"])
+        config = json.loads(args["model_config"])
+        self.input_name, self.output_name = config["input"][0]["name"], config["output"][0]["name"]
+        self.preprocessor = PixelsPreprocessor.from_parameters(config["parameters"])
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE_PIXELS").as_numpy()
+            images = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
             try:
                 pixels = self.preprocessor(images)
             except ValueError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PIXELS", pixels)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, pixels)]))
         return responses
+
+    def finalize(self):
+        self.preprocessor = None

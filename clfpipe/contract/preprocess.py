@@ -1,8 +1,10 @@
-"""The one preprocessing spec: training eval transforms, export, Triton and clients use it.
+"""The one preprocessing spec: training-side evaluation, export folding, the Triton preprocessing
+model and the clients all take it from here.
 
-Pixels are produced by PIL (decode, RGB, resize the shorter side, centre crop) as uint8,
-then normalised with the spec's mean/std. Both halves are plain functions so every consumer
-computes bit-identical pixels from the same file.
+Pixels are produced by Pillow (decode, RGB, resize the shorter side, centre crop) as uint8, then
+normalised with the spec's mean/std. Both halves are plain functions, so every consumer computes
+bit-identical pixels from the same file. Depends on NumPy and Pillow only: the container
+repository ships this file beside its Triton model code.
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ class PreprocessSpec:
         )
 
     @classmethod
-    def for_size(cls, size: int) -> "PreprocessSpec":
-        """fastai's ``sz``: shorter side to sz, centre crop sz x sz."""
-        return cls(resize=size, crop=size)
+    def for_size(cls, size: int, resize_scale: float = 1.0) -> "PreprocessSpec":
+        """fastai's ``sz``: shorter side to round(sz x resize_scale), centre crop sz x sz."""
+        return cls(resize=round(size * resize_scale), crop=size)
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -111,13 +113,22 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"{path}: {exc}") from exc
 
 
+def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to spec.resize (never below the crop)."""
+    scale = spec.resize / min(width, height)
+    return max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale))
+
+
+def center_box(width: int, height: int, crop: int) -> tuple[int, int]:
+    """(left, top) of the centred crop x crop box."""
+    return (width - crop) // 2, (height - crop) // 2
+
+
 def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Shorter side to spec.resize, centre crop spec.crop: uint8 HWC."""
-    w, h = img.size
-    scale = spec.resize / min(w, h)
-    new_w, new_h = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    new_w, new_h = resized_size(*img.size, spec)
     img = img.resize((new_w, new_h), _INTERPOLATIONS[spec.interpolation])
-    left, top = (new_w - spec.crop) // 2, (new_h - spec.crop) // 2
+    left, top = center_box(new_w, new_h, spec.crop)
     img = img.crop((left, top, left + spec.crop, top + spec.crop))
     return np.asarray(img, dtype=np.uint8)
 
@@ -190,6 +201,12 @@ class Preprocessor:
             except ValueError as exc:
                 results.append(exc)
         return results
+
+    def close(self) -> None:
+        """Release the thread pool (Triton calls the model's finalize)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            object.__setattr__(self, "_pool", None)
 
 
 @dataclass(frozen=True)

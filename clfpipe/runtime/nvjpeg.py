@@ -1,74 +1,45 @@
-"""Batched JPEG decoding on a device with torchvision (nvJPEG on CUDA), shared by the training
-data pipeline and the server's GPU preprocessing."""
+"""The served preprocessing step on a GPU: every JPEG of a dynamic batch decoded by nvJPEG in one
+call, resized and cropped there (``clfpipe.nn.transforms.eval_pixels``), returned as uint8
+(crop, crop, 3) like ``contract.preprocess.Preprocessor``.
+
+Decoder and resampler differ from Pillow's, so pixels differ by a few levels from the Pillow path
+that training evaluation uses; ``serve.decode = "pil"`` keeps them identical.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from clfpipe.errors import DataError
-from clfpipe.preprocess import MAX_PIXELS, PreprocessSpec
-
-_JPEG_MAGIC = b"\xff\xd8"
-
-
-def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEGs in one batched call on the device (nvJPEG on CUDA); other formats one by one."""
-    is_jpeg = [bytes(e[:2].tolist()) == _JPEG_MAGIC for e in encoded]
-    images: list[torch.Tensor | None] = [None] * len(encoded)
-    jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
-    try:
-        if jpeg_idx:
-            decoded = decode_jpeg([encoded[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
-            for i, img in zip(jpeg_idx, decoded):
-                images[i] = img
-        for i, j in enumerate(is_jpeg):
-            if not j:
-                images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
-    except RuntimeError as exc:
-        raise DataError(f"corrupt image in a training batch: {exc}") from exc
-    return images  # type: ignore[return-value]
-
-
-
-def _is_jpeg(data: bytes) -> bool:
-    return data[:2] == _JPEG_MAGIC
+from clfpipe.contract.preprocess import MAX_PIXELS, PreprocessSpec
+from clfpipe.nn.transforms import eval_pixels, is_jpeg
 
 
 class DevicePreprocessor:
-    """The server's preprocessing on a GPU: every JPEG of a dynamic batch decoded by nvJPEG in one
-    call, resized and cropped there, returned as uint8 (crop, crop, 3) like ``Preprocessor``.
-
-    Decoder and resampler differ from Pillow's, so pixels differ by a few levels from the PIL
-    path that training evaluation uses; `serve.decode = "pil"` (the default) keeps them identical.
-    """
-
     def __init__(self, spec: PreprocessSpec, device: str = "cuda") -> None:
         self.spec, self.device = spec, torch.device(device)
 
     def _pixels(self, img: torch.Tensor) -> np.ndarray:
         if img.shape[-1] * img.shape[-2] > MAX_PIXELS:
             raise ValueError(f"image too large: expected at most {MAX_PIXELS} pixels, got {img.shape[-1]}x{img.shape[-2]}")
-        img = TF.resize(img, self.spec.resize, antialias=True)
-        img = TF.center_crop(img, [self.spec.crop, self.spec.crop])
-        return img.permute(1, 2, 0).cpu().numpy()
+        return eval_pixels(img, self.spec).permute(1, 2, 0).cpu().numpy()
 
     def _decode_one(self, data: bytes) -> np.ndarray:
         if not data:
             raise ValueError("empty image: expected encoded JPEG/PNG bytes, got 0 bytes")
         try:
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            img = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device) if _is_jpeg(data) else \
+            img = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device) if is_jpeg(data) else \
                 decode_image(tensor, mode=ImageReadMode.RGB).to(self.device)
         except RuntimeError as exc:
             raise ValueError(f"not a decodable image: {str(exc).splitlines()[0]}") from exc
         return self._pixels(img)
 
     def batch(self, requests: list) -> list[np.ndarray | ValueError]:
+        """Per request: its pixels, or the ValueError that fails that request alone."""
         flat = [(r, bytes(d)) for r, images in enumerate(requests) for d in np.asarray(images, dtype=object).reshape(-1)]
-        jpegs = [i for i, (_, d) in enumerate(flat) if _is_jpeg(d)]
+        jpegs = [i for i, (_, d) in enumerate(flat) if is_jpeg(d)]
         decoded: dict[int, np.ndarray] = {}
         try:  # the common case: one nvJPEG call for the whole dynamic batch
             tensors = [torch.frombuffer(bytearray(flat[i][1]), dtype=torch.uint8) for i in jpegs]

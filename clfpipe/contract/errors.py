@@ -1,6 +1,6 @@
 """Errors that the CLI turns into one-line messages.
 
-Library code raises these; only ``clfpipe.cli`` exits.
+Library code raises these; only the CLI exits.
 """
 
 

@@ -16,15 +16,17 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
-from clfpipe.errors import RecipeError
-from clfpipe.preprocess import PreprocessSpec
+from clfpipe.contract.archs import arch_names
+from clfpipe.contract.augment import AUGMENTS
+from clfpipe.contract.engines import PRECISIONS
+from clfpipe.contract.errors import RecipeError
+from clfpipe.contract.preprocess import PreprocessSpec
 
 TRAINABLE = ("head", "all")
 SCHEDULES = ("constant", "cosine", "sgdr", "onecycle")
 SUGGESTIONS = ("valley", "steep", "minimum")
 TTA_POLICIES = ("fastai", "deterministic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-AUGMENTS = ("none", "side_on", "top_down")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -46,9 +48,7 @@ class ModelConfig:
     dropout: tuple[float, float] = (0.25, 0.5)
 
     def __post_init__(self) -> None:
-        from clfpipe.models import splittable_archs  # torchvision's registry, read when a recipe is built
-
-        _check_choice("model.arch", self.arch, splittable_archs())
+        _check_choice("model.arch", self.arch, arch_names())
         if len(self.dropout) != 2:
             raise RecipeError(f"model.dropout: expected 2 values, got {list(self.dropout)}")
 
@@ -172,7 +172,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _check_positive("serve.max_batch_size", self.max_batch_size)
-        _check_choice("serve.precision", self.precision, ("fp32", "fp16", "int8", "int8-trt"))
+        _check_choice("serve.precision", self.precision, list(PRECISIONS))
         _check_choice("serve.decode", self.decode, ("pil", "nvjpeg"))
         _check_choice("serve.container_trt_precision", self.container_trt_precision, ("FP32", "FP16"))
 
@@ -199,10 +199,9 @@ class Recipe:
     def final_size(self) -> int:
         return self.stages[-1].size
 
-    def preprocess_spec(self) -> PreprocessSpec:
-        """What inference uses: the last stage's size, fastai's sz semantics."""
-        size = self.final_size()
-        return PreprocessSpec(resize=round(size * self.data.resize_scale), crop=size)
+    def preprocess_spec(self, stage: int = -1) -> PreprocessSpec:
+        """A stage's evaluation pixels (fastai's sz); the last stage's is what inference uses."""
+        return PreprocessSpec.for_size(self.stages[stage].size, self.data.resize_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

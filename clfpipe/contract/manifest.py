@@ -20,12 +20,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from clfpipe.errors import ManifestError
-from clfpipe.preprocess import PreprocessSpec
-from clfpipe.recipe import Recipe, RecipeError, recipe_from_dict
+from clfpipe.contract.errors import ManifestError, RecipeError
+from clfpipe.contract.preprocess import PreprocessSpec
+from clfpipe.contract.recipe import Recipe, recipe_from_dict
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+CHECKPOINT = "checkpoint"  # the trained weights' artifact name
+CHECKPOINT_FILE = "model.pt"  # a state dict of clfpipe.nn.models.Classifier
 _REQUIRED = ("schema_version", "recipe", "classes", "preprocess", "artifacts", "stages")
 _ARTIFACT_KEYS = ("path", "sha256", "stage", "versions", "created")
 
@@ -103,7 +105,7 @@ class Manifest:
         data["stages"][name] = {**figures, "finished": _now()}
         return Manifest(data)
 
-    def with_artifact(self, name: str, run_dir: Path, path: Path, stage: str, versions: dict[str, str], **extra: Any) -> "Manifest":
+    def with_artifact(self, name: str, run_dir: Path, path: Path, *, stage: str, versions: dict[str, str], **extra: Any) -> "Manifest":
         data = copy.deepcopy(self.data)
         data["artifacts"][name] = {
             "path": str(path.relative_to(run_dir)),

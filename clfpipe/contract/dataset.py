@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from clfpipe.errors import DataError
+from clfpipe.contract.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -46,7 +46,7 @@ def check_image(path: Path) -> None:
         raise DataError(f"corrupt image file {path}: {exc}") from exc
 
 
-def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, verify: bool = True) -> Split:
+def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True) -> Split:
     """Read DATA/<split>/<class>/...; classes default to the sorted folder names."""
     root = Path(data_dir) / split
     if not Path(data_dir).is_dir():
@@ -85,7 +85,7 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
         return {Path(row["image"]).stem: tuple(row["tags"].split()) for row in reader}
 
 
-def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None,
+def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None, *,
                     verify: bool = True) -> Split:
     """DATA/<split>/*.jpg with tags from DATA/<labels_csv>; classes default to the sorted tags."""
     root = Path(data_dir) / split
@@ -114,9 +114,9 @@ def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[
     return Split(tuple(files), tuple(labels), tuple(classes))
 
 
-def scan_data(data_dir: Path, split: str, labels_csv: str = "", classes: tuple[str, ...] | None = None,
+def scan_data(data_dir: Path, split: str, labels_csv: str = "", classes: tuple[str, ...] | None = None, *,
               verify: bool = True) -> Split:
     """Single-label class folders, or multi-label tags when labels_csv is set."""
     if labels_csv:
-        return scan_multilabel(data_dir, split, labels_csv, classes, verify)
-    return scan_split(data_dir, split, classes, verify)
+        return scan_multilabel(data_dir, split, labels_csv, classes, verify=verify)
+    return scan_split(data_dir, split, classes, verify=verify)

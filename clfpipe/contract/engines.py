@@ -1,0 +1,168 @@
+"""What an exported artifact is, as data: engines, precisions (each with its agreement gate),
+input forms and variants.
+
+A variant is one engine x one precision x folded preprocessing (uint8 NHWC pixels in, the spec's
+normalisation in the graph) x folded TTA (the deterministic views and the probability average in
+the graph). Its artifact name, file name, input dtype and layout, output tensor and activation all
+follow from these four fields, here and nowhere else. Adding a precision or an engine is one entry
+in the tables below plus the code that builds or runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from clfpipe.contract import tensors
+from clfpipe.contract.errors import ExportError
+from clfpipe.contract.preprocess import PreprocessSpec, normalize
+from clfpipe.contract.probabilities import activation_for
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How close a precision must stay to PyTorch fp32 on the validation images (a pass rule as
+    data, after Polygraphy's ``CompareFunc.simple``). Every condition set must hold."""
+
+    exact: bool = False  # every top-1 equal and max|diff| <= rtol * max|ref| + atol
+    min_top1: float = 0.0  # fraction of images whose top-1 agrees
+    min_cosine: float = 0.0  # the worst image's cosine of probabilities
+    max_metric_drop: float | None = None  # accuracy (F2 for multi-label) at most this far below fp32
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    gate: Gate
+    onnx_form: str = "fp32"  # how the fp32 ONNX graph becomes this one: fp32, fp16 or int8 (QDQ)
+    symmetric_activations: bool = False  # int8 for TensorRT: symmetric int8 activations (S8S8)
+    trt_flag: str | None = None  # TensorRT 10's BuilderFlag; TensorRT 11 reads precision from the graph
+
+
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", Gate(exact=True)),
+    Precision("fp16", Gate(min_top1=0.995, min_cosine=0.999), onnx_form="fp16", trt_flag="FP16"),
+    # MLPerf accepts int8 at >= 99% of fp32 accuracy; on a small validation set, 1 point
+    Precision("int8", Gate(max_metric_drop=0.01), onnx_form="int8", trt_flag="INT8"),
+    Precision("int8-trt", Gate(max_metric_drop=0.01), onnx_form="int8", symmetric_activations=True, trt_flag="INT8"),
+)}
+
+
+@dataclass(frozen=True)
+class InputForm:
+    dtype: str  # numpy dtype name
+    layout: str  # NCHW or NHWC
+
+    def shape(self, crop: int) -> list[Any]:
+        return ["batch", 3, crop, crop] if self.layout == "NCHW" else ["batch", crop, crop, 3]
+
+    def prepare(self, pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+        """uint8 NHWC pixels from the spec -> this form."""
+        return normalize(pixels, spec) if self.layout == "NCHW" else np.ascontiguousarray(pixels)
+
+
+FLOAT_NCHW = InputForm("float32", "NCHW")  # normalised, as the PyTorch model takes it
+PIXELS_NHWC = InputForm("uint8", "NHWC")  # the spec's resized and cropped pixels, 4x fewer bytes
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  # the artifact name's prefix
+    suffix: str  # file suffix
+    built_from: str | None = None  # an engine compiled from another engine's artifact
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("onnx", ".onnx"),
+    Engine("trt", ".plan", built_from="onnx"),
+)}
+
+
+def _check_choice(what: str, value: str, table: Mapping[str, Any]) -> None:
+    if value not in table:
+        raise ExportError(f"{what}: expected one of {', '.join(table)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str = "fp32"
+    fold_preprocess: bool = False  # uint8 NHWC input; normalisation in the graph
+    fold_tta: bool = False  # the deterministic TTA views and the probability average in the graph
+    engine: str = "onnx"
+
+    def __post_init__(self) -> None:
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_choice("engine", self.engine, ENGINES)
+
+    @property
+    def _parts(self) -> list[str]:
+        return ([] if self.precision == "fp32" else [self.precision]) + (["pre"] if self.fold_preprocess else []) \
+            + (["tta"] if self.fold_tta else [])
+
+    @property
+    def name(self) -> str:
+        """The manifest's artifact name: 'onnx' for the plain fp32 graph, else e.g. 'onnx-int8-pre-tta'."""
+        return "-".join([self.engine, *self._parts])
+
+    @property
+    def file_name(self) -> str:
+        """model.onnx, model-fp16-pre.onnx, model-pre.plan, ..."""
+        return "-".join(["model", *self._parts]) + ENGINES[self.engine].suffix
+
+    @property
+    def input_form(self) -> InputForm:
+        return PIXELS_NHWC if self.fold_preprocess else FLOAT_NCHW
+
+    @property
+    def output_name(self) -> str:
+        return tensors.PROBS if self.fold_tta else tensors.LOGITS
+
+    @property
+    def gate(self) -> Gate:
+        return PRECISIONS[self.precision].gate
+
+    def activation(self, multi_label: bool) -> str:
+        """What turns this variant's output into probabilities."""
+        return activation_for(multi_label, probs_in_graph=self.fold_tta)
+
+    def on(self, engine: str) -> "Variant":
+        """The same graph on another engine (a TensorRT plan built from this ONNX)."""
+        return Variant(self.precision, self.fold_preprocess, self.fold_tta, engine)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "fold_preprocess": self.fold_preprocess, "fold_tta": self.fold_tta,
+                "engine": self.engine}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Variant":
+        return cls(data.get("precision", "fp32"), bool(data.get("fold_preprocess")), bool(data.get("fold_tta")),
+                   data.get("engine", "onnx"))
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        """An artifact name back to its variant: 'onnx-fp16-pre' -> Variant('fp16', True, False)."""
+        for variant in all_variants():
+            if variant.name == name:
+                return variant
+        raise ExportError(f"expected an artifact name like onnx, onnx-fp16 or onnx-int8-pre-tta, got {name!r}")
+
+
+def all_variants() -> list[Variant]:
+    return [Variant(p, pre, tta, e) for e in ENGINES for p in PRECISIONS for pre in (False, True) for tta in (False, True)]
+
+
+@dataclass(frozen=True)
+class Served:
+    """One served backbone: the Triton model that runs a folded variant, and its ensembles."""
+
+    model: str
+    ensemble: str
+    fold_tta: bool
+
+    def variant(self, precision: str, engine: str = "onnx") -> Variant:
+        return Variant(precision, fold_preprocess=True, fold_tta=self.fold_tta, engine=engine)
+
+
+SERVED: tuple[Served, ...] = (Served("backbone", "classifier", False), Served("backbone_tta", "classifier_tta", True))

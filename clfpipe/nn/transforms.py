@@ -1,0 +1,109 @@
+"""The one transforms factory for training images, on Pillow images (loader workers) or on
+decoded uint8 CHW tensors (on the training device: nvJPEG on CUDA), after timm's
+``transforms_factory`` with its prefetcher switch.
+
+Both paths draw each image's parameters with ``contract.augment.sample`` and apply them with the
+same torchvision ``v2.functional`` calls, which take Pillow images and tensors alike; without
+augmentation both give the spec's evaluation pixels (``contract.preprocess.resize_crop``).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from clfpipe.contract.augment import AugmentParams, AugmentPolicy, Uniform, crop_window, sample
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.preprocess import PreprocessSpec, center_box, resized_size
+
+Img = TypeVar("Img", Image.Image, torch.Tensor)
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def torch_uniform(generator: torch.Generator | None = None) -> Uniform:
+    """uniform(a, b) from a torch generator (None: the global one, which DataLoader seeds per worker)."""
+    return lambda a, b: a + (b - a) * float(torch.rand(1, generator=generator))
+
+
+def _size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(height, width)."""
+    return (img.height, img.width) if isinstance(img, Image.Image) else (int(img.shape[-2]), int(img.shape[-1]))
+
+
+def _rot90(img: Img) -> Img:
+    if isinstance(img, Image.Image):
+        return img.transpose(Image.Transpose.ROTATE_90)
+    return torch.rot90(img, 1, dims=(-2, -1))
+
+
+def apply(img: Img, params: AugmentParams, spec: PreprocessSpec) -> Img:
+    """One image's drawn augmentation: zoomed random crop to crop x crop, then rotation, lighting
+    and flips. Pillow image in, Pillow image out; uint8 CHW tensor in, uint8 tensor out."""
+    top, left, side = crop_window(*_size(img), params, resize=spec.resize, crop=spec.crop)
+    img = TF.resized_crop(img, top, left, side, side, [spec.crop, spec.crop], antialias=True)
+    if params.angle:
+        img = TF.rotate(img, params.angle)
+    if params.brightness != 1.0:
+        img = TF.adjust_brightness(img, params.brightness)
+    if params.contrast != 1.0:
+        img = TF.adjust_contrast(img, params.contrast)
+    if params.hflip:
+        img = TF.horizontal_flip(img)
+    if params.vflip:
+        img = TF.vertical_flip(img)
+    if params.rot90:
+        img = _rot90(img)
+    return img
+
+
+def eval_pixels(img: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """The spec's evaluation pixels of a uint8 CHW tensor: ``resize_crop``'s steps on the device."""
+    height, width = _size(img)
+    new_w, new_h = resized_size(width, height, spec)
+    img = TF.resize(img, [new_h, new_w], antialias=True)
+    left, top = center_box(new_w, new_h, spec.crop)
+    return img[..., top : top + spec.crop, left : left + spec.crop]
+
+
+def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, uniform: Uniform) -> Img:
+    """The training transform: a drawn augmentation, or the evaluation pixels without one."""
+    if policy.random:
+        return apply(img, sample(policy, uniform), spec)
+    if isinstance(img, Image.Image):
+        from clfpipe.contract.preprocess import resize_crop
+
+        return Image.fromarray(resize_crop(img, spec))
+    return eval_pixels(img, spec)
+
+
+def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 NCHW -> float32 NCHW standardised with the spec's mean/std, on the same device."""
+    mean = torch.tensor(spec.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def is_jpeg(data: bytes | torch.Tensor) -> bool:
+    head = bytes(data[:2].tolist()) if isinstance(data, torch.Tensor) else data[:2]
+    return head == _JPEG_MAGIC
+
+
+def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Encoded images (uint8 tensors of file bytes) -> uint8 RGB CHW tensors on the device: the
+    JPEGs in one batched call (nvJPEG on CUDA), other formats one by one."""
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, e in enumerate(encoded) if is_jpeg(e)]
+    try:
+        if jpegs:
+            for i, img in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
+                images[i] = img
+        for i, img in enumerate(images):
+            if img is None:
+                images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
+    except RuntimeError as exc:
+        raise DataError(f"corrupt image in a training batch: {exc}") from exc
+    return images  # type: ignore[return-value]

@@ -1,0 +1,73 @@
+"""TensorRT engines at run time, through TensorRT's documented Python API (Polygraphy's TrtRunner
+manages the device buffers). TensorRT is absent from the machines this project is built and tested
+on: every entry point says so in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clfpipe.contract import tensors
+from clfpipe.contract.errors import ExportError
+
+
+def trt_status() -> tuple[bool, str]:
+    """(available, TensorRT version or why not)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False, "TensorRT is not installed (expected the 'tensorrt' package on a machine with an NVIDIA GPU)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device: a TensorRT engine is built on the GPU it will run on"
+    return True, tensorrt.__version__
+
+
+def require_trt() -> Any:
+    ok, why = trt_status()
+    if not ok:
+        raise ExportError(f"cannot use TensorRT: {why}")
+    import tensorrt
+
+    return tensorrt
+
+
+def current_platform() -> dict[str, str]:
+    import tensorrt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt": tensorrt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def check_engine_platform(recorded: dict[str, str], current: dict[str, str], run_dir: Path, source: str) -> None:
+    """A plan only loads on the TensorRT version and GPU that built it."""
+    diffs = [f"{key} {recorded.get(key)!r} here {current.get(key)!r}" for key in ("tensorrt", "gpu", "compute_capability")
+             if recorded.get(key) != current.get(key)]
+    if diffs:
+        raise ExportError(f"the engine was built for another platform ({'; '.join(diffs)}): rebuild it here with "
+                          f"'clfpipe export trt --run {run_dir} --variant {source}'")
+
+
+def load_engine(path: Path, recorded_platform: dict[str, str], run_dir: Path, source: str) -> Any:
+    """Deserialize a plan after checking it was built for this TensorRT and GPU."""
+    trt = require_trt()
+    check_engine_platform(recorded_platform, current_platform(), run_dir, source)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise ExportError(f"TensorRT could not deserialize {path}: rebuild it with 'clfpipe export trt --run {run_dir}'")
+    return engine
+
+
+def run_engine(engine: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    from polygraphy.backend.trt import TrtRunner
+
+    outs = []
+    with TrtRunner(engine) as runner:
+        for i in range(0, len(inputs), batch_size):
+            result = runner.infer({tensors.INPUT: inputs[i : i + batch_size]})
+            outs.append(np.asarray(next(iter(result.values()))))
+    return np.concatenate(outs)

@@ -1,0 +1,159 @@
+"""One stage of the recipe: its batches, forward pass, loss and optimizer, and its validation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from clfpipe.train.data import ImageDataset, device_batch, encoded_loader, make_loader
+from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from clfpipe.contract.augment import AUGMENTS
+from clfpipe.contract.dataset import Split
+from clfpipe.contract.errors import RecipeError
+from clfpipe.contract.metrics import score
+from clfpipe.contract.probabilities import activate, activation_for
+from clfpipe.contract.recipe import Recipe, StageConfig
+from clfpipe.nn.models import Classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage needs: the run's fixed inputs."""
+
+    recipe: Recipe
+    train: Split
+    valid: Split
+    device: torch.device
+    run_dir: Path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("data.device: expected a CUDA device, got none (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA where supported; plain fp32 on the CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices; BCE for multi-hot targets (multi-label)."""
+    if y.dim() == 2:
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return nn.functional.cross_entropy(logits, y)
+
+
+def on_device_decode(decode: str, device: torch.device) -> bool:
+    return decode == "tensor" or (decode == "auto" and device.type == "cuda")
+
+
+def param_groups(model: Classifier, lrs: tuple[float, ...] | list[float]) -> list[dict]:
+    """One optimizer group per layer group with trainable parameters; one lr or one per group."""
+    per_group = tuple(lrs) * 3 if len(lrs) == 1 else tuple(lrs)
+    groups = []
+    for group, lr in zip(model.layer_groups(), per_group):
+        params = [p for p in group.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr, "peak_lr": lr})
+    return groups
+
+
+OPTIMIZERS = {
+    "sgd": lambda stage, groups: torch.optim.SGD(groups, momentum=stage.momentum, weight_decay=stage.weight_decay),
+    "adamw": lambda stage, groups: torch.optim.AdamW(groups, weight_decay=stage.weight_decay),
+}
+
+
+def make_optimizer(stage: StageConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return OPTIMIZERS[stage.optimizer](stage, groups)
+
+
+class StageData:
+    """Batches and forward pass of one stage: images through the model, or cached activations
+    through the head only (precompute)."""
+
+    def __init__(self, model: Classifier, stage: StageConfig, index: int, ctx: Context) -> None:
+        recipe = ctx.recipe
+        self.model, self.device, self.seed = model, ctx.device, recipe.seed * 1000 + index * 100
+        self.spec, self.policy, self.augment_gen = recipe.preprocess_spec(index), AUGMENTS[stage.augment], torch.Generator()
+        self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device)
+        self.channels_last = ctx.device.type == "cuda" and not stage.precompute
+        bs, workers = recipe.data.batch_size, recipe.data.num_workers
+        if stage.precompute:
+            self._precomputed(stage, recipe, ctx)
+            return
+        if self.tensor_decode:
+            self.train_loader = encoded_loader(ctx.train, bs, workers, recipe.seed)
+        else:
+            self.train_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
+                                            num_workers=workers, seed=recipe.seed)
+        self.generator = self.train_loader.generator
+        self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), bs, shuffle=False, num_workers=workers,
+                                        seed=recipe.seed)
+        self.forward = model
+
+    def _precomputed(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
+        if stage.augment != "none":
+            log.warning("stage %r: augment=%r has no effect while precompute=true (the same activations are shown "
+                        "every epoch)", stage.name, stage.augment)
+        cache = FeatureCache(default_cache_dir(recipe.data.cache_dir))
+        bs, tensors = recipe.data.batch_size, []
+        for split in (ctx.train, ctx.valid):
+            result = cached_features(self.model, split, self.spec, cache, batch_size=bs, device=ctx.device)
+            log.info("precompute: %d images, cache %s (%s.npy)", len(split), result.status, cache.root / result.key)
+            labels = torch.tensor(split.labels, dtype=torch.float32 if split.multi_label else torch.long)
+            tensors.append(TensorDataset(torch.from_numpy(result.features), labels))
+        self.generator = torch.Generator()
+        self.train_loader = DataLoader(tensors[0], bs, shuffle=True, drop_last=len(tensors[0]) > bs, generator=self.generator)
+        self.valid_loader = DataLoader(tensors[1], bs)
+        self.forward = self.model.head[2:]
+
+    def to_input(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if self.tensor_decode:  # encoded bytes: decode and augment on the device
+            x = device_batch(x, self.device, self.spec, policy=self.policy, generator=self.augment_gen)  # type: ignore[arg-type]
+        else:
+            x = x.to(self.device, non_blocking=True)  # type: ignore[union-attr]
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Shuffle order and augmentation depend on (seed, stage, epoch) only: resumable."""
+        self.generator.manual_seed(self.seed + epoch)
+        self.augment_gen.manual_seed(self.seed + epoch)
+        torch.manual_seed(self.seed + epoch)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        x = self.to_input(x)
+        with autocast(self.device):
+            return criterion(self.forward(x).float(), y.to(self.device))
+
+    @torch.inference_mode()
+    def validate(self) -> tuple[float, float]:
+        """Mean loss and the metric on the validation set (F2 at its best threshold for multi-label)."""
+        self.model.eval()
+        losses, outputs, targets = [], [], []
+        for x, y in self.valid_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device):
+                logits = self.forward(x).float()
+            losses.append(criterion(logits, y).item() * len(y))
+            outputs.append(logits.cpu().numpy())
+            targets.append(y.cpu().numpy())
+        logits, labels = np.concatenate(outputs), np.concatenate(targets)
+        probs = activate(logits, activation_for(multi_label=labels.ndim == 2))
+        return float(np.sum(losses) / len(labels)), score(probs, labels)
