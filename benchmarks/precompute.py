@@ -17,12 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import write_demo_dataset
 from clfpipe.nn.models import build_model, set_trainable, train_mode
+from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
 
 def head_epoch_seconds(data: StageData, model, stage) -> float:

@@ -32,12 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from clfpipe.export.onnx_export import export_onnx
-from clfpipe.serve.bench import run_level
-from clfpipe.serve.client import Classifier
-from clfpipe.serve.repository import build_repository
-from clfpipe.serve.server import Ports, start_server, stop_server
-from clfpipe.train.loop import init_run
 
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.engines import Variant
@@ -45,8 +39,14 @@ from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.preprocess import decode_to_pixels, normalize
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.export.onnx_export import export_onnx
 from clfpipe.nn.reference import load_run_model
 from clfpipe.runtime.ort import make_session, run_graph
+from clfpipe.serve.bench import run_level
+from clfpipe.serve.client import Classifier
+from clfpipe.serve.repository import build_repository
+from clfpipe.serve.server import Ports, start_server, stop_server
+from clfpipe.train.loop import init_run
 
 
 def free_port() -> int:

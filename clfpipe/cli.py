@@ -55,8 +55,13 @@ def _cmd_lr_find(args: argparse.Namespace) -> None:
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from clfpipe.contract.engines import Variant
     from clfpipe.export.onnx_export import export_onnx
+    from clfpipe.pipeline import export_served
 
-    variant = Variant(args.precision, args.fold_preprocess, args.fold_tta)
+    if args.precision is None and not args.fold_preprocess and not args.fold_tta:
+        made = export_served(args.run, args.data)  # what the repository serves
+        print(f"exported {', '.join(v.name for v in made)}" if made else "the served variants are exported already")
+        return
+    variant = Variant(args.precision or "fp32", args.fold_preprocess, args.fold_tta)
     export_onnx(args.run, args.data, variant=variant, calibration=args.calibration_images)
 
 
@@ -75,9 +80,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_repo(args: argparse.Namespace) -> None:
-    from clfpipe.serve.repository import build_repository
+    from clfpipe.pipeline import repository_for_run
 
-    build_repository(args.run, args.out, args.target)
+    print(repository_for_run(args.run, args.out, args.target))
 
 
 def _ports(args: argparse.Namespace):
@@ -89,7 +94,12 @@ def _ports(args: argparse.Namespace):
 def _cmd_serve_up(args: argparse.Namespace) -> None:
     from clfpipe.serve.server import start_server
 
-    info = start_server(args.repo, args.state_dir, host=args.host, ports=_ports(args), timeout=args.timeout,
+    repo = args.repo
+    if args.run is not None:
+        from clfpipe.pipeline import repository_for_run
+
+        repo = repository_for_run(args.run)
+    info = start_server(repo, args.state_dir, host=args.host, ports=_ports(args), timeout=args.timeout,
                         model_control=args.model_control)
     print(f"tritonserver ready (pid {info.pid}): http {info.http_url}, grpc {info.grpc_url}, "
           f"metrics {info.host}:{info.ports.metrics}; log {info.log}")
@@ -113,27 +123,43 @@ def _cmd_serve_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
-    from clfpipe.serve.client import Classifier
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from clfpipe.serve.client import Classifier, Failure
 
-    client = Classifier(args.url, args.protocol, args.model)
-    for p in client.predict(args.paths, top_k=args.top_k):
-        if args.json:
+    client = Classifier(args.url, args.protocol, args.model, state_dir=args.state_dir)
+    failed = 0
+    for p in client.predict_each(args.paths, top_k=args.top_k):
+        if isinstance(p, Failure):  # one line per bad image; the others still get their answers
+            print(f"clfpipe: error: {p.file}: {p.error}", file=sys.stderr)
+            failed += 1
+        elif args.json:
             print(p.to_json())
         else:
-            print(f"{p.file}\t" + "\t".join(f"{label} {prob:.4f}" for label, prob in p.top_k))
+            print(f"{p.file}\t" + "\t".join(f"{label} {prob:.4f}" for label, prob in p.top_k), flush=True)
+    return 2 if failed else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from clfpipe.serve.bench import sweep, write_results
-    from clfpipe.serve.client import expand_inputs
+    from clfpipe.serve.client import expand_inputs, resolve_endpoint
 
+    url, protocol = resolve_endpoint(args.url, args.protocol, args.state_dir)
     images = [f.read_bytes() for f in expand_inputs(args.images)]
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    levels = sweep(args.url, args.model, images, protocol=args.protocol, concurrencies=concurrencies, batch=args.batch,
-                   requests=args.requests, seconds=args.seconds)
+    concurrencies = _levels(args.concurrency)
+    levels = sweep(url, args.model, images, protocol=protocol, concurrencies=concurrencies, batch=args.batch,
+                   requests=args.requests, seconds=args.seconds, window_s=args.window, max_windows=args.max_windows)
     paths = write_results(levels, args.out, args.model)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ClfpipeError(f"--concurrency: expected comma-separated positive integers like 1,4,16, got {text!r}")
+    return levels
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -148,122 +174,165 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.workdir, _recipe(args), _ports(args), args.seed)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with '(default: X)' where a default says something (not for None or off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+STATE_HELP = "folder of the server's pid file and log (default: $CLFPIPE_STATE_DIR/server, else ~/.cache/clfpipe/server)"
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--recipe", type=Path, default=default, help="recipe TOML (default: built-in defaults)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. stages.0.epochs=2 or stages.*.size=96")
+    p.add_argument("--recipe", type=Path, default=default,
+                   help="recipe TOML" + ("" if default else " (default: the built-in defaults)"))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key (repeatable), e.g. stages.0.epochs=2 or stages.*.size=96; stages count from 0")
 
 
 def _add_port_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP/REST port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clfpipe", description="Image classifier: train, export, serve on Triton, verify.")
-    parser.add_argument("--version", action="version", version=f"clfpipe {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="HOST:PORT of a Triton server (default: the one 'clfpipe serve up' recorded)")
+    p.add_argument("--protocol", choices=["http", "grpc"],
+                   help="http or grpc (default: http, or grpc when --url is the recorded gRPC port)")
+    p.add_argument("--model", default="classifier", help="served model: classifier or classifier_tta")
+    p.add_argument("--state-dir", type=Path, help=STATE_HELP)
 
-    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("demo", help="write the deterministic demo dataset (fast.ai folder layout)")
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--seed", type=int, default=0)
+
+def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = _sub(sub, "data", "datasets").add_subparsers(dest="data_command", required=True)
+    p = _sub(data, "demo", "write the deterministic demo dataset (fast.ai folder layout)")
+    p.add_argument("out_dir", type=Path, help="folder to write train/ and valid/ into")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
     p.add_argument("--multi-label", action="store_true", help="Planet-style tags in labels.csv instead of class folders")
     p.set_defaults(func=_cmd_data_demo)
 
-    p = sub.add_parser("train", help="train a recipe on DATA/train, validate on DATA/valid")
-    p.add_argument("--data", type=Path)
-    p.add_argument("--run", type=Path)
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    p = _sub(sub, "train", "train a recipe on DATA/train, validate on DATA/valid (or DATA/val)")
+    p.add_argument("--data", type=Path, help="image folder with train/<class>/ and valid/<class>/ (required unless --resume)")
+    p.add_argument("--run", type=Path, help="new run directory to write (required unless --resume)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("lr-find", help="learning-rate sweep for a stage of a trained run (weights restored)")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--stage", type=int, default=0)
+    p = _sub(sub, "lr-find", "learning-rate sweep for a stage of a trained run, from the weights that stage started from")
+    p.add_argument("--run", type=Path, required=True, help="a trained run directory")
+    p.add_argument("--stage", type=int, default=0, help="stage index, counted from 0 as in --set stages.N")
     p.set_defaults(func=_cmd_lr_find)
 
-    export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="export_command", required=True)
-    p = export.add_parser("onnx", help="ONNX with the PyTorch agreement gate")
-    p.add_argument("--run", type=Path, required=True)
+
+def _add_export_commands(sub: argparse._SubParsersAction) -> None:
+    export = _sub(sub, "export", "export a trained run").add_subparsers(dest="export_command", required=True)
+    p = _sub(export, "onnx", "ONNX behind the PyTorch agreement gate; with no variant flags, every variant the server needs")
+    p.add_argument("--run", type=Path, required=True, help="a trained run directory")
     p.add_argument("--data", type=Path, help="data folder for the gate (default: the one training used)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-trt"],
-                   help="int8: uint8 activations for ONNX Runtime on x86; int8-trt: symmetric int8 for TensorRT")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-trt"],
+                   help="one variant at this precision (fp32 when only --fold-* is given); int8: uint8 activations for "
+                        "ONNX Runtime on x86; int8-trt: symmetric int8 for TensorRT")
     p.add_argument("--fold-preprocess", action="store_true", help="uint8 NHWC input, normalisation in the graph")
     p.add_argument("--fold-tta", action="store_true", help="the deterministic TTA views and averaging in the graph")
-    p.add_argument("--calibration-images", type=int, help="int8 calibration set size (default: the recipe's)")
+    p.add_argument("--calibration-images", type=int, help="int8 calibration set size (default: the recipe's export.calibration_images)")
     p.set_defaults(func=_cmd_export_onnx)
 
-    p = export.add_parser("trt", help="a TensorRT engine from an exported ONNX variant (needs TensorRT and a GPU)")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--variant", default="onnx", help="artifact name, e.g. onnx, onnx-fp16, onnx-int8-trt")
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=8)
-    p.add_argument("--max-batch", type=int, default=32)
+    p = _sub(export, "trt", "a TensorRT engine from an exported ONNX variant (needs TensorRT and a GPU)")
+    p.add_argument("--run", type=Path, required=True, help="a run directory with exported variants")
+    p.add_argument("--variant", default="onnx", help="artifact name, e.g. onnx, onnx-fp16, onnx-int8-trt-pre")
+    p.add_argument("--min-batch", type=int, default=1, help="smallest batch of the optimization profile")
+    p.add_argument("--opt-batch", type=int, default=8, help="batch TensorRT tunes for")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch of the optimization profile")
     p.set_defaults(func=_cmd_export_trt)
 
-    p = sub.add_parser("verify", help="every exported variant on every runtime here against PyTorch fp32")
-    p.add_argument("--run", type=Path, required=True)
+    p = _sub(sub, "verify", "every exported variant on every runtime here against PyTorch fp32")
+    p.add_argument("--run", type=Path, required=True, help="a run directory with exported variants")
     p.add_argument("--images", type=Path, help="a folder laid out like DATA/valid (default: the validation set)")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("repo", help="generate the Triton model repository for a run")
-    p.add_argument("--run", type=Path, required=True)
+
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    p = _sub(sub, "repo", "the Triton model repository for a run (exporting what it serves first, if missing)")
+    p.add_argument("--run", type=Path, required=True, help="a trained run directory")
     p.add_argument("--target", default="embedded", choices=["embedded", "container"],
                    help="embedded: the nvidia-pytriton binary; container: NVIDIA's Triton image (prints its docker run line)")
-    p.add_argument("--out", type=Path, help="default: RUN/model_repository (container: RUN/model_repository_container)")
+    p.add_argument("--out", type=Path, help="folder to write (default: RUN/model_repository, container: RUN/model_repository_container)")
     p.set_defaults(func=_cmd_repo)
 
-    serve = sub.add_parser("serve", help="the embedded Triton server").add_subparsers(dest="serve_command", required=True)
-    for name, func, doc in (("up", _cmd_serve_up, "start and wait until ready"), ("down", _cmd_serve_down, "stop it and its stubs"),
-                            ("status", _cmd_serve_status, "say what runs")):
-        p = serve.add_parser(name, help=doc)
-        p.add_argument("--state-dir", type=Path, help="pid file and log (default: $CLFPIPE_STATE_DIR or ~/.cache/clfpipe, /server)")
+    serve = _sub(sub, "serve", "the embedded Triton server").add_subparsers(dest="serve_command", required=True)
+    for name, func, doc in (("up", _cmd_serve_up, "start the server and wait until it is ready"),
+                            ("down", _cmd_serve_down, "stop the server and its python stubs"),
+                            ("status", _cmd_serve_status, "say whether the recorded server runs and answers")):
+        p = _sub(serve, name, doc)
+        p.add_argument("--state-dir", type=Path, help=STATE_HELP)
         p.set_defaults(func=func)
         if name == "up":
-            p.add_argument("--repo", type=Path, required=True)
-            p.add_argument("--host", default="127.0.0.1")
+            source = p.add_mutually_exclusive_group(required=True)
+            source.add_argument("--repo", type=Path, help="a model repository made by 'clfpipe repo'")
+            source.add_argument("--run", type=Path, help="a trained run: its repository is made (exports first) and served")
+            p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
             p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
             p.add_argument("--model-control", default="none", choices=["none", "explicit", "poll"],
-                           help="none (default): no remote load/unload; explicit: the repository API may load/unload")
+                           help="none: what the repository holds is what runs; explicit/poll: the repository API may "
+                                "load and unload models")
             _add_port_args(p)
 
-    p = sub.add_parser("predict", help="classify images with a running server")
-    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT (8000 http, 8001 grpc by default)")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
-    p.add_argument("--model", default="classifier")
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p = _sub(sub, "predict", "classify images with a running server")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
+    _add_client_args(p)
+    p.add_argument("--top-k", type=int, default=1, help="labels shown per image, most probable first")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line: file, label, prob, probs, top_k")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("bench", help="latency/throughput sweep over concurrency against a running server")
-    p.add_argument("--url", default="127.0.0.1:8000")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
-    p.add_argument("--model", default="classifier")
-    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    p = _sub(sub, "bench", "latency/throughput sweep over concurrency against a running server")
+    _add_client_args(p)
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of concurrent clients")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--requests", type=int, help="requests per level")
-    amount.add_argument("--seconds", type=float, help="seconds per level")
+    amount.add_argument("--requests", type=int, help="a fixed number of requests per level (default: measure until stable)")
+    amount.add_argument("--seconds", type=float, help="a fixed duration per level (default: measure until stable)")
+    p.add_argument("--window", type=float, default=2.0,
+                   help="seconds per measurement window; a level is stable when 3 windows in a row agree within 10%%")
+    p.add_argument("--max-windows", type=int, default=10, help="windows per level before giving up on stability")
     p.add_argument("--batch", type=int, default=1, help="images per request")
-    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE_OR_DIR")
+    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE_OR_DIR", help="image files or folders to send")
     p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.csv, bench.png")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("run", help="train, export and repo in one go")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--run", type=Path, required=True)
+
+def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    p = _sub(sub, "run", "train, export and make the repository in one go")
+    p.add_argument("--data", type=Path, required=True, help="image folder with train/<class>/ and valid/<class>/")
+    p.add_argument("--run", type=Path, required=True, help="new run directory to write")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the demo data, served by Triton")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seed", type=int, default=0)
+    p = _sub(sub, "demo", "the whole pipeline on the demo data, served by Triton and checked against PyTorch")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="folder for the data, the run and the server state")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the demo images")
     _add_recipe_args(p, default="recipes/demo.toml")
     _add_port_args(p)
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clfpipe", description="Image classifier: train, export, serve on Triton, verify.",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"clfpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_data_commands, _add_train_commands, _add_export_commands, _add_serve_commands, _add_pipeline_commands):
+        add(sub)
     return parser
 
 

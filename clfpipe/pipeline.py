@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import SERVED, Variant
+from clfpipe.contract.engines import Variant, served_variants
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import Manifest, RunDir
 from clfpipe.contract.metrics import Agreement, compare
@@ -57,10 +57,26 @@ class StageTimer:
         return "\n".join(rows + [f"  {'total':<10} {sum(self.seconds.values()):7.1f} s"])
 
 
-def served_variants(recipe: Recipe) -> list[Variant]:
-    """The plain fp32 graph (the reference export), then what the server runs: uint8 pixels in,
-    without and with TTA, at the recipe's serving precision."""
-    return [Variant(), *(served.variant(recipe.serve.precision) for served in SERVED)]
+def missing_exports(run_dir: Path) -> list[Variant]:
+    """The served variants (at the recipe's serving precision) the run has not exported yet."""
+    manifest = RunDir(run_dir).read()
+    return [v for v in served_variants(manifest.recipe.serve.precision) if v.name not in manifest.data["artifacts"]]
+
+
+def export_served(run_dir: Path, data_dir: Path | None = None) -> list[Variant]:
+    """Export what the repository needs and the run lacks; returns what was exported."""
+    missing = missing_exports(run_dir)
+    if missing:
+        export_variants(run_dir, missing, data_dir)
+    return missing
+
+
+def repository_for_run(run_dir: Path, out: Path | None = None, target: str = "embedded") -> Path:
+    """``clfpipe repo``: the exports the repository needs (made if missing), then the repository."""
+    made = export_served(run_dir)
+    if made:
+        log.info("repo: exported %s first (the repository serves them)", ", ".join(v.name for v in made))
+    return build_repository(run_dir, out, target)
 
 
 def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTimer | None = None) -> Path:
@@ -69,7 +85,7 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTime
     with timer.stage("train"):
         train_run(data_dir, run_dir, recipe)
     with timer.stage("export"):
-        export_variants(run_dir, served_variants(recipe), data_dir)
+        export_variants(run_dir, served_variants(recipe.serve.precision), data_dir)
     with timer.stage("repo"):
         return build_repository(run_dir)
 

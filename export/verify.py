@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from clfpipe.export.onnx_export import gate_variant, validation_split
 
 from clfpipe.contract.dataset import Split, scan_data
 from clfpipe.contract.engines import Variant
@@ -23,6 +22,7 @@ from clfpipe.contract.gates import GateResult
 from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes
 from clfpipe.contract.preprocess import load_pixels
 from clfpipe.contract.progress import progress
+from clfpipe.export.onnx_export import gate_variant, validation_split
 from clfpipe.nn.reference import load_run_model, reference_outputs
 from clfpipe.runtime import ort, tensorrt
 

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from clfpipe.export.onnx_export import export_onnx, gate_variant, validation_split
-from clfpipe.export.tensorrt import build_engine
-from clfpipe.train.loop import train_run
 
 from clfpipe.contract.engines import Variant
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.preprocess import load_pixels
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import write_demo_dataset
+from clfpipe.export.onnx_export import export_onnx, gate_variant, validation_split
+from clfpipe.export.tensorrt import build_engine
 from clfpipe.nn.folded import Folded
 from clfpipe.nn.reference import load_run_model
 from clfpipe.runtime.ort import make_session, run_graph
 from clfpipe.runtime.tensorrt import trt_status
+from clfpipe.train.loop import train_run
 
 VARIANTS = [Variant(), Variant("fp16"), Variant("int8"), Variant("int8-trt"), Variant("fp32", True, True)]
 

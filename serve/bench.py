@@ -4,6 +4,10 @@ Each level runs `concurrency` closed-loop clients (one thread and one client eac
 requests of `batch` encoded images; client latencies give p50/p90/p95/p99, and deltas of
 Triton's statistics extension give the server-side split (queue, compute input/infer/output)
 and the mean executed batch size of each composing model.
+
+Unless a fixed number of requests or seconds is asked for, a level is measured the way
+perf_analyzer does: windows of `window_s` seconds until three in a row agree within 10% on
+throughput and p50 latency (or `max_windows` have run); the level reports those three windows.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from clfpipe.serve.client import PROTOCOLS, encoded_batch
 from tritonclient.utils import InferenceServerException
 
 from clfpipe.contract import tensors
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import atomic_write_bytes
+from clfpipe.serve.client import PROTOCOLS, encoded_batch, not_triton, server_error, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,19 @@ class Level:
     p99_ms: float
     errors: int
     server: dict[str, Any] = field(default_factory=dict)  # per model: queue/compute us per request, mean batch
+    windows: int = 1  # measurement windows run
+    stable: bool | None = None  # three windows in a row agreed (None: a fixed amount was asked for)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Raw figures of one measurement: client latencies (s), errors, wall seconds, server statistics."""
+
+    latencies: list[float]
+    errors: int
+    wall: float
+    before: dict[str, dict]
+    after: dict[str, dict]
 
 
 def percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
@@ -91,9 +108,9 @@ def server_split(before: dict[str, dict], after: dict[str, dict]) -> dict[str, A
     return split
 
 
-def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], *, concurrency: int, batch: int = 1,
-              requests: int | None = None, seconds: float | None = None, parameters: dict | None = None) -> Level:
-    """One concurrency level: `requests` in total, or as many as fit in `seconds`."""
+def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, concurrency: int, batch: int = 1,
+            requests: int | None = None, seconds: float | None = None, parameters: dict | None = None) -> Window:
+    """`concurrency` closed-loop clients: `requests` in total, or as many as fit in `seconds`."""
     monitor = _client(url, protocol)
     models = composing_models(monitor, protocol, model)
     before = {m: _stats(monitor, protocol, m) for m in models}
@@ -137,25 +154,75 @@ def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], *, c
     after = {m: _stats(monitor, protocol, m) for m in models}
     if not latencies:
         raise ServeError(f"bench: every request to {model!r} failed at concurrency {concurrency} ({errors[0]} errors)")
+    return Window(latencies, errors[0], wall, before, after)
+
+
+def level_of(windows: Sequence[Window], concurrency: int, batch: int, *, ran: int = 1, stable: bool | None = None) -> Level:
+    """One level from consecutive windows: their latencies pooled, the server split across them."""
+    latencies = [x for w in windows for x in w.latencies]
+    wall = sum(w.wall for w in windows)
     return Level(concurrency, len(latencies), len(latencies) * batch, wall, len(latencies) * batch / wall,
-                 errors=errors[0], server=server_split(before, after), **percentiles(latencies))
+                 errors=sum(w.errors for w in windows), server=server_split(windows[0].before, windows[-1].after),
+                 windows=ran, stable=stable, **percentiles(latencies))
+
+
+def run_level(url: str, protocol: str, model: str, images: Sequence[bytes], *, concurrency: int, batch: int = 1,
+              requests: int | None = None, seconds: float | None = None, parameters: dict | None = None) -> Level:
+    """One concurrency level of a fixed size: `requests` in total, or as many as fit in `seconds`."""
+    window = measure(url, protocol, model, images, concurrency=concurrency, batch=batch, requests=requests,
+                     seconds=seconds, parameters=parameters)
+    return level_of([window], concurrency, batch)
+
+
+def agree(values: Sequence[float], tolerance: float) -> bool:
+    """perf_analyzer's stability test: every value within tolerance of their mean."""
+    mean = float(np.mean(values))
+    return mean > 0 and all(abs(v - mean) <= tolerance * mean for v in values)
+
+
+def stable_level(url: str, protocol: str, model: str, images: Sequence[bytes], *, concurrency: int, batch: int = 1,
+                 window_s: float = 2.0, max_windows: int = 10, tolerance: float = 0.1) -> Level:
+    """Windows until the last three agree within `tolerance` on throughput and p50, or `max_windows`."""
+    windows: list[Window] = []
+    for _ in range(max(3, max_windows)):
+        windows.append(measure(url, protocol, model, images, concurrency=concurrency, batch=batch, seconds=window_s))
+        last = windows[-3:]
+        if len(last) == 3 and agree([len(w.latencies) * batch / w.wall for w in last], tolerance) \
+                and agree([float(np.median(w.latencies)) for w in last], tolerance):
+            return level_of(last, concurrency, batch, ran=len(windows), stable=True)
+    log.warning("bench: concurrency %d not stable after %d windows of %.1fs (3 in a row within %d%%): reporting the last 3",
+                concurrency, len(windows), window_s, round(tolerance * 100))
+    return level_of(windows[-3:], concurrency, batch, ran=len(windows), stable=False)
 
 
 def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "http", concurrencies: Sequence[int] = (1, 2, 4, 8, 16),
-          batch: int = 1, requests: int | None = None, seconds: float | None = None) -> list[Level]:
+          batch: int = 1, requests: int | None = None, seconds: float | None = None, window_s: float = 2.0,
+          max_windows: int = 10) -> list[Level]:
+    """Every level in turn: a fixed amount when `requests` or `seconds` is given, else until stable."""
     if protocol not in PROTOCOLS:
         raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
-    if (requests is None) == (seconds is None):
-        raise ServeError("bench: expected one of --requests or --seconds")
+    if requests is not None and seconds is not None:
+        raise ServeError("bench: expected at most one of --requests and --seconds")
+    checks = [("--requests", requests, 1), ("--seconds", seconds, 1e-3), ("--window", window_s, 1e-3), ("--batch", batch, 1),
+              ("--max-windows", max_windows, 3)]
+    for name, value, least in checks:
+        if value is not None and value < least:
+            raise ServeError(f"{name}: expected at least {least}, got {value}")
     try:
         _client(url, protocol).get_model_config(model)
     except InferenceServerException as exc:
-        raise ServeError(f"bench: model {model!r} at {url}: {exc.message()}") from exc
+        raise server_error(exc, url, protocol, model) from exc
     except (ConnectionError, OSError) as exc:
-        raise ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}") from exc
+        raise unreachable(url, protocol, exc) from exc
+    except Exception as exc:  # not Triton's endpoint for this protocol
+        raise not_triton(url, protocol, exc) from exc
     levels = []
     for c in concurrencies:
-        level = run_level(url, protocol, model, images, concurrency=c, batch=batch, requests=requests, seconds=seconds)
+        if requests is None and seconds is None:
+            level = stable_level(url, protocol, model, images, concurrency=c, batch=batch, window_s=window_s,
+                                 max_windows=max_windows)
+        else:
+            level = run_level(url, protocol, model, images, concurrency=c, batch=batch, requests=requests, seconds=seconds)
         levels.append(level)
         log.info("%s", format_level(level, model))
     return levels
@@ -179,7 +246,8 @@ def write_results(levels: list[Level], out_dir: Path, model: str) -> dict[str, P
     atomic_write_bytes(paths["json"], (json.dumps({"model": model, "levels": [asdict(l) for l in levels]}, indent=2) + "\n").encode())
     buf = io.StringIO()
     writer = csv.writer(buf)
-    fields = ["concurrency", "requests", "images", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "errors"]
+    fields = ["concurrency", "requests", "images", "seconds", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "errors",
+              "windows", "stable"]
     writer.writerow(fields + ["server_mean_batch"])
     for level in levels:
         batches = {m: s["mean_batch"] for m, s in level.server.items() if s["mean_batch"] is not None and m != model}
@@ -190,14 +258,16 @@ def write_results(levels: list[Level], out_dir: Path, model: str) -> dict[str, P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ordered = sorted(levels, key=lambda level: level.concurrency)  # a line from the lowest load to the highest
     for q in ("p50_ms", "p95_ms", "p99_ms"):
-        ax.plot([l.throughput for l in levels], [getattr(l, q) for l in levels], marker="o", label=q[:3])
-    for l in levels:
-        ax.annotate(f"c{l.concurrency}", (l.throughput, l.p50_ms), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.plot([l.throughput for l in ordered], [getattr(l, q) for l in ordered], marker="o", label=q[:3])
+    for l in ordered:
+        ax.annotate(f"c={l.concurrency}", (l.throughput, l.p50_ms), textcoords="offset points", xytext=(5, -12), fontsize=8)
     ax.set_xlabel("throughput (images/s)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{model}: latency vs throughput")
+    ax.set_ylabel("latency per request (ms)")
+    ax.set_title(f"{model}: latency vs throughput, by concurrency (c)")
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=100)

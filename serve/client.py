@@ -1,11 +1,15 @@
-"""A Python client over tritonclient (HTTP or gRPC) for the ``classifier`` ensemble."""
+"""A Python client over tritonclient (HTTP or gRPC) for the ``classifier`` ensembles.
+
+With no URL it talks to the server ``clfpipe serve up`` recorded (its host, ports and the
+protocol asked for); a URL given explicitly wins.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -15,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.contract import tensors
 from clfpipe.contract.dataset import IMAGE_SUFFIXES
 from clfpipe.contract.errors import ServeError
+from clfpipe.serve.server import default_state_dir, read_info, server_alive
 
 PROTOCOLS = ("http", "grpc")
 # gRPC caps messages at 4 MB by default (triton-inference-server/server#4972): keep requests below it.
@@ -26,11 +31,24 @@ class Prediction:
     file: str
     label: str
     prob: float
-    probs: list[float]
+    probs: list[float]  # every class, in the repository's order
     top_k: list[tuple[str, float]]
+    classes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "label": self.label, "prob": self.prob, "probs": dict(zip(self.classes, self.probs)),
+                "top_k": [{"label": label, "prob": prob} for label, prob in self.top_k]}
 
     def to_json(self) -> str:
-        return json.dumps({"file": self.file, "label": self.label, "prob": self.prob, "probs": self.probs})
+        return json.dumps(self.to_dict())
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One input the server (or the file system) refused, and why."""
+
+    file: str
+    error: str
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
@@ -57,14 +75,41 @@ def describe(config: dict[str, Any], model: str, url: str) -> tuple[list[str], i
     return json.loads(params["classes"]["string_value"]), max(1, int(config.get("max_batch_size", 1)))
 
 
+def resolve_endpoint(url: str | None, protocol: str | None, state_dir: Path | None = None) -> tuple[str, str]:
+    """(url, protocol): the ones given, else the server that 'clfpipe serve up' recorded."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
+    info = read_info(state_dir or default_state_dir())
+    if url is not None:
+        if protocol is None and info is not None and url == info.grpc_url:
+            return url, "grpc"
+        return url, protocol or "http"
+    if info is None or not server_alive(info):
+        raise ServeError(f"no running server recorded in {state_dir or default_state_dir()}: start one with "
+                         "'clfpipe serve up' or pass --url HOST:PORT")
+    protocol = protocol or "http"
+    return (info.http_url if protocol == "http" else info.grpc_url), protocol
+
+
 def unreachable(url: str, protocol: str, exc: Exception) -> ServeError:
     return ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}")
 
 
+def not_triton(url: str, protocol: str, exc: Exception) -> ServeError:
+    """What answered was not Triton's endpoint for this protocol (the other protocol's port, say)."""
+    other = "grpc" if protocol == "http" else "http"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ServeError(f"no Triton {protocol} endpoint at {url} ({detail}): is that the {other} port? "
+                      f"Pass the {protocol} port or --protocol {other}")
+
+
 def server_error(exc: InferenceServerException, url: str, protocol: str, model: str) -> ServeError:
     """One line for what Triton or the connection said: unreachable, unknown model, or the server's message."""
-    message = (exc.message() or str(exc)).splitlines()[0] if (exc.message() or str(exc)) else "no message"
+    text = exc.message() or str(exc)
+    message = text.splitlines()[0] if text else "no message"
     lowered = message.lower()
+    if "socket closed" in lowered or "http/1" in lowered:  # a gRPC client that reached an HTTP port
+        return not_triton(url, protocol, exc)
     if "connect" in lowered or "unavailable" in lowered or "refused" in lowered:
         return ServeError(f"cannot reach Triton at {url} over {protocol}: {message}")
     if "unknown model" in lowered or "not found" in lowered:
@@ -76,7 +121,7 @@ def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k:
     order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
     best = int(order[0])
     return Prediction(name, classes[best], float(probs[best]), [float(p) for p in probs],
-                      [(classes[int(i)], float(probs[int(i)])) for i in order])
+                      [(classes[int(i)], float(probs[int(i)])) for i in order], tuple(classes))
 
 
 def encoded_batch(images: Sequence[bytes]) -> np.ndarray:
@@ -84,25 +129,26 @@ def encoded_batch(images: Sequence[bytes]) -> np.ndarray:
     return np.array([[img] for img in images], dtype=np.object_)
 
 
-def _chunks(items: Sequence[bytes], max_count: int) -> list[tuple[int, int]]:
+def _chunks(sizes: Sequence[int], max_count: int) -> list[tuple[int, int]]:
     """[start, end) ranges of at most max_count items and about MAX_REQUEST_BYTES each."""
-    ranges, start, size = [], 0, 0
-    for i, item in enumerate(items):
-        if i > start and (i - start >= max_count or size + len(item) > MAX_REQUEST_BYTES):
+    ranges, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_count or total + size > MAX_REQUEST_BYTES):
             ranges.append((start, i))
-            start, size = i, 0
-        size += len(item)
-    if start < len(items):
-        ranges.append((start, len(items)))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
     return ranges
 
 
 class Classifier:
-    """``Classifier(url, protocol, model).predict(paths, top_k)`` against a running Triton."""
+    """``Classifier(url, protocol, model).predict(paths, top_k)`` against a running Triton; with no
+    url, the server ``clfpipe serve up`` recorded in ``state_dir``."""
 
-    def __init__(self, url: str, protocol: str = "http", model: str = "classifier", timeout: float = 60.0) -> None:
-        if protocol not in PROTOCOLS:
-            raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
+    def __init__(self, url: str | None = None, protocol: str | None = None, model: str = "classifier",
+                 timeout: float = 60.0, state_dir: Path | None = None) -> None:
+        url, protocol = resolve_endpoint(url, protocol, state_dir)
         self.url, self.protocol, self.model = url, protocol, model
         self._lib = httpclient if protocol == "http" else grpcclient
         try:
@@ -115,6 +161,8 @@ class Classifier:
             raise self._error(exc) from exc
         except (ConnectionError, OSError) as exc:
             raise unreachable(url, protocol, exc) from exc
+        except Exception as exc:  # an HTTP parser fed gRPC frames raises its own types: not Triton's HTTP port
+            raise not_triton(url, protocol, exc) from exc
         self.classes, self.max_batch_size = describe(config, model, url)
 
     def _model_config(self) -> dict[str, Any]:
@@ -146,13 +194,36 @@ class Classifier:
         """(N, classes) probabilities for encoded images, batched into few requests."""
         names = names or [f"image {i}" for i in range(len(images))]
         outs = []
-        for start, end in _chunks(images, self.max_batch_size):
+        for start, end in _chunks([len(i) for i in images], self.max_batch_size):
             try:
                 outs.append(self._infer(images[start:end]))
             except InferenceServerException as exc:
                 err = self._error(exc)
                 raise ServeError(f"{_blame(str(err), names[start:end])}") from exc
         return np.concatenate(outs)
+
+    def predict_each(self, paths: Sequence[str | Path], top_k: int = 1) -> Iterator[Prediction | Failure]:
+        """Files and directories, a Prediction or a Failure per image, in order: a bad image is
+        reported alone (its batch is retried one image at a time) and the rest still answered."""
+        files = expand_inputs(paths)
+        for start, end in _chunks([f.stat().st_size for f in files], self.max_batch_size):
+            yield from self._predict_chunk(files[start:end], top_k)
+
+    def _predict_chunk(self, files: Sequence[Path], top_k: int) -> Iterator[Prediction | Failure]:
+        try:
+            images = [f.read_bytes() for f in files]
+            probs = self._infer(images)
+        except (OSError, InferenceServerException):
+            for f in files:  # find the bad one(s)
+                try:
+                    yield self._prediction(str(f), self._infer([f.read_bytes()])[0], top_k)
+                except OSError as exc:
+                    yield Failure(str(f), f"cannot read: {exc.strerror or exc}")
+                except InferenceServerException as exc:
+                    yield Failure(str(f), str(self._error(exc)))
+            return
+        for f, p in zip(files, probs):
+            yield self._prediction(str(f), p, top_k)
 
     def predict(self, items: Sequence[str | Path | np.ndarray], top_k: int = 1) -> list[Prediction]:
         """Files, directories (their images) or decoded uint8 HWC RGB arrays."""
@@ -207,9 +278,9 @@ class AsyncClassifier:
     server's dynamic batcher sees them together.
     """
 
-    def __init__(self, url: str, protocol: str = "http", model: str = "classifier") -> None:
-        if protocol not in PROTOCOLS:
-            raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
+    def __init__(self, url: str | None = None, protocol: str | None = None, model: str = "classifier",
+                 state_dir: Path | None = None) -> None:
+        url, protocol = resolve_endpoint(url, protocol, state_dir)
         self.url, self.protocol, self.model = url, protocol, model
         if protocol == "http":
             import tritonclient.http.aio as aio
@@ -229,6 +300,8 @@ class AsyncClassifier:
             raise server_error(exc, self.url, self.protocol, self.model) from exc
         except (ConnectionError, OSError) as exc:
             raise unreachable(self.url, self.protocol, exc) from exc
+        except Exception as exc:  # not Triton's endpoint for this protocol
+            raise not_triton(self.url, self.protocol, exc) from exc
         config = config["config"] if self.protocol == "grpc" else config
         self.classes, self.max_batch_size = describe(config, self.model, self.url)
 
@@ -245,7 +318,7 @@ class AsyncClassifier:
         await self._setup()
         files = expand_inputs(paths)
         images = [f.read_bytes() for f in files]
-        ranges = _chunks(images, self.max_batch_size)
+        ranges = _chunks([len(i) for i in images], self.max_batch_size)
         try:
             parts = await asyncio.gather(*(self._infer(images[a:b]) for a, b in ranges))
         except InferenceServerException as exc:

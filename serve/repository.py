@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from clfpipe.model_repository import TEMPLATES
 from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
@@ -36,6 +35,7 @@ from clfpipe.contract.engines import SERVED, Served, Variant
 from clfpipe.contract.errors import ManifestError
 from clfpipe.contract.manifest import Manifest, RunDir
 from clfpipe.contract.probabilities import NONE, SIGMOID, SOFTMAX
+from clfpipe.model_repository import TEMPLATES
 
 log = logging.getLogger(__name__)
 TARGETS = ("embedded", "container")

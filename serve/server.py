@@ -167,6 +167,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def server_alive(info: ServerInfo) -> bool:
+    """Whether the process the pid file names still runs."""
+    return _alive(info.pid)
+
+
 def is_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=timeout) as resp:

@@ -48,12 +48,16 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory):
+def server_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The state folder (pid file, log) of the session's server: what clients find it by."""
+    return tmp_path_factory.mktemp("server")
+
+
+@pytest.fixture(scope="session")
+def server(trained_run: Path, server_state: Path):
     """A real tritonserver on free loopback ports, serving the trained run."""
     from clfpipe.serve.server import Ports, start_server, stop_server
 
-    repo = trained_run / "model_repository"
-    state = tmp_path_factory.mktemp("server")
-    info = start_server(repo, state, ports=Ports(free_port(), free_port(), free_port()))
+    info = start_server(trained_run / "model_repository", server_state, ports=Ports(free_port(), free_port(), free_port()))
     yield info
-    stop_server(state)
+    stop_server(server_state)

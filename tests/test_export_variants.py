@@ -9,19 +9,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from clfpipe.export.onnx_export import calibration_files, export_onnx, validation_split
-from clfpipe.export.quantize import quantize_int8
-from clfpipe.train.evaluate import deterministic_tta
 
 from clfpipe.cli import main
 from clfpipe.contract.engines import Variant
 from clfpipe.contract.errors import ExportError
 from clfpipe.contract.manifest import RunDir, sha256_file
 from clfpipe.contract.preprocess import load_pixels, normalize
+from clfpipe.export.onnx_export import calibration_files, export_onnx, validation_split
+from clfpipe.export.quantize import quantize_int8
 from clfpipe.nn.reference import load_run_model
 from clfpipe.runtime.ort import make_session
 from clfpipe.runtime.ort import run_graph as ort_logits
 from clfpipe.runtime.tensorrt import check_engine_platform, trt_status
+from clfpipe.train.evaluate import deterministic_tta
 
 pytestmark = pytest.mark.slow
 

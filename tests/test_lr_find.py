@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from clfpipe.train.lr_find import diverged, exp_lrs, lr_find, smooth_losses, suggest_minimum, suggest_steep, suggest_valley
 from torch import nn
 
 from clfpipe.contract.recipe import LrFindConfig
+from clfpipe.train.lr_find import diverged, exp_lrs, lr_find, smooth_losses, suggest_minimum, suggest_steep, suggest_valley
 
 
 def test_exponential_sweep_closed_form():
@@ -54,3 +54,12 @@ def test_lr_find_on_a_small_problem_restores_weights_exactly():
     assert set(result.suggestions) == {"valley", "steep", "minimum"}
     assert 1e-4 < result.suggestions["valley"] < 3.0
     assert len(result.lrs) < 100  # stopped when the loss blew up
+
+
+def test_suggestions_stay_inside_the_swept_range():
+    from clfpipe.train.lr_find import suggest
+
+    lrs = exp_lrs(1e-5, 10.0, 30)
+    rising = np.linspace(1.0, 3.0, 30)  # the best loss is at the very first step: minimum/10 would fall below it
+    got = suggest(lrs, rising)
+    assert got["minimum"] == pytest.approx(lrs[0]) and all(lrs[0] <= v <= lrs[-1] for v in got.values())

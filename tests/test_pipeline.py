@@ -9,9 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from clfpipe.export.onnx_export import check_variant, export_onnx, write_onnx
-from clfpipe.serve.client import Classifier
-from clfpipe.serve.server import Ports, _group_alive, server_status, start_server
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -22,9 +19,12 @@ from clfpipe.contract.errors import ExportError, ManifestError, ServeError
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.probabilities import softmax
 from clfpipe.contract.recipe import ModelConfig
+from clfpipe.export.onnx_export import check_variant, export_onnx, write_onnx
 from clfpipe.nn.models import build_model
 from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
 from clfpipe.pipeline import served_agreement
+from clfpipe.serve.client import Classifier
+from clfpipe.serve.server import Ports, _group_alive, server_status, start_server
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,22 @@ def test_lr_find_command_restores_the_run(run_copy, capsys):
     assert (run_copy / "model.pt").read_bytes() == before
 
 
+def test_lr_find_sweeps_from_the_weights_the_stage_started_from(run_copy):
+    from clfpipe.contract.manifest import stage_start
+    from clfpipe.train.loop import lr_find_for_run, stage_start_model
+
+    run = RunDir(run_copy)
+    manifest = run.read()
+    start = stage_start_model(run, manifest, 2).state_dict()
+    saved = torch.load(run_copy / stage_start(2)[1], weights_only=True)
+    final = torch.load(run_copy / "model.pt", weights_only=True)
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+    assert not all(torch.equal(start[k], final[k]) for k in final)  # not the trained weights
+    result = lr_find_for_run(run_copy, 2)
+    assert result.lrs[0] == pytest.approx(manifest.recipe.lr_find.start) and len(result.lrs) > 20
+    assert all(result.lrs[0] <= lr <= result.lrs[-1] for lr in result.suggestions.values()), result.suggestions
+
+
 def test_onnx_is_named_dynamic_and_passes_the_gate(trained_run):
     manifest = RunDir(trained_run).read()
     model = onnx.load(str(trained_run / "model.onnx"))
@@ -131,7 +147,7 @@ def test_run_without_checkpoint_is_refused(run_copy, capsys):
     with pytest.raises(ManifestError, match="artifact 'checkpoint' missing"):
         export_onnx(run_copy)
     assert main(["repo", "--run", str(run_copy), "--out", str(run_copy / "r")]) == 0  # the ONNX is intact
-    assert main(["export", "onnx", "--run", str(run_copy)]) == 2
+    assert main(["export", "onnx", "--run", str(run_copy), "--precision", "fp16"]) == 2
     assert "artifact 'checkpoint' missing" in capsys.readouterr().err
 
 
@@ -163,9 +179,47 @@ def test_cli_predict_json(trained_run, server, capsys):
     assert len(rows) == 30
     classes = RunDir(trained_run).read().classes
     for row in rows:
-        assert set(row) == {"file", "label", "prob", "probs"}
-        assert len(row["probs"]) == 3 and sum(row["probs"]) == pytest.approx(1.0, abs=1e-5)
-        assert row["label"] == classes[int(np.argmax(row["probs"]))] and row["prob"] == max(row["probs"])
+        assert set(row) == {"file", "label", "prob", "probs", "top_k"}
+        assert list(row["probs"]) == classes and sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == max(row["probs"], key=row["probs"].get) and row["prob"] == max(row["probs"].values())
+        ranked = sorted(row["probs"].items(), key=lambda kv: -kv[1])[:2]
+        assert [(t["label"], t["prob"]) for t in row["top_k"]] == ranked
+
+
+def test_predict_finds_the_recorded_server_without_a_url(trained_run, server, server_state, capsys):
+    file = _valid(trained_run).files[0]
+    for protocol in ([], ["--protocol", "grpc"]):
+        assert main(["predict", "--state-dir", str(server_state), *protocol, str(file)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(str(file)) and out.split("\t")[1].split()[0] in RunDir(trained_run).read().classes
+    client = Classifier(protocol="grpc", state_dir=server_state)
+    assert (client.url, client.protocol) == (server.grpc_url, "grpc")
+    assert Classifier(server.grpc_url, state_dir=server_state).protocol == "grpc"  # the recorded gRPC port
+    assert main(["predict", "--state-dir", str(server_state.parent / "nothing"), str(file)]) == 2
+    assert "no running server recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol, port", [("http", "grpc"), ("grpc", "http")])
+def test_protocol_mismatch_is_one_line(trained_run, server, capsys, protocol, port):
+    url = server.grpc_url if port == "grpc" else server.http_url
+    assert main(["predict", "--url", url, "--protocol", protocol, str(_valid(trained_run).files[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"no Triton {protocol} endpoint at {url}" in err and f"the {port} port" in err, err
+
+
+def test_a_folder_with_one_bad_file_gets_every_other_answer(trained_run, server, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = _valid(trained_run).files[:5]
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["predict", "--url", server.http_url, str(folder)]) == 2
+    captured = capsys.readouterr()
+    answered = [line.split("\t")[0] for line in captured.out.splitlines()]
+    assert sorted(answered) == sorted(str(folder / f.name) for f in good)
+    (err,) = captured.err.strip().splitlines()
+    assert "broken.jpg" in err and "not an image" in err
 
 
 def test_non_image_gets_an_error_and_the_server_answers_the_next_request(trained_run, server, tmp_path, capsys):

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from clfpipe.train.precompute import FeatureCache, cached_features
 
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.contract.recipe import ModelConfig
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model
+from clfpipe.train.precompute import FeatureCache, cached_features
 
 
 @pytest.fixture

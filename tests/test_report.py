@@ -1,6 +1,15 @@
 import numpy as np
-from clfpipe.train.report import confusion_matrix, most_correct, most_incorrect, most_uncertain, write_report
 from PIL import Image
+
+from clfpipe.train.report import (
+    LossPoint,
+    confusion_matrix,
+    most_confused,
+    most_correct,
+    most_incorrect,
+    most_uncertain,
+    write_report,
+)
 
 # 6 images, 3 classes; rows are probabilities, labels the truth.
 PROBS = np.array([
@@ -23,14 +32,22 @@ def test_hand_checked_rankings():
     assert matrix.tolist() == [[3, 1, 0], [0, 1, 0], [1, 0, 0]]
 
 
-def test_report_files(tmp_path):
+def test_report_names_every_file_and_lists_confusions(tmp_path):
     files = []
     for i in range(6):
-        f = tmp_path / f"{i}.png"
+        f = tmp_path / "images" / f"img_{i}.png"
+        f.parent.mkdir(exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
         files.append(f)
-    index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=["a", "b", "c"], k=4)
-    html = index.read_text()
-    assert "confusion_matrix.png" in html and "a_most_incorrect.png" in html
-    assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 1000
+    losses = [LossPoint("head", 1, 1.2, 1.1), LossPoint("head", 2, 1.0, 0.9), LossPoint("all", 1, 0.8, 0.7)]
+    index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=["a", "b", "c"], k=4,
+                         losses=losses)
+    text = index.read_text()
+    for f in files:  # each image appears under its grid by its path relative to the report
+        assert f"../images/{f.name}" in text
+    assert "plain predictions, no TTA: accuracy 0.6667 on 6 images" in text
+    assert "<tr><td>a</td><td>b</td><td>1</td></tr>" in text and "<tr><td>c</td><td>a</td><td>1</td></tr>" in text
+    assert most_confused(confusion_matrix(LABELS, PROBS.argmax(1), 3), ["a", "b", "c"]) == [("a", "b", 1), ("c", "a", 1)]
+    for png in ("confusion_matrix.png", "loss.png", "a_most_incorrect.png"):
+        assert png in text and (tmp_path / "report" / png).stat().st_size > 1000
     assert len(list((tmp_path / "report").glob("*_most_*.png"))) == 9

@@ -2,6 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from clfpipe.contract.engines import SERVED, Variant
+from clfpipe.contract.manifest import new_manifest
+from clfpipe.contract.preprocess import PreprocessSpec
+from clfpipe.contract.recipe import load_recipe
 from clfpipe.serve.repository import (
     Backbone,
     backbone_config,
@@ -11,13 +18,6 @@ from clfpipe.serve.repository import (
     plan_config,
     preprocess_config,
 )
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
-
-from clfpipe.contract.engines import SERVED, Variant
-from clfpipe.contract.manifest import new_manifest
-from clfpipe.contract.preprocess import PreprocessSpec
-from clfpipe.contract.recipe import load_recipe
 
 PLAIN = Backbone(SERVED[0], Variant("fp32", True, False), Path("model-pre.onnx"))
 TTA = Backbone(SERVED[1], Variant("fp32", True, True), Path("model-pre-tta.onnx"))

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-from clfpipe.train.loop import STATE_FILE, train_run
 
 from clfpipe.cli import main
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.train.loop import STATE_FILE, train_run
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert len(sessions) == 2 and (sessions[1]["stage"], sessions[1]["epoch"]) > (0, 0)  # resumed past epoch 1
     assert not (run / STATE_FILE).exists()
     got, want = _rows(run), _rows(reference)
-    assert [(r["stage"], r["epoch"], r["lr"]) for r in got] == [(r["stage"], r["epoch"], r["lr"]) for r in want]
+    lrs = lambda rows: [(r["stage"], r["epoch"], r["lr_body_early"], r["lr_body_late"], r["lr_head"]) for r in rows]  # noqa: E731
+    assert lrs(got) == lrs(want)
     a = torch.load(run / "model.pt", weights_only=True)
     b = torch.load(reference / "model.pt", weights_only=True)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from clfpipe.train.schedule import cosine, multiplier, sgdr, sgdr_cycles
 
 

@@ -14,11 +14,6 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from clfpipe.export.onnx_export import validation_split
-from clfpipe.serve.bench import run_level
-from clfpipe.serve.client import AsyncClassifier, Classifier
-from clfpipe.serve.repository import build_repository
-from clfpipe.train.evaluate import deterministic_tta
 from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
@@ -28,7 +23,12 @@ from clfpipe.cli import main
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.preprocess import load_image
 from clfpipe.contract.probabilities import softmax
+from clfpipe.export.onnx_export import validation_split
 from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
+from clfpipe.serve.bench import run_level
+from clfpipe.serve.client import AsyncClassifier, Classifier
+from clfpipe.serve.repository import build_repository
+from clfpipe.train.evaluate import deterministic_tta
 
 pytestmark = pytest.mark.slow
 

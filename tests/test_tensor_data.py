@@ -4,8 +4,6 @@ CUDA, exercised here on the CPU) share one transforms definition and must agree.
 import numpy as np
 import pytest
 import torch
-from clfpipe.train.data import ImageDataset, device_batch, encoded_loader
-from clfpipe.train.loop import train_run
 from PIL import Image
 
 from clfpipe.contract.augment import AUGMENTS, AugmentParams, sample
@@ -14,6 +12,8 @@ from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize, r
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.transforms import apply, decode_batch, eval_pixels, torch_uniform
+from clfpipe.train.data import ImageDataset, device_batch, encoded_loader
+from clfpipe.train.loop import train_run
 
 
 @pytest.fixture

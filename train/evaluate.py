@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from clfpipe.train.data import ImageDataset, make_loader
 
 from clfpipe.contract.dataset import Split
 from clfpipe.contract.metrics import best_threshold, score
@@ -19,6 +18,7 @@ from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.progress import progress
 from clfpipe.nn.models import Classifier
 from clfpipe.nn.tta import average_probs
+from clfpipe.train.data import ImageDataset, make_loader
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ resumed run draws the same batches as an uninterrupted one. The manifest is writ
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -21,14 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from clfpipe.train.evaluate import evaluate
-from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
-from clfpipe.train.report import write_report
-from clfpipe.train.schedule import sgdr_cycles, stage_multipliers
-from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
-from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, TrainState
 from torch import nn
 
+from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.dataset import scan_data
 from clfpipe.contract.errors import ManifestError, RecipeError
 from clfpipe.contract.manifest import (
@@ -39,12 +35,18 @@ from clfpipe.contract.manifest import (
     atomic_write_bytes,
     library_versions,
     new_manifest,
+    stage_start,
 )
 from clfpipe.contract.metrics import metric_name
 from clfpipe.contract.progress import progress
 from clfpipe.contract.recipe import Recipe, dump_recipe, load_recipe
-from clfpipe.nn.models import Classifier, build_model, set_trainable, train_mode
-from clfpipe.nn.reference import load_run_model
+from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trainable, train_mode
+from clfpipe.train.evaluate import evaluate
+from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
+from clfpipe.train.report import LossPoint, loss_png, write_report
+from clfpipe.train.schedule import sgdr_cycles, stage_multipliers
+from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
+from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, TrainState
 
 log = logging.getLogger(__name__)
 TRAIN_VERSIONS = ("torch", "torchvision", "numpy", "pillow")
@@ -66,7 +68,8 @@ def find_lr(model: Classifier, index: int, data: StageData, ctx: Context) -> LrF
                      config=ctx.recipe.lr_find, set_mode=lambda: train_mode(model))
     plot_lr_find(result, ctx.run_dir / f"lr_find_stage{index}.png")
     shown = ", ".join(f"{k} {v:.2e}" for k, v in result.suggestions.items())
-    log.info("lr_find (stage %r): %d steps; suggestions: %s", stage.name, len(result.lrs), shown or "none (diverged at once)")
+    log.info("lr_find (stage %d %s): %d steps from %.1e to %.1e; suggestions: %s", index, stage.name, len(result.lrs),
+             result.lrs[0] if result.lrs else 0, result.lrs[-1] if result.lrs else 0, shown or "none (diverged at once)")
     return result
 
 
@@ -83,11 +86,17 @@ def _state_dict_bytes(model: nn.Module) -> bytes:
 
 def commit_checkpoint(model: nn.Module, run_dir: Path, *, recipe: Recipe, classes: list[str], data_dir: Path,
                       figures: dict[str, Any]) -> Manifest:
-    """Write model.pt, then the manifest naming it: the last step of the train stage."""
+    """Write model.pt, then the manifest naming it and the stage-start checkpoints: the last step of
+    the train stage."""
     checkpoint = run_dir / CHECKPOINT_FILE
     atomic_write_bytes(checkpoint, _state_dict_bytes(model))
     manifest = new_manifest(recipe, classes, data_dir)
-    manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, stage="train", versions=library_versions(TRAIN_VERSIONS))
+    versions = library_versions(TRAIN_VERSIONS)
+    manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, stage="train", versions=versions)
+    for index in range(1, len(recipe.stages)):
+        name, file = stage_start(index)
+        if (run_dir / file).is_file():
+            manifest = manifest.with_artifact(name, run_dir, run_dir / file, stage="train", versions=versions)
     manifest = manifest.with_stage("train", figures)
     RunDir(run_dir).write(manifest)
     return manifest
@@ -143,11 +152,11 @@ def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) ->
         losses = _train_epoch(data, optimizer, multipliers, epoch=epoch,
                               what=f"stage {index} {stage.name} epoch {epoch + 1}/{stage.epochs}")
         valid_loss, metric = data.validate()
-        row = EpochMetrics(stage.name, epoch + 1, optimizer.param_groups[-1]["lr"], float(np.mean(losses)), valid_loss,
-                           metric, time.perf_counter() - start)
+        row = EpochMetrics(index, stage.name, epoch + 1, {g["name"]: g["lr"] for g in optimizer.param_groups},
+                           float(np.mean(losses)), valid_loss, metric, time.perf_counter() - start)
         state.rows.append(row)
-        log.info("%s epoch %d/%d: train_loss %.4f valid_loss %.4f %s %.4f (%.1fs)", row.stage, row.epoch, stage.epochs,
-                 row.train_loss, row.valid_loss, metric_name(ctx.recipe.multi_label), row.metric, row.seconds)
+        log.info("stage %d %s epoch %d/%d: train_loss %.4f valid_loss %.4f %s %.4f (%.1fs)", index, row.stage, row.epoch,
+                 stage.epochs, row.train_loss, row.valid_loss, metric_name(ctx.recipe.multi_label), row.metric, row.seconds)
         state.epoch, state.model, state.optimizer = epoch + 1, model.state_dict(), optimizer.state_dict()
         state.save(ctx.run_dir)
         state.optimizer = None
@@ -155,12 +164,20 @@ def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) ->
 
 
 def _metrics_csv(rows: list[EpochMetrics], metric: str) -> bytes:
-    """One row per epoch and stage; the metric column is named for what it holds."""
+    """One row per epoch and stage: each layer group's lr at the epoch's end (empty while frozen),
+    and the metric column named for what it holds."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     names = [f.name for f in fields(EpochMetrics)]
-    writer.writerow([metric if f == "metric" else f for f in names])
-    writer.writerows([getattr(row, f) for f in names] for row in rows)
+    header: list[str] = []
+    for f in names:
+        header += [f"lr_{g}" for g in LAYER_GROUPS] if f == "lrs" else [metric if f == "metric" else f]
+    writer.writerow(header)
+    for row in rows:
+        values: list[Any] = []
+        for f in names:
+            values += [row.lrs.get(g, "") for g in LAYER_GROUPS] if f == "lrs" else [getattr(row, f)]
+        writer.writerow(values)
     return buf.getvalue().encode()
 
 
@@ -212,7 +229,7 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
     if resume:
         recipe, state = load_state(run_dir)
         data_dir = Path(state.data_dir)
-        log.info("resume: stage %d/%d, epoch %d done", state.stage + 1, len(recipe.stages), state.epoch)
+        log.info("resume: stage %d of 0..%d, %d epoch(s) of it done", state.stage, len(recipe.stages) - 1, state.epoch)
     elif recipe is None or data_dir is None:
         raise RecipeError("train: expected --data and a recipe, or --resume RUN_DIR")
     train_split = scan_data(data_dir, "train", recipe.data.labels_csv)
@@ -232,6 +249,8 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
         model.load_state_dict(state.model)
     start = time.perf_counter()
     for index in range(state.stage, len(recipe.stages)):
+        if index > 0 and state.epoch == 0:  # what `clfpipe lr-find --stage N` sweeps from
+            atomic_write_bytes(run_dir / stage_start(index)[1], _state_dict_bytes(model))
         run_stage(model, index, ctx, state)
         state.next_stage()
     return finish_run(model, ctx, state, time.perf_counter() - start)
@@ -247,9 +266,11 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
              f" (F2 at threshold {result.threshold})" if result.threshold is not None else "")
     if recipe.evaluate.report and not recipe.multi_label:
         index = write_report(run_dir / "report", files=ctx.valid.files, labels=np.asarray(ctx.valid.labels),
-                             probs=result.probs, classes=ctx.valid.classes, k=recipe.evaluate.report_images)
+                             probs=result.probs, classes=ctx.valid.classes, k=recipe.evaluate.report_images,
+                             losses=[LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows])
         log.info("report: %s", index)
     plot_schedule(recipe, state.stages_done, run_dir / "schedule.png")
+    loss_png([LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows], run_dir / "loss.png")
     metric = metric_name(recipe.multi_label)
     atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state.rows, metric))
     figures: dict[str, Any] = {"valid_accuracy": result.scores["plain"], "accuracy": result.scores}
@@ -287,8 +308,24 @@ def init_run(data_dir: Path, run_dir: Path, recipe: Recipe) -> Path:
     return run_dir
 
 
+def stage_start_model(run: RunDir, manifest: Manifest, index: int) -> Classifier:
+    """The weights stage `index` started from: the recipe's seeded (or pretrained) initial weights for
+    stage 0, the checkpoint saved when the stage began for the others."""
+    recipe, classes = manifest.recipe, len(manifest.classes)
+    if index == 0:
+        seed_everything(recipe.seed)
+        return build_model(recipe.model, classes)
+    name, _ = stage_start(index)
+    if name not in manifest.data["artifacts"]:
+        raise ManifestError(f"{run.path} has no checkpoint of the weights stage {index} started from (runs trained before "
+                            "stage-start checkpoints existed): train it again to sweep that stage")
+    model = build_model(dataclasses.replace(recipe.model, weights="none"), classes)
+    return load_checkpoint(model, run.artifact_path(manifest, name))
+
+
 def lr_find_for_run(run_dir: Path, stage_index: int) -> LrFindResult:
-    """``clfpipe lr-find``: sweep stage N's settings from the run's trained weights (weights restored)."""
+    """``clfpipe lr-find``: sweep stage N's settings from the weights that stage started from; the
+    run's files are left as they were (apart from lr_find_stage<N>.png and .json)."""
     run = RunDir(run_dir)
     manifest = run.read()
     recipe = manifest.recipe
@@ -298,7 +335,7 @@ def lr_find_for_run(run_dir: Path, stage_index: int) -> LrFindResult:
     train_split = scan_data(data_dir, "train", recipe.data.labels_csv, tuple(manifest.classes))
     valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, tuple(manifest.classes))
     ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), Path(run_dir))
-    model = load_run_model(run, manifest).to(ctx.device)
+    model = stage_start_model(run, manifest, stage_index).to(ctx.device)
     stage = recipe.stages[stage_index]
     result = find_lr(model, stage_index, StageData(model, stage, stage_index, ctx), ctx)
     atomic_write_bytes(Path(run_dir) / f"lr_find_stage{stage_index}.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())

@@ -108,24 +108,41 @@ def lr_find(model: nn.Module, batches: Iterable, loss_fn: Callable[[tuple], torc
         model.load_state_dict(saved)  # bit-exact: the sweep leaves no trace
     n = len(smoothed) - 1 if len(smoothed) > 2 else len(smoothed)  # drop the diverged last point
     used_lrs, used = lrs[:n], np.asarray(smoothed[:n])
-    suggestions = {name: fn(used_lrs, used) for name, fn in SUGGEST.items()} if n > 2 else {}
+    suggestions = suggest(used_lrs, used) if n > 2 else {}
     return LrFindResult([float(x) for x in used_lrs], [float(x) for x in used], suggestions)
 
 
+def suggest(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
+    """Every suggestion, kept inside the swept range (``minimum`` divides by 10 and could leave it)."""
+    return {name: float(np.clip(fn(lrs, losses), lrs[0], lrs[-1])) for name, fn in SUGGEST.items()}
+
+
 def plot_lr_find(result: LrFindResult, path: Path) -> None:
+    """Smoothed loss against a log lr axis with one label per decade; the diverging tail is cut off
+    at the height the sweep started from, so the useful part fills the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result.lrs, result.losses)
     for (name, lr), marker in zip(result.suggestions.items(), "o^s"):
-        ax.plot([lr], [np.interp(np.log(lr), np.log(result.lrs), result.losses)], marker, label=f"{name} {lr:.2e}")
+        ax.plot([lr], [np.interp(np.log(lr), np.log(result.lrs), result.losses)], marker, markersize=8, label=f"{name} {lr:.2e}")
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("smoothed loss")
-    ax.legend()
+    ax.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if result.losses:
+        low, start = min(result.losses), result.losses[0]
+        top = max(start, low) + 0.1 * abs(max(start, low) - low) + 1e-6
+        ax.set_ylim(low - 0.05 * (top - low), top)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title(f"lr_find: {len(result.lrs)} steps, {result.lrs[0]:.0e} to {result.lrs[-1]:.1e}" if result.lrs else "lr_find")
+    ax.grid(alpha=0.3, which="major")
+    if result.suggestions:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -18,13 +18,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from clfpipe.train.data import ImageDataset, make_loader
 
 from clfpipe.contract.dataset import Split
 from clfpipe.contract.manifest import atomic_write_bytes, sha256_file
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.contract.progress import progress
 from clfpipe.nn.models import Classifier
+from clfpipe.train.data import ImageDataset, make_loader
 
 CACHE_VERSION = 1
 

@@ -1,15 +1,21 @@
-"""The data-cleaning report (fastai lesson 1): most correct, most incorrect and most uncertain images
-per class, the confusion matrix and per-class accuracy, linked from RUN_DIR/report/index.html."""
+"""The data-cleaning report (fastai lesson 1): per class the most correct, most incorrect and most
+uncertain validation images (each named, so a user can find and fix the file), the most confused
+pairs of classes (fastai's ``most_confused``), the confusion matrix and per-class accuracy, and the
+loss curves; RUN_DIR/report/index.html links them."""
 
 from __future__ import annotations
 
 import html
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from clfpipe.contract.preprocess import load_image
+
+KINDS = ("most_correct", "most_incorrect", "most_uncertain")
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -37,17 +43,32 @@ def most_uncertain(probs: np.ndarray, labels: np.ndarray, cls: int, k: int) -> n
     return idx[np.argsort(np.abs(probs[idx, cls] - 1.0 / probs.shape[1]), kind="stable")][:k]
 
 
-def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) -> None:
+PICKERS = {"most_correct": most_correct, "most_incorrect": most_incorrect, "most_uncertain": most_uncertain}
+
+
+def most_confused(matrix: np.ndarray, classes: Sequence[str], min_count: int = 1) -> list[tuple[str, str, int]]:
+    """(actual, predicted, count) for every off-diagonal cell with at least min_count images, most first."""
+    pairs = [(classes[i], classes[j], int(matrix[i, j])) for i in range(len(classes)) for j in range(len(classes))
+             if i != j and matrix[i, j] >= min_count]
+    return sorted(pairs, key=lambda pair: -pair[2])
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) -> None:
+    plt = _plt()
     n = max(1, len(files))
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.3 * n, 2.9), squeeze=False)
     for ax, f, t in zip(axes[0], files, titles):
         ax.imshow(load_image(f))
-        ax.set_title(t, fontsize=8)
+        ax.set_title(t, fontsize=7)
     for ax in axes[0]:
         ax.axis("off")
     if not files:
@@ -58,52 +79,116 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
     plt.close(fig)
 
 
-def _confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
-    ax.imshow(matrix, cmap="Blues")
+def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path, predictions: str) -> None:
+    """Counts on every cell, in white on the dark cells and black on the light ones."""
+    plt = _plt()
+    size = 1.1 * len(classes) + 2.5
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", color="black")
+        dark = value > matrix.max() / 2
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=11, color="white" if dark else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
+    ax.set_title(f"confusion matrix ({predictions})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class LossPoint:
+    stage: str
+    epoch: int
+    train_loss: float
+    valid_loss: float
+
+
+def loss_png(points: Sequence[LossPoint], path: Path) -> None:
+    """Train and valid loss per epoch across every stage, stage boundaries marked (fastai's plot_loss)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(1, len(points) + 1)
+    ax.plot(x, [p.train_loss for p in points], marker="o", label="train loss")
+    ax.plot(x, [p.valid_loss for p in points], marker="s", label="valid loss")
+    starts = [i for i, p in enumerate(points) if i == 0 or p.stage != points[i - 1].stage]
+    top = max(max(p.train_loss for p in points), max(p.valid_loss for p in points))
+    for index, start in enumerate(starts):
+        if start:
+            ax.axvline(start + 0.5, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(start + 0.6, top, f"{index}: {points[start].stage}", fontsize=8, va="top", rotation=90)
+    ax.set_xlabel("epoch (all stages)")
+    ax.set_ylabel("loss")
+    ax.set_xticks(x)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _rel(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path, start)
+    except ValueError:
+        return str(path)
+
+
+def _class_section(name: str, c: int, picks: dict[str, np.ndarray], files: Sequence[Path], probs: np.ndarray,
+                   classes: Sequence[str], out_dir: Path) -> str:
+    """One class: a grid per kind, and under it each image's file, prediction and p(class)."""
+    parts = [f"<h3>{html.escape(name)}</h3>"]
+    for kind in KINDS:
+        png = f"{name}_{kind}.png"
+        idx = picks[kind]
+        rows = "".join(f"<tr><td>{html.escape(_rel(files[i], out_dir))}</td><td>{html.escape(classes[int(probs[i].argmax())])}</td>"
+                       f"<td>{probs[i, c]:.3f}</td></tr>" for i in idx)
+        parts.append(f"<h4>{kind.replace('_', ' ')}</h4><img src=\"{png}\" alt=\"{html.escape(name)} {kind}\"><br>"
+                     + (f"<table><tr><th>file</th><th>predicted</th><th>p({html.escape(name)})</th></tr>{rows}</table>"
+                        if len(idx) else "<p>none</p>"))
+    return "".join(parts)
+
+
+STYLE = ("<style>body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;margin:.4em 0}"
+         "td,th{border:1px solid #bbb;padding:2px 8px;font-size:13px;text-align:left}img{max-width:100%}</style>")
+
+
 def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, probs: np.ndarray,
-                 classes: Sequence[str], k: int = 8) -> Path:
-    """Write PNGs and index.html into out_dir; returns the index path."""
+                 classes: Sequence[str], k: int = 8, predictions: str = "plain predictions, no TTA",
+                 losses: Sequence[LossPoint] = ()) -> Path:
+    """Write the PNGs and index.html into out_dir; returns the index path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     predicted = probs.argmax(1)
     matrix = confusion_matrix(labels, predicted, len(classes))
-    _confusion_png(matrix, classes, out_dir / "confusion_matrix.png")
-    rows = []
+    confusion_png(matrix, classes, out_dir / "confusion_matrix.png", predictions)
+    rows, sections = [], []
     for c, name in enumerate(classes):
         total = int(matrix[c].sum())
         acc = matrix[c, c] / total if total else float("nan")
-        links = []
-        for kind, pick in (("most_correct", most_correct), ("most_incorrect", most_incorrect), ("most_uncertain", most_uncertain)):
-            idx = pick(probs, labels, c, k)
-            png = f"{name}_{kind}.png"
-            _grid([files[i] for i in idx], [f"{classes[predicted[i]]} {probs[i, c]:.2f}" for i in idx], out_dir / png,
-                  f"{name}: {kind.replace('_', ' ')} (title: predicted, p({name}))")
-            links.append(f'<a href="{png}">{kind.replace("_", " ")}</a>')
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{total}</td><td>{acc:.4f}</td><td>{' | '.join(links)}</td></tr>")
+        picks = {kind: PICKERS[kind](probs, labels, c, k) for kind in KINDS}
+        for kind, idx in picks.items():
+            _grid([files[i] for i in idx], [f"{Path(files[i]).name}\n{classes[predicted[i]]} {probs[i, c]:.2f}" for i in idx],
+                  out_dir / f"{name}_{kind}.png", f"{name}: {kind.replace('_', ' ')} (file, predicted, p({name}))")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{total}</td><td>{acc:.4f}</td></tr>")
+        sections.append(_class_section(name, c, picks, files, probs, classes, out_dir))
+    confused = most_confused(matrix, classes)
+    confused_rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{n}</td></tr>" for a, b, n in confused)
+    loss_html = ""
+    if losses:
+        loss_png(losses, out_dir / "loss.png")
+        loss_html = '<h2>Loss per epoch</h2><img src="loss.png" alt="train and valid loss per epoch">'
     index = out_dir / "index.html"
     index.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>clfpipe data-cleaning report</title></head><body>"
+        "<!doctype html><html><head><meta charset='utf-8'><title>clfpipe data-cleaning report</title>" + STYLE + "</head><body>"
         "<h1>Data-cleaning report (validation set)</h1>"
-        f"<p>accuracy {float((predicted == labels).mean()):.4f} on {len(labels)} images</p>"
-        "<table border='1' cellpadding='4'><tr><th>class</th><th>images</th><th>accuracy</th><th>grids</th></tr>"
-        + "".join(rows) + "</table>"
-        '<h2>Confusion matrix</h2><img src="confusion_matrix.png" alt="confusion matrix">'
-        "</body></html>\n"
+        f"<p>{predictions}: accuracy {float((predicted == labels).mean()):.4f} on {len(labels)} images. "
+        "Image paths are relative to this report.</p>"
+        "<table><tr><th>class</th><th>images</th><th>accuracy</th></tr>" + "".join(rows) + "</table>"
+        "<h2>Most confused (actual &rarr; predicted)</h2>"
+        + ("<table><tr><th>actual</th><th>predicted</th><th>images</th></tr>" + confused_rows + "</table>" if confused
+           else "<p>no confusions</p>")
+        + '<h2>Confusion matrix</h2><img src="confusion_matrix.png" alt="confusion matrix">'
+        + loss_html + "<h2>Per class</h2>" + "".join(sections) + "</body></html>\n"
     )
     return index

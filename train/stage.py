@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from clfpipe.train.data import ImageDataset, device_batch, encoded_loader, make_loader
-from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.augment import AUGMENTS
 from clfpipe.contract.dataset import Split
 from clfpipe.contract.errors import RecipeError
@@ -21,6 +20,8 @@ from clfpipe.contract.metrics import score
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
+from clfpipe.train.data import ImageDataset, device_batch, encoded_loader, make_loader
+from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,12 @@ def on_device_decode(decode: str, device: torch.device) -> bool:
 
 def param_groups(model: Classifier, lrs: tuple[float, ...] | list[float]) -> list[dict]:
     """One optimizer group per layer group with trainable parameters; one lr or one per group."""
-    per_group = tuple(lrs) * 3 if len(lrs) == 1 else tuple(lrs)
+    per_group = tuple(lrs) * len(LAYER_GROUPS) if len(lrs) == 1 else tuple(lrs)
     groups = []
-    for group, lr in zip(model.layer_groups(), per_group):
+    for name, group, lr in zip(LAYER_GROUPS, model.layer_groups(), per_group):
         params = [p for p in group.parameters() if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": lr, "peak_lr": lr})
+            groups.append({"params": params, "lr": lr, "peak_lr": lr, "name": name})
     return groups
 
 

@@ -21,9 +21,10 @@ STATE_FILE = "train_state.pt"
 class EpochMetrics:
     """One row of metrics.csv."""
 
+    stage_index: int  # counted from 0, as in --set stages.N
     stage: str
     epoch: int
-    lr: float  # the head group's learning rate at the epoch's last step
+    lrs: dict[str, float]  # layer group -> its lr at the epoch's last step (trainable groups only)
     train_loss: float
     valid_loss: float
     metric: float  # accuracy, or F2 for multi-label

@@ -33,5 +33,9 @@ ARCHS: dict[str, ArchMeta] = {
 }
 
 
+# The layer groups every arch splits into, in order; differential lrs give one value per group.
+LAYER_GROUPS = ("body_early", "body_late", "head")
+
+
 def arch_names() -> list[str]:
     return sorted(ARCHS)

@@ -46,13 +46,25 @@ def check_image(path: Path) -> None:
         raise DataError(f"corrupt image file {path}: {exc}") from exc
 
 
-def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True) -> Split:
-    """Read DATA/<split>/<class>/...; classes default to the sorted folder names."""
-    root = Path(data_dir) / split
+# Folder names accepted for a split, first match wins (torchvision's ImageNet layout says val/)
+SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "val")}
+
+
+def split_folder(data_dir: Path, split: str, layout: str) -> Path:
+    """DATA/<split>, or its accepted alias; DataError naming what was expected otherwise."""
     if not Path(data_dir).is_dir():
         raise DataError(f"data folder not found: {data_dir}")
-    if not root.is_dir():
-        raise DataError(f"expected a '{split}' folder in {data_dir} (layout {split}/<class>/*.jpg), got none")
+    names = SPLIT_FOLDERS.get(split, (split,))
+    for name in names:
+        if (Path(data_dir) / name).is_dir():
+            return Path(data_dir) / name
+    wanted = " or ".join(f"'{n}'" for n in names)
+    raise DataError(f"expected a {wanted} folder in {data_dir} (layout {names[0]}/{layout}), got none")
+
+
+def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True) -> Split:
+    """Read DATA/<split>/<class>/...; classes default to the sorted folder names."""
+    root = split_folder(data_dir, split, "<class>/*.jpg")
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     if classes is None:
         classes = tuple(found)
@@ -88,11 +100,7 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
 def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None, *,
                     verify: bool = True) -> Split:
     """DATA/<split>/*.jpg with tags from DATA/<labels_csv>; classes default to the sorted tags."""
-    root = Path(data_dir) / split
-    if not Path(data_dir).is_dir():
-        raise DataError(f"data folder not found: {data_dir}")
-    if not root.is_dir():
-        raise DataError(f"expected a '{split}' folder in {data_dir} (multi-label layout {split}/*.jpg), got none")
+    root = split_folder(data_dir, split, "*.jpg, tags in a CSV")
     tags = read_tags(Path(data_dir) / labels_csv)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -166,3 +166,9 @@ class Served:
 
 
 SERVED: tuple[Served, ...] = (Served("backbone", "classifier", False), Served("backbone_tta", "classifier_tta", True))
+
+
+def served_variants(precision: str, engine: str = "onnx") -> list[Variant]:
+    """What a repository needs: the plain fp32 graph (the reference export), then what the server
+    runs, uint8 pixels in, without and with TTA, at the serving precision."""
+    return [Variant(), *(served.variant(precision, engine) for served in SERVED)]

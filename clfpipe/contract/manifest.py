@@ -28,6 +28,12 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT = "checkpoint"  # the trained weights' artifact name
 CHECKPOINT_FILE = "model.pt"  # a state dict of clfpipe.nn.models.Classifier
+
+
+def stage_start(index: int) -> tuple[str, str]:
+    """(artifact name, file) of the weights stage `index` (from 0) started from; stage 0 starts from
+    the recipe's seeded or pretrained initial weights, which need no file."""
+    return f"stage{index}_start", f"checkpoints/stage{index}_start.pt"
 _REQUIRED = ("schema_version", "recipe", "classes", "preprocess", "artifacts", "stages")
 _ARTIFACT_KEYS = ("path", "sha256", "stage", "versions", "created")
 
