@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from clfpipe.contract.errors import RecipeError
 from clfpipe.train.schedule import cosine, multiplier, sgdr, sgdr_cycles
 
 
@@ -16,7 +17,7 @@ def test_cosine_closed_form():
 def test_sgdr_cycle_lengths_1_2_4():
     assert sgdr_cycles(7, 1, 2) == [1, 2, 4]
     assert sgdr_cycles(3, 1, 1) == [1, 1, 1]
-    with pytest.raises(ValueError, match="whole number of SGDR cycles"):
+    with pytest.raises(RecipeError, match="whole number of SGDR cycles"):
         sgdr_cycles(5, 1, 2)
 
 

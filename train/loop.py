@@ -44,7 +44,7 @@ from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trai
 from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
-from clfpipe.train.schedule import sgdr_cycles, stage_multipliers
+from clfpipe.train.schedule import stage_multipliers
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, TrainState
 
@@ -134,8 +134,6 @@ def _train_epoch(data: StageData, optimizer: torch.optim.Optimizer, multipliers:
 def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) -> None:
     """Train stage `index` from state.epoch on, saving the state after each epoch."""
     stage = ctx.recipe.stages[index]
-    if stage.schedule == "sgdr":
-        sgdr_cycles(stage.epochs, stage.cycle_len, stage.cycle_mult)  # fail before training, not after
     data = StageData(model, stage, index, ctx)
     lrs = _choose_lrs(model, index, data, ctx, state)
     state.lrs = list(lrs)
@@ -210,7 +208,10 @@ def prepare_run(data_dir: Path, run_dir: Path, recipe: Recipe) -> TrainState:
     """A new run directory: the resolved recipe now, the manifest only when training is done."""
     if RunDir(run_dir).exists() or (run_dir / STATE_FILE).exists():
         raise ManifestError(f"{run_dir} already holds a run: expected a new run directory (or --resume {run_dir})")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ManifestError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
     atomic_write_bytes(run_dir / RECIPE_FILE, dump_recipe(recipe).encode())
     return TrainState(data_dir=str(Path(data_dir).resolve()))
 

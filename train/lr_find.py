@@ -118,8 +118,8 @@ def suggest(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
 
 
 def plot_lr_find(result: LrFindResult, path: Path) -> None:
-    """Smoothed loss against a log lr axis with one label per decade; the diverging tail is cut off
-    at the height the sweep started from, so the useful part fills the plot."""
+    """Smoothed loss against a log lr axis with one label per decade; the y range covers the sweep up
+    to its lowest loss, so the diverging tail does not squash the useful part."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,10 +133,11 @@ def plot_lr_find(result: LrFindResult, path: Path) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    if result.losses:
-        low, start = min(result.losses), result.losses[0]
-        top = max(start, low) + 0.1 * abs(max(start, low) - low) + 1e-6
-        ax.set_ylim(low - 0.05 * (top - low), top)
+    if result.losses:  # everything up to the minimum in view; the diverging tail may leave the top
+        best = int(np.argmin(result.losses))
+        low, high = result.losses[best], max(result.losses[: best + 1])
+        margin = 0.08 * (high - low) + 1e-6
+        ax.set_ylim(low - margin, high + margin)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("smoothed training loss")
     ax.set_title(f"lr_find: {len(result.lrs)} steps, {result.lrs[0]:.0e} to {result.lrs[-1]:.1e}" if result.lrs else "lr_find")

@@ -75,7 +75,7 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
         axes[0][0].text(0.5, 0.5, "none", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -122,7 +122,7 @@ def loss_png(points: Sequence[LossPoint], path: Path) -> None:
     ax.set_xlabel("epoch (all stages)")
     ax.set_ylabel("loss")
     ax.set_xticks(x)
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

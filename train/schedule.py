@@ -11,7 +11,7 @@ import math
 from fractions import Fraction
 from typing import Callable, Sequence
 
-from clfpipe.contract.recipe import StageConfig
+from clfpipe.contract.recipe import StageConfig, check_sgdr
 
 Sched = Callable[[Fraction], float]
 
@@ -51,17 +51,7 @@ def combine_scheds(spans: Sequence[int | Fraction], scheds: Sequence[Sched]) -> 
 
 def sgdr_cycles(epochs: int, cycle_len: int, cycle_mult: int) -> list[int]:
     """Cycle lengths in epochs: cycle_len, cycle_len*mult, ... summing exactly to epochs."""
-    cycles, length, total = [], cycle_len, 0
-    while total < epochs:
-        cycles.append(length)
-        total += length
-        length *= cycle_mult
-    if total != epochs:
-        raise ValueError(
-            f"expected epochs to be a whole number of SGDR cycles {cycles[:-1]} + ..., "
-            f"got epochs={epochs} with cycle_len={cycle_len}, cycle_mult={cycle_mult}"
-        )
-    return cycles
+    return check_sgdr("sgdr", epochs, cycle_len, cycle_mult)
 
 
 def sched_sgdr(epochs: int, cycle_len: int, cycle_mult: int) -> Sched:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,8 +24,15 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Decompression-bomb guard for decoding untrusted bytes (server side, 64 megapixels).
+# Bounds for decoding untrusted bytes. 64 megapixels decode to 192 MB of RGB; an aspect ratio
+# above 16:1 would make the resized image (shorter side to the spec's size) arbitrarily wide.
 MAX_PIXELS = 64_000_000
+MAX_ASPECT = 16
+# The formats the README promises; Pillow would otherwise try ~40 (EPS runs Ghostscript).
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+# Baseline JPEG spends at least a bit on every 8x8 block: fewer bytes than pixels / 512 means a
+# header that claims far more pixels than the file holds (libjpeg would fill the rest with grey).
+JPEG_MIN_BYTES_PER_PIXEL = 1 / 512
 
 _INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -72,23 +80,44 @@ class PreprocessSpec:
         return cls(resize=round(size * resize_scale), crop=size)
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image; ValueError names what is wrong."""
+def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse sizes that are empty, too large, or too elongated to resize within bounds."""
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image: expected at least 1x1 pixels, got {width}x{height}")
+    if width * height > max_pixels:
+        raise ValueError(f"image too large: expected at most {max_pixels} pixels, got {width}x{height}")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ValueError(f"image too elongated: expected an aspect ratio of at most {MAX_ASPECT}:1, got {width}x{height}")
+
+
+def open_checked(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Parse the header of encoded bytes (JPEG, PNG, BMP, WebP) and check the size it claims,
+    without decoding pixels; ValueError names what is wrong."""
     if not data:
         raise ValueError("empty image: expected encoded JPEG/PNG bytes, got 0 bytes")
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise ValueError(
-                f"image too large: expected at most {max_pixels} pixels, got {img.width}x{img.height}"
-            )
-        img.load()
-    except ValueError:
-        raise
+        with warnings.catch_warnings():  # Pillow's own bomb warning: check_size below decides, with our bounds
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.UnidentifiedImageError as exc:
         raise ValueError(f"not an image: expected encoded JPEG/PNG bytes, got {len(data)} bytes starting {data[:8]!r}") from exc
-    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise ValueError(f"not a decodable image: {exc}") from exc
+    except (OSError, Image.DecompressionBombError, SyntaxError, EOFError) as exc:
+        raise ValueError(f"not a decodable image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    check_size(img.width, img.height, max_pixels)
+    if img.format == "JPEG" and len(data) < img.width * img.height * JPEG_MIN_BYTES_PER_PIXEL:
+        raise ValueError(f"JPEG header claims {img.width}x{img.height} but the file holds {len(data)} bytes, too few "
+                         f"for that many pixels (expected at least {int(img.width * img.height * JPEG_MIN_BYTES_PER_PIXEL)})")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, BMP, WebP) to an RGB PIL image within the size bounds;
+    ValueError names what is wrong."""
+    img = open_checked(data, max_pixels)
+    try:
+        img.load()
+    except (OSError, Image.DecompressionBombError, SyntaxError, EOFError, ValueError) as exc:
+        raise ValueError(f"not a decodable image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     return to_rgb(img)
 
 
@@ -223,6 +252,5 @@ class PixelsPreprocessor:
         """(batch, H, W, 3) uint8 -> (batch, crop, crop, 3) uint8."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 pixels of shape (batch, H, W, 3), got {images.dtype} {images.shape}")
-        if images.shape[1] * images.shape[2] > MAX_PIXELS:
-            raise ValueError(f"image too large: expected at most {MAX_PIXELS} pixels, got {images.shape[2]}x{images.shape[1]}")
+        check_size(images.shape[2], images.shape[1])
         return np.stack([resize_crop(Image.fromarray(img), self.spec) for img in images])

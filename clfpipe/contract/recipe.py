@@ -8,6 +8,7 @@ Unknown keys are an error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -35,38 +36,54 @@ def _check_choice(where: str, value: str, choices: Sequence[str]) -> None:
         raise RecipeError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
 
 
-def _check_positive(where: str, value: int) -> None:
-    if value <= 0:
-        raise RecipeError(f"{where}: expected a positive number, got {value}")
+def ranged(default: Any, lo: float, hi: float) -> Any:
+    """A field whose value (each value, for a tuple) must be finite and within [lo, hi]."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
+def _check_ranges(section: str, config: Any) -> None:
+    """Every ranged field of a section: finite and within its declared bounds, else one line."""
+    for f in dataclasses.fields(config):
+        if "range" not in f.metadata:
+            continue
+        lo, hi = f.metadata["range"]
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if (isinstance(v, float) and not math.isfinite(v)) or not lo <= v <= hi:
+                raise RecipeError(f"{section}{f.name}: expected a finite number in [{lo:g}, {hi:g}], got {v!r}")
+
+
+_BIG = 1_000_000  # upper bound for counts that have no natural one
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet34"
     weights: str = "none"  # "imagenet", "none" or the path of a torchvision state dict
-    hidden: int = 512  # fastai head: concat-pool -> BN -> dropout -> Linear(hidden) -> ...
-    dropout: tuple[float, float] = (0.25, 0.5)
+    hidden: int = ranged(512, 1, 65536)  # fastai head: concat-pool -> BN -> dropout -> Linear(hidden) -> ...
+    dropout: tuple[float, float] = ranged((0.25, 0.5), 0.0, 0.99)
 
     def __post_init__(self) -> None:
         _check_choice("model.arch", self.arch, arch_names())
+        _check_ranges("model.", self)
         if len(self.dropout) != 2:
             raise RecipeError(f"model.dropout: expected 2 values, got {list(self.dropout)}")
+        if not self.weights:
+            raise RecipeError("model.weights: expected 'imagenet', 'none' or the path of a state-dict file, got ''")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    batch_size: int = 32
-    num_workers: int = 0
-    resize_scale: float = 1.0  # resize = round(size * resize_scale), then centre crop size
+    batch_size: int = ranged(32, 1, 65536)
+    num_workers: int = ranged(0, 0, 1024)
+    resize_scale: float = ranged(1.0, 1.0, 4.0)  # resize = round(size * resize_scale), then centre crop size
     device: str = "auto"  # "auto", "cpu" or "cuda"
     cache_dir: str = ""  # precomputed activations; "" = $XDG_CACHE_HOME/clfpipe/features
     labels_csv: str = ""  # multi-label (Planet style): DATA/<labels_csv> with image,tags; "" = class folders
     decode: str = "auto"  # training images: "pil" in loader workers, "tensor" batched on the device; auto = tensor on CUDA
 
     def __post_init__(self) -> None:
-        _check_positive("data.batch_size", self.batch_size)
-        if self.resize_scale < 1.0:
-            raise RecipeError(f"data.resize_scale: expected >= 1.0, got {self.resize_scale}")
+        _check_ranges("data.", self)
         _check_choice("data.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("data.decode", self.decode, ("auto", "pil", "tensor"))
 
@@ -75,111 +92,129 @@ class DataConfig:
 class StageConfig:
     name: str = "fit"
     trainable: str = "all"  # "head" (body frozen, BN in eval) or "all"
-    epochs: int = 3
-    lr: tuple[float, ...] = (1e-3,)  # one value, or one per layer group (body-early, body-late, head)
+    epochs: int = ranged(3, 1, 100_000)
+    lr: tuple[float, ...] = ranged((1e-3,), 1e-12, 100.0)  # one value, or one per layer group (body-early, body-late, head)
     schedule: str = "cosine"
-    cycle_len: int = 1  # sgdr: epochs in the first cycle
-    cycle_mult: int = 1  # sgdr: each cycle is cycle_mult times longer than the last
-    size: int = 64
+    cycle_len: int = ranged(1, 1, 100_000)  # sgdr: epochs in the first cycle
+    cycle_mult: int = ranged(1, 1, 100)  # sgdr: each cycle is cycle_mult times longer than the last
+    size: int = ranged(64, 32, 4096)  # the crop; smaller than 32 leaves resnet's last stage nothing to pool
     augment: str = "side_on"
     optimizer: str = "sgd"  # fastai 0.7: SGD with momentum 0.9; "adamw" as an option
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    weight_decay: float = ranged(1e-4, 0.0, 1.0)
+    momentum: float = ranged(0.9, 0.0, 0.999)
     precompute: bool = False  # train the head on cached activations of the frozen body
     lr_find: bool = False  # run lr_find first and take the peak lr from its suggestion
-    warmup: float = 0.0  # fraction of the first cycle held at lr/100 (fastai 0.7 used 1/20)
+    warmup: float = ranged(0.0, 0.0, 0.99)  # fraction of the first cycle held at lr/100 (fastai 0.7 used 1/20)
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
+        if not self.name.strip():
+            raise RecipeError("stage name: expected a non-empty name, got ''")
         _check_choice(f"{where} trainable", self.trainable, TRAINABLE)
         _check_choice(f"{where} schedule", self.schedule, SCHEDULES)
-        _check_choice(f"{where} augment", self.augment, AUGMENTS)
+        _check_choice(f"{where} augment", self.augment, list(AUGMENTS))
         _check_choice(f"{where} optimizer", self.optimizer, OPTIMIZERS)
-        _check_positive(f"{where} epochs", self.epochs)
-        _check_positive(f"{where} size", self.size)
+        _check_ranges(f"{where} ", self)
         if self.precompute and self.trainable != "head":
             raise RecipeError(f"{where}: precompute needs trainable = \"head\" (a trainable body changes its activations), got {self.trainable!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise RecipeError(f"{where} warmup: expected a fraction in [0, 1), got {self.warmup}")
-        if len(self.lr) not in (1, 3) or min(self.lr) <= 0:
+        if len(self.lr) not in (1, 3):
             raise RecipeError(f"{where} lr: expected one positive value or 3 (one per layer group), got {list(self.lr)}")
+        if self.schedule == "sgdr":
+            check_sgdr(where, self.epochs, self.cycle_len, self.cycle_mult)
+
+
+def check_sgdr(where: str, epochs: int, cycle_len: int, cycle_mult: int) -> list[int]:
+    """Cycle lengths in epochs (cycle_len, cycle_len*mult, ...) that must sum exactly to epochs."""
+    cycles, length, total = [], cycle_len, 0
+    while total < epochs:  # terminates: cycle_len >= 1, so total grows every turn
+        cycles.append(length)
+        total += length
+        length *= cycle_mult
+    if total != epochs:
+        raise RecipeError(f"{where}: expected epochs to be a whole number of SGDR cycles {cycles[:-1]} + ..., "
+                          f"got epochs={epochs} with cycle_len={cycle_len}, cycle_mult={cycle_mult}")
+    return cycles
 
 
 @dataclass(frozen=True)
 class LrFindConfig:
-    start: float = 1e-5
-    end: float = 10.0
-    num_it: int = 100  # at most this many batches (fastai: one epoch)
+    start: float = ranged(1e-5, 1e-12, 100.0)
+    end: float = ranged(10.0, 1e-12, 1000.0)
+    num_it: int = ranged(100, 5, _BIG)  # at most this many batches (fastai: one epoch)
     suggestion: str = "valley"
 
     def __post_init__(self) -> None:
+        _check_ranges("lr_find.", self)
         _check_choice("lr_find.suggestion", self.suggestion, SUGGESTIONS)
-        if not 0 < self.start < self.end:
-            raise RecipeError(f"lr_find: expected 0 < start < end, got start={self.start} end={self.end}")
+        if not self.start < self.end:
+            raise RecipeError(f"lr_find: expected start < end, got start={self.start} end={self.end}")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     tta: tuple[str, ...] = TTA_POLICIES  # which TTA policies to report next to the plain accuracy
-    n_aug: int = 4  # fastai policy: augmented passes besides the plain one
+    n_aug: int = ranged(4, 1, 64)  # fastai policy: augmented passes besides the plain one
     report: bool = True  # the data-cleaning report (index.html in the run directory)
-    report_images: int = 8  # images per grid
+    report_images: int = ranged(8, 1, 100)  # images per grid
 
     def __post_init__(self) -> None:
+        _check_ranges("evaluate.", self)
         for policy in self.tta:
             _check_choice("evaluate.tta", policy, TTA_POLICIES)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int = 20
+    opset: int = ranged(20, 18, 23)  # what torch's dynamo exporter emits
     # Agreement gate: max|diff| of logits <= rtol * max|logit| + atol, and equal top-1.
-    rtol: float = 1e-4
-    atol: float = 1e-5
+    rtol: float = ranged(1e-4, 0.0, 1.0)
+    atol: float = ranged(1e-5, 0.0, 1.0)
     # int8: a seeded sample of training images; percentile (99.99) clips the rare outliers that
     # MinMax lets stretch the int8 range (measured: fewer flipped images on the demo run).
-    calibration_images: int = 64
+    calibration_images: int = ranged(64, 1, 100_000)
     calibration_method: str = "percentile"
 
     def __post_init__(self) -> None:
+        _check_ranges("export.", self)
         _check_choice("export.calibration_method", self.calibration_method, CALIBRATION_METHODS)
-        _check_positive("export.calibration_images", self.calibration_images)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    max_batch_size: int = 32
+    max_batch_size: int = ranged(32, 1, 4096)
     # 0: no added wait at low load; under load the batcher still groups what queued while the
     # model ran (measured here: mean batch 6.4 at concurrency 16, and 2 ms less latency at 1)
-    max_queue_delay_us: int = 0
-    preprocess_instances: int = 1
-    model_instances: int = 1
-    ort_threads: int = 0  # 0: ONNX Runtime's default (all cores)
+    max_queue_delay_us: int = ranged(0, 0, 10_000_000)
+    preprocess_instances: int = ranged(1, 1, 64)
+    model_instances: int = ranged(1, 1, 64)
+    ort_threads: int = ranged(0, 0, 1024)  # 0: ONNX Runtime's default (all cores)
     # ORT's idle threads spin by default; on a small CPU host the spinning backbone steals the
     # cores the preprocessing step needs, so the server lets them sleep.
     ort_spin: bool = False
     precision: str = "fp32"  # which exported variant the backbone serves: fp32, fp16, int8, int8-trt
-    top_k: int = 3  # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}
+    top_k: int = ranged(3, 1, 1000)  # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}
     warmup: bool = True  # model_warmup on every step: the first real request is as fast as the rest
     # pil: pixels identical to training evaluation's; nvjpeg: batched GPU decode where CUDA and
     # torch are in the server's environment (a few levels of pixel difference from Pillow)
     decode: str = "pil"
     # container target (NVIDIA's Triton image): GPU instances, and TensorRT inside the ORT backend
     container_image: str = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as the embedded binary
-    container_gpu_instances: int = 1
+    container_gpu_instances: int = ranged(1, 1, 64)
     container_ort_tensorrt: bool = False
     container_trt_precision: str = "FP16"
 
     def __post_init__(self) -> None:
-        _check_positive("serve.max_batch_size", self.max_batch_size)
+        _check_ranges("serve.", self)
         _check_choice("serve.precision", self.precision, list(PRECISIONS))
         _check_choice("serve.decode", self.decode, ("pil", "nvjpeg"))
         _check_choice("serve.container_trt_precision", self.container_trt_precision, ("FP32", "FP16"))
+        if not self.container_image.strip():
+            raise RecipeError("serve.container_image: expected an image name, got ''")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    seed: int = 0
+    seed: int = ranged(0, 0, 2**32 - 1)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: tuple[StageConfig, ...] = (StageConfig(),)
@@ -189,8 +224,9 @@ class Recipe:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
-        if not self.stages:
-            raise RecipeError("stages: expected at least one stage, got none")
+        _check_ranges("", self)
+        if not self.stages or len(self.stages) > 100:
+            raise RecipeError(f"stages: expected 1 to 100 stages, got {len(self.stages)}")
 
     @property
     def multi_label(self) -> bool:
@@ -284,14 +320,19 @@ def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
     head, rest = path[0], path[1:]
     if isinstance(node, list):
         if head == "*":
-            targets = node
+            indices = list(range(len(node)))
         elif head.isdigit() and int(head) < len(node):
-            targets = [node[int(head)]]
+            indices = [int(head)]
         else:
             raise RecipeError(f"--set {text}: expected a stage index below {len(node)} or '*', got {head!r}")
-        for target in targets:
-            _set_path(target, rest, value, text)
+        for i in indices:
+            if rest:
+                _set_path(node[i], rest, value, text)
+            else:
+                node[i] = value  # a whole stage: the recipe check says what a stage must be
         return
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {text}: expected a table to hold {head!r}, got the value {node!r}")
     if not rest:
         node[head] = value
         return
@@ -310,8 +351,10 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError as exc:
             raise RecipeError(f"recipe file not found: {path}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise RecipeError(f"cannot read the recipe {path}: {exc.strerror or exc}") from exc
     return recipe_from_dict(apply_overrides(data, overrides))
 
 

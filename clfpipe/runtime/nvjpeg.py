@@ -12,8 +12,16 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from clfpipe.contract.preprocess import MAX_PIXELS, PreprocessSpec
+from clfpipe.contract.preprocess import PreprocessSpec, open_checked
 from clfpipe.nn.transforms import eval_pixels, is_jpeg
+
+
+def _passes(data: bytes) -> bool:
+    try:
+        open_checked(data).close()
+    except ValueError:
+        return False  # decoded one by one below, where the error reaches its request
+    return True
 
 
 class DevicePreprocessor:
@@ -21,13 +29,10 @@ class DevicePreprocessor:
         self.spec, self.device = spec, torch.device(device)
 
     def _pixels(self, img: torch.Tensor) -> np.ndarray:
-        if img.shape[-1] * img.shape[-2] > MAX_PIXELS:
-            raise ValueError(f"image too large: expected at most {MAX_PIXELS} pixels, got {img.shape[-1]}x{img.shape[-2]}")
         return eval_pixels(img, self.spec).permute(1, 2, 0).cpu().numpy()
 
     def _decode_one(self, data: bytes) -> np.ndarray:
-        if not data:
-            raise ValueError("empty image: expected encoded JPEG/PNG bytes, got 0 bytes")
+        open_checked(data).close()  # the formats and size bounds of the Pillow path, from the header
         try:
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             img = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device) if is_jpeg(data) else \
@@ -39,7 +44,7 @@ class DevicePreprocessor:
     def batch(self, requests: list) -> list[np.ndarray | ValueError]:
         """Per request: its pixels, or the ValueError that fails that request alone."""
         flat = [(r, bytes(d)) for r, images in enumerate(requests) for d in np.asarray(images, dtype=object).reshape(-1)]
-        jpegs = [i for i, (_, d) in enumerate(flat) if is_jpeg(d)]
+        jpegs = [i for i, (_, d) in enumerate(flat) if is_jpeg(d) and _passes(d)]
         decoded: dict[int, np.ndarray] = {}
         try:  # the common case: one nvJPEG call for the whole dynamic batch
             tensors = [torch.frombuffer(bytearray(flat[i][1]), dtype=torch.uint8) for i in jpegs]
