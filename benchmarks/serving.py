@@ -105,7 +105,7 @@ def main() -> None:
         run = RunDir(run_dir)
         manifest = run.read()
         spec = manifest.preprocess
-        files = list(scan_split(manifest.data["data_dir"], "valid", tuple(manifest.classes)).files)
+        files = list(scan_split(run.data_dir(manifest), "valid", tuple(manifest.classes)).files)
         images = [f.read_bytes() for f in files]
         repo = build_repository(run_dir, Path(tmp) / "repo")
         state = Path(tmp) / "server"

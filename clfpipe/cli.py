@@ -74,9 +74,9 @@ def _cmd_export_trt(args: argparse.Namespace) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from clfpipe.export.verify import format_table, verify_run
 
-    rows, passed = verify_run(args.run, args.images)
-    print(format_table(rows, rows[0].result.images))
-    return 0 if passed else 1
+    verification = verify_run(args.run, args.images)
+    print(format_table(verification))
+    return 0 if verification.passed else 1
 
 
 def _cmd_repo(args: argparse.Namespace) -> None:
@@ -100,8 +100,10 @@ def _cmd_serve_up(args: argparse.Namespace) -> None:
 
         repo = repository_for_run(args.run)
     info = start_server(repo, args.state_dir, host=args.host, ports=_ports(args), timeout=args.timeout,
-                        model_control=args.model_control)
-    print(f"tritonserver ready (pid {info.pid}): http {info.http_url}, grpc {info.grpc_url}, "
+                        model_control=args.model_control, allow_remote_model_control=args.allow_remote_model_control,
+                        supervise=not args.no_supervisor)
+    watched = f", supervisor pid {info.supervisor['pid']}" if info.supervisor else ", no supervisor"
+    print(f"tritonserver serving (pid {info.pid}{watched}): http {info.http_url}, grpc {info.grpc_url}, "
           f"metrics {info.host}:{info.ports.metrics}; log {info.log}")
 
 
@@ -119,8 +121,11 @@ def _cmd_serve_status(args: argparse.Namespace) -> int:
     if info is None or state == "not running":
         print("not running")
         return 3  # like `systemctl status`: non-zero when nothing runs
-    print(f"{state}: pid {info.pid}, http {info.http_url}, grpc {info.grpc_url}, repo {info.repo}")
-    return 0
+    word, _, detail = state.partition(": ")
+    restarts = f"; {len(info.restarts)} restart(s), the last at {info.restarts[-1]['time']}" if info.restarts else ""
+    print(f"{word}: pid {info.pid}, http {info.http_url}, grpc {info.grpc_url}, repo {info.repo}{restarts}"
+          + (f"; {detail}" if detail else ""))
+    return 0 if state == "ready" else 1
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -272,7 +277,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve = _sub(sub, "serve", "the embedded Triton server").add_subparsers(dest="serve_command", required=True)
     for name, func, doc in (("up", _cmd_serve_up, "start the server and wait until it is ready"),
                             ("down", _cmd_serve_down, "stop the server and its python stubs"),
-                            ("status", _cmd_serve_status, "say whether the recorded server runs and answers")):
+                            ("status", _cmd_serve_status, "send a real request through every ensemble: ready (exit 0), "
+                                                          "unhealthy or starting (1), not running (3)")):
         p = _sub(serve, name, doc)
         p.add_argument("--state-dir", type=Path, help=STATE_HELP)
         p.set_defaults(func=func)
@@ -284,7 +290,11 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
             p.add_argument("--model-control", default="none", choices=["none", "explicit", "poll"],
                            help="none: what the repository holds is what runs; explicit/poll: the repository API may "
-                                "load and unload models")
+                                "load and unload models, whose model.py then runs as this user (loopback only)")
+            p.add_argument("--allow-remote-model-control", action="store_true",
+                           help="allow explicit/poll on a non-loopback --host (any client reaching it may run code)")
+            p.add_argument("--no-supervisor", action="store_true",
+                           help="no supervisor process that probes every ensemble and restarts a broken server")
             _add_port_args(p)
 
     p = _sub(sub, "predict", "classify images with a running server")

@@ -48,9 +48,32 @@ def write_onnx(model: torch.nn.Module, path: Path, example: torch.Tensor, *, ops
         program = torch.onnx.export(model, (example,), input_names=[tensors.INPUT], output_names=[output_name],
                                     opset_version=opset, dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
     proto = program.model_proto
+    strip_build_details(proto)
     set_metadata(proto, metadata)
     onnx.save_model(proto, str(path), save_as_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def strip_build_details(proto: onnx.ModelProto) -> None:
+    """Drop what the exporter records about the machine that built the graph: per-node stack traces
+    (absolute source paths), FX node names and scopes, on every node, value and subgraph."""
+    def graph(g: onnx.GraphProto) -> None:
+        for value in [*g.input, *g.output, *g.value_info, *g.initializer]:
+            del value.metadata_props[:]
+        del g.metadata_props[:]
+        for node in g.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graph(attribute.g)
+                for sub in attribute.graphs:
+                    graph(sub)
+
+    graph(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            del node.metadata_props[:]
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -59,8 +82,8 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def validation_split(manifest: Manifest, data_dir: Path | None) -> Split:
-    root = Path(data_dir) if data_dir else Path(manifest.data["data_dir"])
+def validation_split(run: RunDir, manifest: Manifest, data_dir: Path | None) -> Split:
+    root = Path(data_dir) if data_dir else run.data_dir(manifest)
     try:
         return scan_data(root, "valid", manifest.recipe.data.labels_csv, classes=tuple(manifest.classes))
     except DataError as exc:
@@ -155,10 +178,10 @@ def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path |
     Each variant enters the manifest as soon as it passes; a failure keeps those before it."""
     run = RunDir(run_dir)
     manifest = run.read()
-    split = validation_split(manifest, data_dir)
+    split = validation_split(run, manifest, data_dir)
     log.info("export: loading %d validation images for the agreement gates", len(split))
     inputs = ExportInputs(run, load_run_model(run, manifest), split, load_pixels(split.files, manifest.preprocess),
-                          Path(data_dir or manifest.data["data_dir"]), calibration)
+                          Path(data_dir) if data_dir else run.data_dir(manifest), calibration)
     for variant in variants:
         manifest = _export_one(inputs, manifest, variant)
     return manifest

@@ -40,7 +40,7 @@ def main() -> int:
                           "accuracy": manifest.stage("train")["accuracy"], "seconds": round(time.perf_counter() - start, 1)}))
         run = RunDir(run_dir)
         model = load_run_model(run, manifest).cuda()
-        split = validation_split(manifest, None)
+        split = validation_split(run, manifest, None)
         pixels = load_pixels(split.files, manifest.preprocess)
         for variant in VARIANTS:
             manifest = export_onnx(run_dir, variant=variant)
@@ -60,7 +60,8 @@ def main() -> int:
 
             for name in ("onnx", "onnx-fp16", "onnx-int8-trt"):
                 build_engine(run_dir, name)
-            rows, passed = verify_run(run_dir)
+            verification = verify_run(run_dir)
+            rows, passed = verification.rows, verification.passed
             ok &= passed
             print(json.dumps({"check": "tensorrt", "passed": passed,
                               "rows": [{"artifact": r.artifact, "runtime": r.runtime, "passed": r.result.passed} for r in rows]}))

@@ -6,6 +6,7 @@ protocol asked for); a URL given explicitly wins.
 
 from __future__ import annotations
 
+import http.client
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from clfpipe.contract.errors import ServeError
 from clfpipe.serve.server import default_state_dir, read_info, server_alive
 
 PROTOCOLS = ("http", "grpc")
+# What a dropped or refused connection raises below tritonclient (geventhttpclient's are HTTPExceptions)
+TRANSPORT_ERRORS = (ConnectionError, OSError, http.client.HTTPException)
 # gRPC caps messages at 4 MB by default (triton-inference-server/server#4972): keep requests below it.
 MAX_REQUEST_BYTES = 3_000_000
 
@@ -181,14 +184,26 @@ class Classifier:
         tensor.set_data_from_numpy(data)
         return [tensor], [grpcclient.InferRequestedOutput(tensors.SCORES)]
 
+    def _send(self, model: str, inputs: list, outputs: list) -> np.ndarray:
+        """One request; a lost connection (a server restarting, say) is a ServeError, the server's
+        own refusals stay InferenceServerExceptions for the caller to blame on an input."""
+        try:
+            return self._client.infer(model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
+        except InferenceServerException as exc:
+            if self._error(exc).args[0].startswith(("cannot reach", "no Triton")):
+                raise self._error(exc) from exc
+            raise
+        except TRANSPORT_ERRORS as exc:
+            raise unreachable(self.url, self.protocol, exc) from exc
+
     def _infer(self, images: Sequence[bytes]) -> np.ndarray:
         inputs, outputs = self._request(tensors.IMAGE, encoded_batch(images), "BYTES")
-        return self._client.infer(self.model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
+        return self._send(self.model, inputs, outputs)
 
     def _infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Decoded uint8 HWC RGB images of one shape -> the <model>_pixels ensemble (no re-encoding)."""
         inputs, outputs = self._request(tensors.IMAGE_PIXELS, pixels, "UINT8")
-        return self._client.infer(f"{self.model}_pixels", inputs, outputs=outputs).as_numpy(tensors.SCORES)
+        return self._send(f"{self.model}_pixels", inputs, outputs)
 
     def probabilities(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """(N, classes) probabilities for encoded images, batched into few requests."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import struct
 import tempfile
@@ -30,10 +29,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 import clfpipe.contract.preprocess as preprocess_module
 import clfpipe.contract.probabilities as probabilities_module
+import clfpipe.serve.probe as probe_module
 from clfpipe.contract import tensors
 from clfpipe.contract.engines import SERVED, Served, Variant
-from clfpipe.contract.errors import ManifestError
-from clfpipe.contract.manifest import Manifest, RunDir
+from clfpipe.contract.errors import ManifestError, ServeError
+from clfpipe.contract.integrity import tree_problems, write_tree_hashes
+from clfpipe.contract.manifest import Manifest, RunDir, relative_to_run
 from clfpipe.contract.probabilities import NONE, SIGMOID, SOFTMAX
 from clfpipe.model_repository import TEMPLATES
 
@@ -239,11 +240,9 @@ def with_probs_output(source: Path, target: Path, activation: str) -> None:
     onnx.save_model(model, str(target))
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # the ONNX can be large: share it with the run when possible
-    except OSError:
-        shutil.copy2(source, target)
+def _copy(source: Path, target: Path) -> None:
+    """A copy, never a hard link: an edit to the run's file must not change what is served."""
+    shutil.copyfile(source, target)
 
 
 def _write_model(root: Path, config: mc.ModelConfig, labels: str | None = None) -> Path:
@@ -273,11 +272,13 @@ def _python_model(staging: Path, config: mc.ModelConfig, template: str, *, targe
             shutil.copy2(module.__file__, model_dir / "1" / f"clfpipe_{Path(module.__file__).stem}.py")
 
 
-def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> list[str]:
+def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> tuple[list[str], dict[str, dict]]:
+    """Write every model into staging; returns the model names and, per served model file, the
+    run artifact it was made from (name and sha256)."""
     labels = "\n".join(manifest.classes) + "\n"
     _python_model(staging, preprocess_config(manifest), "preprocess", target=target, modules=(preprocess_module,))
     _python_model(staging, preprocess_pixels_config(manifest), "preprocess_pixels", target=target, modules=(preprocess_module,))
-    names = ["preprocess", "preprocess_pixels"]
+    names, sources = ["preprocess", "preprocess_pixels"], {}
     if target == "container":
         _python_model(staging, labels_config(manifest), "labels", target=target, modules=(probabilities_module,))
         names.append("labels")
@@ -285,7 +286,7 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> li
         model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
         if target == "embedded":
             shutil.copy2(TEMPLATES / "backbone" / "model.py", model_dir / "1" / "model.py")
-            _link_or_copy(backbone.onnx, model_dir / "1" / "model.onnx")
+            _copy(backbone.onnx, model_dir / "1" / "model.onnx")
         else:
             with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", backbone.variant.activation(manifest.recipe.multi_label))
         for pixels in (False, True):
@@ -293,21 +294,33 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> li
             _write_model(staging, ensemble, labels)
             names.append(ensemble.name)
         names.append(backbone.model)
+        sources[f"{backbone.model}/1/model.onnx"] = {"artifact": backbone.variant.name,
+                                                     "sha256": manifest.artifact(backbone.variant.name)["sha256"]}
     if target == "container":
         for name, entry in manifest.data["artifacts"].items():
             variant = Variant.from_dict(entry.get("variant", {}))
             if "variant" in entry and variant.engine == "trt" and variant.fold_preprocess:
                 model_dir = _write_model(staging, plan_config(manifest, name, entry), labels)
-                _link_or_copy(run.artifact_path(manifest, name), model_dir / "1" / "model.plan")
+                _copy(run.artifact_path(manifest, name), model_dir / "1" / "model.plan")
                 names.append("backbone_trt")
+                sources["backbone_trt/1/model.plan"] = {"artifact": name, "sha256": entry["sha256"]}
                 break
-    return names
+    return names, sources
 
 
 def docker_command(out: Path, image: str) -> str:
     """How to serve a container repository with NVIDIA's image (Pillow is not in it)."""
     return (f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {out.resolve()}:/models {image} "
             f"bash -c 'pip install -q pillow && tritonserver --model-repository=/models'")
+
+
+def verify_repository(root: Path) -> None:
+    """Refuse a repository whose files differ from what 'clfpipe repo' wrote, in one line."""
+    problems = tree_problems(root)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ServeError(f"{root} is not the repository 'clfpipe repo' wrote: {problems[0]}{more}; "
+                         "rebuild it with 'clfpipe repo --run RUN_DIR'")
 
 
 def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded") -> Path:
@@ -321,7 +334,10 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        names = _assemble(staging, run, manifest, target)
+        names, sources = _assemble(staging, run, manifest, target)
+        if target == "container":  # the readiness probe its Kubernetes deployment runs (a real request)
+            shutil.copyfile(probe_module.__file__, staging / "clfpipe_probe.py")
+        write_tree_hashes(staging, {"target": target, "models": names, "sources": sources})
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -329,7 +345,7 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
         shutil.rmtree(staging, ignore_errors=True)
         raise
     repos = dict(manifest.data["stages"].get("repo", {}).get("targets", {}))
-    repos[target] = {"path": str(out.resolve()), "models": names}
+    repos[target] = {"path": relative_to_run(out, run.path), "models": names}
     run.write(manifest.with_stage("repo", {"targets": repos, "path": repos.get("embedded", repos[target])["path"]}))
     log.info("repo: %s repository with models %s -> %s", target, ", ".join(names), out)
     if target == "container":

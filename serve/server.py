@@ -2,32 +2,47 @@
 
 The wheel ships the binary (``pytriton/tritonserver/bin``), its shared libraries
 (``nvidia_pytriton.libs``) and the python backend with one stub per Python version
-(``pytriton/tritonserver/python_backend_stubs/3.X``). ``start_server`` assembles a backend directory with the
-stub matching this interpreter, starts the server in its own process group with a pid file and
-a log, and returns once it is ready; ``stop_server`` ends the group (server and stubs).
+(``pytriton/tritonserver/python_backend_stubs/3.X``). ``start_server`` assembles a backend
+directory with the stub matching this interpreter, checks the repository against the hashes
+``clfpipe repo`` recorded, starts the server in its own process group and returns once a real
+request works; a supervisor process (``clfpipe.serve.supervisor``) then keeps probing and restarts
+the server when a request stops working. The pid file records the process's identity (binary and
+start time), so nothing is ever signalled on the word of a stale pid.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clfpipe.contract.errors import ServeError
+from clfpipe.serve.probe import probe
+from clfpipe.serve.repository import verify_repository
 
 PID_FILE = "server.json"
 LOG_FILE = "server.log"
+SUPERVISOR_LOG = "supervisor.log"
+CONTROL_MODES = ("none", "explicit", "poll")
+SHM = Path("/dev/shm")
+# What the python-backend stub can take on its command line: it splits its arguments on spaces
+# and fails on non-ASCII ones (std::invalid_argument: stol).
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,37 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    def __post_init__(self) -> None:
+        for name, port in asdict(self).items():
+            if not 1 <= port <= 65535:
+                raise ServeError(f"--{name}-port: expected a port in 1..65535, got {port}")
+
+
+@dataclass(frozen=True)
+class Process:
+    """A process as the kernel knows it: pid and start time (clock ticks after boot)."""
+
+    pid: int
+    started: int
+
+    @classmethod
+    def of(cls, pid: int) -> "Process | None":
+        stat = _stat(pid)
+        return None if stat is None else cls(pid, int(stat[19]))
+
+    def alive(self) -> bool:
+        """Still the same process (a reused pid has another start time), and not a zombie."""
+        stat = _stat(self.pid)
+        return stat is not None and int(stat[19]) == self.started and stat[0] != "Z"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -45,6 +91,11 @@ class ServerInfo:
     repo: str
     log: str
     started: float
+    process_started: int = 0  # the kernel's start time of pid: identity, not just a number
+    served_repo: str = ""  # the path tritonserver was given (a link without spaces, where needed)
+    model_control: str = "none"
+    supervisor: dict | None = None  # {"pid", "process_started"} of the supervisor, when one runs
+    restarts: list = field(default_factory=list)  # [{"time", "reason"}] by the supervisor
 
     @property
     def http_url(self) -> str:
@@ -53,6 +104,10 @@ class ServerInfo:
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.ports.grpc}"
+
+    @property
+    def process(self) -> Process:
+        return Process(self.pid, self.process_started)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -95,6 +150,25 @@ def find_triton() -> TritonInstall:
     return install
 
 
+def safe_path(path: Path) -> Path:
+    """`path`, or a link to it under the temp folder when the stub could not take it (spaces,
+    non-ASCII): the link's name is a hash of the path, so the same path gets the same link."""
+    path = path.resolve()
+    if SAFE_PATH.match(str(path)):
+        return path
+    root = Path(tempfile.gettempdir()) / f"clfpipe-{os.getuid()}"
+    if not SAFE_PATH.match(str(root)):
+        raise ServeError(f"{path}: the Triton stub cannot take a path with spaces or non-ASCII characters, and the temp "
+                         f"folder {root} has them too: move it or set TMPDIR")
+    root.mkdir(mode=0o700, exist_ok=True)
+    link = root / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    if link.is_symlink() and Path(os.readlink(link)) != path:
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(path, target_is_directory=True)
+    return link
+
+
 def prepare_backends(install: TritonInstall, state_dir: Path) -> Path:
     """backends/python/ = libtriton_python.so + utils + the stub matching this interpreter."""
     backends = state_dir / "backends"
@@ -103,7 +177,7 @@ def prepare_backends(install: TritonInstall, state_dir: Path) -> Path:
         shutil.rmtree(target)
     shutil.copytree(install.python_backend, target, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(install.stub, target / "triton_python_backend_stub")
-    return backends
+    return safe_path(backends)
 
 
 def server_env(install: TritonInstall) -> dict[str, str]:
@@ -116,7 +190,19 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-CONTROL_MODES = ("none", "explicit", "poll")
+def check_stub_numpy(env: dict[str, str]) -> str:
+    """The numpy of the python3 the stub embeds (the first on the server's PATH), refused when >= 2:
+    Triton 2.51's python backend then misreads every tensor without an error."""
+    python = shutil.which("python3", path=env["PATH"]) or sys.executable
+    result = subprocess.run([python, "-c", "import numpy; print(numpy.__version__)"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    version = result.stdout.strip()
+    if result.returncode != 0 or not version:
+        raise ServeError(f"the python the Triton stub embeds ({python}) cannot import numpy: install numpy<2 there")
+    if int(version.split(".")[0]) >= 2:
+        raise ServeError(f"the python the Triton stub embeds ({python}) has numpy {version}: Triton 2.51's python backend "
+                         f"corrupts every tensor with numpy 2; install 'numpy<2' there (pip install 'numpy<2')")
+    return version
 
 
 def server_args(install: TritonInstall, repo: Path, backends: Path, *, host: str, ports: Ports,
@@ -135,13 +221,43 @@ def server_args(install: TritonInstall, repo: Path, backends: Path, *, host: str
         # Idle keep-alive client connections otherwise hold a SIGTERM for the default 30 s.
         "--exit-timeout-secs=5",
         # Unique shared-memory names so several servers can run side by side (tests, demo).
-        f"--backend-config=python,shm-region-prefix-name=clfpipe_{ports.http}_",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix(ports)}",
         "--backend-config=python,shm-default-byte-size=16777216",
         "--backend-config=python,shm-growth-byte-size=16777216",
     ]
     if model_control == "explicit":
         args.append("--load-model=*")  # start with every model, as "none" does
     return args
+
+
+def shm_prefix(ports: Ports) -> str:
+    return f"clfpipe_{ports.http}_"
+
+
+def remove_shm(ports: Ports) -> list[Path]:
+    """The python backend's shared-memory regions a dead server on these ports left behind."""
+    removed = []
+    for region in SHM.glob(f"{shm_prefix(ports)}*") if SHM.is_dir() else []:
+        region.unlink(missing_ok=True)
+        removed.append(region)
+    return removed
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def check_model_control(model_control: str, host: str, allow_remote: bool) -> None:
+    """explicit/poll let a client load a model whose model.py then runs as the server's user: only
+    on loopback, unless asked for in so many words."""
+    if model_control not in CONTROL_MODES:
+        raise ServeError(f"--model-control: expected one of {', '.join(CONTROL_MODES)}, got {model_control!r}")
+    if model_control != "none" and not _loopback(host) and not allow_remote:
+        raise ServeError(f"--model-control {model_control} on {host}: any client that reaches it could load a model whose "
+                         "code runs as this user; bind 127.0.0.1, or pass --allow-remote-model-control")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -154,25 +270,24 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def is_our_server(info: ServerInfo) -> bool:
+    """The pid file's process still runs and is the tritonserver this state started (same start
+    time, same binary): a reused pid is never taken for it."""
+    if not info.process.alive():
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:
+        argv0 = Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return False
+    return Path(argv0).name == "tritonserver"
 
 
 def server_alive(info: ServerInfo) -> bool:
-    """Whether the process the pid file names still runs."""
-    return _alive(info.pid)
+    return is_our_server(info)
 
 
 def is_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
+    """Triton's own readiness (every model loaded); a dead python stub does not change it: see probe()."""
     try:
         with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=timeout) as resp:
             return resp.status == 200
@@ -181,11 +296,11 @@ def is_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
 
 
 def _log_errors(log: Path, lines: int = 2) -> str:
-    """The lines that say why: model load failures first; GPU-less noise (NVML, DCGM) skipped."""
+    """The lines that say why: model load failures first; GPU-less noise (NVML, DCGM, CUDA) skipped."""
     text = log.read_text(errors="replace").splitlines() if log.exists() else []
-    noise = ("NVML", "DCGM")
-    errors = [l for l in text if (l.startswith("E") or "error" in l.lower()) and not any(n in l for n in noise)]
-    loads = [l.split("] ", 1)[-1].split("\\n")[0] for l in errors if "failed to load" in l]
+    noise = ("NVML", "DCGM", "CudaDriverHelper", "CUDA driver")
+    errors = [line for line in text if (line.startswith("E") or "error" in line.lower()) and not any(n in line for n in noise)]
+    loads = [line.split("] ", 1)[-1].split("\\n")[0] for line in errors if "failed to load" in line]
     return " | ".join(loads[:lines] or errors[-lines:] or text[-lines:])
 
 
@@ -195,88 +310,154 @@ def read_info(state_dir: Path | None = None) -> ServerInfo | None:
         return None
     try:
         return ServerInfo.from_json(path.read_text())
-    except (json.JSONDecodeError, TypeError, KeyError):
-        path.unlink()  # a torn pid file names no server
+    except (json.JSONDecodeError, TypeError, KeyError, ServeError):
+        path.unlink(missing_ok=True)  # a torn pid file names no server
         return None
 
 
-def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.0.0.1", ports: Ports = Ports(),
-                 timeout: float = 180.0, model_control: str = "none") -> ServerInfo:
-    """Start tritonserver on REPO and return once it reports ready."""
-    if model_control not in CONTROL_MODES:
-        raise ServeError(f"--model-control: expected one of {', '.join(CONTROL_MODES)}, got {model_control!r}")
-    state_dir = state_dir or default_state_dir()
-    repo = Path(repo).resolve()
-    if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
-        raise ServeError(f"expected a model repository with <model>/config.pbtxt, got {repo}")
-    running = read_info(state_dir)
-    if running and _alive(running.pid):
-        raise ServeError(f"a server is already running (pid {running.pid}, http {running.http_url}): run 'clfpipe serve down' first")
-    for name, port in asdict(ports).items():
-        if not _port_free(host, port):
-            raise ServeError(f"{name} port {port} on {host} is in use: expected a free port (pass --{name}-port)")
-    install = find_triton()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    backends = prepare_backends(install, state_dir)
-    log = state_dir / LOG_FILE
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(server_args(install, repo, backends, host=host, ports=ports, model_control=model_control), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=server_env(install), start_new_session=True)
-    info = ServerInfo(proc.pid, host, ports, str(repo), str(log), time.time())
-    (state_dir / PID_FILE).write_text(info.to_json())
+def write_info(state_dir: Path, info: ServerInfo) -> None:
+    tmp = state_dir / f".{PID_FILE}.tmp"
+    tmp.write_text(info.to_json())
+    tmp.replace(state_dir / PID_FILE)
+
+
+def _wait_until_serving(proc: subprocess.Popen, info: ServerInfo, timeout: float, log: Path) -> None:
+    """Until Triton is ready and a real request through every ensemble works."""
     deadline = time.monotonic() + timeout
-    while not is_ready(host, ports.http):
+    while True:
         if proc.poll() is not None:
-            (state_dir / PID_FILE).unlink(missing_ok=True)
             raise ServeError(f"tritonserver exited with code {proc.returncode}: {_log_errors(log)} (log: {log})")
+        if is_ready(info.host, info.ports.http) and probe(info.http_url).ok:
+            return
         if time.monotonic() > deadline:
-            stop_server(state_dir)
-            raise ServeError(f"tritonserver not ready after {timeout:.0f}s: {_log_errors(log)} (log: {log})")
+            result = probe(info.http_url)
+            why = _log_errors(log) if not is_ready(info.host, info.ports.http) else result.summary()
+            raise ServeError(f"tritonserver not serving after {timeout:.0f}s: {why} (log: {log})")
         time.sleep(0.25)
+
+
+def launch(state_dir: Path, info: ServerInfo, timeout: float) -> ServerInfo:
+    """Start tritonserver for `info` (repository, host, ports, model control), record it, and wait
+    until it serves; on failure stop what started and raise. Returns the recorded info."""
+    install = find_triton()
+    env = server_env(install)
+    check_stub_numpy(env)
+    backends = prepare_backends(install, state_dir)
+    remove_shm(info.ports)  # regions a killed server left behind
+    log = state_dir / LOG_FILE
+    args = server_args(install, Path(info.served_repo), backends, host=info.host, ports=info.ports,
+                       model_control=info.model_control)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    started = Process.of(proc.pid)
+    info = replace(info, pid=proc.pid, process_started=started.started if started else 0, log=str(log), started=time.time())
+    write_info(state_dir, info)
+    try:
+        _wait_until_serving(proc, info, timeout, log)
+    except BaseException:
+        stop_group(info.process)
+        remove_shm(info.ports)
+        if read_info(state_dir) == info:
+            (state_dir / PID_FILE).unlink(missing_ok=True)
+        raise
     return info
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
+def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.0.0.1", ports: Ports = Ports(),
+                 timeout: float = 180.0, model_control: str = "none", allow_remote_model_control: bool = False,
+                 supervise: bool = True) -> ServerInfo:
+    """Start tritonserver on REPO and return once a real request through every ensemble works."""
+    check_model_control(model_control, host, allow_remote_model_control)
+    if timeout <= 0:
+        raise ServeError(f"--timeout: expected a positive number of seconds, got {timeout}")
+    state_dir = Path(state_dir or default_state_dir())
+    repo = Path(repo).resolve()
+    if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
+        raise ServeError(f"expected a model repository with <model>/config.pbtxt, got {repo}")
+    verify_repository(repo)
+    running = read_info(state_dir)
+    if running and is_our_server(running):
+        raise ServeError(f"a server is already running (pid {running.pid}, http {running.http_url}): run 'clfpipe serve down' first")
+    if running:
+        clean_stale(state_dir, running)
+    for name, port in asdict(ports).items():
+        if not _port_free(host, port):
+            raise ServeError(f"{name} port {port} on {host} is in use: expected a free port (pass --{name}-port)")
     try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServeError(f"cannot create the state folder {state_dir}: {exc.strerror or exc}") from exc
+    info = ServerInfo(0, host, ports, str(repo), "", time.time(), served_repo=str(safe_path(repo)), model_control=model_control)
+    info = launch(state_dir, info, timeout)
+    if supervise:
+        from clfpipe.serve.supervisor import start_supervisor
+
+        info = start_supervisor(state_dir, info)
+    return info
+
+
+def clean_stale(state_dir: Path, info: ServerInfo) -> None:
+    """A pid file whose server is gone: its shared memory and the file itself."""
+    remove_shm(info.ports)
+    (state_dir / PID_FILE).unlink(missing_ok=True)
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
 
 
+def stop_group(process: Process, timeout: float = 30.0) -> None:
+    """SIGTERM the process group that `process` leads (server and python stubs), SIGKILL what
+    outlives timeout (at once for timeout 0). Nothing is signalled unless `process` is still the
+    same process."""
+    if not process.alive():
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM if timeout > 0 else signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(process.pid):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop_server(state_dir: Path | None = None, timeout: float = 30.0) -> ServerInfo | None:
-    """SIGTERM the server's process group (server and python stubs), SIGKILL what outlives timeout."""
-    state_dir = state_dir or default_state_dir()
+    """Stop the supervisor, then the server's process group; a stale pid file is only removed."""
+    from clfpipe.serve.supervisor import stop_supervisor
+
+    state_dir = Path(state_dir or default_state_dir())
     info = read_info(state_dir)
     if info is None:
         return None
-    _signal_group(info.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _group_alive(info.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group_alive(info.pid):
-        _signal_group(info.pid, signal.SIGKILL)
+    stop_supervisor(state_dir, info)
+    info = read_info(state_dir) or info  # the supervisor may have restarted the server meanwhile
+    if is_our_server(info):
+        stop_group(info.process, timeout)
+    remove_shm(info.ports)
     (state_dir / PID_FILE).unlink(missing_ok=True)
     return info
 
 
 def server_status(state_dir: Path | None = None) -> tuple[ServerInfo | None, str]:
-    """(info, one of 'ready', 'starting or unhealthy', 'not running')."""
+    """(info, state): 'ready' only when a real request through every ensemble works; else
+    'unhealthy: <what failed>', 'starting' or 'not running'."""
     info = read_info(state_dir or default_state_dir())
-    if info is None or not _alive(info.pid):
+    if info is None or not is_our_server(info):
         return info, "not running"
-    return info, "ready" if is_ready(info.host, info.ports.http) else "starting or unhealthy"
+    if not is_ready(info.host, info.ports.http):
+        return info, "starting"
+    result = probe(info.http_url)
+    return info, "ready" if result.ok else f"unhealthy: {result.summary()}"

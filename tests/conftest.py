@@ -58,6 +58,8 @@ def server(trained_run: Path, server_state: Path):
     """A real tritonserver on free loopback ports, serving the trained run."""
     from clfpipe.serve.server import Ports, start_server, stop_server
 
-    info = start_server(trained_run / "model_repository", server_state, ports=Ports(free_port(), free_port(), free_port()))
+    # No supervisor: its probes would show in the statistics the batching tests read exactly
+    info = start_server(trained_run / "model_repository", server_state, ports=Ports(free_port(), free_port(), free_port()),
+                        supervise=False)
     yield info
     stop_server(server_state)

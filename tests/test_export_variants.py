@@ -58,7 +58,7 @@ def test_each_variant_exports_checks_and_passes_its_gate(ladder_run, variant):
 
 def test_folded_preprocessing_equals_the_unfolded_model(trained_run):
     manifest = RunDir(trained_run).read()
-    files = list(validation_split(manifest, None).files)
+    files = list(validation_split(RunDir(trained_run), manifest, None).files)
     pixels = load_pixels(files, manifest.preprocess)
     folded = ort_logits(make_session(trained_run / "model-pre.onnx"), pixels)
     unfolded = ort_logits(make_session(trained_run / "model.onnx"), normalize(pixels, manifest.preprocess))
@@ -69,7 +69,7 @@ def test_folded_preprocessing_equals_the_unfolded_model(trained_run):
 def test_folded_tta_equals_the_training_side_deterministic_tta(trained_run):
     run = RunDir(trained_run)
     manifest = run.read()
-    split = validation_split(manifest, None)
+    split = validation_split(RunDir(trained_run), manifest, None)
     served = ort_logits(make_session(trained_run / "model-pre-tta.onnx"), load_pixels(split.files, manifest.preprocess))
     training = deterministic_tta(load_run_model(run, manifest), split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
     np.testing.assert_allclose(served, training, atol=1e-5)
@@ -80,7 +80,7 @@ def test_int8_calibration_is_deterministic(trained_run, tmp_path):
     manifest = RunDir(trained_run).read()
     from clfpipe.contract.dataset import scan_data
 
-    train = scan_data(manifest.data["data_dir"], "train", classes=tuple(manifest.classes), verify=False)
+    train = scan_data(RunDir(trained_run).data_dir(manifest), "train", classes=tuple(manifest.classes), verify=False)
     files = calibration_files(train, 16, seed=0)
     assert files == calibration_files(train, 16, seed=0) and files != calibration_files(train, 16, seed=1)
     inputs = Variant("int8").input_form.prepare(load_pixels(files, manifest.preprocess), manifest.preprocess)
@@ -131,5 +131,5 @@ def test_tensorrt_engine_builds_and_agrees(ladder_run):
     from clfpipe.export.verify import verify_run
 
     assert main(["export", "trt", "--run", str(ladder_run), "--variant", "onnx-fp16", "--max-batch", "32"]) == 0
-    rows, passed = verify_run(ladder_run)
-    assert passed and any(r.runtime == "tensorrt" for r in rows)
+    verification = verify_run(ladder_run)
+    assert verification.passed and any(r.runtime == "tensorrt" for r in verification.rows)

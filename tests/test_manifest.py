@@ -8,7 +8,7 @@ from clfpipe.contract.recipe import load_recipe
 
 
 def _manifest(tmp_path):
-    return new_manifest(load_recipe(None), ["a", "b", "c"], tmp_path / "data")
+    return new_manifest(load_recipe(None), ["a", "b", "c"], tmp_path / "data", tmp_path / "run")
 
 
 def test_round_trip_with_artifact(tmp_path):

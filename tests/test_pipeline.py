@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 def _valid(run):
     manifest = RunDir(run).read()
-    return scan_split(manifest.data["data_dir"], "valid", tuple(manifest.classes))
+    return scan_split(RunDir(run).data_dir(manifest), "valid", tuple(manifest.classes))
 
 
 def test_trained_model_beats_chance_and_untrained_is_at_chance(trained_run):

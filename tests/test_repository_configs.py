@@ -25,7 +25,7 @@ TTA = Backbone(SERVED[1], Variant("fp32", True, True), Path("model-pre-tta.onnx"
 
 def _manifest(tmp_path, *overrides):
     recipe = load_recipe(None, ["stages.0.size=96", "serve.max_batch_size=16", *overrides])
-    return new_manifest(recipe, ["x", "y", "z"], tmp_path)
+    return new_manifest(recipe, ["x", "y", "z"], tmp_path, tmp_path)
 
 
 def _parse(text: str) -> mc.ModelConfig:

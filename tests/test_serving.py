@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 def _valid(run):
-    return validation_split(RunDir(run).read(), None)
+    return validation_split(RunDir(run), RunDir(run).read(), None)
 
 
 def _png(array: np.ndarray) -> bytes:

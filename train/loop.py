@@ -90,7 +90,7 @@ def commit_checkpoint(model: nn.Module, run_dir: Path, *, recipe: Recipe, classe
     the train stage."""
     checkpoint = run_dir / CHECKPOINT_FILE
     atomic_write_bytes(checkpoint, _state_dict_bytes(model))
-    manifest = new_manifest(recipe, classes, data_dir)
+    manifest = new_manifest(recipe, classes, data_dir, run_dir)
     versions = library_versions(TRAIN_VERSIONS)
     manifest = manifest.with_artifact(CHECKPOINT, run_dir, checkpoint, stage="train", versions=versions)
     for index in range(1, len(recipe.stages)):
@@ -332,7 +332,7 @@ def lr_find_for_run(run_dir: Path, stage_index: int) -> LrFindResult:
     recipe = manifest.recipe
     if not 0 <= stage_index < len(recipe.stages):
         raise RecipeError(f"--stage: expected 0..{len(recipe.stages) - 1}, got {stage_index}")
-    data_dir = Path(manifest.data["data_dir"])
+    data_dir = run.data_dir(manifest)
     train_split = scan_data(data_dir, "train", recipe.data.labels_csv, tuple(manifest.classes))
     valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, tuple(manifest.classes))
     ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), Path(run_dir))

@@ -127,14 +127,20 @@ class Manifest:
         return Manifest(data)
 
 
-def new_manifest(recipe: Recipe, classes: list[str], data_dir: Path) -> Manifest:
+def relative_to_run(path: Path, run_dir: Path) -> str:
+    """How the manifest records a path: relative to the run directory, so no build machine's
+    absolute paths travel with a run and a run moved together with its data still finds it."""
+    return os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
+
+
+def new_manifest(recipe: Recipe, classes: list[str], data_dir: Path, run_dir: Path) -> Manifest:
     return Manifest(
         {
             "schema_version": SCHEMA_VERSION,
             "recipe": recipe.to_dict(),
             "classes": list(classes),
             "preprocess": recipe.preprocess_spec().to_dict(),
-            "data_dir": str(data_dir.resolve()),
+            "data_dir": relative_to_run(data_dir, run_dir),
             "artifacts": {},
             "stages": {},
         }
@@ -177,6 +183,13 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
+
+    def resolve(self, recorded: str) -> Path:
+        """A path the manifest recorded (relative to this directory, or absolute in older runs)."""
+        return (self.path / recorded).resolve()
+
+    def data_dir(self, manifest: Manifest) -> Path:
+        return self.resolve(manifest.data["data_dir"])
 
     def read(self) -> Manifest:
         if not self.path.is_dir():

@@ -1,0 +1,177 @@
+"""Faults an operator meets, reproduced: a killed stub, a swapped or edited model file, a stale pid
+file, leftover shared memory, paths with spaces, remote model control, numpy 2 in the stub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clfpipe.cli import main
+from clfpipe.contract.errors import ServeError
+from clfpipe.contract.integrity import HASHES_FILE
+from clfpipe.contract.manifest import RunDir
+from clfpipe.serve.client import Classifier
+from clfpipe.serve.server import (
+    PID_FILE,
+    Ports,
+    check_model_control,
+    check_stub_numpy,
+    is_ready,
+    read_info,
+    server_status,
+    start_server,
+    stop_server,
+)
+from clfpipe.serve.supervisor import start_supervisor
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _ports() -> Ports:
+    return Ports(free_port(), free_port(), free_port())
+
+
+def _stub_pid(server_pid: int, model: str) -> int:
+    """The python stub of `model` that this server started (other servers may serve the same folder)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            ppid = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and len(args) > 1 and args[1].endswith(f"/{model}/1/model.py".encode()):
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no stub for {model} under pid {server_pid}")
+
+
+def _image(run: Path) -> bytes:
+    return sorted(RunDir(run).data_dir(RunDir(run).read()).rglob("valid/*/*.jpg"))[0].read_bytes()
+
+
+def test_a_killed_stub_is_reported_unhealthy_and_the_supervisor_restores_service(trained_run, tmp_path):
+    repo, state = trained_run / "model_repository", tmp_path / "state"
+    info = start_server(repo, state, ports=_ports(), supervise=False)
+    try:
+        client = Classifier(info.http_url, "http")
+        image = _image(trained_run)
+        assert client.probabilities([image]).shape == (1, 3)
+        os.kill(_stub_pid(info.pid, "preprocess"), signal.SIGKILL)
+        time.sleep(0.5)
+        assert is_ready(info.host, info.ports.http)  # Triton's own readiness does not notice...
+        _, status = server_status(state)
+        assert status.startswith("unhealthy") and "preprocess_0_0" in status  # ...clfpipe's does
+        info = start_supervisor(state, info)
+        killed = time.monotonic()
+        while True:
+            try:
+                Classifier(info.http_url, "http").probabilities([image])
+                break
+            except ServeError:
+                assert time.monotonic() - killed < 10, "good requests did not succeed again within 10 s"
+                time.sleep(0.2)
+        recorded = read_info(state)
+        assert recorded.pid != info.pid and "preprocess_0_0" in recorded.restarts[-1]["reason"]
+        assert server_status(state)[1] == "ready"
+    finally:
+        stop_server(state)
+    assert not list(Path("/dev/shm").glob(f"clfpipe_{info.ports.http}_*"))
+
+
+def test_a_swapped_or_edited_model_file_is_refused(trained_run, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_run / "model_repository", repo)
+    onnx = repo / "backbone" / "1" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one weight byte
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(ServeError, match=r"not the repository 'clfpipe repo' wrote: changed: backbone/1/model\.onnx"):
+        start_server(repo, tmp_path / "state", ports=_ports())
+    shutil.copytree(trained_run / "model_repository" / "backbone", repo / "injected")
+    assert main(["serve", "up", "--repo", str(repo), "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert "changed: backbone/1/model.onnx (and" in err and len(err.strip().splitlines()) == 1
+    (repo / HASHES_FILE).unlink()
+    with pytest.raises(ServeError, match=f"no readable {HASHES_FILE}"):
+        start_server(repo, tmp_path / "state", ports=_ports())
+
+
+def test_verify_checks_the_repository_and_the_run_files_are_copies(run_copy, capsys):
+    assert main(["repo", "--run", str(run_copy)]) == 0
+    served = run_copy / "model_repository" / "backbone" / "1" / "model.onnx"
+    assert served.stat().st_ino != (run_copy / "model-pre.onnx").stat().st_ino  # a copy, not a hard link
+    assert main(["verify", "--run", str(run_copy)]) == 0
+    capsys.readouterr()
+    served.write_bytes(served.read_bytes()[:-10] + b"0123456789")
+    assert main(["verify", "--run", str(run_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "repository model_repository: FAIL (changed: backbone/1/model.onnx)" in out
+
+
+def test_exported_graphs_and_the_manifest_carry_no_build_paths(trained_run):
+    for onnx in trained_run.glob("*.onnx"):
+        data = onnx.read_bytes()
+        for needle in (str(Path(sys.prefix)).encode(), b"site-packages", str(Path.cwd()).encode()):
+            assert needle not in data, (onnx.name, needle)
+    manifest = json.loads((trained_run / "manifest.json").read_text())
+    assert not Path(manifest["data_dir"]).is_absolute()
+    assert all(not Path(t["path"]).is_absolute() for t in manifest["stages"]["repo"]["targets"].values())
+    assert str(trained_run.parent) not in json.dumps(manifest)
+
+
+def test_a_stale_pid_file_never_signals_another_process(tmp_path, capsys):
+    bystander = subprocess.Popen(["sleep", "60"])
+    state = tmp_path / "state"
+    state.mkdir()
+    ports = _ports()
+    (state / PID_FILE).write_text(json.dumps({"pid": bystander.pid, "host": "127.0.0.1", "ports": ports.__dict__,
+                                              "repo": "/nowhere", "log": "", "started": 0.0, "process_started": 1}))
+    region = Path("/dev/shm") / f"clfpipe_{ports.http}_left-behind"
+    region.write_bytes(b"x" * 1024)
+    try:
+        assert main(["serve", "status", "--state-dir", str(state)]) == 3
+        assert main(["serve", "down", "--state-dir", str(state)]) == 0
+        assert bystander.poll() is None  # still running: not ours, not signalled
+        assert not (state / PID_FILE).exists() and not region.exists()
+    finally:
+        bystander.kill()
+        region.unlink(missing_ok=True)
+
+
+def test_paths_with_spaces_and_non_ascii_serve(trained_run, tmp_path):
+    home = tmp_path / "my runs" / "ünïcödé"
+    repo = home / "model repository"
+    shutil.copytree(trained_run / "model_repository", repo)
+    state = home / "state dir"
+    info = start_server(repo, state, ports=_ports(), supervise=False)
+    try:
+        assert Classifier(info.http_url, "http").probabilities([_image(trained_run)]).shape == (1, 3)
+        assert " " not in info.served_repo and info.repo == str(repo.resolve())
+    finally:
+        stop_server(state)
+
+
+def test_remote_model_control_needs_to_be_asked_for():
+    check_model_control("explicit", "127.0.0.1", allow_remote=False)
+    check_model_control("none", "0.0.0.0", allow_remote=False)
+    with pytest.raises(ServeError, match="bind 127.0.0.1, or pass --allow-remote-model-control"):
+        check_model_control("explicit", "0.0.0.0", allow_remote=False)
+    check_model_control("poll", "0.0.0.0", allow_remote=True)
+
+
+def test_serve_up_refuses_numpy_2_in_the_stubs_python(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho 2.1.3\n")
+    (fake / "python3").chmod(0o755)
+    with pytest.raises(ServeError, match=r"has numpy 2\.1\.3: Triton 2\.51's python backend corrupts every tensor.*numpy<2"):
+        check_stub_numpy({**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    assert check_stub_numpy(dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")).startswith("1.")
