@@ -109,7 +109,7 @@ class LossPoint:
 def loss_png(points: Sequence[LossPoint], path: Path) -> None:
     """Train and valid loss per epoch across every stage, stage boundaries marked (fastai's plot_loss)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
     x = np.arange(1, len(points) + 1)
     ax.plot(x, [p.train_loss for p in points], marker="o", label="train loss")
     ax.plot(x, [p.valid_loss for p in points], marker="s", label="valid loss")
@@ -123,7 +123,6 @@ def loss_png(points: Sequence[LossPoint], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_xticks(x)
     ax.legend(loc="upper right")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -1,0 +1,117 @@
+"""Training on several processes: PyTorch DDP under ``torchrun`` (NCCL on CUDA, gloo on CPU).
+
+``data.batch_size`` is the global batch: each of the N ranks takes batch_size / N per step and DDP
+averages the gradients, so a step on N ranks is the step one process takes on the whole batch and
+the recipe's learning rates carry over unchanged. BatchNorm statistics are the exception: each
+rank normalises with its own share of the batch, unless ``distributed.sync_batchnorm`` (CUDA only)
+gathers them. Rank 0 alone writes (run directory, manifest, metrics, plots, checkpoints, the
+precompute cache); lr_find runs on rank 0 and its suggestion is broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clfpipe.contract.errors import RecipeError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Dist()
+
+
+def from_env() -> Dist:
+    """What torchrun says this process is (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise."""
+    try:
+        dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as exc:
+        raise RecipeError(f"torchrun environment: expected integer RANK, WORLD_SIZE and LOCAL_RANK, got {exc}") from exc
+    if not 0 <= dist.rank < dist.world:
+        raise RecipeError(f"torchrun environment: expected 0 <= RANK < WORLD_SIZE, got RANK={dist.rank} WORLD_SIZE={dist.world}")
+    return dist
+
+
+def setup(dist: Dist, device: torch.device) -> torch.device:
+    """Join the process group (once) and return this rank's device."""
+    if not dist.active:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=dist.rank,
+                                      world_size=dist.world)
+    if not dist.main:  # one copy of the log: rank 0's
+        logging.getLogger("clfpipe").setLevel(logging.WARNING)
+    return device
+
+
+def teardown(dist: Dist) -> None:
+    if dist.active and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def per_rank_batch(batch_size: int, dist: Dist) -> int:
+    if batch_size % dist.world:
+        raise RecipeError(f"data.batch_size: expected a multiple of the {dist.world} ranks (the batch is global), got {batch_size}")
+    return batch_size // dist.world
+
+
+def barrier(dist: Dist) -> None:
+    if dist.active:
+        torch_dist.barrier()
+
+
+def broadcast(value: T, dist: Dist) -> T:
+    """Rank 0's value on every rank (any picklable object)."""
+    if not dist.active:
+        return value
+    box = [value if dist.main else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
+def gather_rows(rows: np.ndarray, dist: Dist) -> np.ndarray:
+    """Every rank's rows, concatenated in rank order, on every rank."""
+    if not dist.active:
+        return rows
+    parts: list[Any] = [None] * dist.world
+    torch_dist.all_gather_object(parts, rows)
+    return np.concatenate(parts)
+
+
+def wrap(module: nn.Module, dist: Dist, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
+    """DDP around a module whose trainable parameters are set (one wrapper per stage: what
+    trains changes between stages); the module itself when there is one rank."""
+    if not dist.active:
+        return module
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise RecipeError("distributed.sync_batchnorm: expected CUDA (torch's SyncBatchNorm runs on GPUs), got the CPU")
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
