@@ -33,9 +33,13 @@ def _recipe(args: argparse.Namespace):
     return load_recipe(args.recipe, args.set or [])
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _cmd_train(args: argparse.Namespace) -> int | None:
     from clfpipe.train.loop import train_run
 
+    if args.nproc > 1:  # this command again, under torchrun
+        from clfpipe.train.distributed import launch_local, without_option
+
+        return launch_local(args.nproc, without_option(args.argv, "--nproc"))
     if args.resume:
         train_run(None, args.resume, resume=True)
     elif args.data is None or args.run is None:
@@ -230,6 +234,9 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="image folder with train/<class>/ and valid/<class>/ (required unless --resume)")
     p.add_argument("--run", type=Path, help="new run directory to write (required unless --resume)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine, under torchrun (one per GPU; gloo on the CPU); data.batch_size "
+                        "stays the global batch")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_train)
 
@@ -380,7 +387,9 @@ def configure_logging(verbose: int, quiet: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     configure_logging(args.verbose, args.quiet)
     try:
         return args.func(args) or 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clfpipe.contract.augment import AUGMENTS, AugmentPolicy
 from clfpipe.contract.dataset import Split
@@ -47,11 +47,14 @@ class ImageDataset(Dataset):
         return torch.from_numpy(normalize(self.pixels(index), self.spec)), _target(self.split.labels[index])
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int,
+                sampler: Sampler | None = None) -> DataLoader:
+    """`sampler` (a DistributedSampler: this rank's shard) replaces shuffling when given."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         drop_last=shuffle and len(dataset) > batch_size,  # BatchNorm1d needs batches > 1
@@ -80,9 +83,9 @@ def _collate(batch: list[tuple[torch.Tensor, int | torch.Tensor]]) -> tuple[list
     return [b[0] for b in batch], torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
 
 
-def encoded_loader(split: Split, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    return DataLoader(EncodedDataset(split), batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                      collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
+def encoded_loader(split: Split, batch_size: int, num_workers: int, seed: int, sampler: Sampler | None = None) -> DataLoader:
+    return DataLoader(EncodedDataset(split), batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
                       drop_last=len(split) > batch_size, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -56,6 +57,41 @@ def from_env() -> Dist:
     return dist
 
 
+def launch_local(nproc: int, argv: list[str], entry: list[str] | None = None) -> int:
+    """Run `clfpipe <argv>` (or `entry <argv>`) on `nproc` processes of this machine, as torchrun
+    --standalone does, through torch's launcher API (torchrun's own command line would take
+    clfpipe's --run for its --run-path); 0, or 1 when a rank failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not 1 <= nproc <= 1024:
+        raise RecipeError(f"--nproc: expected 1 to 1024 processes, got {nproc}")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"clfpipe-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    args = [*(entry or ["-m", "clfpipe"]), *argv]
+    log.info("train: %d processes: %s %s", nproc, sys.executable, " ".join(args))
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*args)
+    except ChildFailedError as exc:
+        failures = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(exc.failures.items()))
+        log.error("train: a rank failed (%s)", failures)
+        return 1
+    return 0
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus `option VALUE` and `option=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def setup(dist: Dist, device: torch.device) -> torch.device:
     """Join the process group (once) and return this rank's device."""
     if not dist.active:
@@ -94,6 +130,15 @@ def broadcast(value: T, dist: Dist) -> T:
     box = [value if dist.main else None]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]  # type: ignore[return-value]
+
+
+def mean(value: float, dist: Dist) -> float:
+    """The mean of every rank's value."""
+    if not dist.active:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.world
 
 
 def gather_rows(rows: np.ndarray, dist: Dist) -> np.ndarray:

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.dataset import scan_data
-from clfpipe.contract.errors import ManifestError, RecipeError
+from clfpipe.contract.errors import ClfpipeError, ManifestError, RecipeError
 from clfpipe.contract.manifest import (
     CHECKPOINT,
     CHECKPOINT_FILE,
@@ -41,6 +41,7 @@ from clfpipe.contract.metrics import metric_name
 from clfpipe.contract.progress import progress
 from clfpipe.contract.recipe import Recipe, dump_recipe, load_recipe
 from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trainable, train_mode
+from clfpipe.train.distributed import Dist, broadcast, from_env, mean, setup, teardown
 from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
@@ -49,6 +50,7 @@ from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups
 from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, TrainState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 TRAIN_VERSIONS = ("torch", "torchvision", "numpy", "pillow")
 RECIPE_FILE = "recipe.resolved.toml"
 
@@ -64,7 +66,7 @@ def find_lr(model: Classifier, index: int, data: StageData, ctx: Context) -> LrF
     stage = ctx.recipe.stages[index]
     set_trainable(model, stage.trainable)
     data.seed_epoch(-1)
-    result = lr_find(model, data.train_loader, data.loss, lambda: make_optimizer(stage, param_groups(model, stage.lr)),
+    result = lr_find(model, data.train_loader, data.local_loss, lambda: make_optimizer(stage, param_groups(model, stage.lr)),
                      config=ctx.recipe.lr_find, set_mode=lambda: train_mode(model))
     plot_lr_find(result, ctx.run_dir / f"lr_find_stage{index}.png")
     shown = ", ".join(f"{k} {v:.2e}" for k, v in result.suggestions.items())
@@ -103,13 +105,14 @@ def commit_checkpoint(model: nn.Module, run_dir: Path, *, recipe: Recipe, classe
 
 
 def _choose_lrs(model: Classifier, index: int, data: StageData, ctx: Context, state: TrainState) -> tuple[float, ...]:
-    """The stage's peak lrs: resumed, moved by lr_find's suggestion, or the recipe's."""
+    """The stage's peak lrs: resumed, moved by lr_find's suggestion (rank 0 sweeps, every rank gets
+    the result), or the recipe's."""
     if state.lrs:
         return tuple(state.lrs)
     stage = ctx.recipe.stages[index]
     lrs = stage.lr
     if stage.lr_find:
-        result = find_lr(model, index, data, ctx)
+        result = broadcast(find_lr(model, index, data, ctx) if ctx.dist.main else None, ctx.dist)
         suggestion = result.suggestions.get(ctx.recipe.lr_find.suggestion)
         if suggestion:
             lrs = scaled_lrs(stage.lr, suggestion)
@@ -138,6 +141,7 @@ def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) ->
     lrs = _choose_lrs(model, index, data, ctx, state)
     state.lrs = list(lrs)
     set_trainable(model, stage.trainable)
+    data.wrap(ctx.recipe.distributed.sync_batchnorm)
     optimizer = make_optimizer(stage, param_groups(model, lrs))
     if state.optimizer:
         optimizer.load_state_dict(state.optimizer)
@@ -149,13 +153,17 @@ def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) ->
         train_mode(model)
         losses = _train_epoch(data, optimizer, multipliers, epoch=epoch,
                               what=f"stage {index} {stage.name} epoch {epoch + 1}/{stage.epochs}")
+        train_loss = mean(float(np.mean(losses)), ctx.dist)
+        state.epoch = epoch + 1
+        if not ctx.dist.main:
+            continue  # rank 0 validates, records and saves; the next step's gradient exchange waits for it
         valid_loss, metric = data.validate()
         row = EpochMetrics(index, stage.name, epoch + 1, {g["name"]: g["lr"] for g in optimizer.param_groups},
-                           float(np.mean(losses)), valid_loss, metric, time.perf_counter() - start)
+                           train_loss, valid_loss, metric, time.perf_counter() - start)
         state.rows.append(row)
         log.info("stage %d %s epoch %d/%d: train_loss %.4f valid_loss %.4f %s %.4f (%.1fs)", index, row.stage, row.epoch,
                  stage.epochs, row.train_loss, row.valid_loss, metric_name(ctx.recipe.multi_label), row.metric, row.seconds)
-        state.epoch, state.model, state.optimizer = epoch + 1, model.state_dict(), optimizer.state_dict()
+        state.model, state.optimizer = model.state_dict(), optimizer.state_dict()
         state.save(ctx.run_dir)
         state.optimizer = None
     state.stages_done.append(StageDone(list(lrs), len(data.train_loader)))
@@ -224,9 +232,31 @@ def load_state(run_dir: Path) -> tuple[Recipe, TrainState]:
     return load_recipe(run_dir / RECIPE_FILE), state
 
 
+def _on_main(dist: Dist, work: Callable[[], T]) -> T:
+    """`work` on rank 0 and its result (or its one-line error) on every rank."""
+    outcome: tuple[str, Any] | None = None
+    if dist.main:
+        try:
+            outcome = ("ok", work())
+        except ClfpipeError as exc:
+            outcome = ("error", exc)
+    kind, value = broadcast(outcome, dist)  # type: ignore[misc]
+    if kind == "error":
+        raise value
+    return value
+
+
 def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None, resume: bool = False) -> Manifest:
-    """Train DATA/train (validate on DATA/valid) into RUN_DIR; the manifest is written last."""
-    run_dir = Path(run_dir)
+    """Train DATA/train (validate on DATA/valid) into RUN_DIR; the manifest is written last.
+    Under torchrun every rank calls this; rank 0 alone writes."""
+    dist = from_env()
+    try:
+        return _train(dist, data_dir, Path(run_dir), recipe, resume)
+    finally:
+        teardown(dist)
+
+
+def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | None, resume: bool) -> Manifest:
     if resume:
         recipe, state = load_state(run_dir)
         data_dir = Path(state.data_dir)
@@ -235,13 +265,13 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
         raise RecipeError("train: expected --data and a recipe, or --resume RUN_DIR")
     train_split = scan_data(data_dir, "train", recipe.data.labels_csv)
     valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, classes=train_split.classes)
-    device = pick_device(recipe.data.device)
+    device = setup(dist, pick_device(recipe.data.device))
     if not resume:  # only once the inputs are known to be good
-        state = prepare_run(data_dir, run_dir, recipe)
-    state.sessions.append({"started": _now(), "stage": state.stage, "epoch": state.epoch})
-    ctx = Context(recipe, train_split, valid_split, device, run_dir)
-    log.info("train: %d train / %d valid images, classes %s, %s on %s", len(train_split), len(valid_split),
-             list(train_split.classes), recipe.model.arch, device)
+        state = _on_main(dist, lambda: prepare_run(data_dir, run_dir, recipe))
+    state.sessions.append({"started": _now(), "stage": state.stage, "epoch": state.epoch, "ranks": dist.world})
+    ctx = Context(recipe, train_split, valid_split, device, run_dir, dist)
+    log.info("train: %d train / %d valid images, classes %s, %s on %s%s", len(train_split), len(valid_split),
+             list(train_split.classes), recipe.model.arch, device, f" x {dist.world} ranks" if dist.active else "")
     seed_everything(recipe.seed)
     model = build_model(recipe.model, len(train_split.classes)).to(device)
     if device.type == "cuda":
@@ -250,11 +280,11 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
         model.load_state_dict(state.model)
     start = time.perf_counter()
     for index in range(state.stage, len(recipe.stages)):
-        if index > 0 and state.epoch == 0:  # what `clfpipe lr-find --stage N` sweeps from
+        if dist.main and index > 0 and state.epoch == 0:  # what `clfpipe lr-find --stage N` sweeps from
             atomic_write_bytes(run_dir / stage_start(index)[1], _state_dict_bytes(model))
         run_stage(model, index, ctx, state)
         state.next_stage()
-    return finish_run(model, ctx, state, time.perf_counter() - start)
+    return _on_main(dist, lambda: finish_run(model, ctx, state, time.perf_counter() - start))
 
 
 def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: float) -> Manifest:

@@ -14,17 +14,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split
+from clfpipe.contract.errors import DataError
 from clfpipe.contract.manifest import atomic_write_bytes, sha256_file
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.contract.progress import progress
 from clfpipe.nn.models import Classifier
 from clfpipe.train.data import ImageDataset, make_loader
+from clfpipe.train.distributed import SINGLE, Dist, barrier, broadcast, gather_rows
 
 CACHE_VERSION = 1
 
@@ -80,7 +81,8 @@ class FeatureCache:
     def paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.npy", self.root / f"{key}.json"
 
-    def _load(self, key: str) -> np.ndarray | None:
+    def load(self, key: str) -> np.ndarray | None:
+        """The cached array, or None when absent or not matching its recorded sha256."""
         array_path, meta_path = self.paths(key)
         if not array_path.exists():
             return None
@@ -92,21 +94,44 @@ class FeatureCache:
         except (OSError, ValueError):
             return None
 
-    def get(self, key: str, compute: Callable[[], np.ndarray]) -> CacheResult:
-        cached = self._load(key)
-        if cached is not None:
-            return CacheResult(cached, key, "hit")
-        existed = self.paths(key)[0].exists()
-        features = compute().astype(np.float32)
+    def store(self, key: str, features: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, features, allow_pickle=False)
         array_path, meta_path = self.paths(key)
         atomic_write_bytes(array_path, buf.getvalue())
         atomic_write_bytes(meta_path, json.dumps({"sha256": sha256_file(array_path), "shape": list(features.shape)}).encode())
-        return CacheResult(features, key, "rebuilt (corrupt)" if existed else "miss")
+
+
+def _shard(split: Split, dist: Dist) -> Split:
+    return Split(split.files[dist.rank :: dist.world], split.labels[dist.rank :: dist.world], split.classes)
+
+
+def _unshard(rows: np.ndarray, n: int, dist: Dist) -> np.ndarray:
+    """Rows gathered in rank order ([rank 0's], [rank 1's], ...) back to the split's order."""
+    order = np.concatenate([np.arange(r, n, dist.world) for r in range(dist.world)])
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def cached_features(model: Classifier, split: Split, spec: PreprocessSpec, cache: FeatureCache, *, batch_size: int,
-                    device: torch.device) -> CacheResult:
-    key = cache_key(model, spec, split)
-    return cache.get(key, lambda: pooled_features(model, split, spec, batch_size=batch_size, device=device))
+                    device: torch.device, dist: Dist = SINGLE) -> CacheResult:
+    """The split's pooled features from the cache, or computed and cached. With several ranks each
+    computes its shard, every rank receives all of them, and rank 0 alone writes the cache file
+    (the same content-keyed file one process writes)."""
+    key = broadcast(cache_key(model, spec, split) if dist.main else None, dist)
+    cached = cache.load(key) if dist.main else None
+    state = broadcast(("hit" if cached is not None else "rebuilt (corrupt)" if cache.paths(key)[0].exists() else "miss")
+                      if dist.main else None, dist)
+    if state == "hit":
+        features = cached if dist.main else cache.load(key)  # the other ranks read what rank 0 checked
+        if features is None:
+            raise DataError(f"rank {dist.rank} cannot read the feature cache {cache.paths(key)[0]} that rank 0 found: "
+                            "expected a cache folder every rank shares (data.cache_dir)")
+        return CacheResult(features, key, "hit")
+    rows = pooled_features(model, _shard(split, dist), spec, batch_size=batch_size, device=device).astype(np.float32)
+    features = _unshard(gather_rows(rows, dist), len(split), dist) if dist.active else rows
+    if dist.main:
+        cache.store(key, features)
+    barrier(dist)
+    return CacheResult(features, key, state)

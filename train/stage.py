@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.augment import AUGMENTS
@@ -20,7 +20,8 @@ from clfpipe.contract.metrics import score
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
-from clfpipe.train.data import ImageDataset, device_batch, encoded_loader, make_loader
+from clfpipe.train.data import EncodedDataset, ImageDataset, device_batch, encoded_loader, make_loader
+from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Context:
     valid: Split
     device: torch.device
     run_dir: Path
+    dist: Dist = SINGLE
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,43 +88,66 @@ def make_optimizer(stage: StageConfig, groups: list[dict]) -> torch.optim.Optimi
 
 class StageData:
     """Batches and forward pass of one stage: images through the model, or cached activations
-    through the head only (precompute)."""
+    through the head only (precompute). Under several ranks, each rank's loader draws its shard
+    (a DistributedSampler reshuffled every epoch) of batch_size / ranks images, and the training
+    forward is wrapped in DDP; validation runs on rank 0 through the unwrapped module."""
 
     def __init__(self, model: Classifier, stage: StageConfig, index: int, ctx: Context) -> None:
-        recipe = ctx.recipe
-        self.model, self.device, self.seed = model, ctx.device, recipe.seed * 1000 + index * 100
+        recipe, dist = ctx.recipe, ctx.dist
+        self.model, self.device, self.dist = model, ctx.device, dist
+        self.seed = recipe.seed * 1000 + index * 100
         self.spec, self.policy, self.augment_gen = recipe.preprocess_spec(index), AUGMENTS[stage.augment], torch.Generator()
         self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device)
         self.channels_last = ctx.device.type == "cuda" and not stage.precompute
-        bs, workers = recipe.data.batch_size, recipe.data.num_workers
+        self.batch_size = per_rank_batch(recipe.data.batch_size, dist)
         if stage.precompute:
             self._precomputed(stage, recipe, ctx)
-            return
-        if self.tensor_decode:
-            self.train_loader = encoded_loader(ctx.train, bs, workers, recipe.seed)
         else:
-            self.train_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
-                                            num_workers=workers, seed=recipe.seed)
+            self._images(stage, recipe, ctx)
+        self.train_forward = self.forward  # DDP-wrapped by run_stage once the stage's trainable set is known
+
+    def _sampler(self, dataset: Dataset) -> DistributedSampler | None:
+        if not self.dist.active:
+            return None
+        return DistributedSampler(dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=0,
+                                  drop_last=True)
+
+    def _images(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
+        bs, workers = self.batch_size, recipe.data.num_workers
+        dataset = EncodedDataset(ctx.train) if self.tensor_decode else ImageDataset(ctx.train, self.spec, stage.augment)
+        self.sampler = self._sampler(dataset)
+        if self.tensor_decode:
+            self.train_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)
+        else:
+            self.train_loader = make_loader(dataset, bs, shuffle=True, num_workers=workers, seed=recipe.seed, sampler=self.sampler)
         self.generator = self.train_loader.generator
-        self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), bs, shuffle=False, num_workers=workers,
-                                        seed=recipe.seed)
-        self.forward = model
+        self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), recipe.data.batch_size, shuffle=False,
+                                        num_workers=workers, seed=recipe.seed)
+        self.forward = self.model
 
     def _precomputed(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
         if stage.augment != "none":
             log.warning("stage %r: augment=%r has no effect while precompute=true (the same activations are shown "
                         "every epoch)", stage.name, stage.augment)
         cache = FeatureCache(default_cache_dir(recipe.data.cache_dir))
-        bs, tensors = recipe.data.batch_size, []
+        tensors = []
         for split in (ctx.train, ctx.valid):
-            result = cached_features(self.model, split, self.spec, cache, batch_size=bs, device=ctx.device)
+            result = cached_features(self.model, split, self.spec, cache, batch_size=recipe.data.batch_size,
+                                     device=ctx.device, dist=ctx.dist)
             log.info("precompute: %d images, cache %s (%s.npy)", len(split), result.status, cache.root / result.key)
             labels = torch.tensor(split.labels, dtype=torch.float32 if split.multi_label else torch.long)
             tensors.append(TensorDataset(torch.from_numpy(result.features), labels))
         self.generator = torch.Generator()
-        self.train_loader = DataLoader(tensors[0], bs, shuffle=True, drop_last=len(tensors[0]) > bs, generator=self.generator)
-        self.valid_loader = DataLoader(tensors[1], bs)
+        self.sampler = self._sampler(tensors[0])
+        bs = self.batch_size
+        self.train_loader = DataLoader(tensors[0], bs, shuffle=self.sampler is None, sampler=self.sampler,
+                                       drop_last=len(tensors[0]) > bs, generator=self.generator)
+        self.valid_loader = DataLoader(tensors[1], recipe.data.batch_size)
         self.forward = self.model.head[2:]
+
+    def wrap(self, sync_batchnorm: bool) -> None:
+        """DDP around the stage's forward, now that what trains is set."""
+        self.train_forward = wrap(self.forward, self.dist, self.device, sync_batchnorm)
 
     def to_input(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if self.tensor_decode:  # encoded bytes: decode and augment on the device
@@ -132,16 +157,27 @@ class StageData:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def seed_epoch(self, epoch: int) -> None:
-        """Shuffle order and augmentation depend on (seed, stage, epoch) only: resumable."""
+        """Shuffle order and augmentation depend on (seed, stage, epoch, rank) only: resumable. Every
+        rank shuffles alike (the sampler deals out the shards); each augments its own images."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.seed + epoch)
         self.generator.manual_seed(self.seed + epoch)
-        self.augment_gen.manual_seed(self.seed + epoch)
-        torch.manual_seed(self.seed + epoch)
+        self.augment_gen.manual_seed(self.seed + epoch + 7919 * self.dist.rank)
+        torch.manual_seed(self.seed + epoch + 7919 * self.dist.rank)
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The training loss through the (DDP-wrapped) training forward."""
+        return self._loss(batch, self.train_forward)
+
+    def local_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The same through the unwrapped module: for what one rank does alone (lr_find)."""
+        return self._loss(batch, self.forward)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: nn.Module) -> torch.Tensor:
         x, y = batch
         x = self.to_input(x)
         with autocast(self.device):
-            return criterion(self.forward(x).float(), y.to(self.device))
+            return criterion(forward(x).float(), y.to(self.device))
 
     @torch.inference_mode()
     def validate(self) -> tuple[float, float]:

@@ -89,6 +89,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Under torchrun (several processes): data.batch_size is the global batch, split over the ranks."""
+
+    sync_batchnorm: bool = False  # BatchNorm statistics over the whole batch, not each rank's share (CUDA only)
+
+
+@dataclass(frozen=True)
 class StageConfig:
     name: str = "fit"
     trainable: str = "all"  # "head" (body frozen, BN in eval) or "all"
@@ -217,6 +224,7 @@ class Recipe:
     seed: int = ranged(0, 0, 2**32 - 1)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stages: tuple[StageConfig, ...] = (StageConfig(),)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

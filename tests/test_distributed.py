@@ -1,0 +1,150 @@
+"""Training under torchrun on the CPU (gloo, 2 processes): DDP steps equal one process's step on the
+whole batch, the demo recipe finishes with rank 0 alone writing, and a run resumes after a rank is
+killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
+
+from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.recipe import ModelConfig, StageConfig
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.nn.models import build_model, set_trainable
+from clfpipe.train.distributed import Dist, per_rank_batch, without_option, wrap
+from clfpipe.train.stage import criterion, make_optimizer, param_groups
+from clfpipe.train.state import STATE_FILE
+from tests.conftest import DEMO_RECIPE, ROOT
+
+B = 4  # images per rank
+
+
+def _step(model, x, y, dist, device=torch.device("cpu")):
+    """One SGD step the way run_stage takes it (BatchNorm and dropout in eval: their per-rank
+    statistics are what DDP does not average)."""
+    stage = StageConfig(lr=(0.05,), momentum=0.9, weight_decay=1e-4)
+    set_trainable(model, "all")
+    forward = wrap(model, dist, device)
+    optimizer = make_optimizer(stage, param_groups(model, stage.lr))
+    model.eval()
+    loss = criterion(forward(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    x, y = torch.randn(2 * B, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    model = build_model(ModelConfig(arch="resnet18"), 3)
+    mine = slice(rank * per_rank_batch(2 * B, Dist(rank, world)), (rank + 1) * B)
+    params = _step(model, x[mine], y[mine], Dist(rank, world))
+    if rank == 0:
+        torch.save(params, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_step_on_two_ranks_equals_one_step_on_the_whole_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    x, y = torch.randn(2 * B, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    single = _step(build_model(ModelConfig(arch="resnet18"), 3), x, y, Dist())
+    ddp = torch.load(out, weights_only=True)
+    worst = max(float((ddp[k].float() - single[k].float()).abs().max()) for k in single)
+    assert worst < 1e-5, worst
+    untrained = build_model(ModelConfig(arch="resnet18"), 3).state_dict()
+    assert any(not torch.equal(untrained[k], single[k]) for k in single)  # the step moved the weights
+
+
+def test_shards_are_disjoint_cover_the_data_and_reshuffle_alike():
+    data = list(range(10))
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(2):
+            sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 5
+    assert without_option(["-v", "train", "--nproc", "2", "--run", "r", "--nproc=3"], "--nproc") == ["-v", "train", "--run", "r"]
+    with pytest.raises(Exception, match="a multiple of the 3 ranks"):
+        per_rank_batch(16, Dist(0, 3))
+
+
+FAST = ["--set", "stages.*.size=32", "--set", "stages.*.epochs=1", "--set", "stages.*.cycle_mult=1", "--set", "lr_find.num_it=20",
+        "--set", "evaluate.tta=[]", "--set", "evaluate.report=false"]
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    write_demo_dataset(tmp_path / "data", spec=DemoSpec(train_per_class=16, valid_per_class=4, image_size=48))
+    return tmp_path / "data"
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_finishes_under_torchrun_and_only_rank_0_writes(small_data, tmp_path):
+    run, cache, writes = tmp_path / "run", tmp_path / "cache", tmp_path / "writes"
+    writes.mkdir()
+    env = {**os.environ, "CLFPIPE_TEST_WATCH": os.pathsep.join([str(run), str(cache)]), "CLFPIPE_TEST_WRITES": str(writes),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = "import sys; from clfpipe.train.distributed import launch_local; sys.exit(launch_local(2, sys.argv[2:], [sys.argv[1]]))"
+    command = [sys.executable, "-c", launch, str(ROOT / "tests" / "ddp_entry.py"), "train", "--data", str(small_data),
+               "--run", str(run), "--recipe", str(DEMO_RECIPE), *FAST, "--set", f"data.cache_dir={cache}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = RunDir(run).read()
+    assert manifest.stage("train")["sessions"][0]["ranks"] == 2 and manifest.stage("train")["epochs"] == 4
+    rank0 = (writes / "rank0.txt").read_text().split()
+    assert any("manifest.json" in line for line in rank0) and any(".npy" in line for line in rank0)
+    assert (writes / "rank1.txt").read_text().strip() == ""  # rank 1 wrote nothing in the run or the cache
+    assert len(list(cache.glob("*.npy"))) == 2  # one content-keyed file per split, as one process writes
+    assert result.stderr.count("stage 3 grow epoch 1/1: train_loss") == 1  # one copy of the log
+
+
+def _rank_pid(rank: int) -> int | None:
+    """The training process torchrun's launcher started as `rank` (its environment says so)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            values = dict(item.split(b"=", 1) for item in environ.read_bytes().split(b"\0") if b"=" in item)
+            cmdline = (environ.parent / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if values.get(b"RANK") == str(rank).encode() and b"TORCHELASTIC_RUN_ID" in values and b"clfpipe" in cmdline:
+            return int(environ.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_resumes_after_a_rank_is_killed(small_data, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "clfpipe", "train", "--nproc", "2", "--data", str(small_data), "--run", str(run),
+            "--recipe", str(DEMO_RECIPE), *FAST, "--set", "stages.2.epochs=3", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / STATE_FILE).exists():
+        assert proc.poll() is None, "training ended before a rank could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    victim = _rank_pid(1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0 and not RunDir(run).exists()
+    resumed = subprocess.run([sys.executable, "-m", "clfpipe", "train", "--nproc", "2", "--resume", str(run)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    sessions = RunDir(run).read().stage("train")["sessions"]
+    assert len(sessions) == 2 and (sessions[1]["stage"], sessions[1]["epoch"]) > (0, 0) and sessions[1]["ranks"] == 2
+    assert np.isfinite(RunDir(run).read().stage("train")["valid_accuracy"])
