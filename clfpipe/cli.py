@@ -86,7 +86,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_repo(args: argparse.Namespace) -> None:
     from clfpipe.pipeline import repository_for_run
 
-    print(repository_for_run(args.run, args.out, args.target))
+    repo = repository_for_run(args.run, args.out, args.target)
+    print(repo)
+    if args.archive:
+        from clfpipe.serve.repository import archive_repository
+
+        print(archive_repository(repo))
+
+
+def _cmd_deploy(args: argparse.Namespace) -> None:
+    from clfpipe.pipeline import deploy_run
+    from clfpipe.serve.deploy import Deployment
+
+    deployment = Deployment(name=args.name, namespace=args.namespace, replicas=args.replicas, max_replicas=args.max_replicas,
+                            gpus=args.gpu, repository_uri=args.repository_uri, pvc=getattr(args, "pvc", None),
+                            image=args.image, queue_target_us=args.queue_target_us)
+    for path in deploy_run(args.run, args.deploy_command, deployment, args.out):
+        print(path)
 
 
 def _ports(args: argparse.Namespace):
@@ -279,7 +295,30 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="embedded", choices=["embedded", "container"],
                    help="embedded: the nvidia-pytriton binary; container: NVIDIA's Triton image (prints its docker run line)")
     p.add_argument("--out", type=Path, help="folder to write (default: RUN/model_repository, container: RUN/model_repository_container)")
+    p.add_argument("--archive", action="store_true", help="also write FOLDER.tar.gz beside it, to upload (KServe unpacks it)")
     p.set_defaults(func=_cmd_repo)
+
+    deploy = _sub(sub, "deploy", "manifests that serve a run's container repository on a cluster")
+    targets = deploy.add_subparsers(dest="deploy_command", required=True)
+    for target, doc in (("k8s", "Deployment, Services, HorizontalPodAutoscaler on queue time, PodDisruptionBudget, probes"),
+                        ("kserve", "KServe's InferenceService (v1beta1, Triton runtime)")):
+        p = _sub(targets, target, doc)
+        p.add_argument("--run", type=Path, required=True, help="a trained run directory")
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--repository-uri", help="s3://, gs:// or as:// holding 'clfpipe repo --target container'")
+        if target == "k8s":
+            source.add_argument("--pvc", help="a PersistentVolumeClaim holding the container repository (mounted at /models)")
+        p.add_argument("--name", default="clfpipe", help="name of every resource")
+        p.add_argument("--namespace", help="namespace of every resource (default: kubectl's current one)")
+        p.add_argument("--replicas", type=int, default=2, help="replicas to start with, and the autoscaler's minimum")
+        p.add_argument("--max-replicas", type=int, default=8, help="the autoscaler's maximum")
+        p.add_argument("--gpu", type=int, default=1, help="GPUs per replica (0: CPU only)")
+        p.add_argument("--image", help="a Triton image that has Pillow and numpy<2 (default: the recipe's "
+                                       "serve.container_image, installing both at start)")
+        p.add_argument("--queue-target-us", type=int, default=20_000,
+                       help="scale out when requests wait longer than this at the backbone (microseconds)")
+        p.add_argument("--out", type=Path, help="folder for the YAML files (default: RUN/deploy/<target>)")
+        p.set_defaults(func=_cmd_deploy)
 
     serve = _sub(sub, "serve", "the embedded Triton server").add_subparsers(dest="serve_command", required=True)
     for name, func, doc in (("up", _cmd_serve_up, "start the server and wait until it is ready"),

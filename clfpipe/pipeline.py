@@ -30,6 +30,7 @@ from clfpipe.export.onnx_export import export_variants
 from clfpipe.nn.models import Classifier
 from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
 from clfpipe.serve.client import Classifier as Client
+from clfpipe.serve.deploy import Deployment, inference_service, k8s_manifests, write_manifests
 from clfpipe.serve.repository import build_repository
 from clfpipe.serve.server import Ports, start_server, stop_server
 from clfpipe.train.evaluate import deterministic_tta
@@ -77,6 +78,20 @@ def repository_for_run(run_dir: Path, out: Path | None = None, target: str = "em
     if made:
         log.info("repo: exported %s first (the repository serves them)", ", ".join(v.name for v in made))
     return build_repository(run_dir, out, target)
+
+
+def deploy_run(run_dir: Path, target: str, deployment: Deployment, out: Path | None = None) -> list[Path]:
+    """``clfpipe deploy``: the container repository (made if missing), then the manifests that serve
+    it: Kubernetes (Deployment, Services, autoscaler, adapter rule, disruption budget, probe) or
+    KServe's InferenceService. Written to RUN/deploy/<target>/ unless `out` says otherwise."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    if "container" not in manifest.data["stages"].get("repo", {}).get("targets", {}):
+        repository_for_run(run_dir, target="container")
+    docs = k8s_manifests(deployment, manifest) if target == "k8s" else [inference_service(deployment, manifest)]
+    paths = write_manifests(docs, Path(out) if out else Path(run_dir) / "deploy" / target)
+    log.info("deploy: %s manifests -> %s", target, paths[-1].parent)
+    return paths
 
 
 def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTimer | None = None) -> Path:

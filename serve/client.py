@@ -147,31 +147,49 @@ def _chunks(sizes: Sequence[int], max_count: int) -> list[tuple[int, int]]:
 
 class Classifier:
     """``Classifier(url, protocol, model).predict(paths, top_k)`` against a running Triton; with no
-    url, the server ``clfpipe serve up`` recorded in ``state_dir``."""
+    url, the server ``clfpipe serve up`` recorded in ``state_dir``.
 
-    def __init__(self, url: str | None = None, protocol: str | None = None, model: str = "classifier",
+    ``url`` may name several servers ("a:8001,b:8001" or a list), say the pods behind a headless
+    Kubernetes Service: requests go round-robin over them, and one that cannot be reached is
+    skipped for the next (a gRPC connection otherwise stays on the one pod it first reached).
+    """
+
+    def __init__(self, url: str | Sequence[str] | None = None, protocol: str | None = None, model: str = "classifier",
                  timeout: float = 60.0, state_dir: Path | None = None) -> None:
-        url, protocol = resolve_endpoint(url, protocol, state_dir)
-        self.url, self.protocol, self.model = url, protocol, model
-        self._lib = httpclient if protocol == "http" else grpcclient
-        try:
-            if protocol == "http":
-                self._client = httpclient.InferenceServerClient(url, network_timeout=timeout, connection_timeout=timeout)
-            else:
-                self._client = grpcclient.InferenceServerClient(url)
-            config = self._model_config()
-        except InferenceServerException as exc:
-            raise self._error(exc) from exc
-        except (ConnectionError, OSError) as exc:
-            raise unreachable(url, protocol, exc) from exc
-        except Exception as exc:  # an HTTP parser fed gRPC frames raises its own types: not Triton's HTTP port
-            raise not_triton(url, protocol, exc) from exc
-        self.classes, self.max_batch_size = describe(config, model, url)
+        urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url) if url else [None]
+        endpoints = [resolve_endpoint(u, protocol, state_dir) for u in urls]
+        self.urls, self.protocol, self.model = [u for u, _ in endpoints], endpoints[0][1], model
+        self.url = self.urls[0]
+        self._lib = httpclient if self.protocol == "http" else grpcclient
+        self._clients, self._turn = [], 0
+        for u in self.urls:
+            client = self._connect(u, timeout)
+            classes, max_batch = describe(self._model_config(client), model, u)
+            if self._clients and classes != self.classes:
+                raise ServeError(f"{u} serves classes {classes}, {self.urls[0]} serves {self.classes}: expected the same model")
+            self.classes, self.max_batch_size = classes, max_batch
+            self._clients.append(client)
+        self._client = self._clients[0]
 
-    def _model_config(self) -> dict[str, Any]:
+    def _connect(self, url: str, timeout: float) -> Any:
+        try:
+            if self.protocol == "http":
+                client = httpclient.InferenceServerClient(url, network_timeout=timeout, connection_timeout=timeout)
+            else:
+                client = grpcclient.InferenceServerClient(url)
+            self._model_config(client)
+        except InferenceServerException as exc:
+            raise server_error(exc, url, self.protocol, self.model) from exc
+        except (ConnectionError, OSError) as exc:
+            raise unreachable(url, self.protocol, exc) from exc
+        except Exception as exc:  # an HTTP parser fed gRPC frames raises its own types: not Triton's HTTP port
+            raise not_triton(url, self.protocol, exc) from exc
+        return client
+
+    def _model_config(self, client: Any) -> dict[str, Any]:
         if self.protocol == "http":
-            return self._client.get_model_config(self.model)
-        return self._client.get_model_config(self.model, as_json=True)["config"]
+            return client.get_model_config(self.model)
+        return client.get_model_config(self.model, as_json=True)["config"]
 
     def _error(self, exc: InferenceServerException) -> ServeError:
         return server_error(exc, self.url, self.protocol, self.model)
@@ -185,16 +203,24 @@ class Classifier:
         return [tensor], [grpcclient.InferRequestedOutput(tensors.SCORES)]
 
     def _send(self, model: str, inputs: list, outputs: list) -> np.ndarray:
-        """One request; a lost connection (a server restarting, say) is a ServeError, the server's
-        own refusals stay InferenceServerExceptions for the caller to blame on an input."""
-        try:
-            return self._client.infer(model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
-        except InferenceServerException as exc:
-            if self._error(exc).args[0].startswith(("cannot reach", "no Triton")):
-                raise self._error(exc) from exc
-            raise
-        except TRANSPORT_ERRORS as exc:
-            raise unreachable(self.url, self.protocol, exc) from exc
+        """One request to the next server in turn; a server that cannot be reached passes the request
+        to the next one, and when none can, it is a ServeError. The server's own refusals stay
+        InferenceServerExceptions for the caller to blame on an input."""
+        last: ServeError | None = None
+        for _ in range(len(self._clients)):
+            index, self._turn = self._turn, (self._turn + 1) % len(self._clients)
+            self._client, self.url = self._clients[index], self.urls[index]
+            try:
+                return self._client.infer(model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
+            except InferenceServerException as exc:
+                error = self._error(exc)
+                if not error.args[0].startswith(("cannot reach", "no Triton")):
+                    raise
+                last = error
+            except TRANSPORT_ERRORS as exc:
+                last = unreachable(self.url, self.protocol, exc)
+        assert last is not None
+        raise last
 
     def _infer(self, images: Sequence[bytes]) -> np.ndarray:
         inputs, outputs = self._request(tensors.IMAGE, encoded_batch(images), "BYTES")

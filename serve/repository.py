@@ -13,11 +13,13 @@ Two targets from the same run:
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
 import shutil
 import struct
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +314,24 @@ def docker_command(out: Path, image: str) -> str:
     """How to serve a container repository with NVIDIA's image (Pillow is not in it)."""
     return (f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {out.resolve()}:/models {image} "
             f"bash -c 'pip install -q pillow && tritonserver --model-repository=/models'")
+
+
+def archive_repository(root: Path) -> Path:
+    """ROOT.tar.gz beside the repository, its model folders at the top (what KServe's storage
+    initializer unpacks); entries sorted and timestamps fixed, so the same repository gives the same bytes."""
+    out = root.parent / f"{root.name}.tar.gz"
+    tmp = out.with_suffix(".partial")
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        return info
+
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for path in sorted(root.rglob("*")):
+            if "__pycache__" not in path.parts:
+                tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False, filter=clean)
+    tmp.replace(out)
+    return out
 
 
 def verify_repository(root: Path) -> None:

@@ -175,3 +175,21 @@ def test_serve_up_refuses_numpy_2_in_the_stubs_python(tmp_path):
     with pytest.raises(ServeError, match=r"has numpy 2\.1\.3: Triton 2\.51's python backend corrupts every tensor.*numpy<2"):
         check_stub_numpy({**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
     assert check_stub_numpy(dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")).startswith("1.")
+
+
+def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_is_gone(trained_run, server, tmp_path):
+    state = tmp_path / "second"
+    second = start_server(trained_run / "model_repository", state, ports=_ports(), supervise=False)
+    image = _image(trained_run)
+    try:
+        client = Classifier(f"{server.grpc_url},{second.grpc_url}", "grpc")
+        used = []
+        for _ in range(4):
+            probs = client.probabilities([image])
+            used.append(client.url)
+        assert used == [server.grpc_url, second.grpc_url] * 2  # round-robin, one request each
+        stop_server(state)
+        for _ in range(3):  # the stopped one is skipped, the answers keep coming
+            assert (client.probabilities([image]) == probs).all()
+    finally:
+        stop_server(state)
