@@ -20,7 +20,7 @@ import torch
 
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.recipe import load_recipe
-from clfpipe.demo_data import write_demo_dataset
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model, set_trainable, train_mode
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
@@ -43,11 +43,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (median taken)")
+    parser.add_argument("--images", type=int, default=360, help="generated training images (no --data)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data or Path(tmp) / "data"
         if args.data is None:
-            write_demo_dataset(data_dir)
+            per_class = max(1, args.images // 3)
+            write_demo_dataset(data_dir, spec=DemoSpec(train_per_class=per_class, valid_per_class=10,
+                                                       image_size=max(96, args.size + args.size // 4)))
         recipe = load_recipe(None, [f"stages.0.size={args.size}", "stages.0.trainable=head", "stages.0.augment=none",
                                     "stages.0.optimizer=sgd", "stages.0.lr=1e-2", "data.batch_size=32",
                                     f"data.cache_dir={Path(tmp) / 'cache'}"])
