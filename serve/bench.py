@@ -267,6 +267,7 @@ def write_results(levels: list[Level], out_dir: Path, model: str) -> dict[str, P
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency per request (ms)")
     ax.set_title(f"{model}: latency vs throughput, by concurrency (c)")
+    ax.margins(x=0.08, y=0.12)  # room for the labels of the end points
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
