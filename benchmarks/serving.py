@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -47,12 +46,6 @@ from clfpipe.serve.client import Classifier
 from clfpipe.serve.repository import build_repository
 from clfpipe.serve.server import Ports, start_server, stop_server
 from clfpipe.train.loop import init_run
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_run(root: Path) -> Path:
@@ -109,7 +102,7 @@ def main() -> None:
         images = [f.read_bytes() for f in files]
         repo = build_repository(run_dir, Path(tmp) / "repo")
         state = Path(tmp) / "server"
-        info = start_server(repo, state, ports=Ports(free_port(), free_port(), free_port()))
+        info = start_server(repo, state, ports=Ports.free())
         spin = manifest.recipe.serve.ort_spin  # the server's session settings, for a like-for-like comparison
         plain = make_session(run_dir / Variant("fp32", True).file_name, spin=spin)
         tta = make_session(run_dir / Variant("fp32", True, True).file_name, spin=spin)

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import struct
 import tempfile
 import threading
@@ -38,14 +37,8 @@ from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.pipeline import repository_for_run
 from clfpipe.serve.client import encoded_batch
-from clfpipe.serve.server import Ports, read_info, start_server, stop_server
+from clfpipe.serve.server import Ports, read_info, start_server, stop_server, stub_pid
 from clfpipe.train.loop import init_run
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_run(root: Path) -> Path:
@@ -76,19 +69,6 @@ def group_rss_mb(pgid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total / 1e6
-
-
-def stub_pid(server_pid: int, model: str) -> int | None:
-    """The python stub of `model` that this server started."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-            ppid = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server_pid and len(args) > 1 and args[1].endswith(f"/{model}/1/model.py".encode()):
-            return int(cmdline.parent.name)
-    return None
 
 
 def load(url: str, images: list[bytes], bad: list[bytes], share_bad: float, concurrency: int, until: float,
@@ -139,7 +119,7 @@ def main() -> None:
             Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, format="JPEG")
             images = [buf.getvalue()]
         state = Path(tmp) / "state"
-        info = start_server(repo, state, ports=Ports(free_port(), free_port(), free_port()))
+        info = start_server(repo, state, ports=Ports.free())
         records: list = []
         try:
             half = args.minutes * 30.0

@@ -56,6 +56,17 @@ class Ports:
             if not 1 <= port <= 65535:
                 raise ServeError(f"--{name}-port: expected a port in 1..65535, got {port}")
 
+    @classmethod
+    def free(cls) -> "Ports":
+        """Three ports free on loopback now (for tests and benchmarks that run servers side by side)."""
+        return cls(free_port(), free_port(), free_port())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 @dataclass(frozen=True)
 class Process:
@@ -280,6 +291,20 @@ def is_our_server(info: ServerInfo) -> bool:
     except OSError:
         return False
     return Path(argv0).name == "tritonserver"
+
+
+def stub_pid(server_pid: int, model: str) -> int | None:
+    """The python-backend stub the server `server_pid` started for `model` (several servers may
+    serve the same repository folder: the parent tells them apart)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            ppid = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and len(args) > 1 and args[1].endswith(f"/{model}/1/model.py".encode()):
+            return int(cmdline.parent.name)
+    return None
 
 
 def server_alive(info: ServerInfo) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ DEMO_RECIPE = ROOT / "recipes" / "demo.toml"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from clfpipe.serve.server import free_port as free
+
+    return free()
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +58,7 @@ def server(trained_run: Path, server_state: Path):
     from clfpipe.serve.server import Ports, start_server, stop_server
 
     # No supervisor: its probes would show in the statistics the batching tests read exactly
-    info = start_server(trained_run / "model_repository", server_state, ports=Ports(free_port(), free_port(), free_port()),
+    info = start_server(trained_run / "model_repository", server_state, ports=Ports.free(),
                         supervise=False)
     yield info
     stop_server(server_state)

@@ -29,28 +29,15 @@ from clfpipe.serve.server import (
     server_status,
     start_server,
     stop_server,
+    stub_pid,
 )
 from clfpipe.serve.supervisor import start_supervisor
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def _ports() -> Ports:
-    return Ports(free_port(), free_port(), free_port())
-
-
-def _stub_pid(server_pid: int, model: str) -> int:
-    """The python stub of `model` that this server started (other servers may serve the same folder)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-            ppid = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server_pid and len(args) > 1 and args[1].endswith(f"/{model}/1/model.py".encode()):
-            return int(cmdline.parent.name)
-    raise AssertionError(f"no stub for {model} under pid {server_pid}")
+    return Ports.free()
 
 
 def _image(run: Path) -> bytes:
@@ -64,7 +51,7 @@ def test_a_killed_stub_is_reported_unhealthy_and_the_supervisor_restores_service
         client = Classifier(info.http_url, "http")
         image = _image(trained_run)
         assert client.probabilities([image]).shape == (1, 3)
-        os.kill(_stub_pid(info.pid, "preprocess"), signal.SIGKILL)
+        os.kill(stub_pid(info.pid, "preprocess"), signal.SIGKILL)
         time.sleep(0.5)
         assert is_ready(info.host, info.ports.http)  # Triton's own readiness does not notice...
         _, status = server_status(state)
