@@ -69,6 +69,12 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     export_onnx(args.run, args.data, variant=variant, calibration=args.calibration_images)
 
 
+def _cmd_export_pt2(args: argparse.Namespace) -> None:
+    from clfpipe.export.pt2_export import export_pt2
+
+    export_pt2(args.run, precision=args.precision, fold_tta=args.fold_tta, data_dir=args.data)
+
+
 def _cmd_export_trt(args: argparse.Namespace) -> None:
     from clfpipe.export.tensorrt import build_engine
 
@@ -141,9 +147,12 @@ def _cmd_serve_status(args: argparse.Namespace) -> int:
     if info is None or state == "not running":
         print("not running")
         return 3  # like `systemctl status`: non-zero when nothing runs
+    from clfpipe.serve.server import served_engines
+
     word, _, detail = state.partition(": ")
     restarts = f"; {len(info.restarts)} restart(s), the last at {info.restarts[-1]['time']}" if info.restarts else ""
-    print(f"{word}: pid {info.pid}, http {info.http_url}, grpc {info.grpc_url}, repo {info.repo}{restarts}"
+    engines = ", ".join(f"{m} on {e}" for m, e in served_engines(Path(info.repo)).items())
+    print(f"{word}: pid {info.pid}, http {info.http_url}, grpc {info.grpc_url}, repo {info.repo} ({engines}){restarts}"
           + (f"; {detail}" if detail else ""))
     return 0 if state == "ready" else 1
 
@@ -274,6 +283,14 @@ def _add_export_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-tta", action="store_true", help="the deterministic TTA views and averaging in the graph")
     p.add_argument("--calibration-images", type=int, help="int8 calibration set size (default: the recipe's export.calibration_images)")
     p.set_defaults(func=_cmd_export_onnx)
+
+    p = _sub(export, "pt2", "torch.export + AOTInductor package of the folded graph (uint8 pixels in), load-checked "
+                           "in a child process and gated against PyTorch")
+    p.add_argument("--run", type=Path, required=True, help="a trained run directory")
+    p.add_argument("--data", type=Path, help="data folder for the gate (default: the one training used)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="fp16 and bf16 need CUDA")
+    p.add_argument("--fold-tta", action="store_true", help="the deterministic TTA views and averaging in the graph")
+    p.set_defaults(func=_cmd_export_pt2)
 
     p = _sub(export, "trt", "a TensorRT engine from an exported ONNX variant (needs TensorRT and a GPU)")
     p.add_argument("--run", type=Path, required=True, help="a run directory with exported variants")

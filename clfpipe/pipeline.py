@@ -19,14 +19,17 @@ import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import Variant, served_variants
-from clfpipe.contract.errors import ServeError
+from clfpipe.contract.engines import ENGINES, SERVED, Variant, served_variants
+from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.manifest import Manifest, RunDir
 from clfpipe.contract.metrics import Agreement, compare
+from clfpipe.contract.preprocess import load_pixels
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import write_demo_dataset
-from clfpipe.export.onnx_export import export_variants
+from clfpipe.export.onnx_export import export_variants, validation_split
+from clfpipe.export.pt2_export import export_pt2
+from clfpipe.export.verify import profile, profile_batch_size
 from clfpipe.nn.models import Classifier
 from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
 from clfpipe.serve.client import Classifier as Client
@@ -65,19 +68,59 @@ def missing_exports(run_dir: Path) -> list[Variant]:
 
 
 def export_served(run_dir: Path, data_dir: Path | None = None) -> list[Variant]:
-    """Export what the repository needs and the run lacks; returns what was exported."""
+    """Export what the repository needs and the run lacks: the ONNX set always (the reference, and
+    what the container serves), the torch packages too when serve.engine names a torch engine;
+    returns what was exported."""
     missing = missing_exports(run_dir)
     if missing:
         export_variants(run_dir, missing, data_dir)
+    manifest = RunDir(run_dir).read()
+    serve = manifest.recipe.serve
+    if serve.engine in ("aoti", "torch"):
+        for served in SERVED:
+            wanted = [served.variant(serve.precision, e).name for e in ("aoti", "torch")]
+            if not any(name in manifest.data["artifacts"] for name in wanted):
+                export_pt2(run_dir, precision=serve.precision, fold_tta=served.fold_tta, data_dir=data_dir)
+                missing.append(served.variant(serve.precision, "aoti"))
     return missing
 
 
+def choose_engines(run_dir: Path) -> dict[str, str]:
+    """The engine each embedded backbone runs on: serve.engine, or for "auto" the fastest of the
+    variants exported for it (ONNX, AOTInductor package, exported program) by a short profile on
+    this host, on one batch of the validation images. The choice and the figures go in the log."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    serve, artifacts = manifest.recipe.serve, manifest.data["artifacts"]
+    wanted = ("onnx", "aoti", "torch") if serve.engine == "auto" else (serve.engine,)
+    pixels = None
+    chosen = {}
+    for served in SERVED:
+        candidates = [served.variant(serve.precision, e) for e in wanted if serve.precision in ENGINES[e].precisions]
+        candidates = [v for v in candidates if v.name in artifacts]
+        if not candidates:
+            raise ManifestError(f"serve.engine = {serve.engine!r} at {serve.precision}: no exported {served.model} for it "
+                                f"(expected {served.variant(serve.precision, wanted[0]).name}; 'clfpipe export pt2' makes the torch ones)")
+        if len(candidates) > 1:
+            if pixels is None:
+                split = validation_split(run, manifest, None)
+                batch = profile_batch_size(manifest)
+                pixels = np.resize(load_pixels(split.files[:batch], manifest.preprocess), (batch, *[manifest.preprocess.crop] * 2, 3))
+            timings = {v.name: profile(run, manifest, v.name, v.input_form.prepare(pixels, manifest.preprocess)) for v in candidates}
+            candidates.sort(key=lambda v: timings[v.name] if timings[v.name] is not None else float("inf"))
+            log.info("repo: %s on %s (ms per batch of %d here: %s)", served.model, candidates[0].engine, len(pixels),
+                     ", ".join(f"{k} {v * 1000:.1f}" for k, v in timings.items() if v is not None))
+        chosen[served.model] = candidates[0].engine
+    return chosen
+
+
 def repository_for_run(run_dir: Path, out: Path | None = None, target: str = "embedded") -> Path:
-    """``clfpipe repo``: the exports the repository needs (made if missing), then the repository."""
+    """``clfpipe repo``: the exports the repository needs (made if missing), then the repository,
+    its backbones on the engines `choose_engines` picks (the container target serves ONNX)."""
     made = export_served(run_dir)
     if made:
         log.info("repo: exported %s first (the repository serves them)", ", ".join(v.name for v in made))
-    return build_repository(run_dir, out, target)
+    return build_repository(run_dir, out, target, choose_engines(run_dir) if target == "embedded" else None)
 
 
 def deploy_run(run_dir: Path, target: str, deployment: Deployment, out: Path | None = None) -> list[Path]:
@@ -102,7 +145,8 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTime
     with timer.stage("export"):
         export_variants(run_dir, served_variants(recipe.serve.precision), data_dir)
     with timer.stage("repo"):
-        return build_repository(run_dir)
+        export_served(run_dir, data_dir)  # the torch packages, when serve.engine asks for them
+        return build_repository(run_dir, engines=choose_engines(run_dir))
 
 
 Reference = Callable[[Classifier, Manifest, list[Path]], np.ndarray]

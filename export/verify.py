@@ -35,6 +35,7 @@ class Row:
     artifact: str
     runtime: str
     result: GateResult
+    seconds_per_batch: float | None = None  # the profile: median of a few calls on one batch, on this host
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Verification:
     repositories: dict[str, list[str] | None]  # each repository the run recorded -> what differs ([]: as
     # written; None: not there any more, so nothing of it can be served)
     images: int
+    batch: int = 0  # images per profiled call
 
     @property
     def passed(self) -> bool:
@@ -85,7 +87,44 @@ def _trt_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray)
     return [("tensorrt", tensorrt.run_engine(engine, inputs, entry["profile"]["max"]))]
 
 
-RUNNERS: dict[str, Runner] = {"onnx": _onnx_outputs, "trt": _trt_outputs}
+def _torch_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """A torch artifact on this host's device: an AOTInductor package in a child process (loading
+    one has crashed a process), the exported program in this one."""
+    from clfpipe.runtime import torch_engine
+
+    engine = Variant.from_dict(manifest.artifact(name)["variant"]).engine
+    path, device = run.artifact_path(manifest, name), torch_engine.device_here()
+    if engine == "aoti":
+        outputs, why = torch_engine.load_check(engine, path, inputs)
+        if outputs is None:
+            raise ExportError(f"{name}: {why}; export it again here with 'clfpipe export pt2 --run {run.path}'")
+    else:
+        outputs = torch_engine.run_batches(torch_engine.load(engine, path), inputs)
+    return [(f"{engine}-{device.type}", outputs)]
+
+
+RUNNERS: dict[str, Runner] = {"onnx": _onnx_outputs, "trt": _trt_outputs, "aoti": _torch_outputs, "torch": _torch_outputs}
+
+
+def profile(run: RunDir, manifest: Manifest, name: str, batch: np.ndarray) -> float | None:
+    """Seconds per call on `batch` for an artifact on this host's default runtime for its engine
+    (ONNX Runtime's CPU provider, or the torch engines in a child process); None where none runs here."""
+    variant = Variant.from_dict(manifest.artifact(name)["variant"])
+    path = run.artifact_path(manifest, name)
+    if variant.engine == "onnx":
+        from clfpipe.runtime.torch_engine import seconds_per_batch
+
+        session = ort.make_session(path)
+        return seconds_per_batch(lambda x: ort.run_graph(session, x, len(x)), batch)
+    if variant.engine in ("aoti", "torch"):
+        from clfpipe.runtime.torch_engine import profile_in_child
+
+        return profile_in_child(variant.engine, path, batch, len(batch))
+    return None
+
+
+def profile_batch_size(manifest: Manifest) -> int:
+    return min(64, manifest.recipe.serve.max_batch_size)
 
 
 def images_split(run: RunDir, manifest: Manifest, images: Path | None) -> Split:
@@ -104,29 +143,37 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
     pixels, labels = load_pixels(split.files, manifest.preprocess), np.asarray(split.labels)
     rows: list[Row] = []
     artifacts = [(name, entry) for name, entry in sorted(manifest.data["artifacts"].items()) if "variant" in entry]
+    batch = profile_batch_size(manifest)
     for name, entry in progress(artifacts, "verify", unit="artifact"):
         variant = Variant.from_dict(entry["variant"])
         inputs = variant.input_form.prepare(pixels, manifest.preprocess)
         reference = reference_outputs(model, manifest, variant, pixels)
-        for runtime, out in RUNNERS[variant.engine](run, manifest, name, inputs):
-            rows.append(Row(name, runtime, gate_variant(variant, manifest, reference=reference, test=out, labels=labels)))
+        seconds = profile(run, manifest, name, np.resize(inputs, (batch, *inputs.shape[1:])))
+        for i, (runtime, out) in enumerate(RUNNERS[variant.engine](run, manifest, name, inputs)):
+            result = gate_variant(variant, manifest, reference=reference, test=out, labels=labels)
+            rows.append(Row(name, runtime, result, seconds if i == 0 else None))
     if not rows:
         raise ExportError(f"{run_dir} has no exported variants: run 'clfpipe export onnx --run {run_dir}' first")
-    verification = Verification(rows, repository_problems(run, manifest), len(split))
+    verification = Verification(rows, repository_problems(run, manifest), len(split), batch)
     report = {"images": len(split), "passed": verification.passed, "tensorrt": tensorrt.trt_status()[1],
-              "results": [{"artifact": r.artifact, "runtime": r.runtime, **r.result.to_dict()} for r in rows],
+              "profile_batch": batch,
+              "results": [{"artifact": r.artifact, "runtime": r.runtime, "seconds_per_batch": r.seconds_per_batch,
+                           **r.result.to_dict()} for r in rows],
               "repositories": verification.repositories}
     atomic_write_bytes(Path(run_dir) / "verify.json", (json.dumps(report, indent=2) + "\n").encode())
     return verification
 
 
 def format_table(verification: Verification) -> str:
-    head = f"{'artifact':<22} {'runtime':<17} {'top-1 agr':>9} {'accuracy':>9} {'delta':>8} {'max|diff|':>10} {'cosine':>9}  gate"
-    lines = [f"verify: {verification.images} images against PyTorch fp32", head, "-" * len(head)]
+    head = (f"{'artifact':<22} {'runtime':<17} {'top-1 agr':>9} {'accuracy':>9} {'delta':>8} {'max|diff|':>10} {'cosine':>9} "
+            f"{'ms/batch':>9}  gate")
+    lines = [f"verify: {verification.images} images against PyTorch fp32 (ms/batch: median on one batch of "
+             f"{verification.batch} on this host)", head, "-" * len(head)]
     for r in verification.rows:
         g = r.result
+        ms = f"{r.seconds_per_batch * 1000:>9.1f}" if r.seconds_per_batch is not None else f"{'-':>9}"
         lines.append(f"{r.artifact:<22} {r.runtime:<17} {g.top1_agreement:>9.4f} {g.accuracy:>9.4f} {g.accuracy_delta:>+8.4f} "
-                     f"{g.max_abs_diff:>10.3g} {g.cosine_min:>9.6f}  {'pass' if g.passed else 'FAIL'} ({g.rule})")
+                     f"{g.max_abs_diff:>10.3g} {g.cosine_min:>9.6f} {ms}  {'pass' if g.passed else 'FAIL'} ({g.rule})")
     for path, problems in verification.repositories.items():
         state = "not found, not checked" if problems is None else f"FAIL ({'; '.join(problems[:3])})" if problems \
             else "pass (every file as 'clfpipe repo' wrote it)"

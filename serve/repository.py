@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import onnx
 from google.protobuf import text_format
@@ -33,7 +34,7 @@ import clfpipe.contract.preprocess as preprocess_module
 import clfpipe.contract.probabilities as probabilities_module
 import clfpipe.serve.probe as probe_module
 from clfpipe.contract import tensors
-from clfpipe.contract.engines import SERVED, Served, Variant
+from clfpipe.contract.engines import ENGINES, SERVED, Served, Variant
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.integrity import tree_problems, write_tree_hashes
 from clfpipe.contract.manifest import Manifest, RunDir, relative_to_run
@@ -51,7 +52,12 @@ IMAGE, IMAGE_PIXELS, PIXELS, PROBS, LABELS = tensors.IMAGE, tensors.IMAGE_PIXELS
 class Backbone:
     served: Served  # Triton model and ensemble names
     variant: Variant
-    onnx: Path
+    onnx: Path  # the artifact file it serves (an ONNX graph, or a torch package for the aoti/torch engines)
+
+    @property
+    def served_file(self) -> str:
+        """Its name in the model's version folder: model.onnx, model.pt2 or model.ep.pt2."""
+        return "model" + ENGINES[self.variant.engine].suffix
 
     @property
     def model(self) -> str:
@@ -145,7 +151,8 @@ def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.M
         config = _base(backbone.model, manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.model_instances,
                        inputs=inputs, outputs=outputs)
         config.backend = "python"
-        config.parameters["onnx_file"].string_value = "model.onnx"
+        config.parameters["engine"].string_value = backbone.variant.engine
+        config.parameters["model_file"].string_value = backbone.served_file
         config.parameters["ort_threads"].string_value = str(serve.ort_threads)
         config.parameters["ort_spin"].string_value = json.dumps(serve.ort_spin)
         config.parameters["activation"].string_value = backbone.variant.activation(manifest.recipe.multi_label)
@@ -207,12 +214,13 @@ def config_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
-def backbones(run: RunDir, manifest: Manifest) -> list[Backbone]:
-    """The variants served: the recipe's serve.precision, folded preprocessing, with and without TTA."""
+def backbones(run: RunDir, manifest: Manifest, engines: Mapping[str, str] | None = None) -> list[Backbone]:
+    """The variants served: the recipe's serve.precision, folded preprocessing, with and without TTA,
+    on the engine chosen per served model (ONNX Runtime unless `engines` says otherwise)."""
     precision = manifest.recipe.serve.precision
     found = []
     for served in SERVED:
-        variant = served.variant(precision)
+        variant = served.variant(precision, (engines or {}).get(served.model, "onnx"))
         if variant.name in manifest.data["artifacts"]:
             found.append(Backbone(served, variant, run.artifact_path(manifest, variant.name)))
         elif not served.fold_tta:
@@ -274,7 +282,8 @@ def _python_model(staging: Path, config: mc.ModelConfig, template: str, *, targe
             shutil.copy2(module.__file__, model_dir / "1" / f"clfpipe_{Path(module.__file__).stem}.py")
 
 
-def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> tuple[list[str], dict[str, dict]]:
+def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str,
+              engines: Mapping[str, str] | None) -> tuple[list[str], dict[str, dict]]:
     """Write every model into staging; returns the model names and, per served model file, the
     run artifact it was made from (name and sha256)."""
     labels = "\n".join(manifest.classes) + "\n"
@@ -284,11 +293,11 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> tu
     if target == "container":
         _python_model(staging, labels_config(manifest), "labels", target=target, modules=(probabilities_module,))
         names.append("labels")
-    for backbone in backbones(run, manifest):
+    for backbone in backbones(run, manifest, engines if target == "embedded" else None):
         model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
         if target == "embedded":
             shutil.copy2(TEMPLATES / "backbone" / "model.py", model_dir / "1" / "model.py")
-            _copy(backbone.onnx, model_dir / "1" / "model.onnx")
+            _copy(backbone.onnx, model_dir / "1" / backbone.served_file)
         else:
             with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", backbone.variant.activation(manifest.recipe.multi_label))
         for pixels in (False, True):
@@ -296,7 +305,7 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str) -> tu
             _write_model(staging, ensemble, labels)
             names.append(ensemble.name)
         names.append(backbone.model)
-        sources[f"{backbone.model}/1/model.onnx"] = {"artifact": backbone.variant.name,
+        sources[f"{backbone.model}/1/{backbone.served_file}"] = {"artifact": backbone.variant.name,
                                                      "sha256": manifest.artifact(backbone.variant.name)["sha256"]}
     if target == "container":
         for name, entry in manifest.data["artifacts"].items():
@@ -343,7 +352,8 @@ def verify_repository(root: Path) -> None:
                          "rebuild it with 'clfpipe repo --run RUN_DIR'")
 
 
-def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded") -> Path:
+def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded",
+                     engines: Mapping[str, str] | None = None) -> Path:
     """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it."""
     if target not in TARGETS:
         raise ManifestError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
@@ -354,10 +364,11 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        names, sources = _assemble(staging, run, manifest, target)
+        names, sources = _assemble(staging, run, manifest, target, engines)
         if target == "container":  # the readiness probe its Kubernetes deployment runs (a real request)
             shutil.copyfile(probe_module.__file__, staging / "clfpipe_probe.py")
-        write_tree_hashes(staging, {"target": target, "models": names, "sources": sources})
+        served_engines = {b.model: b.variant.engine for b in backbones(run, manifest, engines if target == "embedded" else None)}
+        write_tree_hashes(staging, {"target": target, "models": names, "engines": served_engines, "sources": sources})
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clfpipe.contract.errors import ServeError
+from clfpipe.contract.integrity import recorded_hashes
 from clfpipe.serve.probe import probe
 from clfpipe.serve.repository import verify_repository
 
@@ -401,6 +402,7 @@ def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
         raise ServeError(f"expected a model repository with <model>/config.pbtxt, got {repo}")
     verify_repository(repo)
+    check_torch_packages(repo)
     running = read_info(state_dir)
     if running and is_our_server(running):
         raise ServeError(f"a server is already running (pid {running.pid}, http {running.http_url}): run 'clfpipe serve down' first")
@@ -420,6 +422,32 @@ def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.
 
         info = start_supervisor(state_dir, info)
     return info
+
+
+def served_engines(repo: Path) -> dict[str, str]:
+    """Backbone -> the engine it runs on, as 'clfpipe repo' recorded it."""
+    return dict((recorded_hashes(repo) or {}).get("engines") or {})
+
+
+def check_torch_packages(repo: Path) -> None:
+    """Load and run every AOTInductor package the repository serves in a child process first: a
+    package that crashes its loader must not take a python stub (and its requests) down with it."""
+    aoti = [model for model, engine in served_engines(repo).items() if engine == "aoti"]
+    if not aoti:
+        return
+    import numpy as np
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from clfpipe.runtime.torch_engine import load_check
+
+    for model in aoti:
+        config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        sample = np.zeros((1, *config.input[0].dims), dtype=np.uint8)
+        outputs, why = load_check("aoti", repo / model / "1" / "model.pt2", sample)
+        if outputs is None:
+            raise ServeError(f"{model}'s AOTInductor package does not load here: {why}; serve another engine "
+                             "(--set serve.engine=torch or onnx, then 'clfpipe repo') or export it again here")
 
 
 def clean_stale(state_dir: Path, info: ServerInfo) -> None:

@@ -36,7 +36,7 @@ class Gate:
 class Precision:
     name: str
     gate: Gate
-    onnx_form: str = "fp32"  # how the fp32 ONNX graph becomes this one: fp32, fp16 or int8 (QDQ)
+    onnx_form: str = "fp32"  # how the fp32 ONNX graph becomes this one: fp32, fp16, int8 (QDQ), "" (no ONNX form)
     symmetric_activations: bool = False  # int8 for TensorRT: symmetric int8 activations (S8S8)
     trt_flag: str | None = None  # TensorRT 10's BuilderFlag; TensorRT 11 reads precision from the graph
 
@@ -47,6 +47,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     # MLPerf accepts int8 at >= 99% of fp32 accuracy; on a small validation set, 1 point
     Precision("int8", Gate(max_metric_drop=0.01), onnx_form="int8", trt_flag="INT8"),
     Precision("int8-trt", Gate(max_metric_drop=0.01), onnx_form="int8", symmetric_activations=True, trt_flag="INT8"),
+    Precision("bf16", Gate(min_top1=0.995, min_cosine=0.999), onnx_form=""),  # torch engines on CUDA
 )}
 
 
@@ -71,12 +72,20 @@ PIXELS_NHWC = InputForm("uint8", "NHWC")  # the spec's resized and cropped pixel
 class Engine:
     name: str  # the artifact name's prefix
     suffix: str  # file suffix
+    precisions: tuple[str, ...]
     built_from: str | None = None  # an engine compiled from another engine's artifact
+    torch_dtype: dict[str, str] | None = None  # torch engines: precision -> the dtype the graph computes in
 
 
+_ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt")
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("onnx", ".onnx"),
-    Engine("trt", ".plan", built_from="onnx"),
+    Engine("onnx", ".onnx", _ONNX_PRECISIONS),
+    Engine("trt", ".plan", _ONNX_PRECISIONS, built_from="onnx"),
+    # torch.export + AOTInductor: one package per variant, compiled for this host's device
+    Engine("aoti", ".pt2", tuple(_TORCH_DTYPES), torch_dtype=_TORCH_DTYPES),
+    # the exported program itself (torch.export.save), run by torch: where an AOTInductor package will not load
+    Engine("torch", ".ep.pt2", tuple(_TORCH_DTYPES), torch_dtype=_TORCH_DTYPES),
 )}
 
 
@@ -95,6 +104,8 @@ class Variant:
     def __post_init__(self) -> None:
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("engine", self.engine, ENGINES)
+        if self.precision not in ENGINES[self.engine].precisions:
+            raise ExportError(f"{self.engine} at {self.precision}: expected one of {', '.join(ENGINES[self.engine].precisions)}")
 
     @property
     def _parts(self) -> list[str]:
@@ -150,7 +161,8 @@ class Variant:
 
 
 def all_variants() -> list[Variant]:
-    return [Variant(p, pre, tta, e) for e in ENGINES for p in PRECISIONS for pre in (False, True) for tta in (False, True)]
+    return [Variant(p, pre, tta, e) for e, engine in ENGINES.items() for p in engine.precisions
+            for pre in (False, True) for tta in (False, True)]
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,10 @@ class Served:
 
 
 SERVED: tuple[Served, ...] = (Served("backbone", "classifier", False), Served("backbone_tta", "classifier_tta", True))
+
+
+# What the embedded server's python backbone can run; "auto" picks among the exported ones by profile.
+SERVED_ENGINES = ("auto", "onnx", "aoti", "torch")
 
 
 def served_variants(precision: str, engine: str = "onnx") -> list[Variant]:

@@ -19,7 +19,7 @@ import tomli_w
 
 from clfpipe.contract.archs import arch_names
 from clfpipe.contract.augment import AUGMENTS
-from clfpipe.contract.engines import PRECISIONS
+from clfpipe.contract.engines import PRECISIONS, SERVED_ENGINES
 from clfpipe.contract.errors import RecipeError
 from clfpipe.contract.preprocess import PreprocessSpec
 
@@ -198,7 +198,10 @@ class ServeConfig:
     # ORT's idle threads spin by default; on a small CPU host the spinning backbone steals the
     # cores the preprocessing step needs, so the server lets them sleep.
     ort_spin: bool = False
-    precision: str = "fp32"  # which exported variant the backbone serves: fp32, fp16, int8, int8-trt
+    precision: str = "fp32"  # which exported variant the backbone serves: fp32, fp16, int8, int8-trt (bf16: torch engines)
+    # which engine runs the embedded backbones: onnx (ONNX Runtime), aoti or torch (clfpipe export pt2),
+    # or auto: the fastest of those exported for this precision, by a short profile on this host
+    engine: str = "auto"
     top_k: int = ranged(3, 1, 1000)  # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}
     warmup: bool = True  # model_warmup on every step: the first real request is as fast as the rest
     # pil: pixels identical to training evaluation's; nvjpeg: batched GPU decode where CUDA and
@@ -214,6 +217,7 @@ class ServeConfig:
         _check_ranges("serve.", self)
         _check_choice("serve.precision", self.precision, list(PRECISIONS))
         _check_choice("serve.decode", self.decode, ("pil", "nvjpeg"))
+        _check_choice("serve.engine", self.engine, SERVED_ENGINES)
         _check_choice("serve.container_trt_precision", self.container_trt_precision, ("FP32", "FP16"))
         if not self.container_image.strip():
             raise RecipeError("serve.container_image: expected an image name, got ''")

@@ -15,9 +15,13 @@ from clfpipe.nn.tta import average_probs
 
 
 class Folded(nn.Module):
-    def __init__(self, model: Classifier, spec: PreprocessSpec, variant: Variant, multi_label: bool = False) -> None:
+    """`dtype`: what the network computes in (the torch engines' fp16/bf16); the normalisation and
+    the outputs stay float32."""
+
+    def __init__(self, model: Classifier, spec: PreprocessSpec, variant: Variant, multi_label: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.model, self.variant = model.eval(), variant
+        self.model, self.variant, self.dtype = model.eval().to(dtype), variant, dtype
         self.activation = activation_for(multi_label)  # what the folded TTA averages
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
@@ -26,9 +30,10 @@ class Folded(nn.Module):
         if self.variant.fold_preprocess:
             # (x/255 - mean)/std == (x - 255 mean) / (255 std): one fewer op
             x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        x = x.to(self.dtype)
         if self.variant.fold_tta:
-            return average_probs(self.model, x, self.activation)
-        return self.model(x)
+            return average_probs(self.model, x, self.activation).float()
+        return self.model(x).float()
 
 
 def example_input(variant: Variant, size: int, batch: int = 2) -> torch.Tensor:

@@ -52,7 +52,7 @@ class OnnxProbabilities:
     def from_parameters(cls, parameters: Mapping[str, Any], model_dir: Path) -> "OnnxProbabilities":
         """From a Triton config's parameters ({key: {"string_value": ...}})."""
         value = lambda key, default=None: parameters.get(key, {}).get("string_value", default)  # noqa: E731
-        return cls(model_dir / value("onnx_file"), int(value("ort_threads", "0")), value("activation"),
+        return cls(model_dir / value("model_file"), int(value("ort_threads", "0")), value("activation"),
                    value("ort_spin", "true") == "true")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

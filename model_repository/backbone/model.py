@@ -1,7 +1,9 @@
-"""Triton python-backend model: an exported ONNX variant on ONNX Runtime, one run per dynamic batch.
+"""Triton python-backend model: an exported variant on its engine, one run per dynamic batch.
 
-Outputs PROBS and LABELS (top-k 'label:prob', k from the request parameter top_k or the config).
-Imports the contract and ONNX Runtime only (no torch).
+The engine comes from the config: ONNX Runtime (``onnx``), or torch for an AOTInductor package
+(``aoti``) or an exported program (``torch``); only that engine's runtime is imported, so an ONNX
+Runtime backbone never loads torch. Outputs PROBS and LABELS (top-k 'label:prob', k from the
+request parameter top_k or the config).
 """
 
 import json
@@ -12,7 +14,17 @@ import triton_python_backend_utils as pb_utils
 
 from clfpipe.contract import tensors
 from clfpipe.contract.probabilities import requested_top_k, top_k_labels
-from clfpipe.runtime.ort import OnnxProbabilities
+
+
+def _engine(params, model_dir):
+    engine = params["engine"]["string_value"]
+    if engine == "onnx":
+        from clfpipe.runtime.ort import OnnxProbabilities
+
+        return OnnxProbabilities.from_parameters(params, model_dir)
+    from clfpipe.runtime.torch_engine import TorchProbabilities
+
+    return TorchProbabilities.from_parameters(params, model_dir)
 
 
 class TritonPythonModel:
@@ -21,7 +33,7 @@ class TritonPythonModel:
         params = config["parameters"]
         self.input_name = config["input"][0]["name"]
         self.probs_dtype = pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, tensors.SCORES)["data_type"])
-        self.model = OnnxProbabilities.from_parameters(params, Path(args["model_repository"]) / args["model_version"])
+        self.model = _engine(params, Path(args["model_repository"]) / args["model_version"])
         self.classes = json.loads(params["classes"]["string_value"])
         self.top_k = int(params["top_k"]["string_value"])
 

@@ -1,0 +1,133 @@
+"""The torch engines: an AOTInductor package (``aoti``), or the exported program itself run by torch
+(``torch``), on CUDA when there is one, else the CPU.
+
+Loading an AOTInductor package has crashed a whole process (a segfault on an H100 with torch
+2.11), so ``load_check`` loads and runs a package in a child process first: export and ``serve
+up`` only trust a package that came back with outputs.
+
+    python -m clfpipe.runtime.torch_engine ENGINE PATH INPUTS.npy OUTPUTS.npy   (the child's side)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from clfpipe.contract.probabilities import activate
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def device_here() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(engine: str, path: Path, device: torch.device | None = None) -> Runner:
+    """A function from a numpy batch (the variant's input form) to numpy float32 outputs."""
+    device = device or device_here()
+    if engine == "aoti":
+        module: Any = torch._inductor.aoti_load_package(str(path))
+    elif engine == "torch":
+        module = torch.export.load(str(path)).module().to(device)
+    else:
+        raise ValueError(f"expected engine aoti or torch, got {engine!r}")
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).float().cpu().numpy()
+
+    return run
+
+
+def run_batches(runner: Runner, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([runner(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def seconds_per_batch(runner: Runner, batch: np.ndarray, rounds: int = 5) -> float:
+    """Median seconds of `rounds` calls on one batch, after one warm-up call."""
+    runner(batch)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        runner(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_check(engine: str, path: Path, inputs: np.ndarray, timeout: float = 600.0,
+               profile_batch: int = 0) -> tuple[np.ndarray | None, str]:
+    """Load and run the artifact in a child process: (its outputs, "") or (None, why it failed).
+    With profile_batch, the child also times that many images (see `profile_in_child`)."""
+    outputs, why, _ = _child_run(engine, path, inputs, timeout, profile_batch)
+    return outputs, why
+
+
+def profile_in_child(engine: str, path: Path, inputs: np.ndarray, batch: int, timeout: float = 600.0) -> float | None:
+    """Seconds per batch of `batch` images, measured in a child process (None if it failed)."""
+    return _child_run(engine, path, inputs[:1], timeout, batch, sample=inputs)[2]
+
+
+def _child_run(engine: str, path: Path, inputs: np.ndarray, timeout: float, profile_batch: int,
+               sample: np.ndarray | None = None) -> tuple[np.ndarray | None, str, float | None]:
+    with tempfile.TemporaryDirectory() as tmp:
+        given, out, timing = Path(tmp) / "inputs.npy", Path(tmp) / "outputs.npy", Path(tmp) / "timing.json"
+        np.save(given, inputs)
+        args = [sys.executable, "-m", "clfpipe.runtime.torch_engine", engine, str(path), str(given), str(out)]
+        if profile_batch:
+            source = sample if sample is not None else inputs
+            np.save(Path(tmp) / "profile.npy", np.resize(source, (profile_batch, *source.shape[1:])))
+            args += [str(Path(tmp) / "profile.npy"), str(timing)]
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"loading it did not finish in {timeout:.0f}s", None
+        if result.returncode != 0:
+            how = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+            last = (result.stderr.strip().splitlines() or [""])[-1]
+            return None, f"loading it failed ({how}){': ' + last if last else ''}", None
+        seconds = json.loads(timing.read_text())["seconds_per_batch"] if profile_batch else None
+        return np.load(out), "", seconds
+
+
+class TorchProbabilities:
+    """A torch artifact -> probabilities, as the served backbone computes them."""
+
+    def __init__(self, engine: str, path: Path, activation: str = "softmax") -> None:
+        activate(np.zeros((1, 1)), activation)  # an unknown name fails here, not on the first request
+        self.runner, self.activation = load(engine, path), activation
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any], model_dir: Path) -> "TorchProbabilities":
+        value = lambda key: parameters[key]["string_value"]  # noqa: E731
+        return cls(value("engine"), model_dir / value("model_file"), value("activation"))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return activate(self.runner(batch), self.activation).astype(np.float32)
+
+    def close(self) -> None:
+        self.runner = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _child(argv: list[str]) -> int:
+    engine, path, given, out, *profile = argv
+    runner = load(engine, Path(path))
+    np.save(out, run_batches(runner, np.load(given)))
+    if profile:
+        batch, timing = profile
+        Path(timing).write_text(json.dumps({"seconds_per_batch": seconds_per_batch(runner, np.load(batch))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
