@@ -79,3 +79,47 @@ def test_predict_without_a_server(tmp_path, capsys):
 def test_data_demo_command(tmp_path, capsys):
     assert main(["data", "demo", str(tmp_path / "d"), "--seed", "1"]) == 0
     assert "wrote 360 train and 90 valid images" in capsys.readouterr().out
+
+
+def test_imagenet_weights_without_a_network_name_the_offline_option(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from clfpipe.contract.errors import RecipeError
+    from clfpipe.contract.recipe import ModelConfig
+    from clfpipe.nn.models import build_model
+
+    def offline(*args, **kwargs):
+        if kwargs.get("weights") == "DEFAULT":
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        return original(*args, **kwargs)
+
+    original = torchvision.models.get_model
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(RecipeError) as err:
+        build_model(ModelConfig(weights="imagenet"), 3)
+    message = str(err.value)
+    assert "cannot fetch the resnet34 weights" in message and "path of a torchvision state-dict file" in message
+    assert "\n" not in message
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(blocker / "run"), "--set", "stages.0.size=32"],
+                    "cannot create the run directory")
+
+
+@pytest.mark.slow
+def test_data_and_run_paths_with_spaces_and_non_ascii_train(tiny_data, tmp_path):
+    import shutil
+
+    from clfpipe.contract.manifest import RunDir
+
+    data = tmp_path / "my data ünï"
+    shutil.copytree(tiny_data, data)
+    run = tmp_path / "runs with space" / "ü run"
+    assert main(["train", "--data", str(data), "--run", str(run), "--set", "stages.0.size=32", "--set", "stages.0.epochs=1",
+                 "--set", "evaluate.tta=[]"]) == 0
+    assert RunDir(run).data_dir(RunDir(run).read()) == data.resolve()

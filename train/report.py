@@ -114,11 +114,12 @@ def loss_png(points: Sequence[LossPoint], path: Path) -> None:
     ax.plot(x, [p.train_loss for p in points], marker="o", label="train loss")
     ax.plot(x, [p.valid_loss for p in points], marker="s", label="valid loss")
     starts = [i for i, p in enumerate(points) if i == 0 or p.stage != points[i - 1].stage]
-    top = max(max(p.train_loss for p in points), max(p.valid_loss for p in points))
     for index, start in enumerate(starts):
         if start:
             ax.axvline(start + 0.5, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(start + 0.6, top, f"{index}: {points[start].stage}", fontsize=8, va="top", rotation=90)
+        label = ax.text(start + 0.6, 0.98, f"{index}: {points[start].stage}", fontsize=8, va="top", rotation=90,
+                        transform=ax.get_xaxis_transform(), clip_on=True)
+        label.set_in_layout(False)  # a long stage name must not squeeze the plot
     ax.set_xlabel("epoch (all stages)")
     ax.set_ylabel("loss")
     ax.set_xticks(x)
