@@ -102,10 +102,8 @@ class Variant:
     engine: str = "onnx"
 
     def __post_init__(self) -> None:
-        _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("engine", self.engine, ENGINES)
-        if self.precision not in ENGINES[self.engine].precisions:
-            raise ExportError(f"{self.engine} at {self.precision}: expected one of {', '.join(ENGINES[self.engine].precisions)}")
+        _check_choice("--precision", self.precision, {p: PRECISIONS[p] for p in ENGINES[self.engine].precisions})
 
     @property
     def _parts(self) -> list[str]:
