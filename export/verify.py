@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from onnxruntime import InferenceSession
 
 from clfpipe.contract.dataset import Split, scan_data
 from clfpipe.contract.engines import Variant
@@ -69,41 +70,53 @@ def repository_problems(run: RunDir, manifest: Manifest) -> dict[str, list[str] 
     return found
 
 
-Runner = Callable[[RunDir, Manifest, str, np.ndarray], list[tuple[str, np.ndarray]]]
+Measured = tuple[str, np.ndarray, float | None]  # runtime, outputs, seconds per call on the profile batch
+Runner = Callable[[RunDir, Manifest, str, np.ndarray, np.ndarray], list[Measured]]
 
 
-def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    path = run.artifact_path(manifest, name)
-    return [(runtime, ort.run_graph(ort.make_session(path, providers=providers), inputs)) for runtime, providers in ort.providers_here()]
+def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray, probe: np.ndarray) -> list[Measured]:
+    """Every ONNX Runtime device here; the profile is the CPU provider's (the first)."""
+    path, found = run.artifact_path(manifest, name), []
+    for i, (runtime, providers) in enumerate(ort.providers_here()):
+        session = ort.make_session(path, providers=providers)
+        found.append((runtime, ort.run_graph(session, inputs), _onnx_seconds(session, probe) if i == 0 else None))
+    return found
 
 
-def _trt_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+def _trt_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray, probe: np.ndarray) -> list[Measured]:
     ok, why = tensorrt.trt_status()
     if not ok:
         log.info("verify: skipping %s: %s", name, why)
         return []
     entry = manifest.artifact(name)
     engine = tensorrt.load_engine(run.artifact_path(manifest, name), entry.get("platform", {}), run.path, entry.get("source", "onnx"))
-    return [("tensorrt", tensorrt.run_engine(engine, inputs, entry["profile"]["max"]))]
+    return [("tensorrt", tensorrt.run_engine(engine, inputs, entry["profile"]["max"]), None)]
 
 
-def _torch_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+def _torch_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray, probe: np.ndarray) -> list[Measured]:
     """A torch artifact on this host's device: an AOTInductor package in a child process (loading
-    one has crashed a process), the exported program in this one."""
+    one has crashed a process), the exported program in this one; outputs and profile from one load."""
     from clfpipe.runtime import torch_engine
 
     engine = Variant.from_dict(manifest.artifact(name)["variant"]).engine
     path, device = run.artifact_path(manifest, name), torch_engine.device_here()
     if engine == "aoti":
-        outputs, why = torch_engine.load_check(engine, path, inputs)
+        outputs, why, seconds = torch_engine.run_in_child(engine, path, inputs, probe)
         if outputs is None:
             raise ExportError(f"{name}: {why}; export it again here with 'clfpipe export pt2 --run {run.path}'")
     else:
-        outputs = torch_engine.run_batches(torch_engine.load(engine, path), inputs)
-    return [(f"{engine}-{device.type}", outputs)]
+        runner = torch_engine.load(engine, path)
+        outputs, seconds = torch_engine.run_batches(runner, inputs), torch_engine.seconds_per_batch(runner, probe)
+    return [(f"{engine}-{device.type}", outputs, seconds)]
 
 
 RUNNERS: dict[str, Runner] = {"onnx": _onnx_outputs, "trt": _trt_outputs, "aoti": _torch_outputs, "torch": _torch_outputs}
+
+
+def _onnx_seconds(session: InferenceSession, batch: np.ndarray) -> float:
+    from clfpipe.runtime.torch_engine import seconds_per_batch
+
+    return seconds_per_batch(lambda x: ort.run_graph(session, x, len(x)), batch)
 
 
 def profile(run: RunDir, manifest: Manifest, name: str, batch: np.ndarray) -> float | None:
@@ -112,14 +125,11 @@ def profile(run: RunDir, manifest: Manifest, name: str, batch: np.ndarray) -> fl
     variant = Variant.from_dict(manifest.artifact(name)["variant"])
     path = run.artifact_path(manifest, name)
     if variant.engine == "onnx":
-        from clfpipe.runtime.torch_engine import seconds_per_batch
-
-        session = ort.make_session(path)
-        return seconds_per_batch(lambda x: ort.run_graph(session, x, len(x)), batch)
+        return _onnx_seconds(ort.make_session(path), batch)
     if variant.engine in ("aoti", "torch"):
         from clfpipe.runtime.torch_engine import profile_in_child
 
-        return profile_in_child(variant.engine, path, batch, len(batch))
+        return profile_in_child(variant.engine, path, batch)
     return None
 
 
@@ -148,10 +158,10 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
         variant = Variant.from_dict(entry["variant"])
         inputs = variant.input_form.prepare(pixels, manifest.preprocess)
         reference = reference_outputs(model, manifest, variant, pixels)
-        seconds = profile(run, manifest, name, np.resize(inputs, (batch, *inputs.shape[1:])))
-        for i, (runtime, out) in enumerate(RUNNERS[variant.engine](run, manifest, name, inputs)):
+        probe = np.resize(inputs, (batch, *inputs.shape[1:]))
+        for runtime, out, seconds in RUNNERS[variant.engine](run, manifest, name, inputs, probe):
             result = gate_variant(variant, manifest, reference=reference, test=out, labels=labels)
-            rows.append(Row(name, runtime, result, seconds if i == 0 else None))
+            rows.append(Row(name, runtime, result, seconds))
     if not rows:
         raise ExportError(f"{run_dir} has no exported variants: run 'clfpipe export onnx --run {run_dir}' first")
     verification = Verification(rows, repository_problems(run, manifest), len(split), batch)

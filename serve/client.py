@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.contract import tensors
 from clfpipe.contract.dataset import IMAGE_SUFFIXES
 from clfpipe.contract.errors import ServeError
-from clfpipe.serve.server import default_state_dir, read_info, server_alive
+from clfpipe.serve.server import default_state_dir, is_our_server, read_info
 
 PROTOCOLS = ("http", "grpc")
 # What a dropped or refused connection raises below tritonclient (geventhttpclient's are HTTPExceptions)
@@ -87,7 +87,7 @@ def resolve_endpoint(url: str | None, protocol: str | None, state_dir: Path | No
         if protocol is None and info is not None and url == info.grpc_url:
             return url, "grpc"
         return url, protocol or "http"
-    if info is None or not server_alive(info):
+    if info is None or not is_our_server(info):
         raise ServeError(f"no running server recorded in {state_dir or default_state_dir()}: start one with "
                          "'clfpipe serve up' or pass --url HOST:PORT")
     protocol = protocol or "http"

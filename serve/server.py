@@ -308,10 +308,6 @@ def stub_pid(server_pid: int, model: str) -> int | None:
     return None
 
 
-def server_alive(info: ServerInfo) -> bool:
-    return is_our_server(info)
-
-
 def is_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
     """Triton's own readiness (every model loaded); a dead python stub does not change it: see probe()."""
     try:

@@ -83,7 +83,8 @@ def warmup_steps(stage: StageConfig, steps_per_epoch: int) -> int:
 
 
 def stage_multipliers(stage: StageConfig, steps_per_epoch: int) -> list[float]:
-    """Every step's multiplier for a stage: what runs, and what schedule.png draws."""
+    """Every step's multiplier for a stage: what runs, and what schedule.png draws. The schedule's
+    shape at step / total steps, at lr/100 during the warm-up steps."""
     sched, total = SCHEDULES[stage.schedule](stage), steps_per_epoch * stage.epochs
     warm = warmup_steps(stage, steps_per_epoch)
     return [sched(Fraction(step, total)) * (0.01 if step < warm else 1.0) for step in range(total)]
@@ -95,8 +96,7 @@ def multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, *, c
     if schedule not in SCHEDULES:
         raise ValueError(f"expected schedule {', '.join(SCHEDULES)}, got {schedule!r}")
     stage = StageConfig(schedule=schedule, epochs=epochs, cycle_len=cycle_len, cycle_mult=cycle_mult, warmup=warmup)
-    sched = SCHEDULES[schedule](stage)
-    return sched(Fraction(step, steps_per_epoch * epochs)) * (0.01 if step < warmup_steps(stage, steps_per_epoch) else 1.0)
+    return stage_multipliers(stage, steps_per_epoch)[step]
 
 
 def sgdr(step: int, steps_per_epoch: int, epochs: int, *, cycle_len: int, cycle_mult: int) -> float:

@@ -20,7 +20,7 @@ from clfpipe.contract.metrics import score
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
-from clfpipe.train.data import EncodedDataset, ImageDataset, device_batch, encoded_loader, make_loader
+from clfpipe.train.data import ImageDataset, device_batch, encoded_loader, make_loader
 from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
@@ -106,7 +106,8 @@ class StageData:
             self._images(stage, recipe, ctx)
         self.train_forward = self.forward  # DDP-wrapped by run_stage once the stage's trainable set is known
 
-    def _sampler(self, dataset: Dataset) -> DistributedSampler | None:
+    def _sampler(self, dataset: Dataset | Split) -> DistributedSampler | None:
+        """This rank's shard (DistributedSampler only needs the length)."""
         if not self.dist.active:
             return None
         return DistributedSampler(dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=0,
@@ -114,12 +115,12 @@ class StageData:
 
     def _images(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
         bs, workers = self.batch_size, recipe.data.num_workers
-        dataset = EncodedDataset(ctx.train) if self.tensor_decode else ImageDataset(ctx.train, self.spec, stage.augment)
-        self.sampler = self._sampler(dataset)
+        self.sampler = self._sampler(ctx.train)
         if self.tensor_decode:
             self.train_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)
         else:
-            self.train_loader = make_loader(dataset, bs, shuffle=True, num_workers=workers, seed=recipe.seed, sampler=self.sampler)
+            self.train_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
+                                            num_workers=workers, seed=recipe.seed, sampler=self.sampler)
         self.generator = self.train_loader.generator
         self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), recipe.data.batch_size, shuffle=False,
                                         num_workers=workers, seed=recipe.seed)
