@@ -4,8 +4,11 @@
 
 Prints one JSON object: e2e_img_s (files read by loader workers, decoded and augmented on the
 device: nvJPEG on CUDA), synthetic_img_s (a fixed batch already on the device), and
-ratio = e2e / synthetic (goal on a GPU machine: >= 0.85). With no --data it writes demo images
-at --image-size pixels into a temporary folder.
+ratio = e2e / synthetic (goal on a GPU machine: >= 0.85); plain_torch_img_s, the same model in a
+plain PyTorch loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and
+synthetic_vs_plain (goal >= 0.9); and where the e2e time goes (seconds per batch of each part
+timed alone: loader, decode, augment, step). With no --data it writes demo images at
+--image-size pixels into a temporary folder.
 """
 
 from __future__ import annotations
@@ -48,6 +51,53 @@ def forever(loader):
         yield from loader
 
 
+def plain_torch_step(arch: str, classes: int, device: torch.device):
+    """The baseline: torchvision's model, AMP bf16 on CUDA, channels_last, SGD; nothing of clfpipe's."""
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(num_classes=classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step(batch) -> None:
+        x, y = batch
+        with amp:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def seconds_each(fn, items, device: torch.device) -> float:
+    """Mean seconds of fn over items, each call synchronised."""
+    _sync(device)
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+        _sync(device)
+    return (time.perf_counter() - start) / len(items)
+
+
+def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str, float]:
+    """Milliseconds per batch of the e2e step's input parts, each timed alone (the step itself is
+    the synthetic figure)."""
+    from clfpipe.nn.transforms import decode_batch
+
+    it = forever(data.train_loader)
+    start = time.perf_counter()
+    for _ in range(len(batches)):
+        next(it)
+    loader_s = (time.perf_counter() - start) / len(batches)
+    decode_s = seconds_each(lambda b: decode_batch(b[0], device), batches, device)
+    prepare_s = seconds_each(lambda b: data.to_input(b[0]), batches, device)
+    return {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),
+            "augment_ms": round((prepare_s - decode_s) * 1000, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path)
@@ -87,13 +137,19 @@ def main() -> None:
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         x = torch.randn(args.batch, 3, args.size, args.size)
         y = torch.randint(0, len(train.classes), (args.batch,))
+        parts = breakdown(data, [b for _, b in zip(range(4), forever(data.train_loader))], device) if data.tensor_decode else {}
         data.tensor_decode = False  # the same loss path, fed a batch already in memory
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)
+        plain = plain_torch_step(args.arch, len(train.classes), device)
+        xd = x.to(device).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+        plain_s = timed_steps(plain, forever([(xd, y.to(device))]), args.warmup, args.steps, device)
     images = args.batch * args.steps
     print(json.dumps({
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,
         "batch": args.batch, "steps": args.steps, "e2e_img_s": round(images / e2e_s, 1),
         "synthetic_img_s": round(images / synthetic_s, 1), "ratio": round(synthetic_s / e2e_s, 3),
+        "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
+        "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
     }))
 
 

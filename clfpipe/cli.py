@@ -72,7 +72,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
 def _cmd_export_pt2(args: argparse.Namespace) -> None:
     from clfpipe.export.pt2_export import export_pt2
 
-    export_pt2(args.run, precision=args.precision, fold_tta=args.fold_tta, data_dir=args.data)
+    export_pt2(args.run, precision=args.precision, fold_tta=args.fold_tta, data_dir=args.data, aoti=not args.no_aoti)
 
 
 def _cmd_export_trt(args: argparse.Namespace) -> None:
@@ -290,6 +290,8 @@ def _add_export_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="data folder for the gate (default: the one training used)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="fp16 and bf16 need CUDA")
     p.add_argument("--fold-tta", action="store_true", help="the deterministic TTA views and averaging in the graph")
+    p.add_argument("--no-aoti", action="store_true", help="keep the exported program (engine torch) without compiling "
+                                                          "an AOTInductor package: seconds instead of minutes")
     p.set_defaults(func=_cmd_export_pt2)
 
     p = _sub(export, "trt", "a TensorRT engine from an exported ONNX variant (needs TensorRT and a GPU)")

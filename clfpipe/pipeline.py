@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import ENGINES, SERVED, Variant, served_variants
+from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Variant, served_variants
 from clfpipe.contract.errors import ManifestError, ServeError
+from clfpipe.contract.gates import GateResult, judge
+from clfpipe.contract.integrity import recorded_hashes
 from clfpipe.contract.manifest import Manifest, RunDir
-from clfpipe.contract.metrics import Agreement, compare
 from clfpipe.contract.preprocess import load_pixels
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
@@ -69,20 +70,31 @@ def missing_exports(run_dir: Path) -> list[Variant]:
 
 def export_served(run_dir: Path, data_dir: Path | None = None) -> list[Variant]:
     """Export what the repository needs and the run lacks: the ONNX set always (the reference, and
-    what the container serves), the torch packages too when serve.engine names a torch engine;
-    returns what was exported."""
+    what the container serves); the torch packages too when serve.engine names a torch engine, and
+    on a CUDA host under serve.engine = auto the exported programs (seconds to make; 'clfpipe
+    export pt2' adds the AOTInductor packages, minutes to compile); returns what was exported."""
     missing = missing_exports(run_dir)
     if missing:
         export_variants(run_dir, missing, data_dir)
     manifest = RunDir(run_dir).read()
     serve = manifest.recipe.serve
-    if serve.engine in ("aoti", "torch"):
+    on_gpu = serve.engine == "auto" and torch.cuda.is_available() and serve.precision in ENGINES["torch"].precisions
+    if serve.engine in ("aoti", "torch") or on_gpu:
         for served in SERVED:
             wanted = [served.variant(serve.precision, e).name for e in ("aoti", "torch")]
             if not any(name in manifest.data["artifacts"] for name in wanted):
-                export_pt2(run_dir, precision=serve.precision, fold_tta=served.fold_tta, data_dir=data_dir)
-                missing.append(served.variant(serve.precision, "aoti"))
+                manifest = export_pt2(run_dir, precision=serve.precision, fold_tta=served.fold_tta, data_dir=data_dir,
+                                      aoti=serve.engine == "aoti")
+                missing.append(served.variant(serve.precision, "aoti" if serve.engine == "aoti" else "torch"))
     return missing
+
+
+def choose_decode(run_dir: Path) -> str:
+    """How the served steps decode JPEGs: serve.decode, or for "auto" nvJPEG where this host has CUDA."""
+    decode = RunDir(run_dir).read().recipe.serve.decode
+    if decode == "auto":
+        decode = "nvjpeg" if torch.cuda.is_available() else "pil"
+    return decode
 
 
 def choose_engines(run_dir: Path) -> dict[str, str]:
@@ -120,7 +132,9 @@ def repository_for_run(run_dir: Path, out: Path | None = None, target: str = "em
     made = export_served(run_dir)
     if made:
         log.info("repo: exported %s first (the repository serves them)", ", ".join(v.name for v in made))
-    return build_repository(run_dir, out, target, choose_engines(run_dir) if target == "embedded" else None)
+    if target == "container":  # NVIDIA's image serves the ONNX graphs, decoding with Pillow
+        return build_repository(run_dir, out, target, decode="pil")
+    return build_repository(run_dir, out, target, choose_engines(run_dir), decode=choose_decode(run_dir))
 
 
 def deploy_run(run_dir: Path, target: str, deployment: Deployment, out: Path | None = None) -> list[Path]:
@@ -146,7 +160,7 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTime
         export_variants(run_dir, served_variants(recipe.serve.precision), data_dir)
     with timer.stage("repo"):
         export_served(run_dir, data_dir)  # the torch packages, when serve.engine asks for them
-        return build_repository(run_dir, engines=choose_engines(run_dir))
+        return build_repository(run_dir, engines=choose_engines(run_dir), decode=choose_decode(run_dir))
 
 
 Reference = Callable[[Classifier, Manifest, list[Path]], np.ndarray]
@@ -162,23 +176,29 @@ def _tta_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> 
     return deterministic_tta(model, split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
 
 
-def _served_vs(run_dir: Path, client: Client, files: list[Path], reference: Reference) -> Agreement:
-    """Triton's probabilities for the files against reference(model, manifest, files), at the export tolerance."""
+def _served_vs(run_dir: Path, client: Client, files: list[Path], reference: Reference, decode: str) -> GateResult:
+    """Triton's probabilities for the files against reference(model, manifest, files), judged by
+    the serving precision's gate, or the decoder's where it is not Pillow's (``DECODE_GATES``)."""
     run = RunDir(run_dir)
     manifest = run.read()
     expected = reference(load_run_model(run, manifest), manifest, files)
     served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
-    return compare(expected, served, manifest.recipe.export.rtol, manifest.recipe.export.atol)
+    split = validation_split(run, manifest, None)
+    by_file = dict(zip(split.files, split.labels))
+    truth = np.asarray([by_file[f] for f in files]) if all(f in by_file for f in files) else np.zeros(len(files), int)
+    probs_out = Variant(manifest.recipe.serve.precision, fold_preprocess=True, fold_tta=True)  # outputs are probabilities
+    return judge(probs_out, expected, served, truth, multi_label=manifest.recipe.multi_label, rtol=manifest.recipe.export.rtol,
+                 atol=manifest.recipe.export.atol, gate=DECODE_GATES[decode])
 
 
-def served_agreement(run_dir: Path, client: Client, files: list[Path]) -> Agreement:
+def served_agreement(run_dir: Path, client: Client, files: list[Path], decode: str = "pil") -> GateResult:
     """Triton's probabilities vs PyTorch's on the same files."""
-    return _served_vs(run_dir, client, files, _plain_reference)
+    return _served_vs(run_dir, client, files, _plain_reference, decode)
 
 
-def served_tta_agreement(run_dir: Path, client: Client, files: list[Path]) -> Agreement:
+def served_tta_agreement(run_dir: Path, client: Client, files: list[Path], decode: str = "pil") -> GateResult:
     """Triton's classifier_tta against the training side's deterministic TTA on the same files."""
-    return _served_vs(run_dir, client, files, _tta_reference)
+    return _served_vs(run_dir, client, files, _tta_reference, decode)
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
@@ -188,17 +208,17 @@ def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
     return picked
 
 
-def _predict_and_check(info, run_dir: Path, valid: Split) -> None:
+def _predict_and_check(info, run_dir: Path, valid: Split, decode: str) -> None:
     for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
         client = Client(url, protocol)
         log.info("\npredict over %s (%s):", protocol, url)
         for p in client.predict(_sample(list(valid.files), list(valid.labels), 2), top_k=1):
             log.info("  %-28s -> %-11s %.3f", Path(p.file).parent.name + "/" + Path(p.file).name, p.label, p.prob)
-        agreement = served_agreement(run_dir, client, list(valid.files))
+        agreement = served_agreement(run_dir, client, list(valid.files), decode)
         log.info("  Triton (%s) vs PyTorch probabilities on %s", protocol, agreement.summary())
         if not agreement.passed:
             raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
-    tta = served_tta_agreement(run_dir, Client(info.http_url, "http", "classifier_tta"), list(valid.files))
+    tta = served_tta_agreement(run_dir, Client(info.http_url, "http", "classifier_tta"), list(valid.files), decode)
     log.info("\nclassifier_tta (http) vs the training side's deterministic TTA on %s", tta.summary())
 
 
@@ -218,7 +238,7 @@ def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 
         log.info("serve: tritonserver pid %d ready, http %s, grpc %s", info.pid, info.http_url, info.grpc_url)
     try:
         with timer.stage("predict"):
-            _predict_and_check(info, run_dir, valid)
+            _predict_and_check(info, run_dir, valid, (recorded_hashes(repo) or {}).get("decode", "pil"))
     finally:
         with timer.stage("serve down"):
             stop_server(state_dir)

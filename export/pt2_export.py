@@ -47,6 +47,15 @@ def _staging(run_dir: Path, variant: Variant) -> Path:
     return run_dir / ("." + variant.file_name.removesuffix(".pt2") + ".partial.pt2")
 
 
+def _program_only(program: torch.export.ExportedProgram, variant: Variant, run_dir: Path,
+                  inputs: np.ndarray) -> tuple[Variant, Path, np.ndarray]:
+    """The exported program itself (engine torch): staged, and its outputs on `inputs`."""
+    kept = variant.on("torch")
+    staging = _staging(run_dir, kept)
+    torch.export.save(program, str(staging))
+    return kept, staging, run_batches(load("torch", staging), inputs)
+
+
 def _aoti_or_program(program: torch.export.ExportedProgram, variant: Variant, run_dir: Path,
                      inputs: np.ndarray) -> tuple[Variant, Path, np.ndarray, str]:
     """(what was kept, its staged file, its outputs on `inputs`, why the package was not kept or "")."""
@@ -59,16 +68,15 @@ def _aoti_or_program(program: torch.export.ExportedProgram, variant: Variant, ru
     if outputs is not None:
         return variant, staging, outputs, ""
     staging.unlink(missing_ok=True)
-    fallback = variant.on("torch")
     log.warning("export pt2: the AOTInductor package of %s was not kept: %s; keeping the exported program (%s) instead",
-                variant.name, why, fallback.name)
-    staging = _staging(run_dir, fallback)
-    torch.export.save(program, str(staging))
-    return fallback, staging, run_batches(load("torch", staging), inputs), why
+                variant.name, why, variant.on("torch").name)
+    return (*_program_only(program, variant, run_dir, inputs), why)
 
 
-def export_pt2(run_dir: Path, *, precision: str = "fp32", fold_tta: bool = False, data_dir: Path | None = None) -> Manifest:
-    """Export, load-check and gate one torch variant (uint8 pixels in), then record it."""
+def export_pt2(run_dir: Path, *, precision: str = "fp32", fold_tta: bool = False, data_dir: Path | None = None,
+               aoti: bool = True) -> Manifest:
+    """Export, load-check and gate one torch variant (uint8 pixels in), then record it. `aoti`
+    False: keep the exported program without compiling a package (seconds instead of minutes)."""
     variant = Variant(precision, fold_preprocess=True, fold_tta=fold_tta, engine="aoti")
     device = device_here()
     if precision != "fp32" and device.type != "cuda":
@@ -81,9 +89,12 @@ def export_pt2(run_dir: Path, *, precision: str = "fp32", fold_tta: bool = False
     model = load_run_model(run, manifest)
     inputs = variant.input_form.prepare(pixels, manifest.preprocess)
     start = time.perf_counter()
-    log.info("export pt2: %s on %s (torch.export, then AOTInductor) ...", variant.name, device)
+    log.info("export pt2: %s on %s (torch.export%s) ...", variant.name, device, ", then AOTInductor" if aoti else "")
     program = _program(model, manifest, variant, device, max(64, manifest.recipe.serve.max_batch_size))
-    kept, staging, outputs, why = _aoti_or_program(program, variant, Path(run_dir), inputs)
+    if aoti:
+        kept, staging, outputs, why = _aoti_or_program(program, variant, Path(run_dir), inputs)
+    else:
+        (kept, staging, outputs), why = _program_only(program, variant, Path(run_dir), inputs), ""
     try:
         result = gate_variant(kept, manifest, reference=reference_outputs(model, manifest, kept, pixels), test=outputs,
                               labels=np.asarray(split.labels))

@@ -5,7 +5,9 @@ Two targets from the same run:
 - ``embedded`` (the nvidia-pytriton binary, which has only the python backend):
   ``preprocess`` (python: bytes -> uint8 pixels), ``backbone`` (python: ONNX Runtime on the
   run's folded-preprocessing variant -> PROBS), ensemble ``classifier`` (IMAGE -> PROBS); with a
-  folded-TTA variant also ``backbone_tta`` and ensemble ``classifier_tta``.
+  folded-TTA variant also ``backbone_tta`` and ensemble ``classifier_tta``. With decode=nvjpeg
+  and a torch engine, the IMAGE ensembles run one fused step instead (``backbone_image``: nvJPEG
+  decode and the backbone on the GPU, pixels never back on the host).
 - ``container`` (NVIDIA's Triton image): the same python ``preprocess``, the backbones as
   ``onnxruntime_onnx`` models (optionally with TensorRT inside the ORT backend) on KIND_GPU, and
   a ``tensorrt_plan`` model where an engine was built.
@@ -52,7 +54,7 @@ IMAGE, IMAGE_PIXELS, PIXELS, PROBS, LABELS = tensors.IMAGE, tensors.IMAGE_PIXELS
 class Backbone:
     served: Served  # Triton model and ensemble names
     variant: Variant
-    onnx: Path  # the artifact file it serves (an ONNX graph, or a torch package for the aoti/torch engines)
+    artifact: Path  # the run's file it serves (an ONNX graph, or a torch package for the aoti/torch engines)
 
     @property
     def served_file(self) -> str:
@@ -103,13 +105,13 @@ def _warmup(config: mc.ModelConfig, inputs: dict[str, tuple[int, list[int], str]
                 spec.zero_data = True
 
 
-def preprocess_config(manifest: Manifest) -> mc.ModelConfig:
+def preprocess_config(manifest: Manifest, decode: str) -> mc.ModelConfig:
     serve = manifest.recipe.serve
     config = _base("preprocess", manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.preprocess_instances,
                    inputs=[_tensor(IMAGE, mc.TYPE_STRING, [1])], outputs=[_tensor(PIXELS, mc.TYPE_UINT8, _pixels_dims(manifest))])
     config.backend = "python"
     config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
-    config.parameters["decode"].string_value = serve.decode
+    config.parameters["decode"].string_value = decode
     if serve.warmup:
         _warmup(config, {IMAGE: (mc.TYPE_STRING, [1], WARMUP_IMAGE)}, [1, serve.max_batch_size])
     return config
@@ -142,13 +144,15 @@ def _label_parameters(config: mc.ModelConfig, manifest: Manifest) -> None:
     config.parameters["top_k"].string_value = str(manifest.recipe.serve.top_k)
 
 
-def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.ModelConfig:
+def backbone_config(manifest: Manifest, backbone: Backbone, target: str, fused: bool = False) -> mc.ModelConfig:
+    """`fused`: the embedded backbone that takes encoded IMAGE bytes and decodes them with nvJPEG."""
     serve = manifest.recipe.serve
-    inputs = [_tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))]
+    inputs = [_tensor(IMAGE, mc.TYPE_STRING, [1]) if fused else _tensor(INPUT, mc.TYPE_UINT8, _pixels_dims(manifest))]
     outputs = [_tensor(PROBS, mc.TYPE_FP32, [len(manifest.classes)], LABELS_FILE)]
     if target == "embedded":
         outputs.append(_tensor(LABELS, mc.TYPE_STRING, [-1]))
-        config = _base(backbone.model, manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.model_instances,
+        name = backbone.served.fused_model if fused else backbone.model
+        config = _base(name, manifest, kind=mc.ModelInstanceGroup.KIND_CPU, instances=serve.model_instances,
                        inputs=inputs, outputs=outputs)
         config.backend = "python"
         config.parameters["engine"].string_value = backbone.variant.engine
@@ -157,11 +161,16 @@ def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.M
         config.parameters["ort_spin"].string_value = json.dumps(serve.ort_spin)
         config.parameters["activation"].string_value = backbone.variant.activation(manifest.recipe.multi_label)
         _label_parameters(config, manifest)
+        if fused:
+            config.parameters["preprocess"].string_value = json.dumps(manifest.preprocess.to_dict())
+            config.parameters["decode"].string_value = "nvjpeg"
     else:
         config = _base(backbone.model, manifest, kind=mc.ModelInstanceGroup.KIND_GPU, instances=serve.container_gpu_instances,
                        inputs=inputs, outputs=outputs)
         config.platform = "onnxruntime_onnx"
-    if serve.warmup:
+    if serve.warmup and fused:
+        _warmup(config, {IMAGE: (mc.TYPE_STRING, [1], WARMUP_IMAGE)}, [1, serve.max_batch_size])
+    elif serve.warmup:
         _warmup(config, {INPUT: (mc.TYPE_UINT8, _pixels_dims(manifest), "")}, [1, serve.max_batch_size])
     if target == "embedded":
         return config
@@ -174,8 +183,10 @@ def backbone_config(manifest: Manifest, backbone: Backbone, target: str) -> mc.M
     return config
 
 
-def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embedded", pixels: bool = False) -> mc.ModelConfig:
-    """IMAGE (encoded bytes) or IMAGE_PIXELS (decoded uint8 HWC) -> PROBS and LABELS."""
+def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embedded", pixels: bool = False,
+                    fused: bool = False) -> mc.ModelConfig:
+    """IMAGE (encoded bytes) or IMAGE_PIXELS (decoded uint8 HWC) -> PROBS and LABELS; `fused`: IMAGE
+    straight into the one step that decodes on the GPU and runs the backbone."""
     name = backbone.ensemble + ("_pixels" if pixels else "")
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=manifest.recipe.serve.max_batch_size)
     image, pre = ((IMAGE_PIXELS, "preprocess_pixels") if pixels else (IMAGE, "preprocess"))
@@ -185,6 +196,10 @@ def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embed
     config.output.append(mc.ModelOutput(**_tensor(LABELS, mc.TYPE_STRING, [-1])))
     steps = config.ensemble_scheduling.step
     # input_map/output_map: key = the step model's tensor, value = the ensemble's tensor.
+    if fused:
+        steps.add(model_name=backbone.served.fused_model, model_version=-1, input_map={IMAGE: IMAGE},
+                  output_map={PROBS: PROBS, LABELS: LABELS})
+        return _describe(config, manifest)
     steps.add(model_name=pre, model_version=-1, input_map={image: image}, output_map={PIXELS: "pixels"})
     if target == "embedded":  # the python backbone also writes LABELS: one step fewer
         steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"},
@@ -192,7 +207,11 @@ def ensemble_config(manifest: Manifest, backbone: Backbone, target: str = "embed
     else:
         steps.add(model_name=backbone.model, model_version=-1, input_map={INPUT: "pixels"}, output_map={PROBS: PROBS})
         steps.add(model_name="labels", model_version=-1, input_map={PROBS: PROBS}, output_map={LABELS: LABELS})
-    # Clients read the class names in order from the model config: the repository describes itself.
+    return _describe(config, manifest)
+
+
+def _describe(config: mc.ModelConfig, manifest: Manifest) -> mc.ModelConfig:
+    """Clients read the class names in order from the model config: the repository describes itself."""
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
     config.parameters["multi_label"].string_value = json.dumps(manifest.recipe.multi_label)
     return config
@@ -282,31 +301,47 @@ def _python_model(staging: Path, config: mc.ModelConfig, template: str, *, targe
             shutil.copy2(module.__file__, model_dir / "1" / f"clfpipe_{Path(module.__file__).stem}.py")
 
 
+def _fuses(backbone: Backbone, target: str, decode: str) -> bool:
+    """Whether the IMAGE ensemble of this backbone runs as the one fused GPU step."""
+    return target == "embedded" and decode == "nvjpeg" and ENGINES[backbone.variant.engine].device_input
+
+
+def _embedded_backbone(staging: Path, manifest: Manifest, backbone: Backbone, labels: str, fused: bool) -> str:
+    """The python backbone model and its copy of the artifact; returns its served file's path."""
+    model_dir = _write_model(staging, backbone_config(manifest, backbone, "embedded", fused), labels)
+    shutil.copy2(TEMPLATES / "backbone" / "model.py", model_dir / "1" / "model.py")
+    _copy(backbone.artifact, model_dir / "1" / backbone.served_file)
+    return f"{model_dir.name}/1/{backbone.served_file}"
+
+
 def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str,
-              engines: Mapping[str, str] | None) -> tuple[list[str], dict[str, dict]]:
+              served: list[Backbone], decode: str) -> tuple[list[str], dict[str, dict]]:
     """Write every model into staging; returns the model names and, per served model file, the
     run artifact it was made from (name and sha256)."""
     labels = "\n".join(manifest.classes) + "\n"
-    _python_model(staging, preprocess_config(manifest), "preprocess", target=target, modules=(preprocess_module,))
+    _python_model(staging, preprocess_config(manifest, decode), "preprocess", target=target, modules=(preprocess_module,))
     _python_model(staging, preprocess_pixels_config(manifest), "preprocess_pixels", target=target, modules=(preprocess_module,))
     names, sources = ["preprocess", "preprocess_pixels"], {}
     if target == "container":
         _python_model(staging, labels_config(manifest), "labels", target=target, modules=(probabilities_module,))
         names.append("labels")
-    for backbone in backbones(run, manifest, engines if target == "embedded" else None):
-        model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
+    for backbone in served:
+        source = {"artifact": backbone.variant.name, "sha256": manifest.artifact(backbone.variant.name)["sha256"]}
+        fused = _fuses(backbone, target, decode)
         if target == "embedded":
-            shutil.copy2(TEMPLATES / "backbone" / "model.py", model_dir / "1" / "model.py")
-            _copy(backbone.onnx, model_dir / "1" / backbone.served_file)
+            sources[_embedded_backbone(staging, manifest, backbone, labels, fused=False)] = source
+            if fused:
+                sources[_embedded_backbone(staging, manifest, backbone, labels, fused=True)] = source
+                names.append(backbone.served.fused_model)
         else:
-            with_probs_output(backbone.onnx, model_dir / "1" / "model.onnx", backbone.variant.activation(manifest.recipe.multi_label))
+            model_dir = _write_model(staging, backbone_config(manifest, backbone, target), labels)
+            with_probs_output(backbone.artifact, model_dir / "1" / "model.onnx", backbone.variant.activation(manifest.recipe.multi_label))
+            sources[f"{backbone.model}/1/model.onnx"] = source
         for pixels in (False, True):
-            ensemble = ensemble_config(manifest, backbone, target, pixels)
+            ensemble = ensemble_config(manifest, backbone, target, pixels, fused=fused and not pixels)
             _write_model(staging, ensemble, labels)
             names.append(ensemble.name)
         names.append(backbone.model)
-        sources[f"{backbone.model}/1/{backbone.served_file}"] = {"artifact": backbone.variant.name,
-                                                     "sha256": manifest.artifact(backbone.variant.name)["sha256"]}
     if target == "container":
         for name, entry in manifest.data["artifacts"].items():
             variant = Variant.from_dict(entry.get("variant", {}))
@@ -353,8 +388,10 @@ def verify_repository(root: Path) -> None:
 
 
 def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded",
-                     engines: Mapping[str, str] | None = None) -> Path:
-    """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it."""
+                     engines: Mapping[str, str] | None = None, decode: str | None = None) -> Path:
+    """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it.
+    `decode`: pil or nvjpeg (default: the recipe's serve.decode, with auto meaning pil: the caller
+    that can see the serving host's GPU resolves auto, as ``clfpipe.pipeline.choose_decode`` does)."""
     if target not in TARGETS:
         raise ManifestError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
     run = RunDir(run_dir)
@@ -364,11 +401,15 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        names, sources = _assemble(staging, run, manifest, target, engines)
+        served = backbones(run, manifest, engines if target == "embedded" else None)  # the container serves ONNX
+        decode = decode or manifest.recipe.serve.decode
+        decode = "pil" if decode == "auto" else decode
+        names, sources = _assemble(staging, run, manifest, target, served, decode)
         if target == "container":  # the readiness probe its Kubernetes deployment runs (a real request)
             shutil.copyfile(probe_module.__file__, staging / "clfpipe_probe.py")
-        served_engines = {b.model: b.variant.engine for b in backbones(run, manifest, engines if target == "embedded" else None)}
-        write_tree_hashes(staging, {"target": target, "models": names, "engines": served_engines, "sources": sources})
+        write_tree_hashes(staging, {"target": target, "models": names, "engines": {b.model: b.variant.engine for b in served},
+                                    "decode": decode, "fused": [b.served.fused_model for b in served if _fuses(b, target, decode)],
+                                    "sources": sources})
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -97,3 +97,27 @@ def test_serve_up_refuses_a_package_that_crashes_its_loader(pt2_run, tmp_path, m
 def test_the_child_process_check_reports_a_crash(tmp_path):
     outputs, why = torch_engine.load_check("aoti", tmp_path / "missing.pt2", np.zeros((1, 8, 8, 3), np.uint8))
     assert outputs is None and why.startswith("loading it failed (exit 1)")
+
+
+def test_the_fused_decode_step_serves_image_bytes_on_the_engines_device(pt2_run, tmp_path):
+    """decode=nvjpeg with the torch engine: one step decodes and runs the exported program (on this
+    CPU, torchvision's decoder stands in for nvJPEG); a bad image fails its own request only."""
+    export_pt2(pt2_run, data_dir=RunDir(pt2_run).data_dir(RunDir(pt2_run).read()), aoti=False)
+    assert RunDir(pt2_run).read().artifact("torch-pre")["gate"]["passed"]
+    repo = build_repository(pt2_run, tmp_path / "repo", engines={"backbone": "torch"}, decode="nvjpeg")
+    recorded = json.loads((repo / "clfpipe_repository.json").read_text())
+    assert recorded["decode"] == "nvjpeg" and recorded["fused"] == ["backbone_image"]
+    state = tmp_path / "state"
+    info = start_server(repo, state, ports=Ports.free(), supervise=False)
+    try:
+        valid = sorted(RunDir(pt2_run).data_dir(RunDir(pt2_run).read()).glob("valid/*/*.jpg"))[:24]
+        client = Classifier(info.grpc_url, "grpc")
+        agreement = pipeline.served_agreement(pt2_run, client, valid, decode="nvjpeg")
+        assert agreement.passed and agreement.cosine_min >= 0.99, agreement.summary()
+        assert agreement.max_abs_diff > 0  # another decoder and resampler: not Pillow's exact pixels
+        with pytest.raises(ServeError, match="not an image"):
+            client.probabilities([valid[0].read_bytes(), b"junk"])
+        assert client.probabilities([valid[1].read_bytes()]).shape == (1, len(RunDir(pt2_run).read().classes))
+        assert server_status(state)[1] == "ready"
+    finally:
+        stop_server(state)

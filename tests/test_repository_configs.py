@@ -35,9 +35,11 @@ def _parse(text: str) -> mc.ModelConfig:
 @pytest.mark.parametrize("target", ["embedded", "container"])
 def test_every_generated_config_parses_with_tritons_schema(tmp_path, target):
     manifest = _manifest(tmp_path, "serve.container_ort_tensorrt=true")
-    configs = [preprocess_config(manifest)]
+    configs = [preprocess_config(manifest, "pil"), preprocess_config(manifest, "nvjpeg")]
     for backbone in (PLAIN, TTA):
         configs += [backbone_config(manifest, backbone, target), ensemble_config(manifest, backbone)]
+        if target == "embedded":
+            configs += [backbone_config(manifest, backbone, target, fused=True), ensemble_config(manifest, backbone, fused=True)]
     if target == "container":
         configs.append(plan_config(manifest, "trt-pre", {"outputs": {"logits": ["batch", 3]}, "profile": {"max": 8}}))
     for config in configs:
@@ -48,7 +50,7 @@ def test_every_generated_config_parses_with_tritons_schema(tmp_path, target):
 
 def test_python_models_batch_and_ship_uint8_between_steps(tmp_path):
     manifest = _manifest(tmp_path)
-    pre, backbone = preprocess_config(manifest), backbone_config(manifest, PLAIN, "embedded")
+    pre, backbone = preprocess_config(manifest, "pil"), backbone_config(manifest, PLAIN, "embedded")
     for config in (pre, backbone):
         assert config.backend == "python" and config.HasField("dynamic_batching")
     assert pre.output[0].data_type == mc.TYPE_UINT8 and list(pre.output[0].dims) == [96, 96, 3]
@@ -78,3 +80,17 @@ def test_ensemble_wires_image_to_probs(tmp_path):
     assert config.input[0].name == "IMAGE" and config.input[0].data_type == mc.TYPE_STRING
     assert config.output[0].name == "PROBS" and config.output[0].label_filename == "labels.txt"
     assert json.loads(config.parameters["classes"].string_value) == ["x", "y", "z"]
+
+
+def test_the_fused_step_takes_image_bytes_and_decodes_them_itself(tmp_path):
+    """decode=nvjpeg with a torch engine: IMAGE straight into one step, pixels never on the host."""
+    manifest = _manifest(tmp_path)
+    torch_plain = Backbone(SERVED[0], Variant("fp32", True, False, "torch"), Path("model-pre.ep.pt2"))
+    fused = backbone_config(manifest, torch_plain, "embedded", fused=True)
+    assert fused.name == "backbone_image" and fused.input[0].name == "IMAGE" and fused.input[0].data_type == mc.TYPE_STRING
+    assert fused.parameters["decode"].string_value == "nvjpeg" and fused.parameters["engine"].string_value == "torch"
+    assert PreprocessSpec.from_dict(json.loads(fused.parameters["preprocess"].string_value)) == manifest.preprocess
+    assert fused.model_warmup[0].inputs["IMAGE"].input_data_file == "warmup_image"
+    ensemble = ensemble_config(manifest, torch_plain, fused=True)
+    assert ensemble.name == "classifier" and [s.model_name for s in ensemble.ensemble_scheduling.step] == ["backbone_image"]
+    assert json.loads(ensemble.parameters["classes"].string_value) == ["x", "y", "z"]

@@ -75,6 +75,7 @@ class Engine:
     precisions: tuple[str, ...]
     built_from: str | None = None  # an engine compiled from another engine's artifact
     torch_dtype: dict[str, str] | None = None  # torch engines: precision -> the dtype the graph computes in
+    device_input: bool = False  # takes pixels already on the device: the fused nvJPEG step can feed it
 
 
 _ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt")
@@ -83,9 +84,9 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("onnx", ".onnx", _ONNX_PRECISIONS),
     Engine("trt", ".plan", _ONNX_PRECISIONS, built_from="onnx"),
     # torch.export + AOTInductor: one package per variant, compiled for this host's device
-    Engine("aoti", ".pt2", tuple(_TORCH_DTYPES), torch_dtype=_TORCH_DTYPES),
+    Engine("aoti", ".pt2", tuple(_TORCH_DTYPES), torch_dtype=_TORCH_DTYPES, device_input=True),
     # the exported program itself (torch.export.save), run by torch: where an AOTInductor package will not load
-    Engine("torch", ".ep.pt2", tuple(_TORCH_DTYPES), torch_dtype=_TORCH_DTYPES),
+    Engine("torch", ".ep.pt2", tuple(_TORCH_DTYPES), torch_dtype=_TORCH_DTYPES, device_input=True),
 )}
 
 
@@ -174,12 +175,24 @@ class Served:
     def variant(self, precision: str, engine: str = "onnx") -> Variant:
         return Variant(precision, fold_preprocess=True, fold_tta=self.fold_tta, engine=engine)
 
+    @property
+    def fused_model(self) -> str:
+        """The model that decodes encoded images on the GPU and runs the backbone in one step."""
+        return f"{self.model}_image"
+
 
 SERVED: tuple[Served, ...] = (Served("backbone", "classifier", False), Served("backbone_tta", "classifier_tta", True))
 
 
 # What the embedded server's python backbone can run; "auto" picks among the exported ones by profile.
 SERVED_ENGINES = ("auto", "onnx", "aoti", "torch")
+# How the served steps decode JPEGs: Pillow on the CPU, or nvJPEG on the GPU (fused with the
+# backbone step when its engine takes device input); auto: nvjpeg where CUDA and torch are.
+SERVED_DECODES = ("auto", "pil", "nvjpeg")
+# The served answers against PyTorch fp32 on Pillow's pixels, per decoder: Pillow's pixels are
+# the reference's own (the serving precision's gate); nvJPEG's differ by a few levels, which moves
+# probabilities by more than any kernel difference, so its gate is on agreement, not on digits.
+DECODE_GATES: dict[str, Gate | None] = {"pil": None, "nvjpeg": Gate(min_top1=0.97, min_cosine=0.99)}
 
 
 def served_variants(precision: str, engine: str = "onnx") -> list[Variant]:

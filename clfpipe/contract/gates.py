@@ -51,10 +51,10 @@ def _conditions(gate: Gate, tolerance: float, images: int) -> list[str]:
 
 
 def judge(variant: Variant, reference: np.ndarray, test: np.ndarray, labels: np.ndarray, *, multi_label: bool,
-          rtol: float, atol: float, threshold: float | None = None) -> GateResult:
-    """Judge test outputs against the PyTorch fp32 reference; ``threshold`` is the run's searched F2
-    threshold (multi-label)."""
-    gate = variant.gate
+          rtol: float, atol: float, threshold: float | None = None, gate: Gate | None = None) -> GateResult:
+    """Judge test outputs against the PyTorch fp32 reference by `gate` (default: the variant's
+    precision's); ``threshold`` is the run's searched F2 threshold (multi-label)."""
+    gate = gate or variant.gate
     test = test.astype(np.float32)
     closeness = compare(reference, test, rtol, atol)
     activation = variant.activation(multi_label)

@@ -19,7 +19,7 @@ import tomli_w
 
 from clfpipe.contract.archs import arch_names
 from clfpipe.contract.augment import AUGMENTS
-from clfpipe.contract.engines import PRECISIONS, SERVED_ENGINES
+from clfpipe.contract.engines import PRECISIONS, SERVED_DECODES, SERVED_ENGINES
 from clfpipe.contract.errors import RecipeError
 from clfpipe.contract.preprocess import PreprocessSpec
 
@@ -204,9 +204,10 @@ class ServeConfig:
     engine: str = "auto"
     top_k: int = ranged(3, 1, 1000)  # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}
     warmup: bool = True  # model_warmup on every step: the first real request is as fast as the rest
-    # pil: pixels identical to training evaluation's; nvjpeg: batched GPU decode where CUDA and
-    # torch are in the server's environment (a few levels of pixel difference from Pillow)
-    decode: str = "pil"
+    # pil: pixels identical to training evaluation's; nvjpeg: batched GPU decode, in the backbone's
+    # step when it runs on a torch engine (a few levels of pixel difference from Pillow);
+    # auto: nvjpeg where 'clfpipe repo' finds CUDA, else pil
+    decode: str = "auto"
     # container target (NVIDIA's Triton image): GPU instances, and TensorRT inside the ORT backend
     container_image: str = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as the embedded binary
     container_gpu_instances: int = ranged(1, 1, 64)
@@ -216,7 +217,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _check_ranges("serve.", self)
         _check_choice("serve.precision", self.precision, list(PRECISIONS))
-        _check_choice("serve.decode", self.decode, ("pil", "nvjpeg"))
+        _check_choice("serve.decode", self.decode, SERVED_DECODES)
         _check_choice("serve.engine", self.engine, SERVED_ENGINES)
         _check_choice("serve.container_trt_precision", self.container_trt_precision, ("FP32", "FP16"))
         if not self.container_image.strip():

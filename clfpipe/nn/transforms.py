@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from clfpipe.contract.augment import AugmentParams, AugmentPolicy, Uniform, crop_window, sample
 from clfpipe.contract.errors import DataError
-from clfpipe.contract.preprocess import PreprocessSpec, center_box, resized_size
+from clfpipe.contract.preprocess import PreprocessSpec, center_box, resize_crop, resized_size
 
 Img = TypeVar("Img", Image.Image, torch.Tensor)
 _JPEG_MAGIC = b"\xff\xd8"
@@ -61,7 +61,7 @@ def apply(img: Img, params: AugmentParams, spec: PreprocessSpec) -> Img:
 
 
 def eval_pixels(img: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """The spec's evaluation pixels of a uint8 CHW tensor: ``resize_crop``'s steps on the device."""
+    """The spec's evaluation pixels of a uint8 CHW tensor (or NCHW batch of one size): ``resize_crop``'s steps on the device."""
     height, width = _size(img)
     new_w, new_h = resized_size(width, height, spec)
     img = TF.resize(img, [new_h, new_w], antialias=True)
@@ -74,8 +74,6 @@ def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, uniform:
     if policy.random:
         return apply(img, sample(policy, uniform), spec)
     if isinstance(img, Image.Image):
-        from clfpipe.contract.preprocess import resize_crop
-
         return Image.fromarray(resize_crop(img, spec))
     return eval_pixels(img, spec)
 

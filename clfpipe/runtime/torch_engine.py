@@ -31,15 +31,26 @@ def device_here() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_module(engine: str, path: Path, device: torch.device | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The artifact as a function of a tensor batch on `device` (the variant's input form)."""
+    device = device or device_here()
+    if device.type == "cuda":
+        # fp32 graphs are gated exactly against PyTorch fp32: no TF32 in cuDNN's convolutions or
+        # cuBLAS (on by default for convolutions); fp16/bf16 graphs are not affected
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if engine == "aoti":
+        return torch._inductor.aoti_load_package(str(path))
+    if engine == "torch":
+        module = torch.export.load(str(path)).module().to(device)
+        # uint8 NHWC permuted inside the graph is channels_last already: the weights follow
+        return module.to(memory_format=torch.channels_last) if device.type == "cuda" else module
+    raise ValueError(f"expected engine aoti or torch, got {engine!r}")
+
+
 def load(engine: str, path: Path, device: torch.device | None = None) -> Runner:
     """A function from a numpy batch (the variant's input form) to numpy float32 outputs."""
     device = device or device_here()
-    if engine == "aoti":
-        module: Any = torch._inductor.aoti_load_package(str(path))
-    elif engine == "torch":
-        module = torch.export.load(str(path)).module().to(device)
-    else:
-        raise ValueError(f"expected engine aoti or torch, got {engine!r}")
+    module = load_module(engine, path, device)
 
     @torch.inference_mode()
     def run(batch: np.ndarray) -> np.ndarray:
@@ -63,28 +74,27 @@ def seconds_per_batch(runner: Runner, batch: np.ndarray, rounds: int = 5) -> flo
     return statistics.median(times)
 
 
-def load_check(engine: str, path: Path, inputs: np.ndarray, timeout: float = 600.0,
-               profile_batch: int = 0) -> tuple[np.ndarray | None, str]:
-    """Load and run the artifact in a child process: (its outputs, "") or (None, why it failed).
-    With profile_batch, the child also times that many images (see `profile_in_child`)."""
-    outputs, why, _ = _child_run(engine, path, inputs, timeout, profile_batch)
+def load_check(engine: str, path: Path, inputs: np.ndarray, timeout: float = 600.0) -> tuple[np.ndarray | None, str]:
+    """Load and run the artifact in a child process: (its outputs, "") or (None, why it failed)."""
+    outputs, why, _ = run_in_child(engine, path, inputs, None, timeout)
     return outputs, why
 
 
-def profile_in_child(engine: str, path: Path, inputs: np.ndarray, batch: int, timeout: float = 600.0) -> float | None:
-    """Seconds per batch of `batch` images, measured in a child process (None if it failed)."""
-    return _child_run(engine, path, inputs[:1], timeout, batch, sample=inputs)[2]
+def profile_in_child(engine: str, path: Path, batch: np.ndarray, timeout: float = 600.0) -> float | None:
+    """Seconds per call on `batch`, measured in a child process (None if it failed)."""
+    return run_in_child(engine, path, batch[:1], batch, timeout)[2]
 
 
-def _child_run(engine: str, path: Path, inputs: np.ndarray, timeout: float, profile_batch: int,
-               sample: np.ndarray | None = None) -> tuple[np.ndarray | None, str, float | None]:
+def run_in_child(engine: str, path: Path, inputs: np.ndarray, profile: np.ndarray | None,
+                 timeout: float = 600.0) -> tuple[np.ndarray | None, str, float | None]:
+    """One child process loads the artifact, runs `inputs` and, given a `profile` batch, times it:
+    (outputs, "", seconds per call or None) or (None, why it failed, None)."""
     with tempfile.TemporaryDirectory() as tmp:
         given, out, timing = Path(tmp) / "inputs.npy", Path(tmp) / "outputs.npy", Path(tmp) / "timing.json"
         np.save(given, inputs)
         args = [sys.executable, "-m", "clfpipe.runtime.torch_engine", engine, str(path), str(given), str(out)]
-        if profile_batch:
-            source = sample if sample is not None else inputs
-            np.save(Path(tmp) / "profile.npy", np.resize(source, (profile_batch, *source.shape[1:])))
+        if profile is not None:
+            np.save(Path(tmp) / "profile.npy", profile)
             args += [str(Path(tmp) / "profile.npy"), str(timing)]
         try:
             result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
@@ -94,27 +104,34 @@ def _child_run(engine: str, path: Path, inputs: np.ndarray, timeout: float, prof
             how = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
             last = (result.stderr.strip().splitlines() or [""])[-1]
             return None, f"loading it failed ({how}){': ' + last if last else ''}", None
-        seconds = json.loads(timing.read_text())["seconds_per_batch"] if profile_batch else None
+        seconds = json.loads(timing.read_text())["seconds_per_batch"] if profile is not None else None
         return np.load(out), "", seconds
 
 
 class TorchProbabilities:
-    """A torch artifact -> probabilities, as the served backbone computes them."""
+    """A torch artifact -> probabilities, as the served backbone computes them, from host pixels
+    (``__call__``) or from pixels already on the device (``on_device``: the fused decode step)."""
 
     def __init__(self, engine: str, path: Path, activation: str = "softmax") -> None:
         activate(np.zeros((1, 1)), activation)  # an unknown name fails here, not on the first request
-        self.runner, self.activation = load(engine, path), activation
+        self.device = device_here()
+        self.module, self.activation = load_module(engine, path, self.device), activation
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any], model_dir: Path) -> "TorchProbabilities":
         value = lambda key: parameters[key]["string_value"]  # noqa: E731
         return cls(value("engine"), model_dir / value("model_file"), value("activation"))
 
+    @torch.inference_mode()
+    def on_device(self, pixels: torch.Tensor) -> np.ndarray:
+        outputs = self.module(pixels.to(self.device)).float().cpu().numpy()
+        return activate(outputs, self.activation).astype(np.float32)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return activate(self.runner(batch), self.activation).astype(np.float32)
+        return self.on_device(torch.from_numpy(np.ascontiguousarray(batch)))
 
     def close(self) -> None:
-        self.runner = None  # type: ignore[assignment]
+        self.module = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

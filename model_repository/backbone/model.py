@@ -4,6 +4,10 @@ The engine comes from the config: ONNX Runtime (``onnx``), or torch for an AOTIn
 (``aoti``) or an exported program (``torch``); only that engine's runtime is imported, so an ONNX
 Runtime backbone never loads torch. Outputs PROBS and LABELS (top-k 'label:prob', k from the
 request parameter top_k or the config).
+
+Its input is uint8 pixels from the preprocessing step, or, for the fused step (``backbone_image``:
+a torch engine with decode=nvjpeg on CUDA), the encoded IMAGE bytes: decoded by nvJPEG, resized
+and run by the torch engine on the GPU, with no host round trip of pixels.
 """
 
 import json
@@ -27,6 +31,14 @@ def _engine(params, model_dir):
     return TorchProbabilities.from_parameters(params, model_dir)
 
 
+def _decoder(params, device):
+    """The fused step's decoder: nvJPEG on the engine's device (torchvision's CPU decoder without CUDA)."""
+    from clfpipe.contract.preprocess import spec_from_parameters
+    from clfpipe.runtime.nvjpeg import DevicePreprocessor
+
+    return DevicePreprocessor(spec_from_parameters(params), device)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -34,15 +46,35 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.probs_dtype = pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, tensors.SCORES)["data_type"])
         self.model = _engine(params, Path(args["model_repository"]) / args["model_version"])
+        self.decoder = _decoder(params, self.model.device) if self.input_name == tensors.IMAGE else None
         self.classes = json.loads(params["classes"]["string_value"])
         self.top_k = int(params["top_k"]["string_value"])
 
+    def _probs(self, inputs):
+        """Per request its probabilities or the ValueError that fails it alone; one engine run for
+        the whole dynamic batch."""
+        if self.decoder is None:
+            counts = [len(x) for x in inputs]
+            probs = self.model(np.concatenate(inputs))
+        else:
+            pixels, counts = self.decoder.decode(inputs)
+            probs = self.model.on_device(pixels) if pixels is not None else None
+        results, start = [], 0
+        for count in counts:
+            if isinstance(count, ValueError):
+                results.append(count)
+            else:
+                results.append(probs[start : start + count].astype(self.probs_dtype))
+                start += count
+        return results
+
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        probs = self.model(np.concatenate(inputs)).astype(self.probs_dtype)  # the dynamic batch in one run
-        bounds = np.cumsum([len(x) for x in inputs])[:-1]
         responses = []
-        for request, p in zip(requests, np.split(probs, bounds)):
+        for request, p in zip(requests, self._probs(inputs)):
+            if isinstance(p, ValueError):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(p))))
+                continue
             try:
                 k = requested_top_k(request.parameters(), self.top_k, tensors.TOP_K_PARAMETER)
             except ValueError as exc:
