@@ -63,7 +63,7 @@ def build_run(root: Path, arch: str, size: int, precision: str) -> Path:
     write_demo_dataset(data, spec=DemoSpec(train_per_class=4, valid_per_class=8, image_size=size + 32))
     recipe = load_recipe(None, [f"model.arch={arch}", f"stages.0.size={size}", f"serve.precision={precision}",
                                 "serve.engine=torch", "serve.decode=nvjpeg", "serve.max_batch_size=256",
-                                "serve.model_instances=2", "serve.max_queue_delay_us=2000"])
+                                "serve.model_instances=2"])
     run = init_run(data, root / "run", recipe)
     export_pt2(run, precision=precision, aoti=False)
     return run

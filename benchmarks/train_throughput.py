@@ -92,7 +92,7 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str,
     for _ in range(len(batches)):
         next(it)
     loader_s = (time.perf_counter() - start) / len(batches)
-    decode_s = seconds_each(lambda b: decode_batch(b[0], device), batches, device)
+    decode_s = seconds_each(lambda b: decode_batch(b[0].images(), device), batches, device)
     prepare_s = seconds_each(lambda b: data.to_input(b[0]), batches, device)
     return {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),
             "augment_ms": round((prepare_s - decode_s) * 1000, 2)}
@@ -135,14 +135,14 @@ def main() -> None:
             optimizer.step()
 
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
-        x = torch.randn(args.batch, 3, args.size, args.size)
-        y = torch.randint(0, len(train.classes), (args.batch,))
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's
+        x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+        y = torch.randint(0, len(train.classes), (args.batch,), device=device)
         parts = breakdown(data, [b for _, b in zip(range(4), forever(data.train_loader))], device) if data.tensor_decode else {}
         data.tensor_decode = False  # the same loss path, fed a batch already in memory
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)
         plain = plain_torch_step(args.arch, len(train.classes), device)
-        xd = x.to(device).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-        plain_s = timed_steps(plain, forever([(xd, y.to(device))]), args.warmup, args.steps, device)
+        plain_s = timed_steps(plain, forever([(x, y)]), args.warmup, args.steps, device)
     images = args.batch * args.steps
     print(json.dumps({
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,

@@ -53,13 +53,13 @@ if selected demo; then
       --http-port 18000 --grpc-port 18001 --metrics-port 18002
 fi
 if selected serving; then
-  check serving 150 python3 "$ROOT/benchmarks/serving_gpu.py" --seconds 4 --rounds 3
+  check serving 150 python3 "$ROOT/benchmarks/serving_gpu.py" --seconds ${SERVING_SECONDS:-4} --rounds ${SERVING_ROUNDS:-3}
 fi
 if selected train; then
-  check train 100 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps 20 --workers 14
+  check train 100 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14
 fi
 if selected precompute; then
-  check precompute 90 python3 "$ROOT/benchmarks/precompute.py" --size 224 --images 3000
+  check precompute 90 python3 "$ROOT/benchmarks/precompute.py" --size 224 --images ${PRECOMPUTE_IMAGES:-3000}
 fi
 if selected pt2 && [ -d "$DEMO/run" ]; then
   # the AOTInductor package on the GPU (load-checked in a child: it has crashed its loader here), then every row

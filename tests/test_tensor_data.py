@@ -11,7 +11,7 @@ from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize, resize_crop
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.nn.transforms import apply, decode_batch, eval_pixels, torch_uniform
+from clfpipe.nn.transforms import apply, apply_batch, decode_batch, eval_pixels, torch_uniform
 from clfpipe.train.data import ImageDataset, device_batch, encoded_loader
 from clfpipe.train.loop import train_run
 
@@ -35,7 +35,7 @@ def test_loader_workers_ship_encoded_bytes_across_epochs(data):
     label_of = {f.read_bytes(): label for f, label in zip(split.files, split.labels)}
     loader = encoded_loader(split, 4, num_workers=2, seed=0)
     for _ in range(2):  # a second epoch with the same (persistent) workers
-        seen = [(bytes(e.numpy()), int(y)) for encoded, labels in loader for e, y in zip(encoded, labels)]
+        seen = [(bytes(e.numpy()), int(y)) for encoded, labels in loader for e, y in zip(encoded.images(), labels)]
         assert len(seen) == 16  # 18 files, batches of 4, the last partial batch dropped
         assert len({b for b, _ in seen}) == 16 and all(label_of[b] == y for b, y in seen)
 
@@ -126,3 +126,20 @@ def test_device_preprocessor_batches_and_blames_the_bad_request(data):
     got = np.concatenate([results[0], results[2], results[3]])
     assert got.shape == (3, 32, 32, 3) and got.dtype == np.uint8
     assert np.abs(got.astype(int) - pil).max() <= 3  # another JPEG decoder, the same resize on the device
+
+
+@pytest.mark.parametrize("policy", ["side_on", "top_down"])
+def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
+    """Every draw (turns, lighting, flips, quarter turns) batched equals ``apply`` image by image,
+    up to a level where float sums round differently."""
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in [(60, 80), (75, 50), (64, 64)] * 4]
+    spec = PreprocessSpec(48, 40)
+    params = [sample(AUGMENTS[policy], torch_uniform(gen)) for _ in images]
+    params[0] = AugmentParams(angle=7.5, brightness=1.04, contrast=0.96)  # a turn that is not a quarter
+    assert any(p.angle for p in params) and any(not p.angle for p in params) and any(p.hflip for p in params)
+    batched = apply_batch(images, params, spec)
+    single = torch.stack([apply(img, p, spec) for img, p in zip(images, params)])
+    diff = (batched.int() - single.int()).abs()
+    assert batched.shape == (12, 3, 40, 40) and batched.dtype == torch.uint8
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01

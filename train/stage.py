@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.augment import AUGMENTS
@@ -20,7 +20,7 @@ from clfpipe.contract.metrics import score
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
-from clfpipe.train.data import ImageDataset, device_batch, encoded_loader, make_loader
+from clfpipe.train.data import ImageDataset, TensorBatches, device_batch, encoded_loader, make_loader
 from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
@@ -137,13 +137,13 @@ class StageData:
                                      device=ctx.device, dist=ctx.dist)
             log.info("precompute: %d images, cache %s (%s.npy)", len(split), result.status, cache.root / result.key)
             labels = torch.tensor(split.labels, dtype=torch.float32 if split.multi_label else torch.long)
-            tensors.append(TensorDataset(torch.from_numpy(result.features), labels))
+            tensors.append((torch.from_numpy(result.features).to(ctx.device), labels.to(ctx.device)))
         self.generator = torch.Generator()
-        self.sampler = self._sampler(tensors[0])
-        bs = self.batch_size
-        self.train_loader = DataLoader(tensors[0], bs, shuffle=self.sampler is None, sampler=self.sampler,
-                                       drop_last=len(tensors[0]) > bs, generator=self.generator)
-        self.valid_loader = DataLoader(tensors[1], recipe.data.batch_size)
+        self.sampler = self._sampler(TensorDataset(*tensors[0]))
+        bs, n = self.batch_size, len(tensors[0][0])
+        self.train_loader = TensorBatches(*tensors[0], bs, shuffle=self.sampler is None, drop_last=n > bs,
+                                          generator=self.generator, sampler=self.sampler)
+        self.valid_loader = TensorBatches(*tensors[1], recipe.data.batch_size, shuffle=False, drop_last=False)
         self.forward = self.model.head[2:]
 
     def wrap(self, sync_batchnorm: bool) -> None:

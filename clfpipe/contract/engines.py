@@ -190,9 +190,11 @@ SERVED_ENGINES = ("auto", "onnx", "aoti", "torch")
 # backbone step when its engine takes device input); auto: nvjpeg where CUDA and torch are.
 SERVED_DECODES = ("auto", "pil", "nvjpeg")
 # The served answers against PyTorch fp32 on Pillow's pixels, per decoder: Pillow's pixels are
-# the reference's own (the serving precision's gate); nvJPEG's differ by a few levels, which moves
-# probabilities by more than any kernel difference, so its gate is on agreement, not on digits.
-DECODE_GATES: dict[str, Gate | None] = {"pil": None, "nvjpeg": Gate(min_top1=0.97, min_cosine=0.99)}
+# the reference's own (the serving precision's gate); nvJPEG's differ by a few levels (another
+# IDCT and chroma upsampling), which moves a borderline image's probabilities far (demo on an
+# H200: min cosine 0.898, max |diff| 0.236, 1 of 90 top-1 flipped), so like int8 it is judged on
+# top-1 agreement and accuracy, not on digits.
+DECODE_GATES: dict[str, Gate | None] = {"pil": None, "nvjpeg": Gate(min_top1=0.97, max_metric_drop=0.01)}
 
 
 def served_variants(precision: str, engine: str = "onnx") -> list[Variant]:

@@ -60,6 +60,52 @@ def apply(img: Img, params: AugmentParams, spec: PreprocessSpec) -> Img:
     return img
 
 
+def _rotation_grid(angles: torch.Tensor, size: int) -> torch.Tensor:
+    """grid_sample grids that turn square size x size images by `angles` degrees counter-clockwise
+    about their centres: torchvision's ``rotate`` (its inverse affine matrix and pixel-centre
+    grid), one grid per image."""
+    rad = torch.deg2rad(-angles.double())
+    cos, sin, zero = torch.cos(rad), torch.sin(rad), torch.zeros_like(rad)
+    theta = torch.stack([cos, sin, zero, -sin, cos, zero], 1).view(-1, 2, 3).float()
+    steps = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
+    base = torch.stack([steps.expand(size, size), steps.view(-1, 1).expand(size, size), torch.ones(size, size, device=angles.device)], -1)
+    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * size, 0.5 * size], device=angles.device)
+    return base.view(1, size * size, 3).expand(len(angles), -1, -1).bmm(scaled).view(-1, size, size, 2)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor | float, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's blend of uint8 images as floats: clamp, then truncate to whole levels."""
+    return (x * ratio + other * (1.0 - ratio)).clamp_(0, 255).floor_()
+
+
+def apply_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
+    """``apply`` for a batch of uint8 CHW tensors on one device, each with its own draw: the crops
+    one by one (their windows differ), everything after them as a few batched ops, not a dozen
+    per image (per-image ops took 0.7 ms an image on an H200, 6x the training step). Equal to
+    ``apply`` image by image up to a level where float sums round differently."""
+    crops = torch.stack([TF.resized_crop(img, *_window(img, p, spec), [spec.crop, spec.crop], antialias=True)
+                         for img, p in zip(images, params)]).float()
+    device, n = crops.device, len(params)
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).view(n, 1, 1, 1)  # noqa: E731
+    turned = [i for i, p in enumerate(params) if p.angle]
+    if turned:
+        grid = _rotation_grid(torch.tensor([params[i].angle for i in turned], device=device), spec.crop)
+        crops[turned] = torch.nn.functional.grid_sample(crops[turned], grid, mode="nearest", padding_mode="zeros",
+                                                        align_corners=False)
+    crops = _blend(crops, 0.0, column([p.brightness for p in params]))
+    gray = (crops[:, 0] * 0.2989 + crops[:, 1] * 0.587 + crops[:, 2] * 0.114).floor_()
+    crops = _blend(crops, gray.mean(dim=(-2, -1)).view(n, 1, 1, 1), column([p.contrast for p in params]))
+    crops = torch.where(column([p.hflip for p in params]) > 0, crops.flip(-1), crops)
+    crops = torch.where(column([p.vflip for p in params]) > 0, crops.flip(-2), crops)
+    crops = torch.where(column([p.rot90 for p in params]) > 0, torch.rot90(crops, 1, dims=(-2, -1)), crops)
+    return crops.to(torch.uint8)
+
+
+def _window(img: torch.Tensor, params: AugmentParams, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    top, left, side = crop_window(*_size(img), params, resize=spec.resize, crop=spec.crop)
+    return top, left, side, side
+
+
 def eval_pixels(img: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """The spec's evaluation pixels of a uint8 CHW tensor (or NCHW batch of one size): ``resize_crop``'s steps on the device."""
     height, width = _size(img)
@@ -76,6 +122,15 @@ def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, uniform:
     if isinstance(img, Image.Image):
         return Image.fromarray(resize_crop(img, spec))
     return eval_pixels(img, spec)
+
+
+def train_pixels_batch(images: list[torch.Tensor], policy: AugmentPolicy, spec: PreprocessSpec,
+                       uniform: Uniform) -> torch.Tensor:
+    """``train_pixels`` for a batch of decoded tensors on one device: (N, 3, crop, crop) uint8,
+    each image's parameters drawn in order as the one-by-one path draws them."""
+    if policy.random:
+        return apply_batch(images, [sample(policy, uniform) for _ in images], spec)
+    return torch.stack([eval_pixels(img, spec) for img in images])
 
 
 def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
