@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Variant, served_variants
+from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Gate, Variant, served_variants
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.integrity import recorded_hashes
 from clfpipe.contract.manifest import Manifest, RunDir
-from clfpipe.contract.preprocess import load_pixels
+from clfpipe.contract.preprocess import load_pixels, normalize
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import write_demo_dataset
@@ -32,7 +32,7 @@ from clfpipe.export.onnx_export import export_variants, validation_split
 from clfpipe.export.pt2_export import export_pt2
 from clfpipe.export.verify import profile, profile_batch_size
 from clfpipe.nn.models import Classifier
-from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
+from clfpipe.nn.reference import load_run_model, torch_logits
 from clfpipe.serve.client import Classifier as Client
 from clfpipe.serve.deploy import Deployment, inference_service, k8s_manifests, write_manifests
 from clfpipe.serve.repository import build_repository
@@ -166,8 +166,24 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTime
 Reference = Callable[[Classifier, Manifest, list[Path]], np.ndarray]
 
 
-def _plain_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> np.ndarray:
-    logits = torch_logits(model, files_to_batch(files, manifest.preprocess))
+def reference_pixels(files: list[Path], manifest: Manifest, decode: str = "pil") -> np.ndarray:
+    """The spec's pixels of the files as the server decodes them: Pillow's, or nvJPEG's on this
+    host's device (torchvision's CPU decoder without CUDA)."""
+    if decode == "pil":
+        return load_pixels(files, manifest.preprocess)
+    from clfpipe.runtime.nvjpeg import DevicePreprocessor
+    from clfpipe.runtime.torch_engine import device_here
+
+    decoder = DevicePreprocessor(manifest.preprocess, device_here())
+    results = decoder.batch([np.array([[f.read_bytes()]], dtype=object) for f in files])
+    for file, result in zip(files, results):
+        if isinstance(result, ValueError):
+            raise ServeError(f"{file}: {result}")
+    return np.concatenate(results)  # type: ignore[arg-type]
+
+
+def _probabilities(model: Classifier, manifest: Manifest, pixels: np.ndarray) -> np.ndarray:
+    logits = torch_logits(model, normalize(pixels, manifest.preprocess))
     return probabilities(logits, manifest.recipe.multi_label)
 
 
@@ -176,29 +192,49 @@ def _tta_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> 
     return deterministic_tta(model, split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
 
 
-def _served_vs(run_dir: Path, client: Client, files: list[Path], reference: Reference, decode: str) -> GateResult:
-    """Triton's probabilities for the files against reference(model, manifest, files), judged by
-    the serving precision's gate, or the decoder's where it is not Pillow's (``DECODE_GATES``)."""
-    run = RunDir(run_dir)
-    manifest = run.read()
-    expected = reference(load_run_model(run, manifest), manifest, files)
-    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
+def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> np.ndarray:
     split = validation_split(run, manifest, None)
     by_file = dict(zip(split.files, split.labels))
-    truth = np.asarray([by_file[f] for f in files]) if all(f in by_file for f in files) else np.zeros(len(files), int)
+    return np.asarray([by_file[f] for f in files]) if all(f in by_file for f in files) else np.zeros(len(files), int)
+
+
+def _judge(run: RunDir, manifest: Manifest, files: list[Path], expected: np.ndarray, test: np.ndarray,
+           gate: Gate | None) -> GateResult:
+    """Probabilities against PyTorch fp32's by `gate` (default: the serving precision's)."""
     probs_out = Variant(manifest.recipe.serve.precision, fold_preprocess=True, fold_tta=True)  # outputs are probabilities
-    return judge(probs_out, expected, served, truth, multi_label=manifest.recipe.multi_label, rtol=manifest.recipe.export.rtol,
-                 atol=manifest.recipe.export.atol, gate=DECODE_GATES[decode])
+    return judge(probs_out, expected, test, _truth(run, manifest, files), multi_label=manifest.recipe.multi_label,
+                 rtol=manifest.recipe.export.rtol, atol=manifest.recipe.export.atol, gate=gate)
 
 
 def served_agreement(run_dir: Path, client: Client, files: list[Path], decode: str = "pil") -> GateResult:
-    """Triton's probabilities vs PyTorch's on the same files."""
-    return _served_vs(run_dir, client, files, _plain_reference, decode)
+    """Triton's probabilities vs PyTorch fp32's on the same pixels (those of the server's decoder),
+    by the serving precision's gate: the served engine's answers, with the decoder held equal."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    expected = _probabilities(load_run_model(run, manifest), manifest, reference_pixels(files, manifest, decode))
+    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
+    return _judge(run, manifest, files, expected, served, None)
+
+
+def decoder_agreement(run_dir: Path, files: list[Path], decode: str) -> GateResult:
+    """PyTorch fp32 on the decoder's pixels vs on Pillow's (training evaluation's), by the
+    decoder's gate (``DECODE_GATES``): what decoding on the GPU changes."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    model = load_run_model(run, manifest)
+    pil = _probabilities(model, manifest, reference_pixels(files, manifest, "pil"))
+    decoded = _probabilities(model, manifest, reference_pixels(files, manifest, decode))
+    return _judge(run, manifest, files, pil, decoded, DECODE_GATES[decode])
 
 
 def served_tta_agreement(run_dir: Path, client: Client, files: list[Path], decode: str = "pil") -> GateResult:
-    """Triton's classifier_tta against the training side's deterministic TTA on the same files."""
-    return _served_vs(run_dir, client, files, _tta_reference, decode)
+    """Triton's classifier_tta against the training side's deterministic TTA on the same files
+    (Pillow's pixels: with another decoder, judged by its gate)."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    expected = _tta_reference(load_run_model(run, manifest), manifest, files)
+    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
+    return _judge(run, manifest, files, expected, served, DECODE_GATES.get(decode))
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
@@ -218,6 +254,11 @@ def _predict_and_check(info, run_dir: Path, valid: Split, decode: str) -> None:
         log.info("  Triton (%s) vs PyTorch probabilities on %s", protocol, agreement.summary())
         if not agreement.passed:
             raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
+    if decode != "pil":
+        decoded = decoder_agreement(run_dir, list(valid.files), decode)
+        log.info("\nPyTorch on %s's pixels vs on Pillow's: %s", decode, decoded.summary())
+        if not decoded.passed:
+            raise ServeError(f"decoding with {decode} changes the answers beyond its gate: {decoded.summary()}")
     tta = served_tta_agreement(run_dir, Client(info.http_url, "http", "classifier_tta"), list(valid.files), decode)
     log.info("\nclassifier_tta (http) vs the training side's deterministic TTA on %s", tta.summary())
 
