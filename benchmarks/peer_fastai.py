@@ -1,0 +1,107 @@
+"""clfpipe's recipe against fastai v2's standard path on the same folder, same architecture and
+image size, one after the other, each in its own child process of this one.
+
+    python benchmarks/peer_fastai.py --data DIR [--weights none|imagenet] [--size 64] [--recipe R] [--set K=V ...]
+
+fastai: ``ImageDataLoaders.from_folder`` (``Resize(size)``, ``aug_transforms``), ``vision_learner``
+(resnet34), ``lr_find`` valley, then ``fit_one_cycle(epochs)`` from scratch or ``fine_tune(epochs)``
+from ImageNet weights, then ``tta()``. clfpipe: ``train`` with the recipe (default
+``recipes/peer.toml``) at the final size --size, evaluating plain and fastai-style TTA. Wall time
+is from reading the folder to the TTA accuracy, imports excluded, on both sides. Prints one JSON
+line with both top-1s, both TTA top-1s, both wall times, and time_ratio = clfpipe / fastai (goal
+<= 0.8) with the accuracy differences (goal >= 0). Needs the peer extra:
+``pip install -e '.[peer]'``. ImageNet weights come from torch's hub cache on both sides (no
+network here): ``--weights imagenet`` fails in one line when they are not there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_fastai(data: Path, size: int, weights: str, epochs: int, batch: int, seed: int) -> dict:
+    from fastai.vision.all import (ImageDataLoaders, Resize, accuracy, aug_transforms, fit_one_cycle,  # noqa: F401
+                                   resnet34, set_seed, valley, vision_learner)
+
+    set_seed(seed, reproducible=True)
+    start = time.perf_counter()
+    dls = ImageDataLoaders.from_folder(data, train="train", valid="valid", item_tfms=Resize(size),
+                                       batch_tfms=aug_transforms(size=size), bs=batch)
+    learn = vision_learner(dls, resnet34, pretrained=weights == "imagenet", metrics=accuracy)
+    with learn.no_bar(), learn.no_logging():
+        lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
+        if weights == "imagenet":
+            learn.fine_tune(epochs, base_lr=lr)
+        else:
+            learn.fit_one_cycle(epochs, lr)
+        top1 = float(learn.validate()[1])
+        preds, targets = learn.tta()
+    tta = float((preds.argmax(1) == targets).float().mean())
+    return {"top1": top1, "tta_top1": tta, "seconds": time.perf_counter() - start, "lr": lr, "epochs": epochs}
+
+
+def run_clfpipe(data: Path, size: int, weights: str, recipe_path: Path, overrides: list[str]) -> dict:
+    from clfpipe.contract.recipe import load_recipe
+    from clfpipe.train.loop import train_run
+
+    recipe = load_recipe(recipe_path, [f"model.weights={weights}", *overrides])
+    if recipe.final_size() != size:
+        raise SystemExit(f"peer_fastai: the recipe's final size is {recipe.final_size()}, expected --size {size} "
+                         "(set the stages' sizes with --set)")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        manifest = train_run(data, Path(tmp) / "run", recipe)
+        seconds = time.perf_counter() - start
+    accuracy = manifest.stage("train")["accuracy"]
+    return {"top1": accuracy["plain"], "tta_top1": accuracy.get("tta_fastai"), "seconds": seconds,
+            "epochs": sum(s.epochs for s in recipe.stages), "training_seconds": manifest.stage("train")["seconds"]}
+
+
+def child(args: argparse.Namespace) -> dict:
+    if args.only == "fastai":
+        return run_fastai(args.data, args.size, args.weights, args.epochs, args.batch, args.seed)
+    return run_clfpipe(args.data, args.size, args.weights, args.recipe, args.set or [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a folder with train/<class>/ and valid/<class>/")
+    parser.add_argument("--weights", choices=["none", "imagenet"], default="none")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=5, help="fastai's fit_one_cycle / fine_tune epochs")
+    parser.add_argument("--batch", type=int, default=64, help="fastai's batch size (its default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "peer.toml")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="clfpipe recipe overrides")
+    parser.add_argument("--only", choices=["fastai", "clfpipe"], help=argparse.SUPPRESS)  # the child's side
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(child(args)))
+        return
+    results = {}
+    for side in ("fastai", "clfpipe"):
+        argv = [a for a in sys.argv[1:]]
+        out = subprocess.run([sys.executable, __file__, *argv, "--only", side], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"peer_fastai: the {side} run failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    fa, cp = results["fastai"], results["clfpipe"]
+    print(json.dumps({
+        "data": str(args.data), "weights": args.weights, "size": args.size, "arch": "resnet34",
+        "fastai": {k: round(v, 4) if isinstance(v, float) else v for k, v in fa.items()},
+        "clfpipe": {k: round(v, 4) if isinstance(v, float) else v for k, v in cp.items()},
+        "time_ratio": round(cp["seconds"] / fa["seconds"], 3),
+        "top1_diff": round(cp["top1"] - fa["top1"], 4), "tta_top1_diff": round((cp["tta_top1"] or 0) - fa["tta_top1"], 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()
