@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_fastai(data: Path, size: int, weights: str, epochs: int, batch: int, seed: int) -> dict:
-    from fastai.vision.all import (ImageDataLoaders, Resize, accuracy, aug_transforms, fit_one_cycle,  # noqa: F401
-                                   resnet34, set_seed, valley, vision_learner)
+    from fastai.vision.all import ImageDataLoaders, Resize, accuracy, aug_transforms, resnet34, set_seed, valley, vision_learner
 
     set_seed(seed, reproducible=True)
     start = time.perf_counter()

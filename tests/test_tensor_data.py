@@ -143,3 +143,15 @@ def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
     diff = (batched.int() - single.int()).abs()
     assert batched.shape == (12, 3, 40, 40) and batched.dtype == torch.uint8
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("height, width", [(8, 8), (375, 500)])
+def test_an_augmentation_at_zoom_one_in_the_centre_is_the_evaluation_pixels(height, width):
+    """Training's zoomed crop scales the whole image before cropping, so a tiny image (an 8x8
+    digit) is seen at evaluation's scale; a window counted in source pixels never was."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    spec = PreprocessSpec(73, 64)
+    assert np.array_equal(np.asarray(apply(img, AugmentParams(), spec)), resize_crop(img, spec))
+    assert torch.equal(apply(_tensor(img), AugmentParams(), spec), eval_pixels(_tensor(img), spec))
+    zoomed = apply(img, AugmentParams(zoom=1.05), spec)  # 5% larger, not the 14% of a 7-pixel window
+    assert zoomed.size == (64, 64)

@@ -74,7 +74,9 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
     if not files:
         axes[0][0].text(0.5, 0.5, "none", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # a fixed layout: tight_layout measured every title and took most of a grid's 0.6 s (a report
+    # has classes x kinds grids)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.78, wspace=0.08)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -47,10 +47,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA where supported; plain fp32 on the CPU."""
+def autocast(device: torch.device, amp: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast by model.amp: on CUDA where supported (auto, bf16), on the CPU only when asked (bf16)."""
+    if amp == "off":
+        return contextlib.nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -76,9 +80,11 @@ def param_groups(model: Classifier, lrs: tuple[float, ...] | list[float]) -> lis
     return groups
 
 
+# fused: one kernel over every parameter (AdamW 13 ms a step for resnet34 on the 2-core CPU, against
+# 48 ms for the default per-tensor loop and 64 ms for foreach; CPU and CUDA since torch 2.4)
 OPTIMIZERS = {
-    "sgd": lambda stage, groups: torch.optim.SGD(groups, momentum=stage.momentum, weight_decay=stage.weight_decay),
-    "adamw": lambda stage, groups: torch.optim.AdamW(groups, weight_decay=stage.weight_decay),
+    "sgd": lambda stage, groups: torch.optim.SGD(groups, momentum=stage.momentum, weight_decay=stage.weight_decay, fused=True),
+    "adamw": lambda stage, groups: torch.optim.AdamW(groups, weight_decay=stage.weight_decay, fused=True),
 }
 
 
@@ -94,7 +100,7 @@ class StageData:
 
     def __init__(self, model: Classifier, stage: StageConfig, index: int, ctx: Context) -> None:
         recipe, dist = ctx.recipe, ctx.dist
-        self.model, self.device, self.dist = model, ctx.device, dist
+        self.model, self.device, self.dist, self.amp = model, ctx.device, dist, recipe.model.amp
         self.seed = recipe.seed * 1000 + index * 100
         self.spec, self.policy, self.augment_gen = recipe.preprocess_spec(index), AUGMENTS[stage.augment], torch.Generator()
         self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device)
@@ -177,7 +183,7 @@ class StageData:
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: nn.Module) -> torch.Tensor:
         x, y = batch
         x = self.to_input(x)
-        with autocast(self.device):
+        with autocast(self.device, self.amp):
             return criterion(forward(x).float(), y.to(self.device))
 
     @torch.inference_mode()
@@ -187,7 +193,7 @@ class StageData:
         losses, outputs, targets = [], [], []
         for x, y in self.valid_loader:
             x, y = x.to(self.device), y.to(self.device)
-            with autocast(self.device):
+            with autocast(self.device, self.amp):
                 logits = self.forward(x).float()
             losses.append(criterion(logits, y).item() * len(y))
             outputs.append(logits.cpu().numpy())

@@ -73,11 +73,12 @@ def sample(policy: AugmentPolicy, uniform: Uniform) -> AugmentParams:
     return AugmentParams(zoom, u, v, angle, brightness, contrast, hflip, vflip, rot90)
 
 
-def crop_window(height: int, width: int, params: AugmentParams, *, resize: int, crop: int) -> tuple[int, int, int]:
-    """(top, left, side) in source pixels of the square that becomes the crop x crop input:
-    the shorter side scaled to resize x zoom, then a crop x crop window at (u, v)."""
+def scaled_crop(height: int, width: int, params: AugmentParams, *, resize: int, crop: int) -> tuple[int, int, int, int]:
+    """(new_height, new_width, top, left): the image scaled so its shorter side is resize x zoom
+    (never below the crop), then the crop x crop window at (u, v) of the free space. At zoom 1 and
+    the centre this is the evaluation pixels' resize and crop exactly. Scaling before cropping keeps
+    small images at the evaluation scale: a window counted in source pixels of an 8x8 digit is 7 or
+    8 pixels wide, so every zoom above 1 gave 7, and training never saw evaluation's scale."""
     scale = resize * params.zoom / min(height, width)
-    side = max(1, min(height, width, int(crop / scale)))
-    top = int(params.u * (height - side))
-    left = int(params.v * (width - side))
-    return top, left, side
+    new_h, new_w = max(crop, round(height * scale)), max(crop, round(width * scale))
+    return new_h, new_w, int(params.u * (new_h - crop)), int(params.v * (new_w - crop))
