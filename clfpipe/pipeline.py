@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -161,9 +161,6 @@ def run_pipeline(data_dir: Path, run_dir: Path, recipe: Recipe, timer: StageTime
     with timer.stage("repo"):
         export_served(run_dir, data_dir)  # the torch packages, when serve.engine asks for them
         return build_repository(run_dir, engines=choose_engines(run_dir), decode=choose_decode(run_dir))
-
-
-Reference = Callable[[Classifier, Manifest, list[Path]], np.ndarray]
 
 
 def reference_pixels(files: list[Path], manifest: Manifest, decode: str = "pil") -> np.ndarray:
