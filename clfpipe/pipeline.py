@@ -190,9 +190,14 @@ def _tta_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> 
 
 
 def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> np.ndarray:
+    """The files' labels from the run's validation split (the same file by any path)."""
     split = validation_split(run, manifest, None)
-    by_file = dict(zip(split.files, split.labels))
-    return np.asarray([by_file[f] for f in files]) if all(f in by_file for f in files) else np.zeros(len(files), int)
+    by_file = {Path(f).resolve(): label for f, label in zip(split.files, split.labels)}
+    keys = [Path(f).resolve() for f in files]
+    missing = [str(f) for f, k in zip(files, keys) if k not in by_file]
+    if missing:
+        raise ServeError(f"{missing[0]}: expected a file of the run's validation split {run.data_dir(manifest) / 'valid'}")
+    return np.asarray([by_file[k] for k in keys])
 
 
 def _judge(run: RunDir, manifest: Manifest, files: list[Path], expected: np.ndarray, test: np.ndarray,

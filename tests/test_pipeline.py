@@ -167,6 +167,7 @@ def test_triton_matches_pytorch(trained_run, server, protocol):
     assert agreement.passed, agreement.summary()
     assert agreement.images == 90 and agreement.top1_agreement == 1.0
     manifest = RunDir(trained_run).read()
+    assert agreement.accuracy == agreement.accuracy_ref == pytest.approx(manifest.stage("train")["accuracy"]["plain"])
     reference = softmax(torch_logits(load_run_model(RunDir(trained_run), manifest), files_to_batch(valid.files[:6], manifest.preprocess)))
     labels = [p.label for p in client.predict(valid.files[:6])]
     assert labels == [manifest.classes[i] for i in reference.argmax(1)]
