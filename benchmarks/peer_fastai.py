@@ -87,8 +87,7 @@ def main() -> None:
         return
     results = {}
     for side in ("fastai", "clfpipe"):
-        argv = [a for a in sys.argv[1:]]
-        out = subprocess.run([sys.executable, __file__, *argv, "--only", side], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", side], capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"peer_fastai: the {side} run failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -85,7 +85,7 @@ def export_served(run_dir: Path, data_dir: Path | None = None) -> list[Variant]:
             if not any(name in manifest.data["artifacts"] for name in wanted):
                 manifest = export_pt2(run_dir, precision=serve.precision, fold_tta=served.fold_tta, data_dir=data_dir,
                                       aoti=serve.engine == "aoti")
-                missing.append(served.variant(serve.precision, "aoti" if serve.engine == "aoti" else "torch"))
+                missing.append(Variant.parse(next(n for n in wanted if n in manifest.data["artifacts"])))  # the package or its fallback
     return missing
 
 
@@ -236,7 +236,7 @@ def served_tta_agreement(run_dir: Path, client: Client, files: list[Path], decod
     manifest = run.read()
     expected = _tta_reference(load_run_model(run, manifest), manifest, files)
     served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
-    return _judge(run, manifest, files, expected, served, DECODE_GATES.get(decode))
+    return _judge(run, manifest, files, expected, served, DECODE_GATES[decode])
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler
 
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.augment import AUGMENTS
@@ -112,7 +113,7 @@ class StageData:
             self._images(stage, recipe, ctx)
         self.train_forward = self.forward  # DDP-wrapped by run_stage once the stage's trainable set is known
 
-    def _sampler(self, dataset: Dataset | Split) -> DistributedSampler | None:
+    def _sampler(self, dataset: Sized) -> DistributedSampler | None:
         """This rank's shard (DistributedSampler only needs the length)."""
         if not self.dist.active:
             return None
@@ -145,7 +146,7 @@ class StageData:
             labels = torch.tensor(split.labels, dtype=torch.float32 if split.multi_label else torch.long)
             tensors.append((torch.from_numpy(result.features).to(ctx.device), labels.to(ctx.device)))
         self.generator = torch.Generator()
-        self.sampler = self._sampler(TensorDataset(*tensors[0]))
+        self.sampler = self._sampler(tensors[0][0])
         bs, n = self.batch_size, len(tensors[0][0])
         self.train_loader = TensorBatches(*tensors[0], bs, shuffle=self.sampler is None, drop_last=n > bs,
                                           generator=self.generator, sampler=self.sampler)

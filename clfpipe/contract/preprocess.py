@@ -200,6 +200,19 @@ def spec_from_parameters(parameters: Mapping[str, Any]) -> PreprocessSpec:
     return PreprocessSpec.from_dict(json.loads(parameters["preprocess"]["string_value"]))
 
 
+def per_request(rows: Any, counts: Sequence[int | ValueError]) -> list[Any]:
+    """A dynamic batch's rows (array or tensor) back to its requests: `count` rows for each
+    request, or the ValueError that failed it (it has no rows)."""
+    results, start = [], 0
+    for count in counts:
+        if isinstance(count, ValueError):
+            results.append(count)
+        else:
+            results.append(rows[start : start + count])
+            start += count
+    return results
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """The Triton preprocessing step; depends on numpy and Pillow only, so the container

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from clfpipe.contract.preprocess import PreprocessSpec, open_checked
+from clfpipe.contract.preprocess import PreprocessSpec, open_checked, per_request
 from clfpipe.nn.transforms import eval_pixels, is_jpeg
 
 Decoded = tuple[torch.Tensor | None, list[int | ValueError]]
@@ -99,13 +99,4 @@ class DevicePreprocessor:
     def batch(self, requests: list) -> list[np.ndarray | ValueError]:
         """Per request: its pixels on the host, or the ValueError that fails that request alone."""
         pixels, counts = self.decode(requests)
-        host = pixels.cpu().numpy() if pixels is not None else np.zeros((0,), np.uint8)
-        results: list[np.ndarray | ValueError] = []
-        start = 0
-        for count in counts:
-            if isinstance(count, ValueError):
-                results.append(count)
-            else:
-                results.append(host[start : start + count])
-                start += count
-        return results
+        return per_request(pixels.cpu().numpy() if pixels is not None else None, counts)

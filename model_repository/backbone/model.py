@@ -17,6 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from clfpipe.contract import tensors
+from clfpipe.contract.preprocess import per_request
 from clfpipe.contract.probabilities import requested_top_k, top_k_labels
 
 
@@ -59,14 +60,7 @@ class TritonPythonModel:
         else:
             pixels, counts = self.decoder.decode(inputs)
             probs = self.model.on_device(pixels) if pixels is not None else None
-        results, start = [], 0
-        for count in counts:
-            if isinstance(count, ValueError):
-                results.append(count)
-            else:
-                results.append(probs[start : start + count].astype(self.probs_dtype))
-                start += count
-        return results
+        return per_request(probs.astype(self.probs_dtype) if probs is not None else None, counts)
 
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
