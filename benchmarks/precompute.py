@@ -1,6 +1,6 @@
 """Seconds per head epoch on cached activations vs recomputing the frozen body (precompute=True).
 
-    python benchmarks/precompute.py [--data DIR] [--size 64] [--epochs 2]
+    python benchmarks/precompute.py [--data DIR] [--size 64] [--epochs 3] [--batch 64] [--workers 2]
 
 Prints one JSON object: cached_s, recompute_s, speedup (= recompute_s / cached_s). With no
 --data it writes the demo dataset to a temporary folder. The cache is built before timing
@@ -35,14 +35,24 @@ def head_epoch_seconds(data: StageData, model, stage) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if data.device.type == "cuda":
+        torch.cuda.synchronize()  # the epoch ends when its last step has run, not when it was queued
     return time.perf_counter() - start
+
+
+def median_epoch_seconds(data: StageData, model, stage, epochs: int) -> float:
+    """The median of `epochs` timed epochs after one untimed (kernels chosen, workers started)."""
+    head_epoch_seconds(data, model, stage)
+    return sorted(head_epoch_seconds(data, model, stage) for _ in range(epochs))[epochs // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (median taken)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per mode (median taken), after one untimed")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of both modes (recipes/resnet34.toml's)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers of the recomputing mode")
     parser.add_argument("--images", type=int, default=360, help="generated training images (no --data)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +62,8 @@ def main() -> None:
             write_demo_dataset(data_dir, spec=DemoSpec(train_per_class=per_class, valid_per_class=10,
                                                        image_size=max(96, args.size + args.size // 4)))
         recipe = load_recipe(None, [f"stages.0.size={args.size}", "stages.0.trainable=head", "stages.0.augment=none",
-                                    "stages.0.optimizer=sgd", "stages.0.lr=1e-2", "data.batch_size=32",
+                                    "stages.0.optimizer=sgd", "stages.0.lr=1e-2", f"data.batch_size={args.batch}",
+                                    f"data.num_workers={args.workers}",
                                     f"data.cache_dir={Path(tmp) / 'cache'}"])
         train, valid = scan_split(data_dir, "train"), scan_split(data_dir, "valid")
         ctx = Context(recipe, train, valid, pick_device("auto"), Path(tmp))
@@ -61,10 +72,10 @@ def main() -> None:
         cached = StageData(model, replace(recipe.stages[0], precompute=True), 0, ctx)  # builds the cache
         recompute = StageData(model, recipe.stages[0], 0, ctx)
         stage = recipe.stages[0]
-        cached_s = sorted(head_epoch_seconds(cached, model, stage) for _ in range(args.epochs))[args.epochs // 2]
-        recompute_s = sorted(head_epoch_seconds(recompute, model, stage) for _ in range(args.epochs))[args.epochs // 2]
+        cached_s = median_epoch_seconds(cached, model, stage, args.epochs)
+        recompute_s = median_epoch_seconds(recompute, model, stage, args.epochs)
     print(json.dumps({
-        "images": len(train), "size": args.size, "arch": recipe.model.arch, "device": str(ctx.device),
+        "images": len(train), "size": args.size, "batch": args.batch, "workers": args.workers, "arch": recipe.model.arch, "device": str(ctx.device),
         "cached_s": round(cached_s, 4), "recompute_s": round(recompute_s, 3), "speedup": round(recompute_s / cached_s, 1),
     }))
 

@@ -3,12 +3,14 @@
     python benchmarks/train_throughput.py [--data DIR] [--size 224] [--batch 128] [--steps 30]
 
 Prints one JSON object: e2e_img_s (files read by loader workers, decoded and augmented on the
-device: nvJPEG on CUDA), synthetic_img_s (a fixed batch already on the device), and
-ratio = e2e / synthetic (goal on a GPU machine: >= 0.85); plain_torch_img_s, the same model in a
-plain PyTorch loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and
-synthetic_vs_plain (goal >= 0.9); and where the e2e time goes (seconds per batch of each part
-timed alone: loader, decode, augment, step). With no --data it writes demo images at
---image-size pixels into a temporary folder.
+device: nvJPEG on CUDA, by a prefetch thread two batches ahead on its own stream), synthetic_img_s
+(a fixed batch already on the device), and ratio = e2e / synthetic (goal on a GPU machine:
+>= 0.85); plain_torch_img_s, the same model in a plain PyTorch loop (AMP bf16 on CUDA,
+channels_last, SGD) on the same batch, and synthetic_vs_plain (goal >= 0.9); e2e_inline_img_s,
+the e2e steps with the input prepared inline instead of by the prefetch thread; and where the
+e2e time goes (ms per batch of each part timed alone: loader, decode, augment, step; with
+--profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
+pixels into a temporary folder.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str,
     the synthetic figure)."""
     from clfpipe.nn.transforms import decode_batch
 
-    it = forever(data.train_loader)
+    it = forever(data.host_loader)
     start = time.perf_counter()
     for _ in range(len(batches)):
         next(it)
@@ -96,6 +98,26 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str,
     prepare_s = seconds_each(lambda b: data.to_input(b[0]), batches, device)
     return {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),
             "augment_ms": round((prepare_s - decode_s) * 1000, 2)}
+
+
+def profile_top(step, batches, steps: int, device: torch.device, top: int = 10) -> dict[str, list]:
+    """The e2e steps under torch.profiler: the ops with the most self time on the host and on the
+    GPU (ms per step), every thread's (the prefetch thread's decode and augmentation included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    it = iter(batches)
+    step(next(it))
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(next(it))
+        _sync(device)
+    table = prof.key_averages()
+    # self_device_time_total since torch 2.4 (self_cuda_time_total before it, removed later)
+    device_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    rows = lambda key: [[e.key, round(key(e) / 1000 / steps, 2)] for e in sorted(table, key=key, reverse=True)[:top]]  # noqa: E731
+    return {"host_ms_per_step": rows(lambda e: e.self_cpu_time_total),
+            **({"gpu_ms_per_step": rows(device_time)} if device.type == "cuda" else {})}
 
 
 def main() -> None:
@@ -108,6 +130,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--arch", default="resnet34")
     parser.add_argument("--image-size", type=int, default=384, help="generated demo images (no --data)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many e2e steps")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data or Path(tmp) / "data"
@@ -135,12 +158,14 @@ def main() -> None:
             optimizer.step()
 
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
+        profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
+        ahead, data.train_loader.ahead = data.train_loader.ahead, 0  # the same input, prepared inline
+        inline_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's
         x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
         y = torch.randint(0, len(train.classes), (args.batch,), device=device)
-        parts = breakdown(data, [b for _, b in zip(range(4), forever(data.train_loader))], device) if data.tensor_decode else {}
-        data.tensor_decode = False  # the same loss path, fed a batch already in memory
-        synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)
+        parts = breakdown(data, [b for _, b in zip(range(4), forever(data.host_loader))], device) if data.tensor_decode else {}
+        synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)  # the same loss path
         plain = plain_torch_step(args.arch, len(train.classes), device)
         plain_s = timed_steps(plain, forever([(x, y)]), args.warmup, args.steps, device)
     images = args.batch * args.steps
@@ -148,9 +173,12 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,
         "batch": args.batch, "steps": args.steps, "e2e_img_s": round(images / e2e_s, 1),
         "synthetic_img_s": round(images / synthetic_s, 1), "ratio": round(synthetic_s / e2e_s, 3),
+        "prefetch_batches": ahead, "e2e_inline_img_s": round(images / inline_s, 1),
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
     }))
+    if profiled:
+        print(json.dumps({"check": "train_profile", **profiled}))
 
 
 if __name__ == "__main__":

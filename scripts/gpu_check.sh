@@ -3,7 +3,7 @@
 # (default 480: the 8 minutes of issue 9), most important first; a check that would not fit is
 # skipped with a line that says so.
 #
-#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones (demo pt2 serving train precompute engines)
+#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train precompute pt2 engines peer)
 #
 # Where the machine has no network, fill .whl/ beforehand (../shared/tools/gpu_wheels.sh --http:
 # nvidia-pytriton, numpy<2, tritonclient and its HTTP client, python-rapidjson, tomli-w,
@@ -21,12 +21,15 @@ LOG=${OUT:+$OUT/gpu_check.log}
 [ -n "$LOG" ] && exec > >(tee -a "$LOG") 2>&1
 cd "$ROOT" && [ -f .whl/gpu_env.sh ] && . .whl/gpu_env.sh
 python3 -m pip install -q --no-index --no-deps --no-build-isolation "$ROOT" || { echo '{"check": "install", "failed": true}'; exit 2; }
+[ -d .whl/peer ] && python3 -m pip install -q --no-index --no-deps .whl/peer/*.whl
 # Run from outside the checkout: its clfpipe/ folder lacks the stages the installed package maps in.
 WORK=/tmp/gpu_check && rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch, numpy; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'numpy', numpy.__version__)" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
+# what the environment has of the peer check's needs (fastai from .whl/peer; the rest from the image)
+PEER=$(python3 -c "import importlib.util as u, json; print(json.dumps({'check': 'image_packages', **{m: u.find_spec(m) is not None for m in ('fastai', 'fastcore', 'sklearn', 'skimage', 'pandas', 'matplotlib', 'scipy', 'plum')}}))")
 emit() { echo "$1"; [ -n "$RESULTS" ] && echo "$1" >> "$RESULTS"; return 0; }
 
 # check NAME SECONDS COMMAND...: run it if SECONDS still fit in the budget; its JSON lines are kept.
@@ -43,32 +46,55 @@ check() {
     [ "$rc" -eq 0 ] || status=1
 }
 
-selected() { local name=$1; shift; [ "${#CHECKS[@]}" -eq 0 ] && return 0; [[ " ${CHECKS[*]} " == *" $name "* ]]; }
-CHECKS=("$@")
 DEMO=$WORK/demo
-if selected demo; then
+run_demo() {
   # train, export, repo (engine and decode auto: the exported program on CUDA, nvJPEG fused), serve,
   # predict over HTTP and gRPC, served vs PyTorch by the decoder's gate
   check demo 240 python3 -m clfpipe -v demo --workdir "$DEMO" --recipe "$ROOT/recipes/demo.toml" \
       --http-port 18000 --grpc-port 18001 --metrics-port 18002
-fi
-if selected serving; then
+}
+run_serving() {
   check serving 150 python3 "$ROOT/benchmarks/serving_gpu.py" --seconds ${SERVING_SECONDS:-4} --rounds ${SERVING_ROUNDS:-3}
-fi
-if selected train; then
-  check train 100 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14
-fi
-if selected precompute; then
-  check precompute 90 python3 "$ROOT/benchmarks/precompute.py" --size 224 --images ${PRECOMPUTE_IMAGES:-3000}
-fi
-if selected pt2 && [ -d "$DEMO/run" ]; then
+}
+run_train() {
+  check train 100 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14 \
+      --profile ${TRAIN_PROFILE_STEPS:-0}
+}
+run_precompute() {
+  check precompute 90 python3 "$ROOT/benchmarks/precompute.py" --size 224 --images ${PRECOMPUTE_IMAGES:-3000} --batch 64 --workers 14
+}
+run_pt2() {
   # the AOTInductor package on the GPU (load-checked in a child: it has crashed its loader here), then every row
+  [ -d "$DEMO/run" ] || { emit '{"check": "pt2", "skipped": "needs the demo run first"}'; return; }
   check pt2 200 python3 -m clfpipe export pt2 --run "$DEMO/run" --precision fp16
   check verify 90 python3 -m clfpipe verify --run "$DEMO/run"
-fi
-if selected engines; then
+}
+run_engines() {
   check engines 200 python3 "$ROOT/benchmarks/engines.py" --rounds 5
-fi
+}
+run_peer() {
+  # issue 13: fastai's standard path against recipes/peer.toml on real datasets (fastai from .whl/peer,
+  # the datasets from peerdata/ when carried, else written here: faces needs scikit-image)
+  local why
+  if ! why=$(python3 -c "import fastai.vision.all" 2>&1); then  # the import's last line says what is missing
+    emit "$(python3 -c 'import json, sys; print(json.dumps({"check": "peer", "skipped": "fastai does not import (scripts/peer_wheels.sh fills .whl/peer): " + sys.argv[1]}))' "$(echo "$why" | tail -1)")"
+    return
+  fi
+  for name in ${PEER_DATASETS:-digits faces}; do
+    local data=$ROOT/peerdata/$name
+    [ -d "$data" ] || { data=$WORK/$name; python3 "$ROOT/benchmarks/real_datasets.py" "$name" "$data" || continue; }
+    check "peer_$name" 200 python3 "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64
+  done
+}
+CHECKS=("$@")
+[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train precompute pt2 engines peer)
+emit "$PEER"
+for name in "${CHECKS[@]}"; do
+  case $name in
+    demo|serving|train|precompute|pt2|engines|peer) "run_$name" ;;
+    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train precompute pt2 engines peer)\"}" ;;
+  esac
+done
 if [ -n "$OUT" ]; then  # what explains a failure: the server's log, the verify report
   cp "$DEMO/server/server.log" "$OUT/demo_server.log" 2>/dev/null
   cp "$DEMO/run/verify.json" "$OUT/verify.json" 2>/dev/null

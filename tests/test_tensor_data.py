@@ -1,6 +1,8 @@
 """The two training-image paths (Pillow in loader workers; tensors decoded on the device: nvJPEG on
 CUDA, exercised here on the CPU) share one transforms definition and must agree."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +10,14 @@ from PIL import Image
 
 from clfpipe.contract.augment import AUGMENTS, AugmentParams, sample
 from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize, resize_crop
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.nn.transforms import apply, apply_batch, decode_batch, eval_pixels, torch_uniform
-from clfpipe.train.data import ImageDataset, device_batch, encoded_loader
+from clfpipe.nn import transforms
+from clfpipe.nn.transforms import (_scaled_crop, apply, apply_batch, augment_crops, crop_batch, decode_batch, eval_pixels,
+                                    torch_uniform)
+from clfpipe.train.data import DeviceBatches, ImageDataset, device_batch, encoded_loader
 from clfpipe.train.loop import train_run
 
 
@@ -130,19 +135,39 @@ def test_device_preprocessor_batches_and_blames_the_bad_request(data):
 
 @pytest.mark.parametrize("policy", ["side_on", "top_down"])
 def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
-    """Every draw (turns, lighting, flips, quarter turns) batched equals ``apply`` image by image,
-    up to a level where float sums round differently."""
+    """Every draw after the crop (turns, lighting, flips, quarter turns) batched equals ``apply``
+    image by image, up to a level where float sums round differently."""
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in [(60, 80), (75, 50), (64, 64)] * 4]
     spec = PreprocessSpec(48, 40)
     params = [sample(AUGMENTS[policy], torch_uniform(gen)) for _ in images]
     params[0] = AugmentParams(angle=7.5, brightness=1.04, contrast=0.96)  # a turn that is not a quarter
     assert any(p.angle for p in params) and any(not p.angle for p in params) and any(p.hflip for p in params)
-    batched = apply_batch(images, params, spec)
+    crops = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
+    batched = augment_crops(crops, params, spec.crop)
     single = torch.stack([apply(img, p, spec) for img, p in zip(images, params)])
     diff = (batched.int() - single.int()).abs()
     assert batched.shape == (12, 3, 40, 40) and batched.dtype == torch.uint8
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    whole = (apply_batch(images, params, spec).int() - single.int()).abs()  # with the batched crops
+    assert whole.max() <= 3 and whole.float().mean() < 0.5  # a level of the crop, through lighting
+
+
+@pytest.mark.parametrize("chunk", [1 << 28, 3 * 60 * 80 * 2])  # one resampling per size; or two images at a time
+def test_the_batched_crops_are_resize_then_crop(chunk, monkeypatch):
+    """The windows of every size, zoom and place, shrunk (noise, where filters differ most) and
+    enlarged (an 8x8 digit), equal ``_scaled_crop``'s resize then crop up to a level."""
+    monkeypatch.setattr(transforms, "_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(60, 80), (375, 500), (8, 8), (60, 80), (75, 50), (60, 80), (8, 8)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in sizes]
+    for spec in (PreprocessSpec(48, 40), PreprocessSpec(73, 64)):
+        params = [sample(AUGMENTS["side_on"], torch_uniform(gen)) for _ in images]
+        params[1] = AugmentParams(zoom=1.1, u=1.0, v=0.0)  # a corner
+        batched = crop_batch(images, params, spec)
+        single = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
+        assert batched.shape == (len(images), 3, spec.crop, spec.crop)
+        assert (batched - single).abs().max() <= 1 and (batched - single).abs().mean() < 0.3
 
 
 @pytest.mark.parametrize("height, width", [(8, 8), (375, 500)])
@@ -155,3 +180,32 @@ def test_an_augmentation_at_zoom_one_in_the_centre_is_the_evaluation_pixels(heig
     assert torch.equal(apply(_tensor(img), AugmentParams(), spec), eval_pixels(_tensor(img), spec))
     zoomed = apply(img, AugmentParams(zoom=1.05), spec)  # 5% larger, not the 14% of a 7-pixel window
     assert zoomed.size == (64, 64)
+
+
+def _prefetched(ahead: int, fail_at: int | None = None) -> DeviceBatches:
+    gen = torch.Generator().manual_seed(5)
+    loader = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(6)]
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:  # draws from a generator, as the augmentation does
+        if fail_at is not None and int(x[0, 0]) == fail_at:
+            raise DataError("corrupt image in a training batch: test")
+        return x + torch.rand(x.shape, generator=gen)
+
+    return DeviceBatches(loader, prepare, torch.device("cpu"), ahead=ahead)
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "clfpipe-prefetch"]
+
+
+def test_prefetching_batches_in_a_thread_gives_the_inline_batches_and_stops_with_its_consumer():
+    inline = list(_prefetched(0))
+    ahead = list(_prefetched(2))
+    assert len(ahead) == 6 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, ahead))
+    batches = iter(_prefetched(2))
+    next(batches)
+    batches.close()  # a consumer that stops early (lr_find): the thread is gone, not blocked on its queue
+    assert not _prefetch_threads()
+    with pytest.raises(DataError, match="corrupt image"):  # an error in the thread reaches the consumer
+        list(_prefetched(2, fail_at=3))
+    assert not _prefetch_threads()

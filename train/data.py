@@ -7,8 +7,11 @@ encoded bytes from the workers decoded and augmented as tensors on the training 
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -133,6 +136,86 @@ class TensorBatches:
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x[index], self.y[index]
+
+
+_DONE = object()  # the end of the loader, on the prefetch queue
+
+
+class DeviceBatches:
+    """A loader's batches made ready on the training device by ``prepare`` (decode and augment, or
+    copy). With ``ahead`` > 0 (the default on CUDA) a background thread prepares up to ``ahead``
+    batches in advance, on its own CUDA stream: nvJPEG's decode blocks its caller until the batch
+    is decoded (24 ms a batch of 256 on an H100) and releases the GIL meanwhile, so the step's
+    launches go on in the main thread and its kernels do not queue behind the input's. Same
+    batches in the same order as ``ahead=0`` (inline, one by one): the thread alone draws from the
+    loader and the augmentation generator."""
+
+    def __init__(self, loader: Iterable, prepare: Callable[[Any], torch.Tensor], device: torch.device,
+                 ahead: int | None = None) -> None:
+        self.loader, self.prepare, self.device = loader, prepare, device
+        self.ahead = (2 if device.type == "cuda" else 0) if ahead is None else ahead
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def _ready(self, batch: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        return self.prepare(x), y.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.ahead <= 0:
+            yield from map(self._ready, self.loader)
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._fill, args=(ready, stop), name="clfpipe-prefetch", daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._hand_over(*item)
+        finally:  # also when the consumer stops early (lr_find): the thread ends, nothing is left running
+            stop.set()
+            while worker.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    ready.get(timeout=0.05)
+            worker.join()
+
+    def _fill(self, ready: queue.Queue, stop: threading.Event) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            for batch in self.loader:
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    item = self._ready(batch), (torch.cuda.Event() if cuda else None)
+                    if cuda:
+                        item[1].record(stream)
+                if not _put(ready, item, stop):
+                    return
+            _put(ready, _DONE, stop)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
+            _put(ready, exc, stop)
+
+    def _hand_over(self, batch: tuple[torch.Tensor, torch.Tensor],
+                   done: torch.cuda.Event | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's stream waits for this batch only; the allocator keeps its memory until the
+        step's use of it is done."""
+        if done is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(done)
+            for tensor in batch:
+                tensor.record_stream(main)
+        return batch
+
+
+def _put(ready: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless the consumer has stopped: False then."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Full):
+            ready.put(item, timeout=0.05)
+            return True
+    return False
 
 
 def device_batch(encoded: EncodedBatch | list[torch.Tensor], device: torch.device, spec: PreprocessSpec, *,

@@ -130,8 +130,8 @@ def _train_epoch(data: StageData, optimizer: torch.optim.Optimizer, multipliers:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())  # no .item() per step: it would wait for the GPU and stall the next batch's input
+    return torch.stack(losses).tolist() if losses else []
 
 
 def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) -> None:

@@ -21,7 +21,7 @@ from clfpipe.contract.metrics import score
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
-from clfpipe.train.data import ImageDataset, TensorBatches, device_batch, encoded_loader, make_loader
+from clfpipe.train.data import DeviceBatches, ImageDataset, TensorBatches, device_batch, encoded_loader, make_loader
 from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
@@ -124,11 +124,12 @@ class StageData:
         bs, workers = self.batch_size, recipe.data.num_workers
         self.sampler = self._sampler(ctx.train)
         if self.tensor_decode:
-            self.train_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)
+            self.host_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)
         else:
-            self.train_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
-                                            num_workers=workers, seed=recipe.seed, sampler=self.sampler)
-        self.generator = self.train_loader.generator
+            self.host_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
+                                           num_workers=workers, seed=recipe.seed, sampler=self.sampler)
+        self.generator = self.host_loader.generator
+        self.train_loader = DeviceBatches(self.host_loader, self.to_input, ctx.device)
         self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), recipe.data.batch_size, shuffle=False,
                                         num_workers=workers, seed=recipe.seed)
         self.forward = self.model
@@ -182,10 +183,10 @@ class StageData:
         return self._loss(batch, self.forward)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: nn.Module) -> torch.Tensor:
+        """A batch from ``train_loader``: already on the device."""
         x, y = batch
-        x = self.to_input(x)
         with autocast(self.device, self.amp):
-            return criterion(forward(x).float(), y.to(self.device))
+            return criterion(forward(x).float(), y)
 
     @torch.inference_mode()
     def validate(self) -> tuple[float, float]:
