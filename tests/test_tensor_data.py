@@ -1,7 +1,9 @@
 """The two training-image paths (Pillow in loader workers; tensors decoded on the device: nvJPEG on
 CUDA, exercised here on the CPU) share one transforms definition and must agree."""
 
+import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,8 +19,10 @@ from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn import transforms
 from clfpipe.nn.transforms import (_scaled_crop, apply, apply_batch, augment_crops, crop_batch, decode_batch, eval_pixels,
                                     torch_uniform)
+from clfpipe.nn.models import build_model
 from clfpipe.train.data import DeviceBatches, ImageDataset, device_batch, encoded_loader
 from clfpipe.train.loop import train_run
+from clfpipe.train.stage import Context, StageData
 
 
 @pytest.fixture
@@ -209,3 +213,20 @@ def test_prefetching_batches_in_a_thread_gives_the_inline_batches_and_stops_with
     with pytest.raises(DataError, match="corrupt image"):  # an error in the thread reaches the consumer
         list(_prefetched(2, fail_at=3))
     assert not _prefetch_threads()
+
+
+def test_a_stage_stops_its_loader_workers_when_it_ends(data, tmp_path):
+    """Left to the garbage collector, a persistent loader's shutdown waited 5 s per worker."""
+    recipe = load_recipe(None, ["data.num_workers=2", "data.batch_size=4", "stages.0.size=32"])
+    ctx = Context(recipe, scan_split(data, "train"), scan_split(data, "valid"), torch.device("cpu"), tmp_path)
+    model = build_model(recipe.model, 3)
+    with contextlib.closing(StageData(model, recipe.stages[0], 0, ctx)) as stage:
+        next(iter(stage.train_loader))  # an epoch left unfinished, as lr_find leaves it
+        stage.validate()
+        workers = stage.host_loader._iterator._workers + stage.valid_loader._iterator._workers
+        assert len(workers) == 4 and all(w.is_alive() for w in workers)
+    start = time.perf_counter()
+    for w in workers:
+        w.join(timeout=5)
+    assert not any(w.is_alive() for w in workers) and time.perf_counter() - start < 2
+    assert stage.host_loader._iterator is None and stage.valid_loader._iterator is None

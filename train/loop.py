@@ -8,6 +8,7 @@ resumed run draws the same batches as an uninterrupted one. The manifest is writ
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as _dt
@@ -39,7 +40,7 @@ from clfpipe.contract.manifest import (
 )
 from clfpipe.contract.metrics import metric_name
 from clfpipe.contract.progress import progress
-from clfpipe.contract.recipe import Recipe, dump_recipe, load_recipe
+from clfpipe.contract.recipe import Recipe, StageConfig, dump_recipe, load_recipe
 from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trainable, train_mode
 from clfpipe.train.distributed import Dist, broadcast, from_env, mean, setup, teardown
 from clfpipe.train.evaluate import evaluate
@@ -137,7 +138,11 @@ def _train_epoch(data: StageData, optimizer: torch.optim.Optimizer, multipliers:
 def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) -> None:
     """Train stage `index` from state.epoch on, saving the state after each epoch."""
     stage = ctx.recipe.stages[index]
-    data = StageData(model, stage, index, ctx)
+    with contextlib.closing(StageData(model, stage, index, ctx)) as data:
+        _train_stage(model, index, stage, data, ctx, state)
+
+
+def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageData, ctx: Context, state: TrainState) -> None:
     lrs = _choose_lrs(model, index, data, ctx, state)
     state.lrs = list(lrs)
     set_trainable(model, stage.trainable)

@@ -154,6 +154,16 @@ class StageData:
         self.valid_loader = TensorBatches(*tensors[1], recipe.data.batch_size, shuffle=False, drop_last=False)
         self.forward = self.model.head[2:]
 
+    def close(self) -> None:
+        """Stop the stage's loader workers now. Left to the garbage collector (a persistent loader
+        and its iterator refer to each other), the iterator's queues were finalised before its
+        shutdown could tell the workers to exit: 5 s per worker, 40 s of a 155 s run."""
+        for loader in (getattr(self, "host_loader", None), self.valid_loader):
+            iterator = getattr(loader, "_iterator", None)  # DataLoader has no public close
+            if iterator is not None:
+                iterator._shutdown_workers()
+                loader._iterator = None  # type: ignore[union-attr]
+
     def wrap(self, sync_batchnorm: bool) -> None:
         """DDP around the stage's forward, now that what trains is set."""
         self.train_forward = wrap(self.forward, self.dist, self.device, sync_batchnorm)
