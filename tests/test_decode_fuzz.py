@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clfpipe.contract.preprocess import MAX_PIXELS, PixelsPreprocessor, PreprocessSpec, decode_to_pixels
+from clfpipe.contract.preprocess import (MAX_PIXELS, PixelsPreprocessor, PreprocessSpec, decode_to_pixels, jpeg_size,
+                                        jpeg_within_bounds, open_checked)
 
 SPEC = PreprocessSpec(40, 32)
 
@@ -117,3 +118,41 @@ def test_decoding_the_attacks_stays_within_bounded_memory(tmp_path):
     grown_mb = int(subprocess.run([sys.executable, "-c", code, str(cases)], capture_output=True, text=True, check=True).stdout)
     assert grown_mb < 200, f"decoding grew the process by {grown_mb} MB"
     assert 4000 * 4000 <= MAX_PIXELS  # the legitimate 16-megapixel image above was decoded, not refused
+
+
+def _pillow_jpeg_bounds(data: bytes) -> bool:
+    try:
+        img = open_checked(data)
+    except ValueError:
+        return False
+    return img.format == "JPEG"
+
+
+@settings(max_examples=400, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=600), st.binary(max_size=600).map(lambda b: b"\xff\xd8" + b)),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8), st.one_of(st.none(), st.integers(0, 3000)))
+def test_the_jpeg_header_scan_ends_on_any_bytes_and_vouches_only_within_the_bounds(noise, flips, cut):
+    """``jpeg_size`` walks markers by their lengths: any input ends with a size or None; where
+    Pillow reads the header too, the sizes agree; what ``jpeg_within_bounds`` vouches for is
+    within the Pillow path's bounds (nvJPEG then decodes it, or fails it alone)."""
+    mutated = bytearray(SEEDS["JPEG"])
+    for position, value in flips:
+        mutated[position % len(mutated)] = value
+    for data in (noise, bytes(mutated[:cut] if cut is not None else mutated)):
+        size = jpeg_size(data)
+        assert size is None or (isinstance(size, tuple) and all(0 <= v <= 65535 for v in size))
+        if size is not None and _pillow_jpeg_bounds(data):
+            assert Image.open(io.BytesIO(data)).size == size
+        if jpeg_within_bounds(data):
+            width, height = size
+            assert 1 <= width * height <= MAX_PIXELS and len(data) * 512 >= width * height
+            assert max(width, height) <= 16 * min(width, height)
+
+
+@pytest.mark.parametrize("width, height, fits", [(24, 20, True), (7999, 7999, False), (1000, 10, False), (0, 20, False)])
+def test_the_jpeg_header_scan_applies_the_pillow_paths_bounds(width, height, fits):
+    data = _with_jpeg_size(width, height)
+    assert jpeg_size(data) == (width, height)
+    assert jpeg_within_bounds(data) is fits is _pillow_jpeg_bounds(data)
+    for fmt in ("PNG", "BMP", "WEBP"):
+        assert jpeg_size(SEEDS[fmt]) is None and not jpeg_within_bounds(SEEDS[fmt])

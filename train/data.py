@@ -21,7 +21,7 @@ from clfpipe.contract.augment import AUGMENTS, AugmentPolicy
 from clfpipe.contract.dataset import Split
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize
-from clfpipe.nn.transforms import decode_batch, normalize_batch, torch_uniform, train_pixels, train_pixels_batch
+from clfpipe.nn.transforms import decode_batch, normalize_batch, to_device, torch_uniform, train_pixels, train_pixels_batch
 
 
 def _target(label: int | tuple[int, ...]) -> int | torch.Tensor:
@@ -160,7 +160,7 @@ class DeviceBatches:
 
     def _ready(self, batch: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        return self.prepare(x), y.to(self.device, non_blocking=True)
+        return self.prepare(x), to_device(y, self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.ahead <= 0:

@@ -68,7 +68,7 @@ def _rotation_grid(angles: torch.Tensor, size: int) -> torch.Tensor:
     theta = torch.stack([cos, sin, zero, -sin, cos, zero], 1).view(-1, 2, 3).float()
     steps = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
     base = torch.stack([steps.expand(size, size), steps.view(-1, 1).expand(size, size), torch.ones(size, size, device=angles.device)], -1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * size, 0.5 * size], device=angles.device)
+    scaled = theta.transpose(1, 2) / (0.5 * size)
     return base.view(1, size * size, 3).expand(len(angles), -1, -1).bmm(scaled).view(-1, size, size, 2)
 
 
@@ -113,35 +113,49 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
     for i, img in enumerate(images):
         groups.setdefault(_size(img), []).append(i)
     for (height, width), members in groups.items():
-        windows = torch.tensor([scaled_crop(height, width, params[i], resize=spec.resize, crop=crop) for i in members],
-                               device=device)  # new_h, new_w, top, left
+        windows = to_device(torch.tensor([scaled_crop(height, width, params[i], resize=spec.resize, crop=crop)
+                                          for i in members]), device)  # new_h, new_w, top, left
         rows = _resize_weights(height, windows[:, 0], windows[:, 2], crop).unsqueeze(1)
         cols = _resize_weights(width, windows[:, 1], windows[:, 3], crop).unsqueeze(1).transpose(-1, -2)
         step = max(1, _CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, len(members), step):
             part = slice(start, start + step)
             stacked = torch.stack([images[i] for i in members[part]]).float()
-            out[members[part]] = rows[part] @ stacked @ cols[part]
+            out.index_copy_(0, to_device(torch.tensor(members[part]), device), rows[part] @ stacked @ cols[part])
     return out.round_().clamp_(0, 255)
+
+
+_DRAWN = ("angle", "brightness", "contrast", "hflip", "vflip", "rot90")  # augment_crops' columns
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on the device without waiting for it: pinned, then copied
+    asynchronously on the current stream. ``torch.tensor(..., device="cuda")`` from pageable
+    memory blocks the host until that stream's queued work is done: six times a batch, the
+    augmentation thread waited on its own kernels."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def augment_crops(crops: torch.Tensor, params: list[AugmentParams], size: int) -> torch.Tensor:
     """Rotation, lighting and flips of float NCHW crops of whole levels, batched, each image's
-    drawn values as columns -> uint8. Equal to ``apply``'s steps after its crop up to a level
-    where float sums round differently (per-image ops took 0.7 ms an image on an H200)."""
-    device, n = crops.device, len(params)
-    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device).view(n, 1, 1, 1)  # noqa: E731
-    turned = [i for i, p in enumerate(params) if p.angle]
-    if turned:
-        grid = _rotation_grid(torch.tensor([params[i].angle for i in turned], device=device), size)
-        crops[turned] = torch.nn.functional.grid_sample(crops[turned], grid, mode="nearest", padding_mode="zeros",
-                                                        align_corners=False)
-    crops = _blend(crops, 0.0, column([p.brightness for p in params]))
+    drawn values one column of a table copied once -> uint8. Equal to ``apply``'s steps after its
+    crop up to a level where float sums round differently (per-image ops took 0.7 ms an image on
+    an H200)."""
+    n = len(params)
+    table = to_device(torch.tensor([[float(getattr(p, name)) for name in _DRAWN] for p in params]), crops.device)
+    column = {name: table[:, i].view(n, 1, 1, 1) for i, name in enumerate(_DRAWN)}
+    if any(p.angle for p in params):  # the unturned keep their pixels exactly
+        turned = torch.nn.functional.grid_sample(crops, _rotation_grid(table[:, 0], size), mode="nearest",
+                                                 padding_mode="zeros", align_corners=False)
+        crops = torch.where(column["angle"] != 0, turned, crops)
+    crops = _blend(crops, 0.0, column["brightness"])
     gray = (crops[:, 0] * 0.2989 + crops[:, 1] * 0.587 + crops[:, 2] * 0.114).floor_()
-    crops = _blend(crops, gray.mean(dim=(-2, -1)).view(n, 1, 1, 1), column([p.contrast for p in params]))
-    crops = torch.where(column([p.hflip for p in params]) > 0, crops.flip(-1), crops)
-    crops = torch.where(column([p.vflip for p in params]) > 0, crops.flip(-2), crops)
-    crops = torch.where(column([p.rot90 for p in params]) > 0, torch.rot90(crops, 1, dims=(-2, -1)), crops)
+    crops = _blend(crops, gray.mean(dim=(-2, -1)).view(n, 1, 1, 1), column["contrast"])
+    crops = torch.where(column["hflip"] > 0, crops.flip(-1), crops)
+    crops = torch.where(column["vflip"] > 0, crops.flip(-2), crops)
+    crops = torch.where(column["rot90"] > 0, torch.rot90(crops, 1, dims=(-2, -1)), crops)
     return crops.to(torch.uint8)
 
 
@@ -180,8 +194,8 @@ def train_pixels_batch(images: list[torch.Tensor], policy: AugmentPolicy, spec: 
 
 def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 NCHW -> float32 NCHW standardised with the spec's mean/std, on the same device."""
-    mean = torch.tensor(spec.mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=pixels.device).view(1, 3, 1, 1)
+    mean = to_device(torch.tensor(spec.mean), pixels.device).view(1, 3, 1, 1)
+    std = to_device(torch.tensor(spec.std), pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
 
 

@@ -18,18 +18,10 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from clfpipe.contract.preprocess import PreprocessSpec, open_checked, per_request
+from clfpipe.contract.preprocess import PreprocessSpec, jpeg_within_bounds, open_checked, per_request
 from clfpipe.nn.transforms import eval_pixels, is_jpeg
 
 Decoded = tuple[torch.Tensor | None, list[int | ValueError]]
-
-
-def _passes(data: bytes) -> bool:
-    try:
-        open_checked(data).close()
-    except ValueError:
-        return False  # decoded one by one below, where the error reaches its request
-    return True
 
 
 def _tensors(items: list[bytes]) -> list[torch.Tensor]:
@@ -60,7 +52,9 @@ class DevicePreprocessor:
 
     def _decoded(self, flat: list[tuple[int, bytes]]) -> dict[int, torch.Tensor]:
         """The common case: one nvJPEG call for every JPEG of the batch; {} when one of them fails."""
-        jpegs = [i for i, (_, d) in enumerate(flat) if is_jpeg(d) and _passes(d)]
+        # by the JPEG's own header: what it cannot vouch for is decoded one by one, where
+        # open_checked's error reaches its request
+        jpegs = [i for i, (_, d) in enumerate(flat) if jpeg_within_bounds(d)]
         if not jpegs:
             return {}
         try:
