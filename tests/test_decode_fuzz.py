@@ -16,8 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clfpipe.contract.preprocess import (MAX_PIXELS, PixelsPreprocessor, PreprocessSpec, decode_to_pixels, jpeg_size,
-                                        jpeg_within_bounds, open_checked)
+from clfpipe.contract.preprocess import (
+    MAX_PIXELS,
+    PixelsPreprocessor,
+    PreprocessSpec,
+    decode_to_pixels,
+    jpeg_size,
+    jpeg_within_bounds,
+    open_checked,
+)
 
 SPEC = PreprocessSpec(40, 32)
 

@@ -17,9 +17,17 @@ from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize, r
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn import transforms
-from clfpipe.nn.transforms import (_scaled_crop, apply, apply_batch, augment_crops, crop_batch, decode_batch, eval_pixels,
-                                    torch_uniform)
 from clfpipe.nn.models import build_model
+from clfpipe.nn.transforms import (
+    _scaled_crop,
+    apply,
+    apply_batch,
+    augment_crops,
+    crop_batch,
+    decode_batch,
+    eval_pixels,
+    torch_uniform,
+)
 from clfpipe.train.data import DeviceBatches, ImageDataset, device_batch, encoded_loader
 from clfpipe.train.loop import train_run
 from clfpipe.train.stage import Context, StageData
