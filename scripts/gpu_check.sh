@@ -11,6 +11,9 @@
 # it when it is there and installs this checkout into that venv. The python3 first on PATH is what
 # Triton's python stub embeds: it must have numpy<2 ('serve up' checks). Results go to
 # $OUT/gpu_check.jsonl (and the whole log to $OUT/gpu_check.log) when OUT is set, else to stdout.
+# The peer check (issue 13) needs fastai: scripts/peer_wheels.sh fills .whl/peer (~4 MB), and the
+# datasets travel as peerdata/ (benchmarks/real_datasets.py). .whl with .whl/peer exceeds a 64 MiB
+# carry: a peer run without demo/serving carries .whl without the nvidia_pytriton wheel.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-}
