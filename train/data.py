@@ -188,10 +188,9 @@ class DeviceBatches:
         try:
             for batch in self.loader:
                 with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    item = self._ready(batch), (torch.cuda.Event() if cuda else None)
-                    if cuda:
-                        item[1].record(stream)
-                if not _put(ready, item, stop):
+                    prepared = self._ready(batch)
+                    done = stream.record_event() if cuda else None
+                if not _put(ready, (prepared, done), stop):
                     return
             _put(ready, _DONE, stop)
         except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread

@@ -104,10 +104,16 @@ def open_checked(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, Image.DecompressionBombError, SyntaxError, EOFError) as exc:
         raise ValueError(f"not a decodable image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     check_size(img.width, img.height, max_pixels)
-    if img.format == "JPEG" and len(data) < img.width * img.height * JPEG_MIN_BYTES_PER_PIXEL:
-        raise ValueError(f"JPEG header claims {img.width}x{img.height} but the file holds {len(data)} bytes, too few "
-                         f"for that many pixels (expected at least {int(img.width * img.height * JPEG_MIN_BYTES_PER_PIXEL)})")
+    if img.format == "JPEG":
+        check_jpeg_bytes(img.width, img.height, len(data))
     return img
+
+
+def check_jpeg_bytes(width: int, height: int, size: int) -> None:
+    """Refuse a JPEG header that claims far more pixels than its bytes can hold."""
+    if size < width * height * JPEG_MIN_BYTES_PER_PIXEL:
+        raise ValueError(f"JPEG header claims {width}x{height} but the file holds {size} bytes, too few "
+                         f"for that many pixels (expected at least {int(width * height * JPEG_MIN_BYTES_PER_PIXEL)})")
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
@@ -160,9 +166,10 @@ def jpeg_within_bounds(data: bytes, max_pixels: int = MAX_PIXELS) -> bool:
     width, height = size
     try:
         check_size(width, height, max_pixels)
+        check_jpeg_bytes(width, height, len(data))
     except ValueError:
         return False
-    return len(data) >= width * height * JPEG_MIN_BYTES_PER_PIXEL
+    return True
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
