@@ -3,14 +3,15 @@
     python benchmarks/train_throughput.py [--data DIR] [--size 224] [--batch 128] [--steps 30]
 
 Prints one JSON object: e2e_img_s (files read by loader workers, decoded and augmented on the
-device: nvJPEG on CUDA, by a prefetch thread two batches ahead on its own stream), synthetic_img_s
-(a fixed batch already on the device), and ratio = e2e / synthetic (goal on a GPU machine:
->= 0.85); plain_torch_img_s, the same model in a plain PyTorch loop (AMP bf16 on CUDA,
-channels_last, SGD) on the same batch, and synthetic_vs_plain (goal >= 0.9); e2e_inline_img_s,
-the e2e steps with the input prepared inline instead of by the prefetch thread; and where the
-e2e time goes (ms per batch of each part timed alone: loader, decode, augment, step; with
---profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
-pixels into a temporary folder.
+device: nvJPEG on CUDA, two batches ahead by prefetch threads, one per step on its own stream:
+decode, augment), synthetic_img_s (a fixed batch already on the device), and ratio = e2e /
+synthetic (goal on a GPU machine: >= 0.85); plain_torch_img_s, the same model in a plain PyTorch
+loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and synthetic_vs_plain (goal >=
+0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in
+turn; e2e_inline_img_s, with the input prepared inline instead; and where the e2e time goes (ms
+per batch of each part timed alone: loader, decode, augment, step; with --profile N, the top ops
+of N e2e steps). With no --data it writes demo images at --image-size pixels into a temporary
+folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model, set_trainable, train_mode
+from clfpipe.train.data import DeviceBatches
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
 
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet34")
     parser.add_argument("--image-size", type=int, default=384, help="generated demo images (no --data)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many e2e steps")
+    parser.add_argument("--ahead", type=int, default=None, help="batches prefetched ahead (default: 2 on CUDA, 0 on the CPU)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data or Path(tmp) / "data"
@@ -149,6 +152,8 @@ def main() -> None:
         set_trainable(model, "all")
         optimizer = make_optimizer(stage, param_groups(model, stage.lr))
         data = StageData(model, stage, 0, ctx)
+        if args.ahead is not None:
+            data.train_loader.ahead = args.ahead
         train_mode(model)
 
         def step(batch) -> None:
@@ -159,7 +164,10 @@ def main() -> None:
 
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
-        ahead, data.train_loader.ahead = data.train_loader.ahead, 0  # the same input, prepared inline
+        ahead = data.train_loader.ahead
+        one_thread = DeviceBatches(data.host_loader, data.to_input, device, ahead=ahead)  # decode + augment in turn
+        one_thread_s = timed_steps(step, forever(one_thread), args.warmup, args.steps, device) if ahead else None
+        data.train_loader.ahead = 0  # the same input, prepared inline
         inline_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's
         x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
@@ -173,7 +181,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,
         "batch": args.batch, "steps": args.steps, "e2e_img_s": round(images / e2e_s, 1),
         "synthetic_img_s": round(images / synthetic_s, 1), "ratio": round(synthetic_s / e2e_s, 3),
-        "prefetch_batches": ahead, "e2e_inline_img_s": round(images / inline_s, 1),
+        "prefetch_batches": ahead, "prefetch_threads": len(data.train_loader.steps) if ahead else 0,
+        "e2e_one_thread_img_s": round(images / one_thread_s, 1) if one_thread_s else None,
+        "e2e_inline_img_s": round(images / inline_s, 1),
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
     }))

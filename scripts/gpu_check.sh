@@ -86,7 +86,8 @@ run_peer() {
   for name in ${PEER_DATASETS:-digits faces}; do
     local data=$ROOT/peerdata/$name
     [ -d "$data" ] || { data=$WORK/$name; python3 "$ROOT/benchmarks/real_datasets.py" "$name" "$data" || continue; }
-    check "peer_$name" 200 python3 "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64
+    # PEER_SEEDS=0,1,2: each seed on both sides, then their means (one seed's top-1 moves by a point or two)
+    check "peer_$name" ${PEER_SECONDS:-200} python3 "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64 --seeds "${PEER_SEEDS:-0}"
   done
 }
 CHECKS=("$@")

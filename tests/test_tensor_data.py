@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clfpipe.contract.augment import AUGMENTS, AugmentParams, sample
+from clfpipe.contract.augment import AUGMENTS, DRAWS, AugmentParams, from_unit, sample
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize, resize_crop
@@ -26,7 +26,8 @@ from clfpipe.nn.transforms import (
     crop_batch,
     decode_batch,
     eval_pixels,
-    torch_uniform,
+    sample_batch,
+    torch_draws,
 )
 from clfpipe.train.data import DeviceBatches, ImageDataset, device_batch, encoded_loader
 from clfpipe.train.loop import train_run
@@ -85,9 +86,9 @@ def test_random_parts_draw_the_same_parameters_on_both_paths():
     """Both paths draw with contract.augment.sample from a torch generator: same seed, same draws;
     and the draws follow the policy's ranges and probabilities."""
     policy = AUGMENTS["top_down"]
-    pil_path = [sample(policy, torch_uniform(torch.Generator().manual_seed(7))) for _ in range(1)]
+    pil_path = [sample(policy, torch_draws(torch.Generator().manual_seed(7))) for _ in range(1)]
     gen = torch.Generator().manual_seed(7)
-    draws = [sample(policy, torch_uniform(gen)) for _ in range(2000)]
+    draws = [sample(policy, torch_draws(gen)) for _ in range(2000)]
     assert pil_path[0] == draws[0]
     zooms = np.array([d.zoom for d in draws])
     assert 1.0 <= zooms.min() and zooms.max() <= policy.max_zoom
@@ -96,7 +97,25 @@ def test_random_parts_draw_the_same_parameters_on_both_paths():
     for flag in ("hflip", "vflip", "rot90"):
         assert abs(np.mean([getattr(d, flag) for d in draws]) - 0.5) < 0.04
     assert all(abs(d.brightness - 1) <= policy.brightness and abs(d.contrast - 1) <= policy.contrast for d in draws)
-    assert not any(d.vflip or d.rot90 for d in (sample(AUGMENTS["side_on"], torch_uniform(gen)) for _ in range(200)))
+    assert not any(d.vflip or d.rot90 for d in (sample(AUGMENTS["side_on"], torch_draws(gen)) for _ in range(200)))
+    batch = sample_batch(policy, 5, torch.Generator().manual_seed(7))  # the device path's one draw per batch
+    assert batch == [sample(policy, torch_draws(g)) for g in [torch.Generator().manual_seed(7)] for _ in range(5)]
+    assert sample_batch(AUGMENTS["none"], 3, gen) == [AugmentParams()] * 3
+
+
+def test_a_draw_maps_its_unit_values_onto_the_policy_ranges():
+    """``from_unit`` against its closed form at the ends of [0, 1)."""
+    policy = AUGMENTS["top_down"]
+    low = from_unit(policy, [0.0] * DRAWS)
+    assert (low.zoom, low.u, low.v, low.angle) == (1.0, 0.0, 0.0, -policy.rotate_degrees)
+    assert (low.brightness, low.contrast) == (1 - policy.brightness, 1 - policy.contrast)
+    assert low.hflip and low.vflip and low.rot90
+    high = from_unit(policy, [0.999] * DRAWS)
+    assert high.angle == 0.0 and not (high.hflip or high.vflip or high.rot90)  # 0.999 >= rotate_p: no turn
+    assert high.zoom == pytest.approx(1 + 0.999 * (policy.max_zoom - 1))
+    assert from_unit(AUGMENTS["none"], [0.0] * DRAWS) == AugmentParams()
+    with pytest.raises(ValueError, match=f"expected {DRAWS} values"):
+        from_unit(policy, [0.5] * 3)
 
 
 def test_pil_dataset_and_device_batch_agree_without_augmentation(data):
@@ -152,7 +171,7 @@ def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in [(60, 80), (75, 50), (64, 64)] * 4]
     spec = PreprocessSpec(48, 40)
-    params = [sample(AUGMENTS[policy], torch_uniform(gen)) for _ in images]
+    params = [sample(AUGMENTS[policy], torch_draws(gen)) for _ in images]
     params[0] = AugmentParams(angle=7.5, brightness=1.04, contrast=0.96)  # a turn that is not a quarter
     assert any(p.angle for p in params) and any(not p.angle for p in params) and any(p.hflip for p in params)
     crops = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
@@ -165,16 +184,18 @@ def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
     assert whole.max() <= 3 and whole.float().mean() < 0.5  # a level of the crop, through lighting
 
 
-@pytest.mark.parametrize("chunk", [1 << 28, 3 * 60 * 80 * 2])  # one resampling per size; or two images at a time
+@pytest.mark.parametrize("chunk", [1 << 28, 3 * 64 * 96 * 2])  # one resampling per padded size; or two images at a time
 def test_the_batched_crops_are_resize_then_crop(chunk, monkeypatch):
     """The windows of every size, zoom and place, shrunk (noise, where filters differ most) and
-    enlarged (an 8x8 digit), equal ``_scaled_crop``'s resize then crop up to a level."""
+    enlarged (an 8x8 digit), padded among others of nearly their size, equal ``_scaled_crop``'s
+    resize then crop up to a level."""
     monkeypatch.setattr(transforms, "_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(1)
-    sizes = [(60, 80), (375, 500), (8, 8), (60, 80), (75, 50), (60, 80), (8, 8)]
+    sizes = [(60, 80), (375, 500), (8, 8), (58, 75), (75, 50), (60, 80), (8, 8), (370, 497), (64, 96)]
+    assert len({transforms._bucket(h, w) for h, w in sizes}) == 4  # (64, 96), (384, 512), (32, 32), (96, 64)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in sizes]
     for spec in (PreprocessSpec(48, 40), PreprocessSpec(73, 64)):
-        params = [sample(AUGMENTS["side_on"], torch_uniform(gen)) for _ in images]
+        params = [sample(AUGMENTS["side_on"], torch_draws(gen)) for _ in images]
         params[1] = AugmentParams(zoom=1.1, u=1.0, v=0.0)  # a corner
         batched = crop_batch(images, params, spec)
         single = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
@@ -194,33 +215,48 @@ def test_an_augmentation_at_zoom_one_in_the_centre_is_the_evaluation_pixels(heig
     assert zoomed.size == (64, 64)
 
 
-def _prefetched(ahead: int, fail_at: int | None = None) -> DeviceBatches:
+def _prefetched(ahead: int, fail_at: tuple[int, int] | None = None, two_steps: bool = True) -> DeviceBatches:
+    """Six batches through a "decode" (a list of tensors) and an "augment" drawing from a generator,
+    as the device path does; fail_at = (step, batch) raises there."""
     gen = torch.Generator().manual_seed(5)
     loader = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(6)]
 
-    def prepare(x: torch.Tensor) -> torch.Tensor:  # draws from a generator, as the augmentation does
-        if fail_at is not None and int(x[0, 0]) == fail_at:
+    def check(step: int, x: torch.Tensor) -> None:
+        if fail_at == (step, int(x[0, 0])):
             raise DataError("corrupt image in a training batch: test")
-        return x + torch.rand(x.shape, generator=gen)
 
-    return DeviceBatches(loader, prepare, torch.device("cpu"), ahead=ahead)
+    def decode(x: torch.Tensor) -> list[torch.Tensor]:
+        check(0, x)
+        return list(x)
+
+    def augment(rows: list[torch.Tensor]) -> torch.Tensor:
+        check(1, rows[0][None])
+        return torch.stack(rows) + torch.rand((len(rows), 3), generator=gen)
+
+    steps = (decode, augment) if two_steps else (lambda x: augment(list(x)))
+    return DeviceBatches(loader, steps, torch.device("cpu"), ahead=ahead)
 
 
 def _prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "clfpipe-prefetch"]
 
 
-def test_prefetching_batches_in_a_thread_gives_the_inline_batches_and_stops_with_its_consumer():
-    inline = list(_prefetched(0))
-    ahead = list(_prefetched(2))
+@pytest.mark.parametrize("two_steps", [True, False])
+def test_prefetching_batches_in_threads_gives_the_inline_batches_and_stops_with_its_consumer(two_steps):
+    inline = list(_prefetched(0, two_steps=two_steps))
+    ahead = list(_prefetched(2, two_steps=two_steps))
     assert len(ahead) == 6 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, ahead))
-    batches = iter(_prefetched(2))
+    assert [int(y[0]) for _, y in ahead] == list(range(6))
+    batches = iter(_prefetched(2, two_steps=two_steps))
     next(batches)
-    batches.close()  # a consumer that stops early (lr_find): the thread is gone, not blocked on its queue
+    batches.close()  # a consumer that stops early (lr_find): the threads are gone, not blocked on a queue
     assert not _prefetch_threads()
-    with pytest.raises(DataError, match="corrupt image"):  # an error in the thread reaches the consumer
-        list(_prefetched(2, fail_at=3))
-    assert not _prefetch_threads()
+    for step in (0, 1) if two_steps else (1,):  # an error in either thread reaches the consumer, after the batches before it
+        batches = iter(_prefetched(2, fail_at=(step, 3), two_steps=two_steps))
+        assert [int(next(batches)[1][0]) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(DataError, match="corrupt image"):
+            next(batches)
+        assert not _prefetch_threads()
 
 
 def test_a_stage_stops_its_loader_workers_when_it_ends(data, tmp_path):
@@ -238,3 +274,19 @@ def test_a_stage_stops_its_loader_workers_when_it_ends(data, tmp_path):
         w.join(timeout=5)
     assert not any(w.is_alive() for w in workers) and time.perf_counter() - start < 2
     assert stage.host_loader._iterator is None and stage.valid_loader._iterator is None
+
+
+def test_a_stage_decodes_and_augments_in_its_prefetch_threads_as_inline(data, tmp_path):
+    """The stage's two input steps (decode, augment) in their threads give the inline epoch."""
+    recipe = load_recipe(None, ["data.decode=tensor", "data.num_workers=0", "data.batch_size=4", "stages.0.size=32"])
+    ctx = Context(recipe, scan_split(data, "train"), scan_split(data, "valid"), torch.device("cpu"), tmp_path)
+    with contextlib.closing(StageData(build_model(recipe.model, 3), recipe.stages[0], 0, ctx)) as stage:
+        assert stage.tensor_decode and len(stage.train_loader.steps) == 2
+        epochs = []
+        for ahead in (0, 2):
+            stage.train_loader.ahead = ahead
+            stage.seed_epoch(1)
+            epochs.append(list(stage.train_loader))
+    inline, threaded = epochs
+    assert len(inline) == len(threaded) == 4 and inline[0][0].shape == (4, 3, 32, 32)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, threaded))

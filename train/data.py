@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from clfpipe.contract.augment import AUGMENTS, AugmentPolicy
 from clfpipe.contract.dataset import Split
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize
-from clfpipe.nn.transforms import decode_batch, normalize_batch, to_device, torch_uniform, train_pixels, train_pixels_batch
+from clfpipe.nn.transforms import decode_batch, normalize_batch, to_device, torch_draws, train_pixels, train_pixels_batch
 
 
 def _target(label: int | tuple[int, ...]) -> int | torch.Tensor:
@@ -45,7 +46,7 @@ class ImageDataset(Dataset):
             img = load_image(path)
         except ValueError as exc:
             raise DataError(f"corrupt image file {exc}") from exc
-        return np.asarray(train_pixels(img, self.policy, self.spec, torch_uniform()), dtype=np.uint8)
+        return np.asarray(train_pixels(img, self.policy, self.spec, torch_draws()), dtype=np.uint8)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         return torch.from_numpy(normalize(self.pixels(index), self.spec)), _target(self.split.labels[index])
@@ -138,74 +139,116 @@ class TensorBatches:
             yield self.x[index], self.y[index]
 
 
-_DONE = object()  # the end of the loader, on the prefetch queue
+_DONE = object()  # the end of the loader, on the prefetch queues
+_STOPPED = object()  # what a stage's get returns once the consumer has stopped
+
+Step = Callable[[Any], Any]  # one part of making a loader's x ready on the device
 
 
 class DeviceBatches:
-    """A loader's batches made ready on the training device by ``prepare`` (decode and augment, or
-    copy). With ``ahead`` > 0 (the default on CUDA) a background thread prepares up to ``ahead``
-    batches in advance, on its own CUDA stream: nvJPEG's decode blocks its caller until the batch
-    is decoded (24 ms a batch of 256 on an H100) and releases the GIL meanwhile, so the step's
-    launches go on in the main thread and its kernels do not queue behind the input's. Same
-    batches in the same order as ``ahead=0`` (inline, one by one): the thread alone draws from the
-    loader and the augmentation generator."""
+    """A loader's batches made ready on the training device by ``steps`` applied in order (decode,
+    then augment; or a copy), labels copied alongside. With ``ahead`` > 0 (the default on CUDA)
+    each step runs in its own background thread on its own CUDA stream, up to ``ahead`` batches in
+    advance: nvJPEG's decode blocks its caller until the batch is decoded (16.8 ms a batch of 256
+    on an H200) and releases the GIL meanwhile, so the next batch decodes while the one before is
+    augmented (one thread did both in turn: ~38 ms a batch, more than the step's 29 ms), and the
+    step's launches go on in the main thread without its kernels queueing behind the input's.
+    Same batches in the same order as ``ahead=0`` (inline, one by one): each step has one thread,
+    and only the augmenting one draws from the augmentation generator."""
 
-    def __init__(self, loader: Iterable, prepare: Callable[[Any], torch.Tensor], device: torch.device,
+    def __init__(self, loader: Iterable, steps: Step | Sequence[Step], device: torch.device,
                  ahead: int | None = None) -> None:
-        self.loader, self.prepare, self.device = loader, prepare, device
+        self.loader, self.device = loader, device
+        self.steps: tuple[Step, ...] = tuple(steps) if isinstance(steps, Sequence) else (steps,)
         self.ahead = (2 if device.type == "cuda" else 0) if ahead is None else ahead
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    def _ready(self, batch: tuple[Any, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _first(self, batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
         x, y = batch
-        return self.prepare(x), to_device(y, self.device)
+        return self.steps[0](x), to_device(y, self.device)
+
+    def _inline(self, batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        x, y = self._first(batch)
+        for step in self.steps[1:]:
+            x = step(x)
+        return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.ahead <= 0:
-            yield from map(self._ready, self.loader)
+            yield from map(self._inline, self.loader)
             return
-        ready: queue.Queue = queue.Queue(maxsize=self.ahead)
         stop = threading.Event()
-        worker = threading.Thread(target=self._fill, args=(ready, stop), name="clfpipe-prefetch", daemon=True)
-        worker.start()
+        queues = [queue.Queue(maxsize=self.ahead) for _ in self.steps]
+        sources: list[Callable[[], Any]] = [partial(_get, q, stop) for q in queues[:-1]]
+        threads = [threading.Thread(target=self._run_step, args=(i, source, queues[i], stop), name="clfpipe-prefetch",
+                                    daemon=True) for i, source in enumerate([self._loader_items(stop), *sources])]
+        for thread in threads:
+            thread.start()
         try:
-            while (item := ready.get()) is not _DONE:
+            while (item := _get(queues[-1], stop)) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                yield self._hand_over(*item)
-        finally:  # also when the consumer stops early (lr_find): the thread ends, nothing is left running
+                yield _hand_over(*item, self.device)
+        finally:  # also when the consumer stops early (lr_find): the threads end, nothing is left running
             stop.set()
-            while worker.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    ready.get(timeout=0.05)
-            worker.join()
+            for thread in threads:
+                thread.join()
 
-    def _fill(self, ready: queue.Queue, stop: threading.Event) -> None:
+    def _loader_items(self, stop: threading.Event) -> Callable[[], Any]:
+        """The first step's source: the loader's batches (not yet on the device), then _DONE."""
+        batches = iter(self.loader)
+        return lambda: next(batches, _DONE) if not stop.is_set() else _STOPPED
+
+    def _run_step(self, index: int, source: Callable[[], Any], out: queue.Queue, stop: threading.Event) -> None:
+        """Step ``index`` on each item from ``source`` until _DONE, an error (passed on) or a stop."""
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
         try:
-            for batch in self.loader:
-                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    prepared = self._ready(batch)
-                    done = stream.record_event() if cuda else None
-                if not _put(ready, (prepared, done), stop):
+            while (item := source()) is not _STOPPED:
+                if item is _DONE or isinstance(item, BaseException):
+                    _put(out, item, stop)
                     return
-            _put(ready, _DONE, stop)
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    if index == 0:
+                        batch = self._first(item)
+                    else:
+                        x, y = _hand_over(*item, self.device)  # made on the step before's stream
+                        batch = self.steps[index](x), y
+                    done = stream.record_event() if cuda else None
+                if not _put(out, (batch, done), stop):
+                    return
         except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
-            _put(ready, exc, stop)
+            _put(out, exc, stop)
 
-    def _hand_over(self, batch: tuple[torch.Tensor, torch.Tensor],
-                   done: torch.cuda.Event | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's stream waits for this batch only; the allocator keeps its memory until the
-        step's use of it is done."""
-        if done is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(done)
-            for tensor in batch:
-                tensor.record_stream(main)
-        return batch
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a batch: a tensor, or lists and tuples of them (decoded images)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _hand_over(batch: tuple[Any, torch.Tensor], done: torch.cuda.Event | None, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """The current stream waits for this batch only (made on another thread's stream); the
+    allocator keeps its memory until the current stream's use of it is done."""
+    if done is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_event(done)
+        for tensor in _tensors(batch):
+            tensor.record_stream(current)
+    return batch
+
+
+def _get(source: queue.Queue, stop: threading.Event) -> Any:
+    """The next item, or _STOPPED once the consumer has stopped."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Empty):
+            return source.get(timeout=0.05)
+    return _STOPPED
 
 
 def _put(ready: queue.Queue, item: Any, stop: threading.Event) -> bool:
@@ -217,10 +260,18 @@ def _put(ready: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def decode_encoded(encoded: EncodedBatch | list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Encoded images -> uint8 CHW tensors decoded on the device (nvJPEG on CUDA)."""
+    return decode_batch(encoded.images() if isinstance(encoded, EncodedBatch) else encoded, device)
+
+
+def augment_decoded(images: list[torch.Tensor], spec: PreprocessSpec, *, policy: AugmentPolicy,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Decoded images -> normalised float32 NCHW: each image's drawn augmentation (or the evaluation pixels)."""
+    return normalize_batch(train_pixels_batch(images, policy, spec, generator), spec)
+
+
 def device_batch(encoded: EncodedBatch | list[torch.Tensor], device: torch.device, spec: PreprocessSpec, *,
                  policy: AugmentPolicy, generator: torch.Generator) -> torch.Tensor:
-    """Encoded images -> normalised float32 NCHW on the device: decoded there, then each image's
-    drawn augmentation (or the evaluation pixels)."""
-    if isinstance(encoded, EncodedBatch):
-        encoded = encoded.images()
-    return normalize_batch(train_pixels_batch(decode_batch(encoded, device), policy, spec, torch_uniform(generator)), spec)
+    """Encoded images -> normalised float32 NCHW on the device: decoded there, then augmented."""
+    return augment_decoded(decode_encoded(encoded, device), spec, policy=policy, generator=generator)

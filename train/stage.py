@@ -6,7 +6,9 @@ import contextlib
 import logging
 from collections.abc import Sized
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,16 @@ from clfpipe.contract.metrics import score
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
-from clfpipe.train.data import DeviceBatches, ImageDataset, TensorBatches, device_batch, encoded_loader, make_loader
+from clfpipe.train.data import (
+    DeviceBatches,
+    ImageDataset,
+    Step,
+    TensorBatches,
+    augment_decoded,
+    decode_encoded,
+    encoded_loader,
+    make_loader,
+)
 from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
@@ -129,7 +140,7 @@ class StageData:
             self.host_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
                                            num_workers=workers, seed=recipe.seed, sampler=self.sampler)
         self.generator = self.host_loader.generator
-        self.train_loader = DeviceBatches(self.host_loader, self.to_input, ctx.device)
+        self.train_loader = DeviceBatches(self.host_loader, self.input_steps(), ctx.device)
         self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), recipe.data.batch_size, shuffle=False,
                                         num_workers=workers, seed=recipe.seed)
         self.forward = self.model
@@ -168,11 +179,25 @@ class StageData:
         """DDP around the stage's forward, now that what trains is set."""
         self.train_forward = wrap(self.forward, self.dist, self.device, sync_batchnorm)
 
-    def to_input(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        if self.tensor_decode:  # encoded bytes: decode and augment on the device
-            x = device_batch(x, self.device, self.spec, policy=self.policy, generator=self.augment_gen)  # type: ignore[arg-type]
-        else:
-            x = x.to(self.device, non_blocking=True)  # type: ignore[union-attr]
+    def input_steps(self) -> tuple[Step, ...]:
+        """What makes a loader's x the model's input on the device, in order: encoded bytes are
+        decoded, then augmented there (two steps, each its own prefetch thread on CUDA)."""
+        if self.tensor_decode:
+            return partial(decode_encoded, device=self.device), self._augment
+        return (self._copy,)
+
+    def to_input(self, x: Any) -> torch.Tensor:
+        for step in self.input_steps():
+            x = step(x)
+        return x
+
+    def _augment(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return self._layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.augment_gen))
+
+    def _copy(self, x: torch.Tensor) -> torch.Tensor:
+        return self._layout(x.to(self.device, non_blocking=True))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def seed_epoch(self, epoch: int) -> None:

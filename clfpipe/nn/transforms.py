@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from clfpipe.contract.augment import AugmentParams, AugmentPolicy, Uniform, sample, scaled_crop
+from clfpipe.contract.augment import DRAWS, AugmentParams, AugmentPolicy, Draws, from_unit, sample, scaled_crop
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, center_box, resize_crop, resized_size
 
@@ -24,9 +24,17 @@ Img = TypeVar("Img", Image.Image, torch.Tensor)
 _JPEG_MAGIC = b"\xff\xd8"
 
 
-def torch_uniform(generator: torch.Generator | None = None) -> Uniform:
-    """uniform(a, b) from a torch generator (None: the global one, which DataLoader seeds per worker)."""
-    return lambda a, b: a + (b - a) * float(torch.rand(1, generator=generator))
+def torch_draws(generator: torch.Generator | None = None) -> Draws:
+    """draws(n) from a torch generator (None: the global one, which DataLoader seeds per worker)."""
+    return lambda n: torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+
+
+def sample_batch(policy: AugmentPolicy, n: int, generator: torch.Generator) -> list[AugmentParams]:
+    """n images' parameters from one (n, DRAWS) draw: the values ``sample`` gives image by image
+    from the same generator."""
+    if not policy.random:
+        return [AugmentParams()] * n
+    return [from_unit(policy, row) for row in torch.rand(n, DRAWS, generator=generator, dtype=torch.float64).tolist()]
 
 
 def _size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
@@ -83,45 +91,69 @@ def apply_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: P
     return augment_crops(crop_batch(images, params, spec), params, spec.crop)
 
 
-def _resize_weights(in_size: int, out_sizes: torch.Tensor, starts: torch.Tensor, count: int) -> torch.Tensor:
-    """(n, count, in_size) rows of an antialiased bilinear resize from in_size to each out_size,
-    output pixels start .. start + count: ATen's ``_compute_indices_min_size_weights_aa`` (the
-    filter Pillow and ``TF.resize(antialias=True)`` use), as matrices."""
+def _resize_weights(in_sizes: torch.Tensor, padded: int, out_sizes: torch.Tensor, starts: torch.Tensor,
+                    count: int) -> torch.Tensor:
+    """(n, count, padded) rows of an antialiased bilinear resize from each in_size to its out_size,
+    output pixels start .. start + count, zero beyond the image (its padding): ATen's
+    ``_compute_indices_min_size_weights_aa`` (the filter Pillow and ``TF.resize(antialias=True)``
+    use), as matrices."""
     device = out_sizes.device
-    scale = (in_size / out_sizes.double()).view(-1, 1, 1)  # input pixels per output pixel
+    in_sizes = in_sizes.double().view(-1, 1, 1)
+    scale = in_sizes / out_sizes.double().view(-1, 1, 1)  # input pixels per output pixel
     support = torch.where(scale >= 1.0, scale, torch.ones_like(scale))
     invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
     center = scale * (starts.view(-1, 1, 1) + torch.arange(count, device=device).view(1, -1, 1) + 0.5)
     lo = (center - support + 0.5).trunc().clamp(min=0)
-    hi = (center + support + 0.5).trunc().clamp(max=in_size)
-    source = torch.arange(in_size, device=device, dtype=torch.float64).view(1, 1, -1)
+    hi = torch.minimum((center + support + 0.5).trunc(), in_sizes)
+    source = torch.arange(padded, device=device, dtype=torch.float64).view(1, 1, -1)
     weights = (1.0 - ((source - center + 0.5) * invscale).abs()).clamp(min=0) * ((source >= lo) & (source < hi))
     return (weights / weights.sum(-1, keepdim=True)).float()
 
 
 _CHUNK_ELEMENTS = 1 << 28  # float pixels a resampling holds at once (1 GiB): a batch of large photos is split
+_BUCKET = 32  # images whose sides round up to the same multiple of this many pixels are resampled together
+
+
+def _bucket(height: int, width: int) -> tuple[int, int]:
+    return -(-height // _BUCKET) * _BUCKET, -(-width // _BUCKET) * _BUCKET
+
+
+def _padded(images: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """float (n, 3, height, width), each image in its top-left corner, zeros around it."""
+    if all(_size(img) == (height, width) for img in images):
+        return torch.stack(images).float()
+    out = images[0].new_zeros((len(images), 3, height, width), dtype=torch.float32)
+    for slot, img in zip(out, images):
+        slot[:, : img.shape[-2], : img.shape[-1]] = img
+    return out
 
 
 def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
     """The zoomed crops (``_scaled_crop``: resize, then the crop x crop window) of a batch, as float
-    NCHW of whole levels: per image size, the window's rows and columns of the antialiased resize
-    as two batched matrix products, where resize-then-crop image by image took most of a batch's
-    input time on an H200 (35 ms for 256 images). Equal to ``_scaled_crop`` up to a level."""
+    NCHW of whole levels: the window's rows and columns of each image's antialiased resize as two
+    batched matrix products over images padded to a common size (``_BUCKET``), where resize-then-
+    crop image by image took most of a batch's input time on an H200 (35 ms for 256 images), and
+    one product per distinct size as many ops for photos of many sizes. Equal to ``_scaled_crop``
+    up to a level."""
     device, n, crop = images[0].device, len(images), spec.crop
-    out = torch.empty(n, 3, crop, crop, device=device)
+    sizes = [_size(img) for img in images]
+    # per image: height, width, then scaled_crop's new_h, new_w, top, left; one copy a batch
+    table = to_device(torch.tensor([[h, w, *scaled_crop(h, w, p, resize=spec.resize, crop=crop)]
+                                    for (h, w), p in zip(sizes, params)]), device)
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(_size(img), []).append(i)
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault(_bucket(h, w), []).append(i)
+    out = torch.empty(n, 3, crop, crop, device=device)
     for (height, width), members in groups.items():
-        windows = to_device(torch.tensor([scaled_crop(height, width, params[i], resize=spec.resize, crop=crop)
-                                          for i in members]), device)  # new_h, new_w, top, left
-        rows = _resize_weights(height, windows[:, 0], windows[:, 2], crop).unsqueeze(1)
-        cols = _resize_weights(width, windows[:, 1], windows[:, 3], crop).unsqueeze(1).transpose(-1, -2)
+        index = to_device(torch.tensor(members), device)
+        t = table[index]
+        rows = _resize_weights(t[:, 0], height, t[:, 2], t[:, 4], crop).unsqueeze(1)
+        cols = _resize_weights(t[:, 1], width, t[:, 3], t[:, 5], crop).unsqueeze(1).transpose(-1, -2)
         step = max(1, _CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, len(members), step):
             part = slice(start, start + step)
-            stacked = torch.stack([images[i] for i in members[part]]).float()
-            out.index_copy_(0, to_device(torch.tensor(members[part]), device), rows[part] @ stacked @ cols[part])
+            stacked = _padded([images[i] for i in members[part]], height, width)
+            out.index_copy_(0, index[part], rows[part] @ stacked @ cols[part])
     return out.round_().clamp_(0, 255)
 
 
@@ -174,21 +206,21 @@ def eval_pixels(img: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return img[..., top : top + spec.crop, left : left + spec.crop]
 
 
-def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, uniform: Uniform) -> Img:
+def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, draws: Draws) -> Img:
     """The training transform: a drawn augmentation, or the evaluation pixels without one."""
     if policy.random:
-        return apply(img, sample(policy, uniform), spec)
+        return apply(img, sample(policy, draws), spec)
     if isinstance(img, Image.Image):
         return Image.fromarray(resize_crop(img, spec))
     return eval_pixels(img, spec)
 
 
 def train_pixels_batch(images: list[torch.Tensor], policy: AugmentPolicy, spec: PreprocessSpec,
-                       uniform: Uniform) -> torch.Tensor:
+                       generator: torch.Generator) -> torch.Tensor:
     """``train_pixels`` for a batch of decoded tensors on one device: (N, 3, crop, crop) uint8,
-    each image's parameters drawn in order as the one-by-one path draws them."""
+    each image's parameters the ones the one-by-one path draws from the same generator."""
     if policy.random:
-        return apply_batch(images, [sample(policy, uniform) for _ in images], spec)
+        return apply_batch(images, sample_batch(policy, len(images), generator), spec)
     return torch.stack([eval_pixels(img, spec) for img in images])
 
 
