@@ -11,9 +11,11 @@
 # it when it is there and installs this checkout into that venv. The python3 first on PATH is what
 # Triton's python stub embeds: it must have numpy<2 ('serve up' checks). Results go to
 # $OUT/gpu_check.jsonl (and the whole log to $OUT/gpu_check.log) when OUT is set, else to stdout.
-# The peer check (issue 13) needs fastai: scripts/peer_wheels.sh fills .whl/peer (~4 MB), and the
-# datasets travel as peerdata/ (benchmarks/real_datasets.py). .whl with .whl/peer exceeds a 64 MiB
-# carry: a peer run without demo/serving carries .whl without the nvidia_pytriton wheel.
+# The peer check (issue 13) needs fastai: scripts/peer_wheels.sh fills .whl-peer (~4 MB), and the
+# datasets travel as peerdata/ (benchmarks/real_datasets.py). .whl (62 MiB) with .whl-peer (4 MiB)
+# exceeds a 64 MiB carry: run the other checks carrying .whl, then the peer check on the still-warm
+# machine carrying .whl-peer and peerdata (the .whl already there stays); on a cold one, carry .whl
+# with its nvidia_pytriton wheel moved aside (the peer check does not serve), .whl-peer and peerdata.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-}
@@ -24,14 +26,14 @@ LOG=${OUT:+$OUT/gpu_check.log}
 [ -n "$LOG" ] && exec > >(tee -a "$LOG") 2>&1
 cd "$ROOT" && [ -f .whl/gpu_env.sh ] && . .whl/gpu_env.sh
 python3 -m pip install -q --no-index --no-deps --no-build-isolation "$ROOT" || { echo '{"check": "install", "failed": true}'; exit 2; }
-[ -d .whl/peer ] && python3 -m pip install -q --no-index --no-deps .whl/peer/*.whl
+[ -d .whl-peer ] && python3 -m pip install -q --no-index --no-deps .whl-peer/*.whl
 # Run from outside the checkout: its clfpipe/ folder lacks the stages the installed package maps in.
 WORK=/tmp/gpu_check && rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch, numpy; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'numpy', numpy.__version__)" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
-# what the environment has of the peer check's needs (fastai from .whl/peer; the rest from the image)
+# what the environment has of the peer check's needs (fastai from .whl-peer; the rest from the image)
 PEER=$(python3 -c "import importlib.util as u, json; print(json.dumps({'check': 'image_packages', **{m: u.find_spec(m) is not None for m in ('fastai', 'fastcore', 'sklearn', 'skimage', 'pandas', 'matplotlib', 'scipy', 'plum')}}))")
 emit() { echo "$1"; [ -n "$RESULTS" ] && echo "$1" >> "$RESULTS"; return 0; }
 
@@ -76,11 +78,11 @@ run_engines() {
   check engines 200 python3 "$ROOT/benchmarks/engines.py" --rounds 5
 }
 run_peer() {
-  # issue 13: fastai's standard path against recipes/peer.toml on real datasets (fastai from .whl/peer,
+  # issue 13: fastai's standard path against recipes/peer.toml on real datasets (fastai from .whl-peer,
   # the datasets from peerdata/ when carried, else written here: faces needs scikit-image)
   local why
   if ! why=$(python3 -c "import fastai.vision.all" 2>&1); then  # the import's last line says what is missing
-    emit "$(python3 -c 'import json, sys; print(json.dumps({"check": "peer", "skipped": "fastai does not import (scripts/peer_wheels.sh fills .whl/peer): " + sys.argv[1]}))' "$(echo "$why" | tail -1)")"
+    emit "$(python3 -c 'import json, sys; print(json.dumps({"check": "peer", "skipped": "fastai does not import (scripts/peer_wheels.sh fills .whl-peer): " + sys.argv[1]}))' "$(echo "$why" | tail -1)")"
     return
   fi
   for name in ${PEER_DATASETS:-digits faces}; do
