@@ -48,7 +48,7 @@ from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
 from clfpipe.train.schedule import stage_multipliers
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
-from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, TrainState
+from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,14 +135,15 @@ def _train_epoch(data: StageData, optimizer: torch.optim.Optimizer, multipliers:
     return torch.stack(losses).tolist() if losses else []
 
 
-def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState) -> None:
-    """Train stage `index` from state.epoch on, saving the state after each epoch."""
+def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState, writer: StateWriter) -> None:
+    """Train stage `index` from state.epoch on, saving the state (through `writer`) after each epoch."""
     stage = ctx.recipe.stages[index]
     with contextlib.closing(StageData(model, stage, index, ctx)) as data:
-        _train_stage(model, index, stage, data, ctx, state)
+        _train_stage(model, index, stage, data, ctx, state, writer)
 
 
-def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageData, ctx: Context, state: TrainState) -> None:
+def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageData, ctx: Context, state: TrainState,
+                 writer: StateWriter) -> None:
     lrs = _choose_lrs(model, index, data, ctx, state)
     state.lrs = list(lrs)
     set_trainable(model, stage.trainable)
@@ -169,7 +170,7 @@ def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageD
         log.info("stage %d %s epoch %d/%d: train_loss %.4f valid_loss %.4f %s %.4f (%.1fs)", index, row.stage, row.epoch,
                  stage.epochs, row.train_loss, row.valid_loss, metric_name(ctx.recipe.multi_label), row.metric, row.seconds)
         state.model, state.optimizer = model.state_dict(), optimizer.state_dict()
-        state.save(ctx.run_dir)
+        writer.save(state)
         state.optimizer = None
     state.stages_done.append(StageDone(list(lrs), len(data.train_loader)))
 
@@ -284,11 +285,12 @@ def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | No
     if state.model:
         model.load_state_dict(state.model)
     start = time.perf_counter()
-    for index in range(state.stage, len(recipe.stages)):
-        if dist.main and index > 0 and state.epoch == 0:  # what `clfpipe lr-find --stage N` sweeps from
-            atomic_write_bytes(run_dir / stage_start(index)[1], _state_dict_bytes(model))
-        run_stage(model, index, ctx, state)
-        state.next_stage()
+    with contextlib.closing(StateWriter(run_dir)) as writer:  # the last epoch's state is on disk when it closes
+        for index in range(state.stage, len(recipe.stages)):
+            if dist.main and index > 0 and state.epoch == 0:  # what `clfpipe lr-find --stage N` sweeps from
+                atomic_write_bytes(run_dir / stage_start(index)[1], _state_dict_bytes(model))
+            run_stage(model, index, ctx, state, writer)
+            state.next_stage()
     return _on_main(dist, lambda: finish_run(model, ctx, state, time.perf_counter() - start))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clfpipe.contract.preprocess import load_image
 
@@ -62,23 +63,46 @@ def _plt():
     return plt
 
 
+_TILE, _GAP, _CAPTION, _TITLE = 200, 8, 32, 34  # grid geometry, pixels
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """text, shortened in the middle with an ellipsis until it fits width pixels (long file names)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 2 and draw.textlength(text[: keep // 2] + "..." + text[len(text) - keep // 2 :], font=font) > width:
+        keep -= 2
+    return text[: keep // 2] + "..." + text[len(text) - keep // 2 :]
+
+
+def _tile(img: Image.Image) -> Image.Image:
+    """img scaled to fit a tile: enlarged with nearest pixels (an 8x8 digit stays a pixel grid), shrunk with Lanczos."""
+    scale = _TILE / max(img.size)
+    method = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    return ImageOps.contain(img, (_TILE, _TILE), method=method)
+
+
 def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) -> None:
-    plt = _plt()
-    n = max(1, len(files))
-    fig, axes = plt.subplots(1, n, figsize=(2.3 * n, 2.9), squeeze=False)
-    for ax, f, t in zip(axes[0], files, titles):
-        ax.imshow(load_image(f))
-        ax.set_title(t, fontsize=7)
-    for ax in axes[0]:
-        ax.axis("off")
+    """One row of images, each under its caption, under the grid's title. Drawn with Pillow: a
+    matplotlib figure per grid took 0.26 s (8 s of a 10-class report, more than the run's
+    evaluation)."""
+    font, title_font = ImageFont.load_default(size=11), ImageFont.load_default(size=15)
+    width = max(max(1, len(files)) * (_TILE + _GAP) + _GAP, int(title_font.getlength(title)) + 2 * _GAP)
+    canvas = Image.new("RGB", (width, _TITLE + _CAPTION + _TILE + _GAP), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((width // 2, _TITLE // 2), _fit_text(draw, title, title_font, width - 2 * _GAP), fill="black",
+              font=title_font, anchor="mm")
+    for i, (f, caption) in enumerate(zip(files, titles)):
+        left = _GAP + i * (_TILE + _GAP)
+        lines = "\n".join(_fit_text(draw, line, font, _TILE) for line in caption.split("\n"))
+        draw.multiline_text((left + _TILE // 2, _TITLE + _CAPTION // 2), lines, fill="black", font=font, anchor="mm",
+                            align="center")
+        tile = _tile(load_image(f))
+        canvas.paste(tile, (left + (_TILE - tile.width) // 2, _TITLE + _CAPTION + (_TILE - tile.height) // 2))
     if not files:
-        axes[0][0].text(0.5, 0.5, "none", ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
-    # a fixed layout: tight_layout measured every title and took most of a grid's 0.6 s (a report
-    # has classes x kinds grids)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.78, wspace=0.08)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        draw.text((width // 2, _TITLE + _CAPTION + _TILE // 2), "none", fill="black", font=font, anchor="mm")
+    canvas.save(path)
 
 
 def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path, predictions: str) -> None:

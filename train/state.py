@@ -1,10 +1,12 @@
 """The training state: where a run stands in its recipe, saved atomically after every epoch so that
-``clfpipe train --resume`` continues a killed run with the same schedule."""
+``clfpipe train --resume`` continues a killed run with the same schedule; ``StateWriter`` writes
+it in the background while the next epoch trains."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ class StageDone:
 
 @dataclass
 class TrainState:
-    """Mutable on purpose: the loop advances it epoch by epoch and saves it after each one."""
+    """Mutable on purpose: the loop advances it epoch by epoch and saves it after each one (``StateWriter``)."""
 
     data_dir: str
     stage: int = 0  # index of the stage in progress
@@ -69,11 +71,6 @@ class TrainState:
         state.stages_done = [StageDone(**s) for s in state.stages_done]
         return state
 
-    def save(self, run_dir: Path) -> None:
-        buf = io.BytesIO()
-        torch.save(self.to_dict(), buf)
-        atomic_write_bytes(run_dir / STATE_FILE, buf.getvalue())  # a kill never leaves a torn file
-
     @classmethod
     def load(cls, run_dir: Path) -> "TrainState":
         path = run_dir / STATE_FILE
@@ -83,3 +80,54 @@ class TrainState:
             return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:  # torn or foreign file
             raise ManifestError(f"{path}: unreadable training state ({exc})") from exc
+
+
+def _to_host(value: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tensors) with every tensor copied to the host: what
+    the training changes next cannot reach it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
+class StateWriter:
+    """``TrainState.save`` without holding up the next epoch: the state is copied to the host when
+    ``save`` is called, then serialised and written atomically by a background thread, one save at
+    a time (the next waits for the one before). Writing resnet34's weights and AdamW moments
+    (~260 MB) took ~1 s an epoch on the development CPU, 10 s of a 125 s run. A kill during a
+    write leaves the previous epoch's file, from which a resume repeats that epoch. ``wait``
+    (and ``close``) raise the write's error."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: TrainState) -> None:
+        self.wait()
+        snapshot = _to_host(state.to_dict())
+        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="clfpipe-state-writer")
+        self._thread.start()
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        try:
+            buf = io.BytesIO()
+            torch.save(snapshot, buf)
+            atomic_write_bytes(self.run_dir / STATE_FILE, buf.getvalue())  # a kill never leaves a torn file
+        except BaseException as exc:  # noqa: BLE001 - raised again by wait() in the training thread
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        self.wait()
