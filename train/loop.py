@@ -1,7 +1,7 @@
 """The training stage: run the recipe's stages, evaluate, then commit checkpoint and manifest.
 
 Every epoch ends with an atomic ``train_state.pt`` (``TrainState``: weights, optimizer, position
-in the recipe), so ``clfpipe train --resume RUN_DIR`` continues a killed run with the same
+in the recipe; written by ``StateWriter`` while the next epoch trains), so ``clfpipe train --resume RUN_DIR`` continues a killed run with the same
 schedule. Each epoch seeds its own shuffling and augmentation from (seed, stage, epoch), so a
 resumed run draws the same batches as an uninterrupted one. The manifest is written last.
 """

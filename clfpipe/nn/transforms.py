@@ -131,10 +131,10 @@ def _padded(images: list[torch.Tensor], height: int, width: int) -> torch.Tensor
 def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
     """The zoomed crops (``_scaled_crop``: resize, then the crop x crop window) of a batch, as float
     NCHW of whole levels: the window's rows and columns of each image's antialiased resize as two
-    batched matrix products over images padded to a common size (``_BUCKET``), where resize-then-
-    crop image by image took most of a batch's input time on an H200 (35 ms for 256 images), and
-    one product per distinct size as many ops for photos of many sizes. Equal to ``_scaled_crop``
-    up to a level."""
+    batched matrix products over images padded to a common size (``_BUCKET``). Resize-then-crop
+    image by image took most of a batch's input time on an H200 (35 ms for 256 images); a pair of
+    products per distinct size made about as many ops as images for photos of many sizes. Equal to
+    ``_scaled_crop`` up to a level."""
     device, n, crop = images[0].device, len(images), spec.crop
     sizes = [_size(img) for img in images]
     # per image: height, width, then scaled_crop's new_h, new_w, top, left; one copy a batch
