@@ -97,7 +97,7 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str,
         next(it)
     loader_s = (time.perf_counter() - start) / len(batches)
     decode_s = seconds_each(lambda b: decode_batch(b[0].images(), device), batches, device)
-    prepare_s = seconds_each(lambda b: data.to_input(b[0]), batches, device)
+    prepare_s = seconds_each(lambda b: data.train_loader.prepare(b[0]), batches, device)
     return {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),
             "augment_ms": round((prepare_s - decode_s) * 1000, 2)}
 
@@ -165,7 +165,7 @@ def main() -> None:
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
         ahead = data.train_loader.ahead
-        one_thread = DeviceBatches(data.host_loader, data.to_input, device, ahead=ahead)  # decode + augment in turn
+        one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=ahead)  # decode + augment in turn
         one_thread_s = timed_steps(step, forever(one_thread), args.warmup, args.steps, device) if ahead else None
         data.train_loader.ahead = 0  # the same input, prepared inline
         inline_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)

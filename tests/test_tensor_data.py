@@ -29,9 +29,14 @@ from clfpipe.nn.transforms import (
     sample_batch,
     torch_draws,
 )
-from clfpipe.train.data import DeviceBatches, ImageDataset, device_batch, encoded_loader
+from clfpipe.train.data import DeviceBatches, ImageDataset, augment_decoded, decode_encoded, encoded_loader
 from clfpipe.train.loop import train_run
 from clfpipe.train.stage import Context, StageData
+
+
+def device_batch(encoded, device, spec, *, policy, generator):
+    """Encoded images -> the model's input, as a stage's two input steps make it."""
+    return augment_decoded(decode_encoded(encoded, device), spec, policy=policy, generator=generator)
 
 
 @pytest.fixture

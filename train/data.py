@@ -2,7 +2,8 @@
 
 Two paths with one definition of the pixels: Pillow in the loader workers (``ImageDataset``), or
 encoded bytes from the workers decoded and augmented as tensors on the training device
-(``EncodedDataset`` + ``device_batch``: nvJPEG on CUDA, the same code on the CPU in the tests).
+(``EncodedDataset``, then ``decode_encoded`` and ``augment_decoded``: nvJPEG on CUDA, the same code on
+the CPU in the tests).
 """
 
 from __future__ import annotations
@@ -165,15 +166,19 @@ class DeviceBatches:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
+    def prepare(self, x: Any) -> Any:
+        """A loader's x through every step in turn: the model's input on the device."""
+        for step in self.steps:
+            x = step(x)
+        return x
+
     def _first(self, batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
         x, y = batch
         return self.steps[0](x), to_device(y, self.device)
 
     def _inline(self, batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        x, y = self._first(batch)
-        for step in self.steps[1:]:
-            x = step(x)
-        return x, y
+        x, y = batch
+        return self.prepare(x), to_device(y, self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.ahead <= 0:
@@ -269,9 +274,3 @@ def augment_decoded(images: list[torch.Tensor], spec: PreprocessSpec, *, policy:
                     generator: torch.Generator) -> torch.Tensor:
     """Decoded images -> normalised float32 NCHW: each image's drawn augmentation (or the evaluation pixels)."""
     return normalize_batch(train_pixels_batch(images, policy, spec, generator), spec)
-
-
-def device_batch(encoded: EncodedBatch | list[torch.Tensor], device: torch.device, spec: PreprocessSpec, *,
-                 policy: AugmentPolicy, generator: torch.Generator) -> torch.Tensor:
-    """Encoded images -> normalised float32 NCHW on the device: decoded there, then augmented."""
-    return augment_decoded(decode_encoded(encoded, device), spec, policy=policy, generator=generator)

@@ -8,7 +8,6 @@ from collections.abc import Sized
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -185,11 +184,6 @@ class StageData:
         if self.tensor_decode:
             return partial(decode_encoded, device=self.device), self._augment
         return (self._copy,)
-
-    def to_input(self, x: Any) -> torch.Tensor:
-        for step in self.input_steps():
-            x = step(x)
-        return x
 
     def _augment(self, images: list[torch.Tensor]) -> torch.Tensor:
         return self._layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.augment_gen))

@@ -116,6 +116,7 @@ def check_jpeg_bytes(width: int, height: int, size: int) -> None:
                          f"for that many pixels (expected at least {int(width * height * JPEG_MIN_BYTES_PER_PIXEL)})")
 
 
+JPEG_MAGIC = b"\xff\xd8"  # start of image: the first two bytes of every JPEG
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
 _STANDALONE = frozenset(range(0xD0, 0xD9))  # RSTn, SOI: no length field
 
@@ -123,10 +124,10 @@ _STANDALONE = frozenset(range(0xD0, 0xD9))  # RSTn, SOI: no length field
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's start-of-frame, walking its markers by their lengths up to
     the start of scan (as far as Pillow's header parse reads); None when the bytes are not laid
-    out as a JPEG that far. A few microseconds, where Pillow's parse took 70 us an image (18 ms a
-    batch of 256 on this CPU, before nvJPEG decodes the batch on the GPU). Every step moves
-    forward: it ends on any input."""
-    if data[:2] != b"\xff\xd8":
+    out as a JPEG that far. 1.0 ms a batch of 256 photos on the development CPU, where Pillow's
+    parse took 6-10 ms (before nvJPEG decodes the batch on the GPU). Every step moves forward: it
+    ends on any input."""
+    if data[:2] != JPEG_MAGIC:
         return None
     i, n, size = 2, len(data), None
     while i + 4 <= n:

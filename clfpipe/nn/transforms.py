@@ -18,10 +18,9 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from clfpipe.contract.augment import DRAWS, AugmentParams, AugmentPolicy, Draws, from_unit, sample, scaled_crop
 from clfpipe.contract.errors import DataError
-from clfpipe.contract.preprocess import PreprocessSpec, center_box, resize_crop, resized_size
+from clfpipe.contract.preprocess import JPEG_MAGIC, PreprocessSpec, center_box, resize_crop, resized_size
 
 Img = TypeVar("Img", Image.Image, torch.Tensor)
-_JPEG_MAGIC = b"\xff\xd8"
 
 
 def torch_draws(generator: torch.Generator | None = None) -> Draws:
@@ -87,7 +86,7 @@ def _blend(x: torch.Tensor, other: torch.Tensor | float, ratio: torch.Tensor) ->
 
 def apply_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
     """``apply`` for a batch of uint8 CHW tensors on one device, each with its own draw: the zoomed
-    crops as one resampling per image size (``crop_batch``), then the rest as batched ops."""
+    crops as one resampling per padded size (``crop_batch``), then the rest as batched ops."""
     return augment_crops(crop_batch(images, params, spec), params, spec.crop)
 
 
@@ -233,7 +232,7 @@ def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
 def is_jpeg(data: bytes | torch.Tensor) -> bool:
     head = bytes(data[:2].tolist()) if isinstance(data, torch.Tensor) else data[:2]
-    return head == _JPEG_MAGIC
+    return head == JPEG_MAGIC
 
 
 def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
