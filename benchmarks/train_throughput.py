@@ -10,7 +10,7 @@ loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and synthetic_vs_
 0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in
 turn; e2e_inline_img_s, with the input prepared inline instead; and where the e2e time goes (ms
 per batch of each part timed alone: loader, decode, augment, step; with --profile N, the top ops
-of N e2e steps). With no --data it writes demo images at --image-size pixels into a temporary
+of N e2e steps; on CUDA, gpu_busy_ms_per_batch: each part's GPU time). With no --data it writes demo images at --image-size pixels into a temporary
 folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
 """
 
@@ -86,9 +86,25 @@ def seconds_each(fn, items, device: torch.device) -> float:
     return (time.perf_counter() - start) / len(items)
 
 
-def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str, float]:
+def gpu_ms_each(fn, items) -> float:
+    """Mean milliseconds of GPU work (kernels and copies, from torch.profiler) per call of fn over
+    items: what a part takes from the GPU the step also runs on, however long its host side is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for item in items:
+            fn(item)
+        torch.cuda.synchronize()
+    # the device's own events only: a host op's row also carries its kernels' time (the profiler's table sums the same way)
+    device_us = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return round(device_us / 1000 / len(items), 2)
+
+
+def breakdown(data: StageData, batches: list, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
     """Milliseconds per batch of the e2e step's input parts, each timed alone (the step itself is
-    the synthetic figure)."""
+    the synthetic figure); on CUDA also the GPU's busy time of decode and augmentation. Where the
+    parts' GPU times and the step's add up to the e2e time, the input waits for the GPU, not the host."""
     from clfpipe.nn.transforms import decode_batch
 
     it = forever(data.host_loader)
@@ -96,10 +112,15 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> dict[str,
     for _ in range(len(batches)):
         next(it)
     loader_s = (time.perf_counter() - start) / len(batches)
-    decode_s = seconds_each(lambda b: decode_batch(b[0].images(), device), batches, device)
-    prepare_s = seconds_each(lambda b: data.train_loader.prepare(b[0]), batches, device)
-    return {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),
+    decode = lambda b: decode_batch(b[0].images(), device)  # noqa: E731
+    prepare = lambda b: data.train_loader.prepare(b[0])  # noqa: E731
+    decode_s, prepare_s = seconds_each(decode, batches, device), seconds_each(prepare, batches, device)
+    wall = {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),
             "augment_ms": round((prepare_s - decode_s) * 1000, 2)}
+    if device.type != "cuda":
+        return wall, {}
+    decode_gpu, prepare_gpu = gpu_ms_each(decode, batches), gpu_ms_each(prepare, batches)
+    return wall, {"decode_ms": decode_gpu, "augment_ms": round(prepare_gpu - decode_gpu, 2)}
 
 
 def profile_top(step, batches, steps: int, device: torch.device, top: int = 10) -> dict[str, list]:
@@ -172,8 +193,11 @@ def main() -> None:
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's
         x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
         y = torch.randint(0, len(train.classes), (args.batch,), device=device)
-        parts = breakdown(data, [b for _, b in zip(range(4), forever(data.host_loader))], device) if data.tensor_decode else {}
+        parts, gpu_parts = (breakdown(data, [b for _, b in zip(range(4), forever(data.host_loader))], device)
+                            if data.tensor_decode else ({}, {}))
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)  # the same loss path
+        if gpu_parts:
+            gpu_parts["step_ms"] = gpu_ms_each(step, [(x, y)] * 4)
         plain = plain_torch_step(args.arch, len(train.classes), device)
         plain_s = timed_steps(plain, forever([(x, y)]), args.warmup, args.steps, device)
     images = args.batch * args.steps
@@ -186,6 +210,8 @@ def main() -> None:
         "e2e_inline_img_s": round(images / inline_s, 1),
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
+        "e2e_ms_per_batch": round(e2e_s / args.steps * 1000, 2),
+        **({"gpu_busy_ms_per_batch": gpu_parts} if gpu_parts else {}),
     }))
     if profiled:
         print(json.dumps({"check": "train_profile", **profiled}))

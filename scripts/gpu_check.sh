@@ -12,10 +12,9 @@
 # Triton's python stub embeds: it must have numpy<2 ('serve up' checks). Results go to
 # $OUT/gpu_check.jsonl (and the whole log to $OUT/gpu_check.log) when OUT is set, else to stdout.
 # The peer check (issue 13) needs fastai: scripts/peer_wheels.sh fills .whl-peer (~4 MB), and the
-# datasets travel as peerdata/ (benchmarks/real_datasets.py). .whl (62 MiB) with .whl-peer (4 MiB)
-# exceeds a 64 MiB carry: run the other checks carrying .whl, then the peer check on the still-warm
-# machine carrying .whl-peer and peerdata (the .whl already there stays); on a cold one, carry .whl
-# with its nvidia_pytriton wheel moved aside (the peer check does not serve), .whl-peer and peerdata.
+# datasets travel as peerdata/ (benchmarks/real_datasets.py). It runs in its own venv of the image's
+# python (numpy 2; fastai does not import beside numpy 1.26), so it needs neither .whl nor the
+# numpy<2 venv: carry .whl-peer and peerdata only (.whl with them exceeds a 64 MiB carry).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-}
@@ -24,9 +23,9 @@ START=$(date +%s)
 RESULTS=${OUT:+$OUT/gpu_check.jsonl}
 LOG=${OUT:+$OUT/gpu_check.log}
 [ -n "$LOG" ] && exec > >(tee -a "$LOG") 2>&1
+IMAGE_PYTHON=$(command -v python3)  # the image's own interpreter (numpy 2), before gpu_env.sh puts its venv first
 cd "$ROOT" && [ -f .whl/gpu_env.sh ] && . .whl/gpu_env.sh
 python3 -m pip install -q --no-index --no-deps --no-build-isolation "$ROOT" || { echo '{"check": "install", "failed": true}'; exit 2; }
-[ -d .whl-peer ] && python3 -m pip install -q --no-index --no-deps .whl-peer/*.whl
 # Run from outside the checkout: its clfpipe/ folder lacks the stages the installed package maps in.
 WORK=/tmp/gpu_check && rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK"
 export PYTHONUNBUFFERED=1
@@ -52,6 +51,7 @@ check() {
 }
 
 DEMO=$WORK/demo
+PEER_VENV=/tmp/peervenv
 run_demo() {
   # train, export, repo (engine and decode auto: the exported program on CUDA, nvJPEG fused), serve,
   # predict over HTTP and gRPC, served vs PyTorch by the decoder's gate
@@ -77,19 +77,36 @@ run_pt2() {
 run_engines() {
   check engines 200 python3 "$ROOT/benchmarks/engines.py" --rounds 5
 }
+peer_env() {
+  # A venv of the image's python (its numpy 2, torch, scikit-learn through a .pth) with fastai and this
+  # checkout: in the numpy<2 venv the server needs, fastai's import fails (AttributeError: numpy has no
+  # attribute 'long', from an image package written for numpy 2; H200, 2026-11-27).
+  [ -x "$PEER_VENV/bin/python3" ] && return 0
+  "$IMAGE_PYTHON" -m venv --without-pip "$PEER_VENV" || return 1  # pip and setuptools: the image's, through the .pth
+  local image_site venv_site
+  image_site=$("$IMAGE_PYTHON" -c 'import site; print(site.getsitepackages()[0])')
+  venv_site=$("$PEER_VENV/bin/python3" -c 'import site; print(site.getsitepackages()[0])')
+  echo "$image_site" > "$venv_site/zz_image.pth"
+  "$PEER_VENV/bin/python3" -m pip install -q --no-index --no-deps --no-build-isolation "$ROOT" "$ROOT"/.whl-peer/*.whl
+}
 run_peer() {
   # issue 13: fastai's standard path against recipes/peer.toml on real datasets (fastai from .whl-peer,
   # the datasets from peerdata/ when carried, else written here: faces needs scikit-image)
-  local why
-  if ! why=$(python3 -c "import fastai.vision.all" 2>&1); then  # the import's last line says what is missing
+  local why py=$PEER_VENV/bin/python3
+  [ -d "$ROOT/.whl-peer" ] || { emit '{"check": "peer", "skipped": "no .whl-peer (scripts/peer_wheels.sh fills it)"}'; return; }
+  peer_env || { emit '{"check": "peer", "skipped": "the peer venv could not be made"}'; return; }
+  if ! why=$("$py" -c "import fastai.vision.all, clfpipe.train.loop" 2>&1); then  # the import's last line says what is missing
     emit "$(python3 -c 'import json, sys; print(json.dumps({"check": "peer", "skipped": "fastai does not import (scripts/peer_wheels.sh fills .whl-peer): " + sys.argv[1]}))' "$(echo "$why" | tail -1)")"
     return
   fi
   for name in ${PEER_DATASETS:-digits faces}; do
     local data=$ROOT/peerdata/$name
-    [ -d "$data" ] || { data=$WORK/$name; python3 "$ROOT/benchmarks/real_datasets.py" "$name" "$data" || continue; }
-    # PEER_SEEDS=0,1,2: each seed on both sides, then their means (one seed's top-1 moves by a point or two)
-    check "peer_$name" ${PEER_SECONDS:-200} python3 "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64 --seeds "${PEER_SEEDS:-0}"
+    [ -d "$data" ] || { data=$WORK/$name; "$py" "$ROOT/benchmarks/real_datasets.py" "$name" "$data" || continue; }
+    # PEER_SEEDS=0,1,2: each seed on both sides, then their means (one seed's top-1 moves by a point or two).
+    # On the H200 a seed took ~45 s (digits) and ~55 s (faces) for both sides together.
+    local seeds=${PEER_SEEDS:-0}
+    check "peer_$name" "${PEER_SECONDS:-$((40 + 70 * $(echo "$seeds" | tr ',' ' ' | wc -w)))}" \
+        "$py" "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64 --seeds "$seeds"
   done
 }
 CHECKS=("$@")

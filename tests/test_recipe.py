@@ -1,7 +1,7 @@
 import pytest
 
 from clfpipe.contract.errors import RecipeError
-from clfpipe.contract.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+from clfpipe.contract.recipe import AUTO_WORKERS_MAX, Recipe, dump_recipe, load_recipe, recipe_from_dict, usable_cpus
 from tests.conftest import DEMO_RECIPE
 
 
@@ -73,3 +73,19 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("seed = = 1")
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(bad)
+
+
+def test_num_workers_is_a_count_or_auto():
+    assert load_recipe(None, ["data.num_workers=3"]).data.workers() == 3
+    auto = load_recipe(None, ["data.num_workers=auto"]).data
+    assert auto.num_workers == "auto"
+    assert (auto.workers(cpus=2), auto.workers(cpus=64)) == (2, AUTO_WORKERS_MAX)  # fastai's min(16, cpus)
+    assert auto.workers() == min(AUTO_WORKERS_MAX, usable_cpus())
+    with pytest.raises(RecipeError, match="data.num_workers: expected a count or 'auto', got 'many'"):
+        load_recipe(None, ["data.num_workers=many"])
+    with pytest.raises(RecipeError, match=r"data.num_workers: expected int or str, got \[2\]"):
+        load_recipe(None, ["data.num_workers=[2]"])
+    with pytest.raises(RecipeError, match=r"data.num_workers: expected a finite number in \[0, 1024\], got -1"):
+        load_recipe(None, ["data.num_workers=-1"])
+    with pytest.raises(RecipeError, match="expected int or str, got True"):
+        load_recipe(None, ["data.num_workers=true"])

@@ -13,7 +13,7 @@ from PIL import Image
 from clfpipe.contract.augment import AUGMENTS, DRAWS, AugmentParams, from_unit, sample
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.errors import DataError
-from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize, resize_crop
+from clfpipe.contract.preprocess import PreprocessSpec, load_image, mostly_jpeg, normalize, resize_crop
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn import transforms
@@ -31,7 +31,7 @@ from clfpipe.nn.transforms import (
 )
 from clfpipe.train.data import DeviceBatches, ImageDataset, augment_decoded, decode_encoded, encoded_loader
 from clfpipe.train.loop import train_run
-from clfpipe.train.stage import Context, StageData
+from clfpipe.train.stage import Context, StageData, on_device_decode
 
 
 def device_batch(encoded, device, spec, *, policy, generator):
@@ -295,3 +295,19 @@ def test_a_stage_decodes_and_augments_in_its_prefetch_threads_as_inline(data, tm
     inline, threaded = epochs
     assert len(inline) == len(threaded) == 4 and inline[0][0].shape == (4, 3, 32, 32)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, threaded))
+
+
+def test_auto_decodes_on_the_gpu_only_when_the_images_are_jpegs(data, tmp_path):
+    jpegs = scan_split(data, "train").files
+    pngs = []
+    for path in jpegs[:4]:
+        pngs.append(tmp_path / f"{path.stem}.png")
+        Image.open(path).save(pngs[-1])
+    assert mostly_jpeg(jpegs) and not mostly_jpeg(pngs)
+    assert mostly_jpeg([*jpegs[:2], *pngs[:2]]) and not mostly_jpeg([jpegs[0], *pngs[:3]])  # at least half
+    assert not mostly_jpeg([]) and not mostly_jpeg([tmp_path / "missing.jpg"])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    table = {("auto", cuda, "jpeg"): True, ("auto", cuda, "png"): False, ("auto", cpu, "jpeg"): False,
+             ("tensor", cpu, "png"): True, ("tensor", cuda, "png"): True, ("pil", cuda, "jpeg"): False}
+    for (decode, device, kind), expected in table.items():
+        assert on_device_decode(decode, device, jpegs if kind == "jpeg" else pngs) is expected, (decode, device, kind)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +19,7 @@ from clfpipe.contract.augment import AUGMENTS
 from clfpipe.contract.dataset import Split
 from clfpipe.contract.errors import RecipeError
 from clfpipe.contract.metrics import score
+from clfpipe.contract.preprocess import mostly_jpeg
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
@@ -76,8 +77,11 @@ def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, y)
 
 
-def on_device_decode(decode: str, device: torch.device) -> bool:
-    return decode == "tensor" or (decode == "auto" and device.type == "cuda")
+def on_device_decode(decode: str, device: torch.device, files: Sequence[str | Path]) -> bool:
+    """Whether training images are decoded on the device: "tensor" always, "pil" never, "auto" on
+    CUDA for JPEGs (other formats there are decoded one by one on the host, in one thread, where
+    the loader workers decode them in parallel: most of a GPU epoch of PNGs in the peer benchmark)."""
+    return decode == "tensor" or (decode == "auto" and device.type == "cuda" and mostly_jpeg(files))
 
 
 def param_groups(model: Classifier, lrs: tuple[float, ...] | list[float]) -> list[dict]:
@@ -114,7 +118,7 @@ class StageData:
         self.model, self.device, self.dist, self.amp = model, ctx.device, dist, recipe.model.amp
         self.seed = recipe.seed * 1000 + index * 100
         self.spec, self.policy, self.augment_gen = recipe.preprocess_spec(index), AUGMENTS[stage.augment], torch.Generator()
-        self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device)
+        self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device, ctx.train.files)
         self.channels_last = ctx.device.type == "cuda" and not stage.precompute
         self.batch_size = per_rank_batch(recipe.data.batch_size, dist)
         if stage.precompute:
@@ -131,7 +135,7 @@ class StageData:
                                   drop_last=True)
 
     def _images(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
-        bs, workers = self.batch_size, recipe.data.num_workers
+        bs, workers = self.batch_size, recipe.data.workers()
         self.sampler = self._sampler(ctx.train)
         if self.tensor_decode:
             self.host_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)

@@ -121,6 +121,25 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame marke
 _STANDALONE = frozenset(range(0xD0, 0xD9))  # RSTn, SOI: no length field
 
 
+def mostly_jpeg(paths: Sequence[str | Path], sample: int = 32) -> bool:
+    """Whether at least half of up to ``sample`` of the files, evenly spaced, start as JPEGs do:
+    what the training input's ``decode = "auto"`` asks (nvJPEG decodes JPEGs a batch at a time;
+    other formats are decoded one by one). A file that cannot be read counts as not a JPEG."""
+    if not paths:
+        return False
+    step = max(1, len(paths) // sample)
+    picked = list(paths)[::step][:sample]
+    return 2 * sum(_starts_as_jpeg(p) for p in picked) >= len(picked)
+
+
+def _starts_as_jpeg(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == JPEG_MAGIC
+    except OSError:
+        return False
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's start-of-frame, walking its markers by their lengths up to
     the start of scan (as far as Pillow's header parse reads); None when the bytes are not laid

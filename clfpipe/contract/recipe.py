@@ -7,9 +7,12 @@ Unknown keys are an error that lists the valid ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,8 @@ def _check_ranges(section: str, config: Any) -> None:
         lo, hi = f.metadata["range"]
         value = getattr(config, f.name)
         for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, str):  # a word the section checks itself ("auto")
+                continue
             if (isinstance(v, float) and not math.isfinite(v)) or not lo <= v <= hi:
                 raise RecipeError(f"{section}{f.name}: expected a finite number in [{lo:g}, {hi:g}], got {v!r}")
 
@@ -82,17 +87,37 @@ AMP_MODES = ("auto", "bf16", "off")
 @dataclass(frozen=True)
 class DataConfig:
     batch_size: int = ranged(32, 1, 65536)
-    num_workers: int = ranged(0, 0, 1024)
+    # loader worker processes; "auto" = fastai's default, one per CPU this process may use, at most 16
+    num_workers: int | str = ranged(0, 0, 1024)
     resize_scale: float = ranged(1.0, 1.0, 4.0)  # resize = round(size * resize_scale), then centre crop size
     device: str = "auto"  # "auto", "cpu" or "cuda"
     cache_dir: str = ""  # precomputed activations; "" = $XDG_CACHE_HOME/clfpipe/features
     labels_csv: str = ""  # multi-label (Planet style): DATA/<labels_csv> with image,tags; "" = class folders
-    decode: str = "auto"  # training images: "pil" in loader workers, "tensor" batched on the device; auto = tensor on CUDA
+    # training images: "pil" in loader workers, "tensor" batched on the device; auto = tensor on CUDA
+    # when the images are JPEGs (nvJPEG decodes a batch at once; PNGs would be decoded one by one)
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         _check_ranges("data.", self)
+        if isinstance(self.num_workers, str) and self.num_workers != "auto":
+            raise RecipeError(f"data.num_workers: expected a count or 'auto', got {self.num_workers!r}")
         _check_choice("data.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("data.decode", self.decode, ("auto", "pil", "tensor"))
+
+    def workers(self, cpus: int | None = None) -> int:
+        """num_workers as a count: "auto" is one per CPU (``cpus``, else those this process may run
+        on), at most AUTO_WORKERS_MAX."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers
+        return min(AUTO_WORKERS_MAX, cpus if cpus is not None else usable_cpus())
+
+
+AUTO_WORKERS_MAX = 16  # fastai's defaults.cpus: past this, workers mostly add start-up time and memory
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as a container's cpuset sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -274,6 +299,12 @@ def _to_plain(value: Any) -> Any:
 def _coerce(where: str, hint: Any, value: Any) -> Any:
     """Check one TOML value against a field's type hint."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # the first type the value is
+        for arm in typing.get_args(hint):
+            with contextlib.suppress(RecipeError):
+                return _coerce(where, arm, value)
+        names = " or ".join(getattr(arm, "__name__", str(arm)) for arm in typing.get_args(hint))
+        raise RecipeError(f"{where}: expected {names}, got {value!r}")
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
         item_type = typing.get_args(hint)[0]
