@@ -50,7 +50,20 @@ def run_fastai(data: Path, size: int, weights: str, epochs: int, batch: int, see
     return {"top1": top1, "tta_top1": tta, "seconds": time.perf_counter() - start, "lr": lr, "epochs": epochs}
 
 
-def run_clfpipe(data: Path, size: int, weights: str, recipe_path: Path, overrides: list[str]) -> dict:
+def profiled(fn, top: int) -> tuple[object, list[list]]:
+    """fn() under cProfile, and clfpipe's functions with the most cumulative time: [[file:line(name), s], ...]."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    result = profile.runcall(fn)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    ours = [(f"{Path(file).parent.name}/{Path(file).name}:{line}({name})", cumulative)
+            for (file, line, name), (_, _, _, cumulative, _) in stats.items() if "clfpipe" in file or "/train/" in file]
+    return result, [[where, round(t, 2)] for where, t in sorted(ours, key=lambda x: -x[1])[:top]]
+
+
+def run_clfpipe(data: Path, size: int, weights: str, recipe_path: Path, overrides: list[str], profile: int = 0) -> dict:
     from clfpipe.contract.recipe import load_recipe
     from clfpipe.train.loop import train_run
 
@@ -60,24 +73,27 @@ def run_clfpipe(data: Path, size: int, weights: str, recipe_path: Path, override
                          "(set the stages' sizes with --set)")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        manifest = train_run(data, Path(tmp) / "run", recipe)
+        run = lambda: train_run(data, Path(tmp) / "run", recipe)  # noqa: E731
+        manifest, top = profiled(run, profile) if profile else (run(), None)
         seconds = time.perf_counter() - start
     accuracy = manifest.stage("train")["accuracy"]
     return {"top1": accuracy["plain"], "tta_top1": accuracy.get("tta_fastai"), "seconds": seconds,
-            "epochs": sum(s.epochs for s in recipe.stages), "training_seconds": manifest.stage("train")["seconds"]}
+            "epochs": sum(s.epochs for s in recipe.stages), "training_seconds": manifest.stage("train")["seconds"],
+            **({"profile_cumulative_s": top} if top else {})}
 
 
 def child(args: argparse.Namespace) -> dict:
     if args.only == "fastai":
         return run_fastai(args.data, args.size, args.weights, args.epochs, args.batch, args.seed)
-    return run_clfpipe(args.data, args.size, args.weights, args.recipe, args.set or [])
+    return run_clfpipe(args.data, args.size, args.weights, args.recipe, args.set or [], args.profile)
 
 
 def _side(args: argparse.Namespace, side: str, seed: int) -> dict:
     """One side's run in a child process (its imports and memory its own)."""
     argv = [sys.executable, __file__, "--data", str(args.data), "--weights", args.weights, "--size", str(args.size),
             "--epochs", str(args.epochs), "--batch", str(args.batch), "--recipe", str(args.recipe), "--seed", str(seed),
-            *[a for kv in [*(args.set or []), f"seed={seed}"] for a in ("--set", kv)], "--only", side]
+            *[a for kv in [*(args.set or []), f"seed={seed}"] for a in ("--set", kv)], "--only", side,
+            *(["--profile", str(args.profile)] if side == "clfpipe" and args.profile else [])]
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"peer_fastai: the {side} run (seed {seed}) failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -111,6 +127,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, each run on both sides (default: 0)")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "peer.toml")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="clfpipe recipe overrides")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="run clfpipe's side under cProfile and print its N costliest functions (cumulative "
+                             "seconds; the profiler slows the run, so its time is not the comparison's)")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the child's seed
     parser.add_argument("--only", choices=["fastai", "clfpipe"], help=argparse.SUPPRESS)  # the child's side
     args = parser.parse_args()

@@ -107,6 +107,9 @@ run_peer() {
     local seeds=${PEER_SEEDS:-0}
     check "peer_$name" "${PEER_SECONDS:-$((40 + 70 * $(echo "$seeds" | tr ',' ' ' | wc -w)))}" \
         "$py" "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64 --seeds "$seeds"
+    # PEER_PROFILE=N: one more clfpipe run under cProfile, its N costliest functions (where the GPU run's time goes)
+    [ -n "${PEER_PROFILE:-}" ] && check "peer_profile_$name" 90 \
+        "$py" "$ROOT/benchmarks/peer_fastai.py" --data "$data" --size 64 --only clfpipe --profile "$PEER_PROFILE"
   done
 }
 CHECKS=("$@")
