@@ -32,8 +32,8 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, numpy; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'numpy', numpy.__version__)" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
-# what the environment has of the peer check's needs (fastai from .whl-peer; the rest from the image)
-PEER=$(python3 -c "import importlib.util as u, json; print(json.dumps({'check': 'image_packages', **{m: u.find_spec(m) is not None for m in ('fastai', 'fastcore', 'sklearn', 'skimage', 'pandas', 'matplotlib', 'scipy', 'plum')}}))")
+# what the image's python has of the peer check's needs (fastai comes from .whl-peer, into the peer venv)
+PEER=$("$IMAGE_PYTHON" -c "import importlib.util as u, json; print(json.dumps({'check': 'image_packages', **{m: u.find_spec(m) is not None for m in ('fastai', 'fastcore', 'sklearn', 'skimage', 'pandas', 'matplotlib', 'scipy', 'plum')}}))")
 emit() { echo "$1"; [ -n "$RESULTS" ] && echo "$1" >> "$RESULTS"; return 0; }
 
 # check NAME SECONDS COMMAND...: run it if SECONDS still fit in the budget; its JSON lines are kept.
