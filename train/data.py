@@ -155,7 +155,7 @@ class DeviceBatches:
     one thread doing both in turn, 4,442 inline, against 8,973 on a batch already on the GPU; the
     parts alone (decode 18.5 ms, augmentation 11.7, step 28.5) add up to the e2e time as if run in
     series, which points at the GPU that all three share rather than the host (the benchmark's
-    ``gpu_busy_ms_per_batch`` says). Same batches in the same order as ``ahead=0`` (inline, one by
+    ``gpu_busy_ms_per_batch`` is there to confirm it). Same batches in the same order as ``ahead=0`` (inline, one by
     one): each step has one thread, and only the augmenting one draws from the augmentation generator."""
 
     def __init__(self, loader: Iterable, steps: Step | Sequence[Step], device: torch.device,
