@@ -8,10 +8,13 @@ decode, augment), synthetic_img_s (a fixed batch already on the device), and rat
 synthetic (goal on a GPU machine: >= 0.85); plain_torch_img_s, the same model in a plain PyTorch
 loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and synthetic_vs_plain (goal >=
 0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in
-turn; e2e_inline_img_s, with the input prepared inline instead; and where the e2e time goes (ms
-per batch of each part timed alone: loader, decode, augment, step; with --profile N, the top ops
-of N e2e steps; on CUDA, gpu_busy_ms_per_batch: each part's GPU time). With no --data it writes demo images at --image-size pixels into a temporary
-folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
+turn; e2e_inline_img_s, with the input prepared inline instead; e2e_no_decode_img_s and
+e2e_no_augment_img_s, with that step's result made once beforehand (the other parts as in e2e:
+which part holds the rate back); and where the e2e time goes (ms per batch of each part timed
+alone: loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with
+--profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
+pixels into a temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on
+the CPU).
 """
 
 from __future__ import annotations
@@ -123,6 +126,19 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> tuple[dic
     return wall, {"decode_ms": decode_gpu, "augment_ms": round(prepare_gpu - decode_gpu, 2)}
 
 
+def without_each_part(step, data: StageData, warmup: int, steps: int, device: torch.device, ahead: int) -> dict[str, float]:
+    """Seconds of the e2e steps with one input step replaced by its result on one batch, made
+    beforehand and handed on again each time (the rest as in e2e): which part holds the rate back."""
+    decode, augment = data.train_loader.steps
+    encoded = next(iter(data.host_loader))[0]
+    decoded = decode(encoded)
+    ready = augment(decoded)
+    _sync(device)  # made on this thread's stream; the prefetch threads' streams read them without waiting on it
+    variants = {"no_decode": (lambda _: decoded, augment), "no_augment": (decode, lambda _: ready)}
+    return {name: timed_steps(step, forever(DeviceBatches(data.host_loader, parts, device, ahead=ahead)), warmup, steps, device)
+            for name, parts in variants.items()}
+
+
 def profile_top(step, batches, steps: int, device: torch.device, top: int = 10) -> dict[str, list]:
     """The e2e steps under torch.profiler: the ops with the most self time on the host and on the
     GPU (ms per step), every thread's (the prefetch thread's decode and augmentation included)."""
@@ -188,6 +204,8 @@ def main() -> None:
         ahead = data.train_loader.ahead
         one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=ahead)  # decode + augment in turn
         one_thread_s = timed_steps(step, forever(one_thread), args.warmup, args.steps, device) if ahead else None
+        without = (without_each_part(step, data, args.warmup, args.steps, device, ahead)
+                   if len(data.train_loader.steps) == 2 else {})
         data.train_loader.ahead = 0  # the same input, prepared inline
         inline_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's
@@ -208,6 +226,7 @@ def main() -> None:
         "prefetch_batches": ahead, "prefetch_threads": len(data.train_loader.steps) if ahead else 0,
         "e2e_one_thread_img_s": round(images / one_thread_s, 1) if one_thread_s else None,
         "e2e_inline_img_s": round(images / inline_s, 1),
+        **{f"e2e_{name}_img_s": round(images / seconds, 1) for name, seconds in without.items()},
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
         "e2e_ms_per_batch": round(e2e_s / args.steps * 1000, 2),

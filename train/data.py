@@ -154,9 +154,10 @@ class DeviceBatches:
     Measured on an H200 (resnet34 224, batch 256): 4,421 img/s with a thread per step, 4,638 with
     one thread doing both in turn, 4,442 inline, against 8,973 on a batch already on the GPU; the
     parts alone (decode 18.5 ms, augmentation 11.7, step 28.5) add up to the e2e time as if run in
-    series, which points at the GPU that all three share rather than the host (the benchmark's
-    ``gpu_busy_ms_per_batch`` is there to confirm it). Same batches in the same order as ``ahead=0`` (inline, one by
-    one): each step has one thread, and only the augmenting one draws from the augmentation generator."""
+    series: shared SMs, a synchronisation point or the GIL (the benchmark's ``gpu_busy_ms_per_batch``
+    and ``e2e_no_decode_img_s`` / ``e2e_no_augment_img_s`` are there to tell). Same batches in the
+    same order as ``ahead=0`` (inline, one by one): each step has one thread, and only the
+    augmenting one draws from the augmentation generator."""
 
     def __init__(self, loader: Iterable, steps: Step | Sequence[Step], device: torch.device,
                  ahead: int | None = None) -> None:
