@@ -108,14 +108,12 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> tuple[dic
     """Milliseconds per batch of the e2e step's input parts, each timed alone (the step itself is
     the synthetic figure); on CUDA also the GPU's busy time of decode and augmentation. Where the
     parts' GPU times and the step's add up to the e2e time, the input waits for the GPU, not the host."""
-    from clfpipe.nn.transforms import decode_batch
-
     it = forever(data.host_loader)
     start = time.perf_counter()
     for _ in range(len(batches)):
         next(it)
     loader_s = (time.perf_counter() - start) / len(batches)
-    decode = lambda b: decode_batch(b[0].images(), device)  # noqa: E731
+    decode = lambda b: data.train_loader.steps[0](b[0])  # noqa: E731 - the stage's own decode step
     prepare = lambda b: data.train_loader.prepare(b[0])  # noqa: E731
     decode_s, prepare_s = seconds_each(decode, batches, device), seconds_each(prepare, batches, device)
     wall = {"loader_ms": round(loader_s * 1000, 2), "decode_ms": round(decode_s * 1000, 2),

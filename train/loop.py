@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from clfpipe.contract.archs import LAYER_GROUPS
-from clfpipe.contract.dataset import Split, scan_data
+from clfpipe.contract.dataset import scan_data
 from clfpipe.contract.errors import ClfpipeError, ManifestError, RecipeError
 from clfpipe.contract.manifest import (
     CHECKPOINT,
@@ -47,7 +47,7 @@ from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
 from clfpipe.train.schedule import stage_multipliers
-from clfpipe.train.stage import Context, StageData, make_optimizer, on_device_decode, param_groups, pick_device
+from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState
 
 log = logging.getLogger(__name__)
@@ -262,11 +262,11 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
         teardown(dist)
 
 
-def _decoding(recipe: Recipe, device: torch.device, split: Split) -> str:
+def _decoding(ctx: Context) -> str:
     """Where the training images are decoded, for the log."""
-    if on_device_decode(recipe.data.decode, device, split.files):
-        return "images decoded by nvJPEG on the GPU" if device.type == "cuda" else f"images decoded as tensors on {device}"
-    workers = recipe.data.workers()
+    if ctx.decodes_on_device:
+        return "images decoded by nvJPEG on the GPU" if ctx.device.type == "cuda" else f"images decoded as tensors on {ctx.device}"
+    workers = ctx.recipe.data.workers()
     return f"images decoded by Pillow in {workers} loader workers" if workers else "images decoded by Pillow in this process"
 
 
@@ -286,7 +286,7 @@ def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | No
     ctx = Context(recipe, train_split, valid_split, device, run_dir, dist)
     log.info("train: %d train / %d valid images, classes %s, %s on %s%s, %s", len(train_split), len(valid_split),
              list(train_split.classes), recipe.model.arch, device, f" x {dist.world} ranks" if dist.active else "",
-             _decoding(recipe, device, train_split))
+             _decoding(ctx))
     seed_everything(recipe.seed)
     model = build_model(recipe.model, len(train_split.classes)).to(device)
     if device.type == "cuda":

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,12 @@ class Context:
     run_dir: Path
     dist: Dist = SINGLE
 
+    @cached_property
+    def decodes_on_device(self) -> bool:
+        """Whether the image stages decode the training images on the device: decided once a run
+        (``on_device_decode`` reads the first bytes of a sample of the files)."""
+        return on_device_decode(self.recipe.data.decode, self.device, self.train.files)
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -79,8 +85,8 @@ def criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def on_device_decode(decode: str, device: torch.device, files: Sequence[str | Path]) -> bool:
     """Whether training images are decoded on the device: "tensor" always, "pil" never, "auto" on
-    CUDA for JPEGs (other formats there are decoded one by one on the host, in one thread, where
-    the loader workers decode them in parallel: most of a GPU epoch of PNGs in the peer benchmark)."""
+    CUDA for JPEGs (nvJPEG takes JPEGs only: other formats there would be decoded one by one on the
+    host in one thread, where the loader workers decode them in parallel)."""
     return decode == "tensor" or (decode == "auto" and device.type == "cuda" and mostly_jpeg(files))
 
 
@@ -118,7 +124,7 @@ class StageData:
         self.model, self.device, self.dist, self.amp = model, ctx.device, dist, recipe.model.amp
         self.seed = recipe.seed * 1000 + index * 100
         self.spec, self.policy, self.augment_gen = recipe.preprocess_spec(index), AUGMENTS[stage.augment], torch.Generator()
-        self.tensor_decode = not stage.precompute and on_device_decode(recipe.data.decode, ctx.device, ctx.train.files)
+        self.tensor_decode = not stage.precompute and ctx.decodes_on_device
         self.channels_last = ctx.device.type == "cuda" and not stage.precompute
         self.batch_size = per_rank_batch(recipe.data.batch_size, dist)
         if stage.precompute:

@@ -128,7 +128,7 @@ def mostly_jpeg(paths: Sequence[str | Path], sample: int = 32) -> bool:
     if not paths:
         return False
     step = max(1, len(paths) // sample)
-    picked = list(paths)[::step][:sample]
+    picked = paths[::step][:sample]
     return 2 * sum(_starts_as_jpeg(p) for p in picked) >= len(picked)
 
 
