@@ -10,7 +10,11 @@ loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and synthetic_vs_
 0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in
 turn; e2e_inline_img_s, with the input prepared inline instead; e2e_no_decode_img_s and
 e2e_no_augment_img_s, with that step's result made once beforehand (the other parts as in e2e:
-which part holds the rate back); and where the e2e time goes (ms per batch of each part timed
+which part holds the rate back); e2e_cached_img_s and ratio_cached, the e2e
+steps once every file is decoded and kept on the device (the decoded-image cache: every epoch after
+a run's first); step_beside_decode_img_s and step_beside_augment_img_s, the
+synthetic steps while a thread runs that part alone over and over (whether it blocks the steps
+beyond the GPU time it takes); and where the e2e time goes (ms per batch of each part timed
 alone: loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with
 --profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
 pixels into a temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on
@@ -20,9 +24,13 @@ the CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -137,6 +145,56 @@ def without_each_part(step, data: StageData, warmup: int, steps: int, device: to
             for name, parts in variants.items()}
 
 
+def beside_each_part(step, data: StageData, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Seconds of the synthetic steps while a thread runs one input part over and over on its own
+    stream (as the prefetch threads do, but never waiting for the step): a part whose own GPU time
+    is small but which slows the steps a lot blocks them some other way (a device-wide
+    synchronisation, a lock, the GIL)."""
+    decode, augment = data.train_loader.steps
+    encoded = [b[0] for _, b in zip(range(2), forever(data.host_loader))]
+    decoded = [decode(e) for e in encoded]
+    x = data.train_loader.prepare(encoded[0])
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    return {name: _with_background(step, (x, y), part, items, warmup, steps, device)
+            for name, part, items in (("decode", decode, encoded), ("augment", augment, decoded))}
+
+
+def _with_background(step, batch, part, items: list, warmup: int, steps: int, device: torch.device) -> float:
+    stop = threading.Event()
+
+    def loop() -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for item in itertools.cycle(items):
+                if stop.is_set():
+                    return
+                part(item)
+                if stream is not None:
+                    stream.synchronize()  # one batch at a time, as a prefetch thread's queue allows
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        return timed_steps(step, forever([batch]), warmup, steps, device)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def cached_e2e(step_of, ctx: Context, model, args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds of the e2e steps once every file is decoded and kept on the device (``DecodedCache``:
+    the epochs after a run's first), after one untimed epoch that fills the cache."""
+    data = StageData(model, ctx.recipe.stages[0], 0, ctx)
+    try:
+        for _ in data.train_loader:
+            pass
+        if args.ahead is not None:
+            data.train_loader.ahead = args.ahead
+        return timed_steps(step_of(data), forever(data.train_loader), args.warmup, args.steps, device)
+    finally:
+        data.close()
+
+
 def profile_top(step, batches, steps: int, device: torch.device, top: int = 10) -> dict[str, list]:
     """The e2e steps under torch.profiler: the ops with the most self time on the host and on the
     GPU (ms per step), every thread's (the prefetch thread's decode and augmentation included)."""
@@ -168,6 +226,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet34")
     parser.add_argument("--image-size", type=int, default=384, help="generated demo images (no --data)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many e2e steps")
+    parser.add_argument("--cache-gib", type=float, default=64.0, help="decoded-image cache of the e2e_cached figure")
     parser.add_argument("--ahead", type=int, default=None, help="batches prefetched ahead (default: 2 on CUDA, 0 on the CPU)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +235,8 @@ def main() -> None:
             per_class = max(args.batch * (args.steps + args.warmup) // 3 // 4, 8)  # the loader cycles over ~4 epochs
             write_demo_dataset(data_dir, spec=DemoSpec(train_per_class=per_class, valid_per_class=1, image_size=args.image_size))
         recipe = load_recipe(None, [f"model.arch={args.arch}", f"stages.0.size={args.size}", f"data.batch_size={args.batch}",
-                                    f"data.num_workers={args.workers}", "data.decode=tensor", "stages.0.augment=side_on"])
+                                    f"data.num_workers={args.workers}", "data.decode=tensor", "stages.0.augment=side_on",
+                                    "data.decoded_cache_gib=0"])  # every batch decoded: the first epoch's rate
         train, valid = scan_split(data_dir, "train", verify=False), scan_split(data_dir, "valid", verify=False)
         device = pick_device("auto")
         ctx = Context(recipe, train, valid, device, Path(tmp))
@@ -191,11 +251,15 @@ def main() -> None:
             data.train_loader.ahead = args.ahead
         train_mode(model)
 
-        def step(batch) -> None:
-            loss = data.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def step_of(stage_data: StageData):
+            def step(batch) -> None:
+                loss = stage_data.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            return step
+
+        step = step_of(data)
 
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
@@ -204,6 +268,8 @@ def main() -> None:
         one_thread_s = timed_steps(step, forever(one_thread), args.warmup, args.steps, device) if ahead else None
         without = (without_each_part(step, data, args.warmup, args.steps, device, ahead)
                    if len(data.train_loader.steps) == 2 else {})
+        cached_s = cached_e2e(step_of, Context(replace(recipe, data=replace(recipe.data, decoded_cache_gib=float(args.cache_gib))),
+                                               train, valid, device, Path(tmp)), model, args, device) if data.tensor_decode else None
         data.train_loader.ahead = 0  # the same input, prepared inline
         inline_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's
@@ -212,6 +278,7 @@ def main() -> None:
         parts, gpu_parts = (breakdown(data, [b for _, b in zip(range(4), forever(data.host_loader))], device)
                             if data.tensor_decode else ({}, {}))
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)  # the same loss path
+        beside = beside_each_part(step, data, args.warmup, args.steps, device) if len(data.train_loader.steps) == 2 else {}
         if gpu_parts:
             gpu_parts["step_ms"] = gpu_ms_each(step, [(x, y)] * 4)
         plain = plain_torch_step(args.arch, len(train.classes), device)
@@ -225,6 +292,9 @@ def main() -> None:
         "e2e_one_thread_img_s": round(images / one_thread_s, 1) if one_thread_s else None,
         "e2e_inline_img_s": round(images / inline_s, 1),
         **{f"e2e_{name}_img_s": round(images / seconds, 1) for name, seconds in without.items()},
+        "e2e_cached_img_s": round(images / cached_s, 1) if cached_s else None,
+        "ratio_cached": round(synthetic_s / cached_s, 3) if cached_s else None,
+        **{f"step_beside_{name}_img_s": round(images / seconds, 1) for name, seconds in beside.items()},
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
         "e2e_ms_per_batch": round(e2e_s / args.steps * 1000, 2),

@@ -75,13 +75,28 @@ def test_missing_and_malformed_files(tmp_path):
         load_recipe(bad)
 
 
+def test_decoded_cache_is_gib_or_auto():
+    auto = load_recipe(None, []).data
+    assert auto.decoded_cache_gib == "auto"
+    assert (auto.decoded_cache_bytes(80 * 2**30), auto.decoded_cache_bytes(None)) == (20 * 2**30, 0)  # a quarter; none on the CPU
+    assert load_recipe(None, ["data.decoded_cache_gib=1.5"]).data.decoded_cache_bytes(None) == 3 * 2**29
+    assert load_recipe(None, ["data.decoded_cache_gib=0"]).data.decoded_cache_bytes(80 * 2**30) == 0
+    with pytest.raises(RecipeError, match="data.decoded_cache_gib: expected a number or 'auto', got 'lots'"):
+        load_recipe(None, ["data.decoded_cache_gib=lots"])
+    with pytest.raises(RecipeError, match=r"data.decoded_cache_gib: expected a finite number in \[0, 65536\], got -1.0"):
+        load_recipe(None, ["data.decoded_cache_gib=-1"])
+
+
 def test_num_workers_is_a_count_or_auto():
     assert load_recipe(None, ["data.num_workers=3"]).data.workers() == 3
     auto = load_recipe(None, ["data.num_workers=auto"]).data
     assert auto.num_workers == "auto"
     assert (auto.workers(cpus=2), auto.workers(cpus=64)) == (2, AUTO_WORKERS_MAX)  # fastai's min(16, cpus)
     assert auto.workers() == min(AUTO_WORKERS_MAX, usable_cpus())
-    with pytest.raises(RecipeError, match="data.num_workers: expected a count or 'auto', got 'many'"):
+    # no more workers than batches an epoch (each builds whole batches), at least one
+    assert (auto.workers(cpus=64, batches=3), auto.workers(cpus=2, batches=3), auto.workers(cpus=64, batches=0)) == (3, 2, 1)
+    assert load_recipe(None, ["data.num_workers=5"]).data.workers(batches=1) == 5  # a count is what it says
+    with pytest.raises(RecipeError, match="data.num_workers: expected a number or 'auto', got 'many'"):
         load_recipe(None, ["data.num_workers=many"])
     with pytest.raises(RecipeError, match=r"data.num_workers: expected int or str, got \[2\]"):
         load_recipe(None, ["data.num_workers=[2]"])

@@ -29,7 +29,8 @@ from clfpipe.nn.transforms import (
     sample_batch,
     torch_draws,
 )
-from clfpipe.train.data import DeviceBatches, ImageDataset, augment_decoded, decode_encoded, encoded_loader
+from clfpipe.train import data as train_data
+from clfpipe.train.data import DecodedCache, DeviceBatches, ImageDataset, augment_decoded, decode_encoded, encoded_loader
 from clfpipe.train.loop import train_run
 from clfpipe.train.stage import Context, StageData, on_device_decode
 
@@ -61,6 +62,29 @@ def test_loader_workers_ship_encoded_bytes_across_epochs(data):
         seen = [(bytes(e.numpy()), int(y)) for encoded, labels in loader for e, y in zip(encoded.images(), labels)]
         assert len(seen) == 16  # 18 files, batches of 4, the last partial batch dropped
         assert len({b for b, _ in seen}) == 16 and all(label_of[b] == y for b, y in seen)
+
+
+@pytest.mark.parametrize("kept", [None, 2, 0])  # every image, two images' bytes, nothing
+def test_the_decoded_cache_decodes_a_file_once_and_gives_the_same_pixels(data, monkeypatch, kept):
+    split = scan_split(data, "train")
+    loader = encoded_loader(split, 4, num_workers=0, seed=0)
+    calls: list[int] = []
+    monkeypatch.setattr(train_data, "decode_batch", lambda files, device: calls.append(len(files)) or decode_batch(files, device))
+    one_image = 3 * 48 * 48
+    cache = DecodedCache(torch.device("cpu"), 10**9 if kept is None else kept * one_image)
+    ever: set[int] = set()
+    for _ in range(2):
+        calls.clear()
+        kept_before, seen = set(cache.images), []
+        for encoded, _ in loader:
+            got = cache(encoded)
+            assert all(torch.equal(a, b) for a, b in zip(got, decode_batch(encoded.images(), torch.device("cpu"))))
+            seen += encoded.indices.tolist()
+        assert len(seen) == len(set(seen)) == len(loader) * 4
+        assert sum(calls) == sum(i not in kept_before for i in seen)  # decoded: what was not kept from before
+        ever |= set(seen)
+    assert len(cache.images) == (len(ever) if kept is None else kept)
+    assert cache.used == sum(img.numel() for img in cache.images.values()) <= cache.budget
 
 
 def test_decoders_agree_and_eval_pixels_match_the_spec_on_both_paths(data):
@@ -180,13 +204,40 @@ def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
     params[0] = AugmentParams(angle=7.5, brightness=1.04, contrast=0.96)  # a turn that is not a quarter
     assert any(p.angle for p in params) and any(not p.angle for p in params) and any(p.hflip for p in params)
     crops = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
+    given = crops.clone()
     batched = augment_crops(crops, params, spec.crop)
     single = torch.stack([apply(img, p, spec) for img, p in zip(images, params)])
     diff = (batched.int() - single.int()).abs()
-    assert batched.shape == (12, 3, 40, 40) and batched.dtype == torch.uint8
+    assert batched.shape == (12, 3, 40, 40) and batched.dtype == torch.float32
+    assert torch.equal(batched, batched.round().clamp(0, 255)) and torch.equal(crops, given)  # whole levels; input untouched
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
     whole = (apply_batch(images, params, spec).int() - single.int()).abs()  # with the batched crops
     assert whole.max() <= 3 and whole.float().mean() < 0.5  # a level of the crop, through lighting
+
+
+def _aten_aa_weights(in_size: int, out_size: int, start: int, count: int, padded: int) -> np.ndarray:
+    """ATen's antialiased bilinear weights (``_compute_indices_min_size_weights_aa``), output pixel
+    by output pixel over every source pixel: the closed form ``_resize_weights`` computes."""
+    scale = in_size / out_size
+    support, invscale = (scale, 1 / scale) if scale >= 1 else (1.0, 1.0)
+    rows = np.zeros((count, padded))
+    for i in range(count):
+        center = scale * (start + i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        w = np.array([max(0.0, 1 - abs((j - center + 0.5) * invscale)) for j in range(lo, hi)])
+        rows[i, lo:hi] = w / w.sum()
+    return rows
+
+
+@pytest.mark.parametrize("in_size, out_size, start", [(500, 61, 7), (8, 48, 4), (40, 40, 0), (375, 44, 0), (33, 47, 3)])
+def test_resize_weights_over_their_taps_are_the_filter_over_every_pixel(in_size, out_size, start):
+    """Shrinking eightfold, enlarging sixfold, unscaled, a window at an edge: computed over the
+    taps ``_taps`` allows, the rows equal the filter over the whole (padded) row."""
+    count, padded = min(40, out_size - start), -(-in_size // 32) * 32
+    got = transforms._resize_weights(torch.tensor([in_size]), padded, torch.tensor([out_size]), torch.tensor([start]),
+                                     count, transforms._taps(in_size, out_size))
+    assert got.shape == (1, count, padded)
+    np.testing.assert_allclose(got[0].numpy(), _aten_aa_weights(in_size, out_size, start, count, padded), atol=1e-7)
 
 
 @pytest.mark.parametrize("chunk", [1 << 28, 3 * 64 * 96 * 2])  # one resampling per padded size; or two images at a time

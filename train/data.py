@@ -69,7 +69,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers
 
 
 class EncodedDataset(Dataset):
-    """(encoded bytes as a uint8 tensor, label): the loader workers only read files."""
+    """(encoded bytes as a uint8 tensor, label, index): the loader workers only read files."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -77,11 +77,11 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor, int]:
         # A plain CPU tensor over the bytes: torchvision's read_file tensors cannot cross the
         # worker processes' shared-memory queue (EBADF when pickled).
         data = Path(self.split.files[index]).read_bytes()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), _target(self.split.labels[index])
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), _target(self.split.labels[index]), index
 
 
 class EncodedBatch(NamedTuple):
@@ -91,15 +91,15 @@ class EncodedBatch(NamedTuple):
 
     flat: torch.Tensor
     lengths: torch.Tensor
+    indices: torch.Tensor  # each file's index in its split
 
     def images(self) -> list[torch.Tensor]:
         return list(torch.split(self.flat, self.lengths.tolist()))
 
 
-def _collate(batch: list[tuple[torch.Tensor, int | torch.Tensor]]) -> tuple[EncodedBatch, torch.Tensor]:
-    labels = [b[1] for b in batch]
-    data = [b[0] for b in batch]
-    encoded = EncodedBatch(torch.cat(data), torch.tensor([len(d) for d in data]))
+def _collate(batch: list[tuple[torch.Tensor, int | torch.Tensor, int]]) -> tuple[EncodedBatch, torch.Tensor]:
+    data, labels, indices = zip(*batch)
+    encoded = EncodedBatch(torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(indices))
     return encoded, torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
 
 
@@ -151,11 +151,14 @@ class DeviceBatches:
     then augment; or a copy), labels copied alongside. With ``ahead`` > 0 (the default on CUDA)
     each step runs in its own background thread on its own CUDA stream, up to ``ahead`` batches in
     advance, so the input's host work (nvJPEG's, the augmentation's launches) overlaps the step's.
-    Measured on an H200 (resnet34 224, batch 256): 4,421 img/s with a thread per step, 4,638 with
-    one thread doing both in turn, 4,442 inline, against 8,973 on a batch already on the GPU; the
-    parts alone (decode 18.5 ms, augmentation 11.7, step 28.5) add up to the e2e time as if run in
-    series: shared SMs, a synchronisation point or the GIL (the benchmark's ``gpu_busy_ms_per_batch``
-    and ``e2e_no_decode_img_s`` / ``e2e_no_augment_img_s`` are there to tell). Same batches in the
+    Measured on an H200 (resnet34 224, batch 256, two runs): 4,421 and 3,497 img/s with a thread
+    per step, 4,638 and 4,071 with one thread doing both in turn, against 8,973 and 8,515 on a batch
+    already on the GPU. The GPU is not what the parts share: in the second run their GPU time was
+    decode 1.9 ms a batch, augmentation 8.9, step 28.7 (39.5 of the 73.2 ms a batch took), so
+    something on the host serialises them; and without the decode (its result made beforehand) a
+    batch took 26 ms less, more than the 18.6 ms the decode takes alone. The benchmark's
+    ``step_beside_decode_img_s`` asks whether the decode blocks the steps outright; ``DecodedCache``
+    takes the decode out of every epoch after the first. Same batches in the
     same order as ``ahead=0`` (inline, one by one): each step has one thread, and only the
     augmenting one draws from the augmentation generator."""
 
@@ -270,6 +273,35 @@ def _put(ready: queue.Queue, item: Any, stop: threading.Event) -> bool:
 def decode_encoded(encoded: EncodedBatch | list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Encoded images -> uint8 CHW tensors decoded on the device (nvJPEG on CUDA)."""
     return decode_batch(encoded.images() if isinstance(encoded, EncodedBatch) else encoded, device)
+
+
+class DecodedCache:
+    """``decode_encoded`` that keeps what it decodes on the device, by the file's index, up to
+    ``budget`` bytes: a file is decoded once a run (its first epoch), not once an epoch, and every
+    stage (whatever its size) reads the same pixels. On an H200 (resnet34 224, batch 256) the e2e
+    steps ran 5,419 img/s with the decode's result made beforehand against 3,497 decoding each
+    batch (``benchmarks/train_throughput.py``: e2e_no_decode_img_s). Used by one thread at a time
+    (a stage's decode step)."""
+
+    def __init__(self, device: torch.device, budget: int) -> None:
+        self.device, self.budget, self.used = device, budget, 0
+        self.images: dict[int, torch.Tensor] = {}
+
+    def __call__(self, encoded: EncodedBatch) -> list[torch.Tensor]:
+        keys = encoded.indices.tolist()
+        found = [self.images.get(key) for key in keys]
+        missing = [i for i, img in enumerate(found) if img is None]
+        if missing:
+            files = encoded.images()
+            for i, img in zip(missing, decode_batch([files[i] for i in missing], self.device)):
+                found[i] = img
+                self._keep(keys[i], img)
+        return found  # type: ignore[return-value]
+
+    def _keep(self, key: int, img: torch.Tensor) -> None:
+        if self.used + img.numel() <= self.budget:  # uint8: a byte an element
+            self.images[key] = img
+            self.used += img.numel()
 
 
 def augment_decoded(images: list[torch.Tensor], spec: PreprocessSpec, *, policy: AugmentPolicy,

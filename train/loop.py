@@ -42,7 +42,7 @@ from clfpipe.contract.metrics import metric_name
 from clfpipe.contract.progress import progress
 from clfpipe.contract.recipe import Recipe, StageConfig, dump_recipe, load_recipe
 from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trainable, train_mode
-from clfpipe.train.distributed import Dist, broadcast, from_env, mean, setup, teardown
+from clfpipe.train.distributed import Dist, broadcast, from_env, mean, per_rank_batch, setup, teardown
 from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
@@ -265,8 +265,10 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
 def _decoding(ctx: Context) -> str:
     """Where the training images are decoded, for the log."""
     if ctx.decodes_on_device:
-        return "images decoded by nvJPEG on the GPU" if ctx.device.type == "cuda" else f"images decoded as tensors on {ctx.device}"
-    workers = ctx.recipe.data.workers()
+        where = "by nvJPEG on the GPU" if ctx.device.type == "cuda" else f"as tensors on {ctx.device}"
+        kept = ctx.decoded.budget / 2**30
+        return f"images decoded {where}" + (f", kept there between epochs up to {kept:.1f} GiB" if kept else "")
+    workers = ctx.loader_workers(ctx.train, per_rank_batch(ctx.recipe.data.batch_size, ctx.dist))
     return f"images decoded by Pillow in {workers} loader workers" if workers else "images decoded by Pillow in this process"
 
 

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,12 @@ from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
 from clfpipe.train.data import (
+    DecodedCache,
     DeviceBatches,
     ImageDataset,
     Step,
     TensorBatches,
     augment_decoded,
-    decode_encoded,
     encoded_loader,
     make_loader,
 )
@@ -55,6 +55,17 @@ class Context:
         """Whether the image stages decode the training images on the device: decided once a run
         (``on_device_decode`` reads the first bytes of a sample of the files)."""
         return on_device_decode(self.recipe.data.decode, self.device, self.train.files)
+
+    def loader_workers(self, split: Split, batch_size: int) -> int:
+        """A loader's workers over ``split`` in batches of ``batch_size``: data.num_workers, where
+        "auto" is no more than its batches an epoch."""
+        return self.recipe.data.workers(batches=-(-len(split) // batch_size))
+
+    @cached_property
+    def decoded(self) -> DecodedCache:
+        """The device decode step, keeping decoded training images for every later epoch and stage."""
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        return DecodedCache(self.device, self.recipe.data.decoded_cache_bytes(free))
 
 
 def pick_device(name: str) -> torch.device:
@@ -141,7 +152,7 @@ class StageData:
                                   drop_last=True)
 
     def _images(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
-        bs, workers = self.batch_size, recipe.data.workers()
+        bs, workers = self.batch_size, ctx.loader_workers(ctx.train, self.batch_size)
         self.sampler = self._sampler(ctx.train)
         if self.tensor_decode:
             self.host_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)
@@ -149,9 +160,9 @@ class StageData:
             self.host_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
                                            num_workers=workers, seed=recipe.seed, sampler=self.sampler)
         self.generator = self.host_loader.generator
-        self.train_loader = DeviceBatches(self.host_loader, self.input_steps(), ctx.device)
+        self.train_loader = DeviceBatches(self.host_loader, self.input_steps(ctx), ctx.device)
         self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), recipe.data.batch_size, shuffle=False,
-                                        num_workers=workers, seed=recipe.seed)
+                                        num_workers=ctx.loader_workers(ctx.valid, recipe.data.batch_size), seed=recipe.seed)
         self.forward = self.model
 
     def _precomputed(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
@@ -188,11 +199,12 @@ class StageData:
         """DDP around the stage's forward, now that what trains is set."""
         self.train_forward = wrap(self.forward, self.dist, self.device, sync_batchnorm)
 
-    def input_steps(self) -> tuple[Step, ...]:
+    def input_steps(self, ctx: Context) -> tuple[Step, ...]:
         """What makes a loader's x the model's input on the device, in order: encoded bytes are
-        decoded, then augmented there (two steps, each its own prefetch thread on CUDA)."""
+        decoded (or found decoded: ``Context.decoded``), then augmented there (two steps, each its
+        own prefetch thread on CUDA)."""
         if self.tensor_decode:
-            return partial(decode_encoded, device=self.device), self._augment
+            return ctx.decoded, self._augment
         return (self._copy,)
 
     def _augment(self, images: list[torch.Tensor]) -> torch.Tensor:

@@ -87,7 +87,8 @@ AMP_MODES = ("auto", "bf16", "off")
 @dataclass(frozen=True)
 class DataConfig:
     batch_size: int = ranged(32, 1, 65536)
-    # loader worker processes; "auto" = fastai's default, one per CPU this process may use, at most 16
+    # loader worker processes; "auto" = fastai's default, one per CPU this process may use, at most 16,
+    # and no more than the loader's batches an epoch
     num_workers: int | str = ranged(0, 0, 1024)
     resize_scale: float = ranged(1.0, 1.0, 4.0)  # resize = round(size * resize_scale), then centre crop size
     device: str = "auto"  # "auto", "cpu" or "cuda"
@@ -96,20 +97,36 @@ class DataConfig:
     # training images: "pil" in loader workers, "tensor" batched on the device; auto = tensor on CUDA
     # when the images are JPEGs (nvJPEG decodes a batch at once; PNGs would be decoded one by one)
     decode: str = "auto"
+    # GiB of training images kept decoded on the device between epochs (the device decode path):
+    # "auto" = a quarter of a CUDA device's memory free when the run starts, none on the CPU; 0 = decode
+    # every epoch (kept images hold that memory for the run: set 0 where the training itself needs it)
+    decoded_cache_gib: float | str = ranged("auto", 0.0, 65536.0)
 
     def __post_init__(self) -> None:
         _check_ranges("data.", self)
-        if isinstance(self.num_workers, str) and self.num_workers != "auto":
-            raise RecipeError(f"data.num_workers: expected a count or 'auto', got {self.num_workers!r}")
+        for name in ("num_workers", "decoded_cache_gib"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "auto":
+                raise RecipeError(f"data.{name}: expected a number or 'auto', got {value!r}")
         _check_choice("data.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("data.decode", self.decode, ("auto", "pil", "tensor"))
 
-    def workers(self, cpus: int | None = None) -> int:
+    def workers(self, cpus: int | None = None, batches: int | None = None) -> int:
         """num_workers as a count: "auto" is one per CPU (``cpus``, else those this process may run
-        on), at most AUTO_WORKERS_MAX."""
+        on), at most AUTO_WORKERS_MAX, and no more than the loader's ``batches`` an epoch (a worker
+        builds whole batches: one without a batch to build only costs its start-up)."""
         if isinstance(self.num_workers, int):
             return self.num_workers
-        return min(AUTO_WORKERS_MAX, cpus if cpus is not None else usable_cpus())
+        limit = AUTO_WORKERS_MAX if batches is None else batches
+        return max(1, min(AUTO_WORKERS_MAX, cpus if cpus is not None else usable_cpus(), limit))
+
+
+    def decoded_cache_bytes(self, device_free: int | None) -> int:
+        """decoded_cache_gib in bytes: "auto" is a quarter of ``device_free`` (a CUDA device's free
+        memory; None on the CPU: nothing kept)."""
+        if isinstance(self.decoded_cache_gib, float):
+            return int(self.decoded_cache_gib * 2**30)
+        return device_free // 4 if device_free else 0
 
 
 AUTO_WORKERS_MAX = 16  # fastai's defaults.cpus: past this, workers mostly add start-up time and memory

@@ -9,6 +9,7 @@ augmentation both give the spec's evaluation pixels (``contract.preprocess.resiz
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 import torch
@@ -86,16 +87,19 @@ def _blend(x: torch.Tensor, other: torch.Tensor | float, ratio: torch.Tensor) ->
 
 def apply_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
     """``apply`` for a batch of uint8 CHW tensors on one device, each with its own draw: the zoomed
-    crops as one resampling per padded size (``crop_batch``), then the rest as batched ops."""
-    return augment_crops(crop_batch(images, params, spec), params, spec.crop)
+    crops as one resampling per padded size (``crop_batch``), then the rest as batched ops -> uint8."""
+    return augment_crops(crop_batch(images, params, spec), params, spec.crop).to(torch.uint8)
 
 
 def _resize_weights(in_sizes: torch.Tensor, padded: int, out_sizes: torch.Tensor, starts: torch.Tensor,
-                    count: int) -> torch.Tensor:
+                    count: int, taps: int) -> torch.Tensor:
     """(n, count, padded) rows of an antialiased bilinear resize from each in_size to its out_size,
     output pixels start .. start + count, zero beyond the image (its padding): ATen's
     ``_compute_indices_min_size_weights_aa`` (the filter Pillow and ``TF.resize(antialias=True)``
-    use), as matrices."""
+    use), as matrices. Each row's weights are computed over its ``taps`` source pixels only
+    (``_taps``), then placed: computed over every source pixel, a float64 (n, count, padded)
+    tensor a step, they took more time than the resampling they are for (this CPU: 410 of 637 ms
+    for 64 photos at 224)."""
     device = out_sizes.device
     in_sizes = in_sizes.double().view(-1, 1, 1)
     scale = in_sizes / out_sizes.double().view(-1, 1, 1)  # input pixels per output pixel
@@ -104,9 +108,18 @@ def _resize_weights(in_sizes: torch.Tensor, padded: int, out_sizes: torch.Tensor
     center = scale * (starts.view(-1, 1, 1) + torch.arange(count, device=device).view(1, -1, 1) + 0.5)
     lo = (center - support + 0.5).trunc().clamp(min=0)
     hi = torch.minimum((center + support + 0.5).trunc(), in_sizes)
-    source = torch.arange(padded, device=device, dtype=torch.float64).view(1, 1, -1)
-    weights = (1.0 - ((source - center + 0.5) * invscale).abs()).clamp(min=0) * ((source >= lo) & (source < hi))
-    return (weights / weights.sum(-1, keepdim=True)).float()
+    source = lo + torch.arange(taps, device=device, dtype=torch.float64).view(1, 1, -1)  # distinct in a row
+    weights = (1.0 - ((source - center + 0.5) * invscale).abs()).clamp(min=0) * (source < hi)
+    weights = (weights / weights.sum(-1, keepdim=True)).float()
+    # taps past the image's end (weight 0) land in the extra columns, which are then dropped
+    rows = torch.zeros(len(weights), count, padded + taps, device=device)
+    return rows.scatter_(2, source.long(), weights)[..., :padded]
+
+
+def _taps(in_size: int, out_size: int) -> int:
+    """Source pixels an output pixel of that resize can read: the filter's support (the scale
+    when shrinking, 1 when enlarging) each side, whole pixels, and one for the truncation."""
+    return math.ceil(2 * max(in_size / out_size, 1.0)) + 2
 
 
 _CHUNK_ELEMENTS = 1 << 28  # float pixels a resampling holds at once (1 GiB): a batch of large photos is split
@@ -137,8 +150,8 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
     device, n, crop = images[0].device, len(images), spec.crop
     sizes = [_size(img) for img in images]
     # per image: height, width, then scaled_crop's new_h, new_w, top, left; one copy a batch
-    table = to_device(torch.tensor([[h, w, *scaled_crop(h, w, p, resize=spec.resize, crop=crop)]
-                                    for (h, w), p in zip(sizes, params)]), device)
+    scaled = [scaled_crop(h, w, p, resize=spec.resize, crop=crop) for (h, w), p in zip(sizes, params)]
+    table = to_device(torch.tensor([[h, w, *box] for (h, w), box in zip(sizes, scaled)]), device)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (h, w) in enumerate(sizes):
         groups.setdefault(_bucket(h, w), []).append(i)
@@ -146,8 +159,10 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
     for (height, width), members in groups.items():
         index = to_device(torch.tensor(members), device)
         t = table[index]
-        rows = _resize_weights(t[:, 0], height, t[:, 2], t[:, 4], crop).unsqueeze(1)
-        cols = _resize_weights(t[:, 1], width, t[:, 3], t[:, 5], crop).unsqueeze(1).transpose(-1, -2)
+        row_taps = max(_taps(sizes[i][0], scaled[i][0]) for i in members)
+        col_taps = max(_taps(sizes[i][1], scaled[i][1]) for i in members)
+        rows = _resize_weights(t[:, 0], height, t[:, 2], t[:, 4], crop, row_taps).unsqueeze(1)
+        cols = _resize_weights(t[:, 1], width, t[:, 3], t[:, 5], crop, col_taps).unsqueeze(1).transpose(-1, -2)
         step = max(1, _CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, len(members), step):
             part = slice(start, start + step)
@@ -171,23 +186,33 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def augment_crops(crops: torch.Tensor, params: list[AugmentParams], size: int) -> torch.Tensor:
     """Rotation, lighting and flips of float NCHW crops of whole levels, batched, each image's
-    drawn values one column of a table copied once -> uint8. Equal to ``apply``'s steps after its
-    crop up to a level where float sums round differently (per-image ops took 0.7 ms an image on
-    an H200)."""
-    n = len(params)
-    table = to_device(torch.tensor([[float(getattr(p, name)) for name in _DRAWN] for p in params]), crops.device)
+    drawn values one column of a table copied once -> float NCHW of whole levels. Equal to
+    ``apply``'s steps after its crop up to a level where float sums round differently (per-image
+    ops took 0.7 ms an image on an H200). A turn or flip touches only the images that drew it: done
+    to every image and then selected, they were most of the 8.9 ms of GPU time a batch of 256 took
+    (H200)."""
+    n, device = len(params), crops.device
+    table = to_device(torch.tensor([[float(getattr(p, name)) for name in _DRAWN] for p in params]), device)
     column = {name: table[:, i].view(n, 1, 1, 1) for i, name in enumerate(_DRAWN)}
-    if any(p.angle for p in params):  # the unturned keep their pixels exactly
-        turned = torch.nn.functional.grid_sample(crops, _rotation_grid(table[:, 0], size), mode="nearest",
-                                                 padding_mode="zeros", align_corners=False)
-        crops = torch.where(column["angle"] != 0, turned, crops)
+    if (index := _drew(params, "angle", device)) is not None:  # the unturned keep their pixels exactly
+        crops = crops.index_copy(0, index, torch.nn.functional.grid_sample(
+            crops[index], _rotation_grid(table[index, 0], size), mode="nearest", padding_mode="zeros", align_corners=False))
     crops = _blend(crops, 0.0, column["brightness"])
     gray = (crops[:, 0] * 0.2989 + crops[:, 1] * 0.587 + crops[:, 2] * 0.114).floor_()
-    crops = _blend(crops, gray.mean(dim=(-2, -1)).view(n, 1, 1, 1), column["contrast"])
-    crops = torch.where(column["hflip"] > 0, crops.flip(-1), crops)
-    crops = torch.where(column["vflip"] > 0, crops.flip(-2), crops)
-    crops = torch.where(column["rot90"] > 0, torch.rot90(crops, 1, dims=(-2, -1)), crops)
-    return crops.to(torch.uint8)
+    crops = _blend(crops, gray.mean(dim=(-2, -1)).view(n, 1, 1, 1), column["contrast"])  # a new tensor: changed in place below
+    for name, change in _FLIPS:
+        if (index := _drew(params, name, device)) is not None:
+            crops[index] = change(crops[index])
+    return crops
+
+
+_FLIPS = (("hflip", lambda x: x.flip(-1)), ("vflip", lambda x: x.flip(-2)), ("rot90", lambda x: torch.rot90(x, 1, dims=(-2, -1))))
+
+
+def _drew(params: list[AugmentParams], name: str, device: torch.device) -> torch.Tensor | None:
+    """The indices of the images whose draw has `name` set, on the device; None when none has."""
+    chosen = [i for i, p in enumerate(params) if getattr(p, name)]
+    return to_device(torch.tensor(chosen), device) if chosen else None
 
 
 def _scaled_crop(img: Img, params: AugmentParams, spec: PreprocessSpec) -> Img:
@@ -216,15 +241,17 @@ def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, draws: D
 
 def train_pixels_batch(images: list[torch.Tensor], policy: AugmentPolicy, spec: PreprocessSpec,
                        generator: torch.Generator) -> torch.Tensor:
-    """``train_pixels`` for a batch of decoded tensors on one device: (N, 3, crop, crop) uint8,
-    each image's parameters the ones the one-by-one path draws from the same generator."""
+    """``train_pixels`` for a batch of decoded tensors on one device: (N, 3, crop, crop) float32
+    of whole levels (``normalize_batch`` takes them as they are: no uint8 copy in between), each
+    image's parameters the ones the one-by-one path draws from the same generator."""
     if policy.random:
-        return apply_batch(images, sample_batch(policy, len(images), generator), spec)
-    return torch.stack([eval_pixels(img, spec) for img in images])
+        params = sample_batch(policy, len(images), generator)
+        return augment_crops(crop_batch(images, params, spec), params, spec.crop)
+    return torch.stack([eval_pixels(img, spec) for img in images]).float()
 
 
 def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 NCHW -> float32 NCHW standardised with the spec's mean/std, on the same device."""
+    """uint8 NCHW (or float32 of whole levels) -> float32 NCHW standardised with the spec's mean/std, on the same device."""
     mean = to_device(torch.tensor(spec.mean), pixels.device).view(1, 3, 1, 1)
     std = to_device(torch.tensor(spec.std), pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
