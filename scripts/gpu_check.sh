@@ -62,7 +62,7 @@ run_serving() {
   check serving 150 python3 "$ROOT/benchmarks/serving_gpu.py" --seconds ${SERVING_SECONDS:-4} --rounds ${SERVING_ROUNDS:-3}
 }
 run_train() {
-  check train 100 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14 \
+  check train 140 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14 \
       --profile ${TRAIN_PROFILE_STEPS:-0}
 }
 run_precompute() {
