@@ -14,7 +14,8 @@ which part holds the rate back); e2e_cached_img_s and ratio_cached, the e2e
 steps once every file is decoded and kept on the device (the decoded-image cache: every epoch after
 a run's first); step_beside_decode_img_s and step_beside_augment_img_s, the
 synthetic steps while a thread runs that part alone over and over (whether it blocks the steps
-beyond the GPU time it takes); and where the e2e time goes (ms per batch of each part timed
+beyond the GPU time it takes), and step_beside_python_img_s, beside a thread running only Python
+(what holding the GIL alone costs the steps); and where the e2e time goes (ms per batch of each part timed
 alone: loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with
 --profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
 pixels into a temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on
@@ -149,14 +150,19 @@ def beside_each_part(step, data: StageData, warmup: int, steps: int, device: tor
     """Seconds of the synthetic steps while a thread runs one input part over and over on its own
     stream (as the prefetch threads do, but never waiting for the step): a part whose own GPU time
     is small but which slows the steps a lot blocks them some other way (a device-wide
-    synchronisation, a lock, the GIL)."""
+    synchronisation, a lock, the GIL); and beside a thread running only Python, the GIL's share."""
     decode, augment = data.train_loader.steps
     encoded = [b[0] for _, b in zip(range(2), forever(data.host_loader))]
     decoded = [decode(e) for e in encoded]
     x = data.train_loader.prepare(encoded[0])
     y = torch.zeros(len(x), dtype=torch.long, device=device)
-    return {name: _with_background(step, (x, y), part, items, warmup, steps, device)
-            for name, part, items in (("decode", decode, encoded), ("augment", augment, decoded))}
+    parts = (("decode", decode, encoded), ("augment", augment, decoded), ("python", _python_only, [None]))
+    return {name: _with_background(step, (x, y), part, items, warmup, steps, device) for name, part, items in parts}
+
+
+def _python_only(_: object) -> int:
+    """Pure Python, no torch call (a few ms): beside it, what the GIL alone costs the steps."""
+    return sum(i * i for i in range(200_000))
 
 
 def _with_background(step, batch, part, items: list, warmup: int, steps: int, device: torch.device) -> float:
