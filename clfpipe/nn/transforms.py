@@ -188,9 +188,8 @@ def augment_crops(crops: torch.Tensor, params: list[AugmentParams], size: int) -
     """Rotation, lighting and flips of float NCHW crops of whole levels, batched, each image's
     drawn values one column of a table copied once -> float NCHW of whole levels. Equal to
     ``apply``'s steps after its crop up to a level where float sums round differently (per-image
-    ops took 0.7 ms an image on an H200). A turn or flip touches only the images that drew it: done
-    to every image and then selected, they were most of the 8.9 ms of GPU time a batch of 256 took
-    (H200)."""
+    ops took 0.7 ms an image on an H200). A turn or flip touches only the images that drew it (done
+    to every image and then selected, each cost two more passes over the whole batch, drawn or not)."""
     n, device = len(params), crops.device
     table = to_device(torch.tensor([[float(getattr(p, name)) for name in _DRAWN] for p in params]), device)
     column = {name: table[:, i].view(n, 1, 1, 1) for i, name in enumerate(_DRAWN)}
