@@ -133,15 +133,22 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> tuple[dic
     return wall, {"decode_ms": decode_gpu, "augment_ms": round(prepare_gpu - decode_gpu, 2)}
 
 
+def made_once(data: StageData, n: int, device: torch.device) -> tuple[list, list, torch.Tensor]:
+    """n loader batches' encoded bytes, the same decoded, and the first one's model input."""
+    decode, augment = data.train_loader.steps
+    encoded = [b[0] for _, b in zip(range(n), forever(data.host_loader))]
+    decoded = [decode(e) for e in encoded]
+    ready = augment(decoded[0])
+    _sync(device)  # made on this thread's stream; the prefetch threads' streams read them without waiting on it
+    return encoded, decoded, ready
+
+
 def without_each_part(step, data: StageData, warmup: int, steps: int, device: torch.device, ahead: int) -> dict[str, float]:
     """Seconds of the e2e steps with one input step replaced by its result on one batch, made
     beforehand and handed on again each time (the rest as in e2e): which part holds the rate back."""
     decode, augment = data.train_loader.steps
-    encoded = next(iter(data.host_loader))[0]
-    decoded = decode(encoded)
-    ready = augment(decoded)
-    _sync(device)  # made on this thread's stream; the prefetch threads' streams read them without waiting on it
-    variants = {"no_decode": (lambda _: decoded, augment), "no_augment": (decode, lambda _: ready)}
+    _, decoded, ready = made_once(data, 1, device)
+    variants = {"no_decode": (lambda _: decoded[0], augment), "no_augment": (decode, lambda _: ready)}
     return {name: timed_steps(step, forever(DeviceBatches(data.host_loader, parts, device, ahead=ahead)), warmup, steps, device)
             for name, parts in variants.items()}
 
@@ -152,9 +159,7 @@ def beside_each_part(step, data: StageData, warmup: int, steps: int, device: tor
     is small but which slows the steps a lot blocks them some other way (a device-wide
     synchronisation, a lock, the GIL); and beside a thread running only Python, the GIL's share."""
     decode, augment = data.train_loader.steps
-    encoded = [b[0] for _, b in zip(range(2), forever(data.host_loader))]
-    decoded = [decode(e) for e in encoded]
-    x = data.train_loader.prepare(encoded[0])
+    encoded, decoded, x = made_once(data, 2, device)
     y = torch.zeros(len(x), dtype=torch.long, device=device)
     parts = (("decode", decode, encoded), ("augment", augment, decoded), ("python", _python_only, [None]))
     return {name: _with_background(step, (x, y), part, items, warmup, steps, device) for name, part, items in parts}

@@ -48,7 +48,7 @@ from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
 from clfpipe.train.schedule import stage_multipliers
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
-from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState
+from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState, torch_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,9 +82,7 @@ def scaled_lrs(lrs: tuple[float, ...], peak: float) -> tuple[float, ...]:
 
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getvalue()
+    return torch_bytes({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
 def commit_checkpoint(model: nn.Module, run_dir: Path, *, recipe: Recipe, classes: list[str], data_dir: Path,

@@ -82,6 +82,13 @@ class TrainState:
             raise ManifestError(f"{path}: unreadable training state ({exc})") from exc
 
 
+def torch_bytes(value: Any) -> bytes:
+    """``torch.save`` of value, as bytes (for ``atomic_write_bytes``)."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
 def _to_host(value: Any) -> Any:
     """A copy of a nested state (dicts, lists, tensors) with every tensor copied to the host: what
     the training changes next cannot reach it."""
@@ -115,9 +122,7 @@ class StateWriter:
 
     def _write(self, snapshot: dict[str, Any]) -> None:
         try:
-            buf = io.BytesIO()
-            torch.save(snapshot, buf)
-            atomic_write_bytes(self.run_dir / STATE_FILE, buf.getvalue())  # a kill never leaves a torn file
+            atomic_write_bytes(self.run_dir / STATE_FILE, torch_bytes(snapshot))  # a kill never leaves a torn file
         except BaseException as exc:  # noqa: BLE001 - raised again by wait() in the training thread
             self._error = exc
 

@@ -120,7 +120,6 @@ class DataConfig:
         limit = AUTO_WORKERS_MAX if batches is None else batches
         return max(1, min(AUTO_WORKERS_MAX, cpus if cpus is not None else usable_cpus(), limit))
 
-
     def decoded_cache_bytes(self, device_free: int | None) -> int:
         """decoded_cache_gib in bytes: "auto" is a quarter of ``device_free`` (a CUDA device's free
         memory; None on the CPU: nothing kept)."""
