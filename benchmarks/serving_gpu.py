@@ -1,7 +1,7 @@
 """GPU serving benchmark: JPEG bytes -> probabilities through the embedded Triton's fused step
 (nvJPEG decode + the torch engine on the GPU) against the same decoder and engine in process.
 
-    python benchmarks/serving_gpu.py [--arch resnet34] [--size 224] [--precision fp16] [--seconds 6]
+    python benchmarks/serving_gpu.py [--arch resnet34] [--size 224] [--precision fp16] [--seconds 6] [--instances 2]
 
 It builds a run at the model's initial weights (the serving cost does not depend on them), exports
 the folded graph as an exported program at --precision, serves it with decode=nvjpeg over gRPC,
@@ -58,12 +58,12 @@ def photo_like_jpegs(count: int, size: tuple[int, int] = (500, 375), seed: int =
     return out
 
 
-def build_run(root: Path, arch: str, size: int, precision: str) -> Path:
+def build_run(root: Path, arch: str, size: int, precision: str, instances: int) -> Path:
     data = root / "data"
     write_demo_dataset(data, spec=DemoSpec(train_per_class=4, valid_per_class=8, image_size=size + 32))
     recipe = load_recipe(None, [f"model.arch={arch}", f"stages.0.size={size}", f"serve.precision={precision}",
                                 "serve.engine=torch", "serve.decode=nvjpeg", "serve.max_batch_size=256",
-                                "serve.model_instances=2"])
+                                f"serve.model_instances={instances}"])
     run = init_run(data, root / "run", recipe)
     export_pt2(run, precision=precision, aoti=False)
     return run
@@ -118,11 +118,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--seconds", type=float, default=6.0, help="per served or in-process window")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=2, help="instances of the fused decode + backbone step (stub processes)")
     args = parser.parse_args()
     device = device_here()
     images = photo_like_jpegs(args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = build_run(Path(tmp), args.arch, args.size, args.precision)
+        run_dir = build_run(Path(tmp), args.arch, args.size, args.precision, args.instances)
         run = RunDir(run_dir)
         manifest = run.read()
         name = next(n for n, e in manifest.data["artifacts"].items() if e.get("variant", {}).get("engine") == "torch")
@@ -148,7 +149,7 @@ def main() -> None:
     local_img_s = statistics.median(local)
     print(json.dumps({
         "check": "serving_gpu", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,
-        "precision": args.precision, "engine": "torch (exported program)", "decode": ("nvJPEG" if device.type == "cuda" else "torchvision's CPU decoder") + ", fused with the backbone",
+        "precision": args.precision, "instances": args.instances, "engine": "torch (exported program)", "decode": ("nvJPEG" if device.type == "cuda" else "torchvision's CPU decoder") + ", fused with the backbone",
         "served_c64x16_img_s": round(served_img_s, 1), "in_process_b256_img_s": round(local_img_s, 1),
         "served_vs_in_process": round(served_img_s / local_img_s, 3),
         "served_c64x16_p50_ms": round(statistics.median(level.p50_ms for level in served), 2),

@@ -3,7 +3,7 @@
 # (default 480: the 8 minutes of issue 9), most important first; a check that would not fit is
 # skipped with a line that says so.
 #
-#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train precompute pt2 engines peer)
+#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train augment precompute pt2 engines peer)
 #
 # Where the machine has no network, fill .whl/ beforehand (../shared/tools/gpu_wheels.sh --http:
 # nvidia-pytriton, numpy<2, tritonclient and its HTTP client, python-rapidjson, tomli-w,
@@ -59,11 +59,18 @@ run_demo() {
       --http-port 18000 --grpc-port 18001 --metrics-port 18002
 }
 run_serving() {
-  check serving 150 python3 "$ROOT/benchmarks/serving_gpu.py" --seconds ${SERVING_SECONDS:-4} --rounds ${SERVING_ROUNDS:-3}
+  # SERVING_INSTANCES: stub processes of the fused step (each has its own nvJPEG decoder, which takes one batch at a time)
+  check serving 150 python3 "$ROOT/benchmarks/serving_gpu.py" --seconds ${SERVING_SECONDS:-4} --rounds ${SERVING_ROUNDS:-3} \
+      --instances ${SERVING_INSTANCES:-2}
 }
 run_train() {
   check train 140 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14 \
       --profile ${TRAIN_PROFILE_STEPS:-0}
+}
+run_augment() {
+  # the augmentation's share of the GPU: its crops' products in half precision (the default on CUDA), then in float32
+  check augment 60 python3 "$ROOT/benchmarks/augment_cost.py" --batch 256 --size 224
+  check augment_fp32 60 python3 "$ROOT/benchmarks/augment_cost.py" --batch 256 --size 224 --resample-dtype float32
 }
 run_precompute() {
   check precompute 90 python3 "$ROOT/benchmarks/precompute.py" --size 224 --images ${PRECOMPUTE_IMAGES:-3000} --batch 64 --workers 14
@@ -113,12 +120,12 @@ run_peer() {
   done
 }
 CHECKS=("$@")
-[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train precompute pt2 engines peer)
+[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train augment precompute pt2 engines peer)
 emit "$PEER"
 for name in "${CHECKS[@]}"; do
   case $name in
-    demo|serving|train|precompute|pt2|engines|peer) "run_$name" ;;
-    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train precompute pt2 engines peer)\"}" ;;
+    demo|serving|train|augment|precompute|pt2|engines|peer) "run_$name" ;;
+    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train augment precompute pt2 engines peer)\"}" ;;
   esac
 done
 if [ -n "$OUT" ]; then  # what explains a failure: the server's log, the verify report

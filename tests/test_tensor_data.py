@@ -2,8 +2,10 @@
 CUDA, exercised here on the CPU) share one transforms definition and must agree."""
 
 import contextlib
+import pickle
 import threading
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
@@ -62,6 +64,28 @@ def test_loader_workers_ship_encoded_bytes_across_epochs(data):
         seen = [(bytes(e.numpy()), int(y)) for encoded, labels in loader for e, y in zip(encoded.images(), labels)]
         assert len(seen) == 16  # 18 files, batches of 4, the last partial batch dropped
         assert len({b for b, _ in seen}) == 16 and all(label_of[b] == y for b, y in seen)
+
+
+@pytest.mark.parametrize("labels", [[0, 2], [(1, 0, 1), (0, 1, 1)]])  # classes; multi-hot (multi-label)
+def test_a_batch_crosses_from_a_worker_as_its_bytes_and_values(labels):
+    """Pickled as a worker's result is (torch's ForkingPickler), a collated batch is one shared
+    tensor, the bytes; lengths, indices and labels travel by value, and arrive as tensors."""
+    items = [(torch.tensor([1, 2, 3], dtype=torch.uint8), train_data._target(labels[0]), 7),
+             (torch.tensor([9], dtype=torch.uint8), train_data._target(labels[1]), 3)]
+    sent = train_data._collate(items)
+    tensors: list[torch.Tensor] = []
+
+    class Counting(ForkingPickler):
+        def persistent_id(self, obj: object) -> None:  # sees every object pickled, then pickles it as usual
+            if isinstance(obj, torch.Tensor):
+                tensors.append(obj)
+
+    data = Counting.dumps(sent)
+    assert len(tensors) == 1 and tensors[0].tolist() == [1, 2, 3, 9]  # the bytes of both files, nothing else
+    encoded, y = pickle.loads(data)
+    assert type((encoded, y)) is tuple and isinstance(encoded, train_data.EncodedBatch)
+    assert [bytes(e.numpy()) for e in encoded.images()] == [b"\x01\x02\x03", b"\x09"]
+    assert encoded.indices.tolist() == [7, 3] and torch.equal(y, sent[1])
 
 
 @pytest.mark.parametrize("kept", [None, 2, 0])  # every image, two images' bytes, nothing
@@ -240,11 +264,12 @@ def test_resize_weights_over_their_taps_are_the_filter_over_every_pixel(in_size,
     np.testing.assert_allclose(got[0].numpy(), _aten_aa_weights(in_size, out_size, start, count, padded), atol=1e-7)
 
 
-@pytest.mark.parametrize("chunk", [1 << 28, 3 * 64 * 96 * 2])  # one resampling per padded size; or two images at a time
-def test_the_batched_crops_are_resize_then_crop(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk, dtype", [(1 << 28, torch.float32), (3 * 64 * 96 * 2, torch.float32), (1 << 28, torch.float16)])
+def test_the_batched_crops_are_resize_then_crop(chunk, dtype, monkeypatch):
     """The windows of every size, zoom and place, shrunk (noise, where filters differ most) and
     enlarged (an 8x8 digit), padded among others of nearly their size, equal ``_scaled_crop``'s
-    resize then crop up to a level."""
+    resize then crop up to a level: one resampling per padded size, or two images at a time; and
+    in half precision, the products CUDA runs (here the CPU's)."""
     monkeypatch.setattr(transforms, "_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(1)
     sizes = [(60, 80), (375, 500), (8, 8), (58, 75), (75, 50), (60, 80), (8, 8), (370, 497), (64, 96)]
@@ -253,7 +278,7 @@ def test_the_batched_crops_are_resize_then_crop(chunk, monkeypatch):
     for spec in (PreprocessSpec(48, 40), PreprocessSpec(73, 64)):
         params = [sample(AUGMENTS["side_on"], torch_draws(gen)) for _ in images]
         params[1] = AugmentParams(zoom=1.1, u=1.0, v=0.0)  # a corner
-        batched = crop_batch(images, params, spec)
+        batched = crop_batch(images, params, spec, dtype)
         single = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
         assert batched.shape == (len(images), 3, spec.crop, spec.crop)
         assert (batched - single).abs().max() <= 1 and (batched - single).abs().mean() < 0.3

@@ -80,11 +80,6 @@ def _rotation_grid(angles: torch.Tensor, size: int) -> torch.Tensor:
     return base.view(1, size * size, 3).expand(len(angles), -1, -1).bmm(scaled).view(-1, size, size, 2)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor | float, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's blend of uint8 images as floats: clamp, then truncate to whole levels."""
-    return (x * ratio + other * (1.0 - ratio)).clamp_(0, 255).floor_()
-
-
 def apply_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
     """``apply`` for a batch of uint8 CHW tensors on one device, each with its own draw: the zoomed
     crops as one resampling per padded size (``crop_batch``), then the rest as batched ops -> uint8."""
@@ -130,24 +125,49 @@ def _bucket(height: int, width: int) -> tuple[int, int]:
     return -(-height // _BUCKET) * _BUCKET, -(-width // _BUCKET) * _BUCKET
 
 
-def _padded(images: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
-    """float (n, 3, height, width), each image in its top-left corner, zeros around it."""
+def _padded(images: list[torch.Tensor], height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 3, height, width) of `dtype`, each image in its top-left corner, zeros around it."""
     if all(_size(img) == (height, width) for img in images):
-        return torch.stack(images).float()
-    out = images[0].new_zeros((len(images), 3, height, width), dtype=torch.float32)
+        return torch.stack(images).to(dtype)
+    out = images[0].new_zeros((len(images), 3, height, width), dtype=dtype)
     for slot, img in zip(out, images):
         slot[:, : img.shape[-2], : img.shape[-1]] = img
     return out
 
 
-def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec) -> torch.Tensor:
+# The resampling's products on tensor cores in half precision on CUDA: the pixels (whole levels up
+# to 255) are exact in it and the weights keep 11 bits, so a result is off by under a tenth of a
+# level before it is rounded; in float32 they ran on the GPU's slower float32 units, 80 GFLOP a
+# batch of 256 photos at 224. The CPU has no fast half products.
+_RESAMPLE_DTYPE = {"cuda": torch.float16}
+
+
+def resample_dtype(device: torch.device) -> torch.dtype:
+    return _RESAMPLE_DTYPE.get(device.type, torch.float32)
+
+
+def _resample(stacked: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows @ image @ cols^T for each image and channel of (n, 3, H, W), as two batched products
+    over views: no operand is broadcast over the channels (which copied it three times). The
+    columns first, into (n, crop, 3H); then the rows, into (n, crop_w, 3, crop_h), returned as
+    a (n, 3, crop_h, crop_w) view."""
+    n, _, height, width = stacked.shape
+    crop_w, crop_h = cols.shape[1], rows.shape[1]
+    by_column = torch.bmm(cols, stacked.view(n, 3 * height, width).transpose(1, 2))  # (n, crop_w, 3H)
+    out = torch.bmm(by_column.view(n, crop_w * 3, height), rows.transpose(1, 2))  # (n, crop_w * 3, crop_h)
+    return out.view(n, crop_w, 3, crop_h).permute(0, 2, 3, 1)
+
+
+def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """The zoomed crops (``_scaled_crop``: resize, then the crop x crop window) of a batch, as float
     NCHW of whole levels: the window's rows and columns of each image's antialiased resize as two
-    batched matrix products over images padded to a common size (``_BUCKET``). Resize-then-crop
-    image by image took most of a batch's input time on an H200 (35 ms for 256 images); a pair of
-    products per distinct size made about as many ops as images for photos of many sizes. Equal to
-    ``_scaled_crop`` up to a level."""
+    batched matrix products over images padded to a common size (``_BUCKET``), in `dtype` (default
+    ``resample_dtype``). Resize-then-crop image by image took most of a batch's input time on an
+    H200 (35 ms for 256 images); a pair of products per distinct size made about as many ops as
+    images for photos of many sizes. Equal to ``_scaled_crop`` up to a level."""
     device, n, crop = images[0].device, len(images), spec.crop
+    dtype = dtype or resample_dtype(device)
     sizes = [_size(img) for img in images]
     # per image: height, width, then scaled_crop's new_h, new_w, top, left; one copy a batch
     scaled = [scaled_crop(h, w, p, resize=spec.resize, crop=crop) for (h, w), p in zip(sizes, params)]
@@ -161,13 +181,13 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
         t = table[index]
         row_taps = max(_taps(sizes[i][0], scaled[i][0]) for i in members)
         col_taps = max(_taps(sizes[i][1], scaled[i][1]) for i in members)
-        rows = _resize_weights(t[:, 0], height, t[:, 2], t[:, 4], crop, row_taps).unsqueeze(1)
-        cols = _resize_weights(t[:, 1], width, t[:, 3], t[:, 5], crop, col_taps).unsqueeze(1).transpose(-1, -2)
+        rows = _resize_weights(t[:, 0], height, t[:, 2], t[:, 4], crop, row_taps).to(dtype)
+        cols = _resize_weights(t[:, 1], width, t[:, 3], t[:, 5], crop, col_taps).to(dtype)
         step = max(1, _CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, len(members), step):
             part = slice(start, start + step)
-            stacked = _padded([images[i] for i in members[part]], height, width)
-            out.index_copy_(0, index[part], rows[part] @ stacked @ cols[part])
+            stacked = _padded([images[i] for i in members[part]], height, width, dtype)
+            out.index_copy_(0, index[part], _resample(stacked, rows[part], cols[part]).to(out.dtype))
     return out.round_().clamp_(0, 255)
 
 
@@ -186,19 +206,22 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def augment_crops(crops: torch.Tensor, params: list[AugmentParams], size: int) -> torch.Tensor:
     """Rotation, lighting and flips of float NCHW crops of whole levels, batched, each image's
-    drawn values one column of a table copied once -> float NCHW of whole levels. Equal to
+    drawn values one column of a table copied once -> a new float NCHW of whole levels. Equal to
     ``apply``'s steps after its crop up to a level where float sums round differently (per-image
-    ops took 0.7 ms an image on an H200). A turn or flip touches only the images that drew it (done
-    to every image and then selected, each cost two more passes over the whole batch, drawn or not)."""
+    ops took 0.7 ms an image on an H200). Each pass over the batch is one on the GPU's memory, so
+    the passes are few: the brightness first (it makes the new tensor, and commutes with the turn:
+    both keep black black, and a nearest-pixel turn only moves pixels), the turn in place on it,
+    each blend as one fused product and sum; a turn or flip touches only the images that drew it."""
     n, device = len(params), crops.device
     table = to_device(torch.tensor([[float(getattr(p, name)) for name in _DRAWN] for p in params]), device)
     column = {name: table[:, i].view(n, 1, 1, 1) for i, name in enumerate(_DRAWN)}
+    crops = (crops * column["brightness"]).clamp_(0, 255).floor_()  # torchvision's blend with black
     if (index := _drew(params, "angle", device)) is not None:  # the unturned keep their pixels exactly
-        crops = crops.index_copy(0, index, torch.nn.functional.grid_sample(
+        crops.index_copy_(0, index, torch.nn.functional.grid_sample(
             crops[index], _rotation_grid(table[index, 0], size), mode="nearest", padding_mode="zeros", align_corners=False))
-    crops = _blend(crops, 0.0, column["brightness"])
     gray = (crops[:, 0] * 0.2989 + crops[:, 1] * 0.587 + crops[:, 2] * 0.114).floor_()
-    crops = _blend(crops, gray.mean(dim=(-2, -1)).view(n, 1, 1, 1), column["contrast"])  # a new tensor: changed in place below
+    contrast, mean = column["contrast"], gray.mean(dim=(-2, -1)).view(n, 1, 1, 1)
+    crops = torch.addcmul(mean * (1.0 - contrast), crops, contrast).clamp_(0, 255).floor_()  # torchvision's blend with the mean
     for name, change in _FLIPS:
         if (index := _drew(params, name, device)) is not None:
             crops[index] = change(crops[index])
@@ -239,21 +262,24 @@ def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, draws: D
 
 
 def train_pixels_batch(images: list[torch.Tensor], policy: AugmentPolicy, spec: PreprocessSpec,
-                       generator: torch.Generator) -> torch.Tensor:
+                       generator: torch.Generator, resample: torch.dtype | None = None) -> torch.Tensor:
     """``train_pixels`` for a batch of decoded tensors on one device: (N, 3, crop, crop) float32
     of whole levels (``normalize_batch`` takes them as they are: no uint8 copy in between), each
-    image's parameters the ones the one-by-one path draws from the same generator."""
+    image's parameters the ones the one-by-one path draws from the same generator; `resample`:
+    ``crop_batch``'s dtype."""
     if policy.random:
         params = sample_batch(policy, len(images), generator)
-        return augment_crops(crop_batch(images, params, spec), params, spec.crop)
+        return augment_crops(crop_batch(images, params, spec, resample), params, spec.crop)
     return torch.stack([eval_pixels(img, spec) for img in images]).float()
 
 
 def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 NCHW (or float32 of whole levels) -> float32 NCHW standardised with the spec's mean/std, on the same device."""
-    mean = to_device(torch.tensor(spec.mean), pixels.device).view(1, 3, 1, 1)
-    std = to_device(torch.tensor(spec.std), pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
+    """uint8 NCHW (or float32 of whole levels) -> float32 NCHW standardised with the spec's
+    mean/std, on the same device: (x / 255 - mean) / std as one pass, x * scale + shift."""
+    scale = [1.0 / (255.0 * s) for s in spec.std]
+    shift = [-m / s for m, s in zip(spec.mean, spec.std)]
+    table = to_device(torch.tensor([scale, shift]), pixels.device).view(2, 1, 3, 1, 1)
+    return torch.addcmul(table[1], pixels.float(), table[0])
 
 
 def is_jpeg(data: bytes | torch.Tensor) -> bool:
