@@ -15,7 +15,9 @@ steps once every file is decoded and kept on the device (the decoded-image cache
 a run's first); step_beside_decode_img_s and step_beside_augment_img_s, the
 synthetic steps while a thread runs that part alone over and over (whether it blocks the steps
 beyond the GPU time it takes), and step_beside_python_img_s, beside a thread running only Python
-(what holding the GIL alone costs the steps); and where the e2e time goes (ms per batch of each part timed
+(what holding the GIL alone costs the steps); step_beside_decode_process_img_s and
+step_beside_augment_process_img_s, the same beside another process running that part on the same
+device (what the input in a process of its own would leave the steps); and where the e2e time goes (ms per batch of each part timed
 alone: loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with
 --profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
 pixels into a temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import multiprocessing
 import tempfile
 import threading
 import time
@@ -40,7 +43,8 @@ from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model, set_trainable, train_mode
-from clfpipe.train.data import DeviceBatches
+from clfpipe.nn.transforms import decode_batch
+from clfpipe.train.data import DeviceBatches, augment_decoded
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
 
@@ -192,6 +196,50 @@ def _with_background(step, batch, part, items: list, warmup: int, steps: int, de
         thread.join()
 
 
+def beside_in_a_process(step, data: StageData, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Seconds of the synthetic steps while another process runs one input part over and over on
+    the same GPU (its own CUDA context: neither the GIL nor a context-wide synchronisation such as
+    cudaFree's reaches this one; the GPU time-slices between the two): whether moving the input to
+    a process of its own would let the steps run."""
+    encoded, _, x = made_once(data, 1, device)
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    payload = (encoded[0].flat, encoded[0].lengths, data.spec, data.policy, str(device))
+    return {name: _with_process(step, (x, y), name, payload, warmup, steps, device) for name in ("decode", "augment")}
+
+
+def _with_process(step, batch, part: str, payload: tuple, warmup: int, steps: int, device: torch.device) -> float:
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    ready, stop = context.Event(), context.Event()
+    child = context.Process(target=_part_forever, args=(part, *payload, ready, stop), daemon=True)
+    child.start()
+    try:
+        if not ready.wait(timeout=300):
+            raise RuntimeError(f"the {part} process did not start within 300 s (exit code {child.exitcode})")
+        return timed_steps(step, forever([batch]), warmup, steps, device)
+    finally:
+        stop.set()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+
+
+def _part_forever(part: str, flat: torch.Tensor, lengths: torch.Tensor, spec, policy, device_name: str, ready, stop) -> None:
+    """In the child: decode (or augment the decoded) batch on the device until told to stop, a
+    batch at a time; `ready` once the first has run."""
+    device = torch.device(device_name)
+    encoded = list(torch.split(flat, lengths.tolist()))
+    images = decode_batch(encoded, device)
+    generator = torch.Generator().manual_seed(0)
+    run = {"decode": lambda: decode_batch(encoded, device),
+           "augment": lambda: augment_decoded(images, spec, policy=policy, generator=generator)}[part]
+    run()
+    _sync(device)
+    ready.set()
+    while not stop.is_set():
+        run()
+        _sync(device)
+
+
 def cached_e2e(step_of, ctx: Context, model, args: argparse.Namespace, device: torch.device) -> float:
     """Seconds of the e2e steps once every file is decoded and kept on the device (``DecodedCache``:
     the epochs after a run's first), after one untimed epoch that fills the cache."""
@@ -289,7 +337,9 @@ def main() -> None:
         parts, gpu_parts = (breakdown(data, [b for _, b in zip(range(4), forever(data.host_loader))], device)
                             if data.tensor_decode else ({}, {}))
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)  # the same loss path
-        beside = beside_each_part(step, data, args.warmup, args.steps, device) if len(data.train_loader.steps) == 2 else {}
+        two_steps = len(data.train_loader.steps) == 2
+        beside = beside_each_part(step, data, args.warmup, args.steps, device) if two_steps else {}
+        beside_process = beside_in_a_process(step, data, args.warmup, args.steps, device) if two_steps else {}
         if gpu_parts:
             gpu_parts["step_ms"] = gpu_ms_each(step, [(x, y)] * 4)
         plain = plain_torch_step(args.arch, len(train.classes), device)
@@ -306,6 +356,7 @@ def main() -> None:
         "e2e_cached_img_s": round(images / cached_s, 1) if cached_s else None,
         "ratio_cached": round(synthetic_s / cached_s, 3) if cached_s else None,
         **{f"step_beside_{name}_img_s": round(images / seconds, 1) for name, seconds in beside.items()},
+        **{f"step_beside_{name}_process_img_s": round(images / seconds, 1) for name, seconds in beside_process.items()},
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
         "e2e_ms_per_batch": round(e2e_s / args.steps * 1000, 2),
