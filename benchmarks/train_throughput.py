@@ -7,21 +7,21 @@ device: nvJPEG on CUDA, two batches ahead by prefetch threads, one per step on i
 decode, augment), synthetic_img_s (a fixed batch already on the device), and ratio = e2e /
 synthetic (goal on a GPU machine: >= 0.85); plain_torch_img_s, the same model in a plain PyTorch
 loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and synthetic_vs_plain (goal >=
-0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in
-turn; e2e_inline_img_s, with the input prepared inline instead; e2e_no_decode_img_s and
-e2e_no_augment_img_s, with that step's result made once beforehand (the other parts as in e2e:
-which part holds the rate back); e2e_cached_img_s and ratio_cached, the e2e
+0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in turn;
+e2e_inline_img_s, with the input prepared inline instead; e2e_short_switch_img_s, the e2e steps
+with the interpreter's switch interval at 0.5 ms instead of 5 (the GIL's convoy, shortened);
+e2e_no_decode_img_s and e2e_no_augment_img_s, with that step's result made once beforehand (the
+other parts as in e2e: which part holds the rate back); e2e_cached_img_s and ratio_cached, the e2e
 steps once every file is decoded and kept on the device (the decoded-image cache: every epoch after
-a run's first); step_beside_decode_img_s and step_beside_augment_img_s, the
-synthetic steps while a thread runs that part alone over and over (whether it blocks the steps
-beyond the GPU time it takes), and step_beside_python_img_s, beside a thread running only Python
-(what holding the GIL alone costs the steps); step_beside_decode_process_img_s and
-step_beside_augment_process_img_s, the same beside another process running that part on the same
-device (what the input in a process of its own would leave the steps); and where the e2e time goes (ms per batch of each part timed
-alone: loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with
---profile N, the top ops of N e2e steps). With no --data it writes demo images at --image-size
-pixels into a temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on
-the CPU).
+a run's first); step_beside_decode_img_s and step_beside_augment_img_s, the synthetic steps while a
+thread runs that part alone over and over (whether it blocks the steps beyond the GPU time it
+takes), and step_beside_python_img_s, beside a thread running only Python (what holding the GIL
+alone costs the steps); step_beside_decode_process_img_s and step_beside_augment_process_img_s, the
+same beside another process running that part on the same device (what the input in a process of
+its own would leave the steps); and where the e2e time goes (ms per batch of each part timed alone:
+loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with --profile
+N, the top ops of N e2e steps). With no --data it writes demo images at --image-size pixels into a
+temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import sys
 import tempfile
 import threading
 import time
@@ -155,6 +156,22 @@ def without_each_part(step, data: StageData, warmup: int, steps: int, device: to
     variants = {"no_decode": (lambda _: decoded[0], augment), "no_augment": (decode, lambda _: ready)}
     return {name: timed_steps(step, forever(DeviceBatches(data.host_loader, parts, device, ahead=ahead)), warmup, steps, device)
             for name, parts in variants.items()}
+
+
+SHORT_SWITCH_S = 0.0005  # a tenth of the interpreter's default
+
+
+def with_switch_interval(seconds: float, fn, *args):
+    """fn(*args) with the interpreter's switch interval at `seconds`: how long a thread that wants
+    the GIL back waits before it makes the holder give it up (5 ms by default). Every torch call
+    releases the GIL, and a thread that gives it up often can lose every race to take it back and
+    wait out the whole interval (the convoy); shorter, the waits are shorter."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        return fn(*args)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def beside_each_part(step, data: StageData, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
@@ -321,6 +338,8 @@ def main() -> None:
         step = step_of(data)
 
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
+        short_switch_s = with_switch_interval(SHORT_SWITCH_S, timed_steps, step, forever(data.train_loader), args.warmup,
+                                              args.steps, device)
         profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
         ahead = data.train_loader.ahead
         one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=ahead)  # decode + augment in turn
@@ -352,6 +371,7 @@ def main() -> None:
         "prefetch_batches": ahead, "prefetch_threads": len(data.train_loader.steps) if ahead else 0,
         "e2e_one_thread_img_s": round(images / one_thread_s, 1) if one_thread_s else None,
         "e2e_inline_img_s": round(images / inline_s, 1),
+        "e2e_short_switch_img_s": round(images / short_switch_s, 1),
         **{f"e2e_{name}_img_s": round(images / seconds, 1) for name, seconds in without.items()},
         "e2e_cached_img_s": round(images / cached_s, 1) if cached_s else None,
         "ratio_cached": round(synthetic_s / cached_s, 3) if cached_s else None,
