@@ -91,10 +91,16 @@ def _resize_weights(in_sizes: torch.Tensor, padded: int, out_sizes: torch.Tensor
     """(n, count, padded) rows of an antialiased bilinear resize from each in_size to its out_size,
     output pixels start .. start + count, zero beyond the image (its padding): ATen's
     ``_compute_indices_min_size_weights_aa`` (the filter Pillow and ``TF.resize(antialias=True)``
-    use), as matrices. Each row's weights are computed over its ``taps`` source pixels only
-    (``_taps``), then placed: computed over every source pixel, a float64 (n, count, padded)
-    tensor a step, they took more time than the resampling they are for (this CPU: 410 of 637 ms
-    for 64 photos at 224)."""
+    use), as matrices."""
+    return _rows(*_filter_taps(in_sizes, out_sizes, starts, count, taps), padded)
+
+
+def _filter_taps(in_sizes: torch.Tensor, out_sizes: torch.Tensor, starts: torch.Tensor, count: int,
+                 taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each output pixel's ``taps`` source pixels (n, count, taps) and their weights (float32, zero
+    past the image's end). Computed over every source pixel, a float64 (n, count, padded) tensor a
+    step, they took more time than the resampling they are for (this CPU: 410 of 637 ms for 64
+    photos at 224)."""
     device = out_sizes.device
     in_sizes = in_sizes.double().view(-1, 1, 1)
     scale = in_sizes / out_sizes.double().view(-1, 1, 1)  # input pixels per output pixel
@@ -105,10 +111,15 @@ def _resize_weights(in_sizes: torch.Tensor, padded: int, out_sizes: torch.Tensor
     hi = torch.minimum((center + support + 0.5).trunc(), in_sizes)
     source = lo + torch.arange(taps, device=device, dtype=torch.float64).view(1, 1, -1)  # distinct in a row
     weights = (1.0 - ((source - center + 0.5) * invscale).abs()).clamp(min=0) * (source < hi)
-    weights = (weights / weights.sum(-1, keepdim=True)).float()
-    # taps past the image's end (weight 0) land in the extra columns, which are then dropped
-    rows = torch.zeros(len(weights), count, padded + taps, device=device)
-    return rows.scatter_(2, source.long(), weights)[..., :padded]
+    return source.long(), (weights / weights.sum(-1, keepdim=True)).float()
+
+
+def _rows(source: torch.Tensor, weights: torch.Tensor, padded: int) -> torch.Tensor:
+    """``_filter_taps``' weights placed in (n, count, padded) rows; taps past the image's end (weight
+    0) land in the extra columns, which are then dropped."""
+    n, count, taps = weights.shape
+    rows = torch.zeros(n, count, padded + taps, device=weights.device)
+    return rows.scatter_(2, source, weights)[..., :padded]
 
 
 def _taps(in_size: int, out_size: int) -> int:
@@ -165,30 +176,42 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
     batched matrix products over images padded to a common size (``_BUCKET``), in `dtype` (default
     ``resample_dtype``). Resize-then-crop image by image took most of a batch's input time on an
     H200 (35 ms for 256 images); a pair of products per distinct size made about as many ops as
-    images for photos of many sizes. Equal to ``_scaled_crop`` up to a level."""
+    images for photos of many sizes. The filter's taps are computed once a batch and only placed
+    per padded size. Equal to ``_scaled_crop`` up to a level."""
     device, n, crop = images[0].device, len(images), spec.crop
     dtype = dtype or resample_dtype(device)
     sizes = [_size(img) for img in images]
-    # per image: height, width, then scaled_crop's new_h, new_w, top, left; one copy a batch
+    # per image: height, width, then scaled_crop's new_h, new_w, top, left
     scaled = [scaled_crop(h, w, p, resize=spec.resize, crop=crop) for (h, w), p in zip(sizes, params)]
-    table = to_device(torch.tensor([[h, w, *box] for (h, w), box in zip(sizes, scaled)]), device)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (h, w) in enumerate(sizes):
         groups.setdefault(_bucket(h, w), []).append(i)
+    table = to_device(torch.tensor([[h, w, *box] for (h, w), box in zip(sizes, scaled)]), device)  # one copy a batch
+    row_taps = max(_taps(h, box[0]) for (h, _), box in zip(sizes, scaled))
+    col_taps = max(_taps(w, box[1]) for (_, w), box in zip(sizes, scaled))
+    row_filter = _filter_taps(table[:, 0], table[:, 2], table[:, 4], crop, row_taps)
+    col_filter = _filter_taps(table[:, 1], table[:, 3], table[:, 5], crop, col_taps)
+    # the images' indices group after group, one copy a batch; all of them in order when one size
+    order = (torch.arange(n, device=device) if len(groups) == 1 else
+             to_device(torch.tensor([i for members in groups.values() for i in members]), device))
     out = torch.empty(n, 3, crop, crop, device=device)
+    first = 0
     for (height, width), members in groups.items():
-        index = to_device(torch.tensor(members), device)
-        t = table[index]
-        row_taps = max(_taps(sizes[i][0], scaled[i][0]) for i in members)
-        col_taps = max(_taps(sizes[i][1], scaled[i][1]) for i in members)
-        rows = _resize_weights(t[:, 0], height, t[:, 2], t[:, 4], crop, row_taps).to(dtype)
-        cols = _resize_weights(t[:, 1], width, t[:, 3], t[:, 5], crop, col_taps).to(dtype)
+        index = order[first : first + len(members)]
+        first += len(members)
+        rows = _rows(*_take(row_filter, index, len(groups)), height).to(dtype)
+        cols = _rows(*_take(col_filter, index, len(groups)), width).to(dtype)
         step = max(1, _CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, len(members), step):
             part = slice(start, start + step)
             stacked = _padded([images[i] for i in members[part]], height, width, dtype)
             out.index_copy_(0, index[part], _resample(stacked, rows[part], cols[part]).to(out.dtype))
     return out.round_().clamp_(0, 255)
+
+
+def _take(taps: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's rows of a batch's filter taps: all of them, in order, when the batch is one group."""
+    return taps if groups == 1 else (taps[0][index], taps[1][index])
 
 
 _DRAWN = ("angle", "brightness", "contrast", "hflip", "vflip", "rot90")  # augment_crops' columns
