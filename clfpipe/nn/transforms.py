@@ -147,9 +147,10 @@ def _padded(images: list[torch.Tensor], height: int, width: int, dtype: torch.dt
 
 
 # The resampling's products on tensor cores in half precision on CUDA: the pixels (whole levels up
-# to 255) are exact in it and the weights keep 11 bits, so a result is off by under a tenth of a
-# level before it is rounded; in float32 they ran on the GPU's slower float32 units, 80 GFLOP a
-# batch of 256 photos at 224. The CPU has no fast half products.
+# to 255) are exact in it and the weights keep 11 bits; against float64, a result of noise images
+# was off by 0.04 of a level on average and 0.23 at most before rounding, and 5% of them rounded to
+# the next level. In float32 the products ran on the GPU's slower float32 units, 80 GFLOP a batch
+# of 256 photos at 224. The CPU has no fast half products.
 _RESAMPLE_DTYPE = {"cuda": torch.float16}
 
 
@@ -209,9 +210,10 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
     return out.round_().clamp_(0, 255)
 
 
-def _take(taps: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's rows of a batch's filter taps: all of them, in order, when the batch is one group."""
-    return taps if groups == 1 else (taps[0][index], taps[1][index])
+def _take(filter_taps: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's rows of a batch's ``_filter_taps``: all of them, in order, when the batch is one group."""
+    source, weights = filter_taps
+    return filter_taps if groups == 1 else (source[index], weights[index])
 
 
 _DRAWN = ("angle", "brightness", "contrast", "hflip", "vflip", "rot90")  # augment_crops' columns
