@@ -5,14 +5,15 @@ counted on any device, and its time.
 
 Prints one JSON object for the stage's augment step (``augment_decoded``: the zoomed crops, turns,
 lighting, flips and normalisation of decoded images; --resample-dtype: the crops' products in that
-dtype instead of the device's, ``resample_dtype``): ``ops`` (ATen calls), ``kernels`` (those
-that are not views: on CUDA, each is at least one kernel), ``gb_touched`` (the bytes of every
-kernel's tensor arguments and results: a bandwidth-bound GPU's time is about this over its memory
-bandwidth), ``matmul_gflop`` by dtype, ``ms`` (median wall time, synchronised), and on CUDA
-``gpu_busy_ms`` (its kernels' time from torch.profiler); in a dtype other than float32, how far
-its pixels are from float32's on the same draws (``vs_float32_max_levels``, ``vs_float32_differing``). The counts are the same on the CPU and
-the GPU: they say what a change does to a GPU's share where no GPU is at hand. With no --data it
-writes demo images at --image-size pixels into a temporary folder.
+dtype instead of the device's, ``resample_dtype``): ``ops`` (ATen calls), ``kernels`` (those that
+are not views: on CUDA, each is at least one kernel), ``gb_touched`` (the bytes of every kernel's
+tensor arguments and results: a bandwidth-bound GPU's time is about this over its memory
+bandwidth), ``matmul_gflop`` (the matrix products: the crops' in ``resample_dtype``, the turns'
+grids in float32), ``ms`` (median wall time, synchronised), and on CUDA ``gpu_busy_ms`` (its
+kernels' time from torch.profiler); in a dtype other than float32, how far its pixels are from
+float32's on the same draws (``vs_float32_max_levels``, ``vs_float32_differing``). The counts are
+the same on the CPU and the GPU: they say what a change does to a GPU's share where no GPU is at
+hand. With no --data it writes demo images at --image-size pixels into a temporary folder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from train_throughput import gpu_ms_each  # the sibling script's GPU busy time (benchmarks/ is the script's folder)
 
 from clfpipe.contract.augment import AUGMENTS
 from clfpipe.contract.dataset import scan_split
@@ -68,23 +70,6 @@ def _aliases(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> bool:
     return bool(outputs) and all(t.untyped_storage().data_ptr() in storages for t in outputs)
 
 
-def matmul_gflop(fn: Callable[[], Any]) -> dict[str, float]:
-    """GFLOP of fn's matrix products by their dtype (the only ops torch's flop counter counts here)."""
-    flops: Counter[str] = Counter()
-
-    class ByDtype(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            with FlopCounterMode(display=False) as counter:
-                out = func(*args, **(kwargs or {}))
-            if counter.get_total_flops():
-                flops[str(args[0].dtype).removeprefix("torch.")] += counter.get_total_flops()
-            return out
-
-    with ByDtype():
-        fn()
-    return {dtype: round(f / 1e9, 2) for dtype, f in flops.items()}
-
-
 def wall_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -94,16 +79,6 @@ def wall_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return round(statistics.median(times), 2)
-
-
-def gpu_busy_ms(fn: Callable[[], Any]) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return round(sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1000, 2)
 
 
 def against_float32(images: list[torch.Tensor], policy: str, spec: PreprocessSpec, dtype: torch.dtype) -> dict[str, float]:
@@ -141,7 +116,7 @@ def main() -> None:
         return normalize_batch(train_pixels_batch(images, AUGMENTS[args.policy], spec, generator, dtype), spec)
 
     augment()  # warm: kernels chosen, memory cached
-    with Traffic() as traffic:
+    with FlopCounterMode(display=False) as flops, Traffic() as traffic:
         augment()
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "batch": len(images), "size": args.size,
@@ -149,12 +124,12 @@ def main() -> None:
         "resample_dtype": str(dtype).removeprefix("torch."),
         "ops": traffic.ops, "kernels": traffic.kernels, "gb_touched": round(traffic.bytes / 1e9, 2),
         "gb_by_op": {op: round(b / 1e9, 2) for op, b in traffic.by_op.most_common(8)},
-        "matmul_gflop": matmul_gflop(augment), "ms": wall_ms(augment, device, args.repeats),
+        "matmul_gflop": round(flops.get_total_flops() / 1e9, 2), "ms": wall_ms(augment, device, args.repeats),
     }
     if dtype != torch.float32:
         result.update(against_float32(images, args.policy, spec, dtype))
     if device.type == "cuda":
-        result["gpu_busy_ms"] = gpu_busy_ms(augment)
+        result["gpu_busy_ms"] = gpu_ms_each(lambda _: augment(), [None])
     print(json.dumps(result))
 
 

@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -138,8 +139,12 @@ def breakdown(data: StageData, batches: list, device: torch.device) -> tuple[dic
     return wall, {"decode_ms": decode_gpu, "augment_ms": round(prepare_gpu - decode_gpu, 2)}
 
 
-def made_once(data: StageData, n: int, device: torch.device) -> tuple[list, list, torch.Tensor]:
-    """n loader batches' encoded bytes, the same decoded, and the first one's model input."""
+Sample = tuple[list, list, torch.Tensor]  # made_once's
+
+
+def made_once(data: StageData, n: int, device: torch.device) -> Sample:
+    """n loader batches' encoded bytes, the same decoded, and the first one's model input: the
+    parts' results that the probes below hand on again and again."""
     decode, augment = data.train_loader.steps
     encoded = [b[0] for _, b in zip(range(n), forever(data.host_loader))]
     decoded = [decode(e) for e in encoded]
@@ -148,11 +153,12 @@ def made_once(data: StageData, n: int, device: torch.device) -> tuple[list, list
     return encoded, decoded, ready
 
 
-def without_each_part(step, data: StageData, warmup: int, steps: int, device: torch.device, ahead: int) -> dict[str, float]:
+def without_each_part(step, data: StageData, sample: Sample, warmup: int, steps: int, device: torch.device,
+                      ahead: int) -> dict[str, float]:
     """Seconds of the e2e steps with one input step replaced by its result on one batch, made
     beforehand and handed on again each time (the rest as in e2e): which part holds the rate back."""
     decode, augment = data.train_loader.steps
-    _, decoded, ready = made_once(data, 1, device)
+    _, decoded, ready = sample
     variants = {"no_decode": (lambda _: decoded[0], augment), "no_augment": (decode, lambda _: ready)}
     return {name: timed_steps(step, forever(DeviceBatches(data.host_loader, parts, device, ahead=ahead)), warmup, steps, device)
             for name, parts in variants.items()}
@@ -161,26 +167,27 @@ def without_each_part(step, data: StageData, warmup: int, steps: int, device: to
 SHORT_SWITCH_S = 0.0005  # a tenth of the interpreter's default
 
 
-def with_switch_interval(seconds: float, fn, *args):
-    """fn(*args) with the interpreter's switch interval at `seconds`: how long a thread that wants
-    the GIL back waits before it makes the holder give it up (5 ms by default). Every torch call
-    releases the GIL, and a thread that gives it up often can lose every race to take it back and
-    wait out the whole interval (the convoy); shorter, the waits are shorter."""
+@contextlib.contextmanager
+def switch_interval(seconds: float) -> Iterator[None]:
+    """The interpreter's switch interval at `seconds` within: how long a thread that wants the GIL
+    back waits before it makes the holder give it up (5 ms by default). Every torch call releases
+    the GIL, and a thread that gives it up often can lose every race to take it back and wait out
+    the whole interval (the convoy); shorter, the waits are shorter."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
     try:
-        return fn(*args)
+        yield
     finally:
         sys.setswitchinterval(before)
 
 
-def beside_each_part(step, data: StageData, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+def beside_each_part(step, data: StageData, sample: Sample, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
     """Seconds of the synthetic steps while a thread runs one input part over and over on its own
     stream (as the prefetch threads do, but never waiting for the step): a part whose own GPU time
     is small but which slows the steps a lot blocks them some other way (a device-wide
     synchronisation, a lock, the GIL); and beside a thread running only Python, the GIL's share."""
     decode, augment = data.train_loader.steps
-    encoded, decoded, x = made_once(data, 2, device)
+    encoded, decoded, x = sample
     y = torch.zeros(len(x), dtype=torch.long, device=device)
     parts = (("decode", decode, encoded), ("augment", augment, decoded), ("python", _python_only, [None]))
     return {name: _with_background(step, (x, y), part, items, warmup, steps, device) for name, part, items in parts}
@@ -213,12 +220,12 @@ def _with_background(step, batch, part, items: list, warmup: int, steps: int, de
         thread.join()
 
 
-def beside_in_a_process(step, data: StageData, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+def beside_in_a_process(step, data: StageData, sample: Sample, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
     """Seconds of the synthetic steps while another process runs one input part over and over on
     the same GPU (its own CUDA context: neither the GIL nor a context-wide synchronisation such as
     cudaFree's reaches this one; the GPU time-slices between the two): whether moving the input to
     a process of its own would let the steps run."""
-    encoded, _, x = made_once(data, 1, device)
+    encoded, _, x = sample
     y = torch.zeros(len(x), dtype=torch.long, device=device)
     payload = (encoded[0].flat, encoded[0].lengths, data.spec, data.policy, str(device))
     return {name: _with_process(step, (x, y), name, payload, warmup, steps, device) for name in ("decode", "augment")}
@@ -338,14 +345,15 @@ def main() -> None:
         step = step_of(data)
 
         e2e_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
-        short_switch_s = with_switch_interval(SHORT_SWITCH_S, timed_steps, step, forever(data.train_loader), args.warmup,
-                                              args.steps, device)
+        with switch_interval(SHORT_SWITCH_S):
+            short_switch_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
         ahead = data.train_loader.ahead
         one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=ahead)  # decode + augment in turn
         one_thread_s = timed_steps(step, forever(one_thread), args.warmup, args.steps, device) if ahead else None
-        without = (without_each_part(step, data, args.warmup, args.steps, device, ahead)
-                   if len(data.train_loader.steps) == 2 else {})
+        two_steps = len(data.train_loader.steps) == 2  # decode, then augment: the probes of each part
+        sample = made_once(data, 2, device) if two_steps else None
+        without = without_each_part(step, data, sample, args.warmup, args.steps, device, ahead) if sample else {}
         cached_s = cached_e2e(step_of, Context(replace(recipe, data=replace(recipe.data, decoded_cache_gib=float(args.cache_gib))),
                                                train, valid, device, Path(tmp)), model, args, device) if data.tensor_decode else None
         data.train_loader.ahead = 0  # the same input, prepared inline
@@ -356,9 +364,8 @@ def main() -> None:
         parts, gpu_parts = (breakdown(data, [b for _, b in zip(range(4), forever(data.host_loader))], device)
                             if data.tensor_decode else ({}, {}))
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)  # the same loss path
-        two_steps = len(data.train_loader.steps) == 2
-        beside = beside_each_part(step, data, args.warmup, args.steps, device) if two_steps else {}
-        beside_process = beside_in_a_process(step, data, args.warmup, args.steps, device) if two_steps else {}
+        beside = beside_each_part(step, data, sample, args.warmup, args.steps, device) if sample else {}
+        beside_process = beside_in_a_process(step, data, sample, args.warmup, args.steps, device) if sample else {}
         if gpu_parts:
             gpu_parts["step_ms"] = gpu_ms_each(step, [(x, y)] * 4)
         plain = plain_torch_step(args.arch, len(train.classes), device)

@@ -32,14 +32,14 @@ from clfpipe.nn.transforms import (
     torch_draws,
 )
 from clfpipe.train import data as train_data
-from clfpipe.train.data import DecodedCache, DeviceBatches, ImageDataset, augment_decoded, decode_encoded, encoded_loader
+from clfpipe.train.data import DecodedCache, DeviceBatches, ImageDataset, augment_decoded, encoded_loader
 from clfpipe.train.loop import train_run
 from clfpipe.train.stage import Context, StageData, on_device_decode
 
 
 def device_batch(encoded, device, spec, *, policy, generator):
     """Encoded images -> the model's input, as a stage's two input steps make it."""
-    return augment_decoded(decode_encoded(encoded, device), spec, policy=policy, generator=generator)
+    return augment_decoded(decode_batch(encoded, device), spec, policy=policy, generator=generator)
 
 
 @pytest.fixture
@@ -241,7 +241,7 @@ def test_the_batched_augmentation_is_the_one_by_one_augmentation(policy):
 
 def _aten_aa_weights(in_size: int, out_size: int, start: int, count: int, padded: int) -> np.ndarray:
     """ATen's antialiased bilinear weights (``_compute_indices_min_size_weights_aa``), output pixel
-    by output pixel over every source pixel: the closed form ``_resize_weights`` computes."""
+    by output pixel over every source pixel: the closed form ``_filter_taps`` computes."""
     scale = in_size / out_size
     support, invscale = (scale, 1 / scale) if scale >= 1 else (1.0, 1.0)
     rows = np.zeros((count, padded))
@@ -258,8 +258,9 @@ def test_resize_weights_over_their_taps_are_the_filter_over_every_pixel(in_size,
     """Shrinking eightfold, enlarging sixfold, unscaled, a window at an edge: computed over the
     taps ``_taps`` allows, the rows equal the filter over the whole (padded) row."""
     count, padded = min(40, out_size - start), -(-in_size // 32) * 32
-    got = transforms._resize_weights(torch.tensor([in_size]), padded, torch.tensor([out_size]), torch.tensor([start]),
-                                     count, transforms._taps(in_size, out_size))
+    taps = transforms._filter_taps(torch.tensor([in_size]), torch.tensor([out_size]), torch.tensor([start]), count,
+                                   transforms._taps(in_size, out_size))
+    got = transforms._rows(*taps, padded)
     assert got.shape == (1, count, padded)
     np.testing.assert_allclose(got[0].numpy(), _aten_aa_weights(in_size, out_size, start, count, padded), atol=1e-7)
 

@@ -2,7 +2,7 @@
 
 Two paths with one definition of the pixels: Pillow in the loader workers (``ImageDataset``), or
 encoded bytes from the workers decoded and augmented as tensors on the training device
-(``EncodedDataset``, then ``decode_encoded`` and ``augment_decoded``: nvJPEG on CUDA, the same code on
+(``EncodedDataset``, then ``DecodedCache`` and ``augment_decoded``: nvJPEG on CUDA, the same code on
 the CPU in the tests).
 """
 
@@ -287,15 +287,11 @@ def _put(ready: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def decode_encoded(encoded: EncodedBatch | list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Encoded images -> uint8 CHW tensors decoded on the device (nvJPEG on CUDA)."""
-    return decode_batch(encoded.images() if isinstance(encoded, EncodedBatch) else encoded, device)
-
-
 class DecodedCache:
-    """``decode_encoded`` that keeps what it decodes on the device, by the file's index, up to
-    ``budget`` bytes: a file is decoded once a run (its first epoch), not once an epoch, and every
-    stage (whatever its size) reads the same pixels. On an H200 (resnet34 224, batch 256) the e2e
+    """Encoded batches -> uint8 CHW tensors decoded on the device (``decode_batch``: nvJPEG on CUDA),
+    keeping what it decodes there by the file's index, up to ``budget`` bytes: a file is decoded
+    once a run (its first epoch), not once an epoch, and every stage (whatever its size) reads the
+    same pixels. On an H200 (resnet34 224, batch 256) the e2e
     steps ran 5,419 img/s with the decode's result made beforehand against 3,497 decoding each
     batch (``benchmarks/train_throughput.py``: e2e_no_decode_img_s). Used by one thread at a time
     (a stage's decode step)."""

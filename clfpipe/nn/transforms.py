@@ -86,21 +86,14 @@ def apply_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: P
     return augment_crops(crop_batch(images, params, spec), params, spec.crop).to(torch.uint8)
 
 
-def _resize_weights(in_sizes: torch.Tensor, padded: int, out_sizes: torch.Tensor, starts: torch.Tensor,
-                    count: int, taps: int) -> torch.Tensor:
-    """(n, count, padded) rows of an antialiased bilinear resize from each in_size to its out_size,
-    output pixels start .. start + count, zero beyond the image (its padding): ATen's
-    ``_compute_indices_min_size_weights_aa`` (the filter Pillow and ``TF.resize(antialias=True)``
-    use), as matrices."""
-    return _rows(*_filter_taps(in_sizes, out_sizes, starts, count, taps), padded)
-
-
 def _filter_taps(in_sizes: torch.Tensor, out_sizes: torch.Tensor, starts: torch.Tensor, count: int,
                  taps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each output pixel's ``taps`` source pixels (n, count, taps) and their weights (float32, zero
-    past the image's end). Computed over every source pixel, a float64 (n, count, padded) tensor a
-    step, they took more time than the resampling they are for (this CPU: 410 of 637 ms for 64
-    photos at 224)."""
+    """An antialiased bilinear resize from each in_size to its out_size, output pixels start ..
+    start + count: each output pixel's ``taps`` source pixels (n, count, taps) and their weights
+    (float32, zero past the image's end), ATen's ``_compute_indices_min_size_weights_aa`` (the
+    filter Pillow and ``TF.resize(antialias=True)`` use); ``_rows`` makes them matrices. Computed
+    over every source pixel, a float64 (n, count, padded) tensor a step, they took more time than
+    the resampling they are for (this CPU: 410 of 637 ms for 64 photos at 224)."""
     device = out_sizes.device
     in_sizes = in_sizes.double().view(-1, 1, 1)
     scale = in_sizes / out_sizes.double().view(-1, 1, 1)  # input pixels per output pixel
@@ -115,8 +108,8 @@ def _filter_taps(in_sizes: torch.Tensor, out_sizes: torch.Tensor, starts: torch.
 
 
 def _rows(source: torch.Tensor, weights: torch.Tensor, padded: int) -> torch.Tensor:
-    """``_filter_taps``' weights placed in (n, count, padded) rows; taps past the image's end (weight
-    0) land in the extra columns, which are then dropped."""
+    """``_filter_taps``' weights placed in (n, count, padded) rows, zero beyond the image (its
+    padding); taps past the image's end (weight 0) land in the extra columns, which are then dropped."""
     n, count, taps = weights.shape
     rows = torch.zeros(n, count, padded + taps, device=weights.device)
     return rows.scatter_(2, source, weights)[..., :padded]
