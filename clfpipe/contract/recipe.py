@@ -340,7 +340,8 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise RecipeError(
-            f"unknown key '{where}{unknown[0]}' in recipe: valid keys are {', '.join(valid)}"
+            # repr: a key is the user's text, and its newlines or quotes must not break the one-line error
+            f"unknown key {where + unknown[0]!r} in recipe: valid keys are {', '.join(valid)}"
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -383,6 +384,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def _shown(text: str) -> str:
+    """The user's text in a one-line error: as typed, or escaped (repr) where it holds a newline or
+    another character that does not print."""
+    return text if text.isprintable() else repr(text)
+
+
 def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
     head, rest = path[0], path[1:]
     if isinstance(node, list):
@@ -391,7 +398,7 @@ def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
         elif head.isdigit() and int(head) < len(node):
             indices = [int(head)]
         else:
-            raise RecipeError(f"--set {text}: expected a stage index below {len(node)} or '*', got {head!r}")
+            raise RecipeError(f"--set {_shown(text)}: expected a stage index below {len(node)} or '*', got {head!r}")
         for i in indices:
             if rest:
                 _set_path(node[i], rest, value, text)
@@ -399,7 +406,7 @@ def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
                 node[i] = value  # a whole stage: the recipe check says what a stage must be
         return
     if not isinstance(node, dict):
-        raise RecipeError(f"--set {text}: expected a table to hold {head!r}, got the value {node!r}")
+        raise RecipeError(f"--set {_shown(text)}: expected a table to hold {head!r}, got the value {node!r}")
     if not rest:
         node[head] = value
         return
