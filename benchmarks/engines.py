@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from clfpipe.contract.dataset import scan_split
@@ -59,6 +60,15 @@ def build_run(root: Path, size: int) -> Path:
     return run
 
 
+def _int8_session(fp32_path: Path, calibration: np.ndarray) -> ort.InferenceSession:
+    """An ONNX Runtime session over the int8 quantisation of ``fp32_path`` (the session holds the
+    model, so its file goes with the temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_path = Path(tmp) / "int8.onnx"
+        quantize_int8(fp32_path, int8_path, calibration, symmetric_activations=False)
+        return make_session(int8_path)
+
+
 def cpu_figures(run_dir: Path, batch: int, rounds: int, trained: bool) -> dict:
     run = RunDir(run_dir)
     manifest = run.read()
@@ -70,11 +80,9 @@ def cpu_figures(run_dir: Path, batch: int, rounds: int, trained: bool) -> dict:
     x = Variant().input_form.prepare(load_pixels(files[:batch], spec), spec)
     model = load_run_model(run, manifest)
     fp32_path = run.artifact_path(manifest, "onnx")
-    int8_path = Path(tempfile.mkdtemp()) / "int8.onnx"
     train = scan_split(run.data_dir(manifest), "train", tuple(manifest.classes), verify=False)
     calibration = load_pixels(calibration_files(train, 64, manifest.recipe.seed), spec)
-    quantize_int8(fp32_path, int8_path, Variant().input_form.prepare(calibration, spec), symmetric_activations=False)
-    fp32, int8 = make_session(fp32_path), make_session(int8_path)
+    fp32, int8 = make_session(fp32_path), _int8_session(fp32_path, Variant().input_form.prepare(calibration, spec))
     tensor = torch.from_numpy(x)
     with torch.inference_mode():
         medians = interleaved({"torch": lambda: model(tensor), "ort_fp32": lambda: run_graph(fp32, x, batch),
