@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,23 @@ from clfpipe.demo_data import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "recipes" / "demo.toml"
+
+
+# The session's run directories at their peak: 3.7 GB measured (the session fixtures' runs, and the
+# README test's 1.5 GB while it runs; a passing test's tmp_path goes at its end).
+NEEDS_FREE_GIB = 4.0
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, in one line, where the disk cannot hold the runs: a full disk otherwise shows
+    as dozens of unrelated errors (a stop's CI run failed that way)."""
+    where = Path(session.config.option.basetemp or tempfile.gettempdir())
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free / 2**30
+    if free < NEEDS_FREE_GIB:
+        pytest.exit(f"expected at least {NEEDS_FREE_GIB:.0f} GiB free in {where} for the tests' run directories, "
+                    f"got {free:.1f} GiB", returncode=1)
 
 
 def free_port() -> int:
