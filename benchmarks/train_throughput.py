@@ -19,8 +19,8 @@ takes), and step_beside_python_img_s, beside a thread running only Python (what 
 alone costs the steps); step_beside_decode_process_img_s and step_beside_augment_process_img_s, the
 same beside another process running that part on the same device (what the input in a process of
 its own would leave the steps); e2e_input_process_img_s and ratio_input_process, the e2e steps with
-the whole input (loader, decode and augmentation threads) in a spawned process of its own, its
-batches handed over through CUDA IPC (that fix, measured whole); and where the e2e time goes (ms per batch of each part timed alone:
+data.input_process: the whole input (loader, decode and augmentation threads) in a spawned process
+of its own, its batches handed over through CUDA IPC (that fix, measured whole); and where the e2e time goes (ms per batch of each part timed alone:
 loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with --profile
 N, the top ops of N e2e steps). With no --data it writes demo images at --image-size pixels into a
 temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
@@ -33,7 +33,6 @@ import contextlib
 import itertools
 import json
 import multiprocessing
-import queue
 import sys
 import tempfile
 import threading
@@ -44,12 +43,12 @@ from typing import Iterator
 
 import torch
 
-from clfpipe.contract.dataset import Split, scan_split
+from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model, set_trainable, train_mode
 from clfpipe.nn.transforms import decode_batch
-from clfpipe.train.data import DecodedCache, DeviceBatches, augment_decoded, encoded_loader
+from clfpipe.train.data import DeviceBatches, augment_decoded
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 
 
@@ -267,63 +266,15 @@ def _part_forever(part: str, flat: torch.Tensor, lengths: torch.Tensor, spec, po
         _sync(device)
 
 
-def input_in_a_process(step, data: StageData, split: Split, workers: int, seed: int, warmup: int, steps: int,
-                       device: torch.device) -> float:
-    """Seconds of the e2e steps with the whole input (its loader workers, and the decode and
-    augmentation threads on their streams, as in e2e) in a process of its own. Its batches reach
-    this one through CUDA IPC (the memory is shared, not copied, and this stream waits on the
-    child's event), or shared memory on the CPU. The fix that the step_beside_*_process figures
-    point to, measured whole: the steps share no GIL and no host lock with the input."""
-    context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    batches, stop = context.Queue(maxsize=2), context.Event()
-    args = (split, data.spec, data.policy, data.batch_size, workers, seed, str(device), data.channels_last, batches, stop)
-    child = context.Process(target=_input_forever, args=args)  # not a daemon: its loader has worker processes
-    child.start()
-    try:
-        return timed_steps(step, _received(batches, child), warmup, steps, device)
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):  # drop what it sent before it goes (IPC memory is the child's)
-            while True:
-                batches.get(timeout=1)
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
-
-
-def _received(batches, child) -> Iterator:
-    """The child's batches, as they come; an error once it has ended."""
-    while True:
-        try:
-            yield batches.get(timeout=5)
-        except queue.Empty:
-            if not child.is_alive():
-                raise RuntimeError(f"the input process ended (exit code {child.exitcode})") from None
-
-
-def _input_forever(split: Split, spec, policy, batch_size: int, workers: int, seed: int, device_name: str,
-                   channels_last: bool, out, stop) -> None:
-    """In the child: the stage's input (encoded_loader, DeviceBatches of decode then augment: every
-    batch decoded, as in e2e) over and over, each batch put on `out` until told to stop."""
-    device = torch.device(device_name)
-    generator = torch.Generator().manual_seed(seed)
-
-    def augment(images: list[torch.Tensor]) -> torch.Tensor:
-        x = augment_decoded(images, spec, policy=policy, generator=generator)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    out.cancel_join_thread()  # at its end, what the parent no longer reads does not hold it
-    loader = encoded_loader(split, batch_size, workers, seed)
-    for batch in forever(DeviceBatches(loader, (DecodedCache(device, 0), augment), device)):
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                out.put(batch, timeout=0.1)
-                break
-        if stop.is_set():
-            return
-        del batch
-        if device.type == "cuda":
-            torch.cuda.ipc_collect()  # free the batches the parent has released
+def input_in_a_process(step_of, ctx: Context, model, args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds of the e2e steps with ``data.input_process``: the stage's whole input (its loader
+    workers, and the decode and augmentation threads on their streams, as in e2e) in a spawned
+    process of its own, its batches handed over through CUDA IPC (shared memory on the CPU). The
+    fix that the step_beside_*_process figures point to, measured whole: the steps share no GIL
+    and no host lock with the input."""
+    recipe = replace(ctx.recipe, data=replace(ctx.recipe.data, input_process=True))
+    with contextlib.closing(StageData(model, recipe.stages[0], 0, replace(ctx, recipe=recipe))) as data:
+        return timed_steps(step_of(data), forever(data.train_loader), args.warmup, args.steps, device)
 
 
 def cached_e2e(step_of, ctx: Context, model, args: argparse.Namespace, device: torch.device) -> float:
@@ -428,9 +379,7 @@ def main() -> None:
         synthetic_s = timed_steps(step, forever([(x, y)]), args.warmup, args.steps, device)  # the same loss path
         beside = beside_each_part(step, data, sample, args.warmup, args.steps, device) if sample else {}
         beside_process = beside_in_a_process(step, data, sample, args.warmup, args.steps, device) if sample else {}
-        workers = ctx.loader_workers(train, data.batch_size)
-        input_process_s = (input_in_a_process(step, data, train, workers, recipe.seed, args.warmup, args.steps, device)
-                           if data.tensor_decode else None)
+        input_process_s = input_in_a_process(step_of, ctx, model, args, device) if data.tensor_decode else None
         if gpu_parts:
             gpu_parts["step_ms"] = gpu_ms_each(step, [(x, y)] * 4)
         plain = plain_torch_step(args.arch, len(train.classes), device)

@@ -54,9 +54,12 @@ DEMO=$WORK/demo
 PEER_VENV=/tmp/peervenv
 run_demo() {
   # train, export, repo (engine and decode auto: the exported program on CUDA, nvJPEG fused), serve,
-  # predict over HTTP and gRPC, served vs PyTorch by the decoder's gate
+  # predict over HTTP and gRPC, served vs PyTorch by the decoder's gate. DEMO_SET: recipe overrides,
+  # space-separated (DEMO_SET=data.input_process=true: the training input in its own process)
+  local overrides=() item
+  for item in ${DEMO_SET:-}; do overrides+=(--set "$item"); done
   check demo 240 python3 -m clfpipe -v demo --workdir "$DEMO" --recipe "$ROOT/recipes/demo.toml" \
-      --http-port 18000 --grpc-port 18001 --metrics-port 18002
+      --http-port 18000 --grpc-port 18001 --metrics-port 18002 "${overrides[@]}"
 }
 run_serving() {
   # SERVING_INSTANCES: stub processes of the fused step (each has its own nvJPEG decoder, which takes one batch at a time)

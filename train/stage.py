@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +24,18 @@ from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.recipe import Recipe, StageConfig
 from clfpipe.nn.models import Classifier
 from clfpipe.train.data import (
+    Augment,
     DecodedCache,
     DeviceBatches,
     ImageDataset,
     Step,
     TensorBatches,
-    augment_decoded,
     encoded_loader,
     make_loader,
+    stop_workers,
 )
 from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
+from clfpipe.train.input_process import EpochSeeds, InputPlan, ProcessBatches, apply_seeds
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -62,10 +64,15 @@ class Context:
         return self.recipe.data.workers(batches=-(-len(split) // batch_size))
 
     @cached_property
+    def decoded_cache_bytes(self) -> int:
+        """What the decoded-image cache may keep: decided once a run, from the device's free memory."""
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        return self.recipe.data.decoded_cache_bytes(free)
+
+    @cached_property
     def decoded(self) -> DecodedCache:
         """The device decode step, keeping decoded training images for every later epoch and stage."""
-        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        return DecodedCache(self.device, self.recipe.data.decoded_cache_bytes(free))
+        return DecodedCache(self.device, self.decoded_cache_bytes)
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,18 +159,32 @@ class StageData:
                                   drop_last=True)
 
     def _images(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
-        bs, workers = self.batch_size, ctx.loader_workers(ctx.train, self.batch_size)
         self.sampler = self._sampler(ctx.train)
-        if self.tensor_decode:
-            self.host_loader = encoded_loader(ctx.train, bs, workers, recipe.seed, sampler=self.sampler)
+        workers = ctx.loader_workers(ctx.train, self.batch_size)
+        if self.tensor_decode and recipe.data.input_process:
+            self._input_process(recipe, ctx, workers)
         else:
-            self.host_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), bs, shuffle=True,
-                                           num_workers=workers, seed=recipe.seed, sampler=self.sampler)
-        self.generator = self.host_loader.generator
-        self.train_loader = DeviceBatches(self.host_loader, self.input_steps(ctx), ctx.device)
+            self._input_threads(stage, recipe, ctx, workers)
         self.valid_loader = make_loader(ImageDataset(ctx.valid, self.spec), recipe.data.batch_size, shuffle=False,
                                         num_workers=ctx.loader_workers(ctx.valid, recipe.data.batch_size), seed=recipe.seed)
         self.forward = self.model
+
+    def _input_threads(self, stage: StageConfig, recipe: Recipe, ctx: Context, workers: int) -> None:
+        """Loader workers in processes, the input steps in this process (prefetch threads on CUDA)."""
+        if self.tensor_decode:
+            self.host_loader = encoded_loader(ctx.train, self.batch_size, workers, recipe.seed, sampler=self.sampler)
+        else:
+            self.host_loader = make_loader(ImageDataset(ctx.train, self.spec, stage.augment), self.batch_size, shuffle=True,
+                                           num_workers=workers, seed=recipe.seed, sampler=self.sampler)
+        self.train_loader = DeviceBatches(self.host_loader, self.input_steps(ctx), ctx.device)
+        self.reseed = partial(apply_seeds, loader=self.host_loader.generator, augment=self.augment_gen, sampler=self.sampler)
+
+    def _input_process(self, recipe: Recipe, ctx: Context, workers: int) -> None:
+        """The same loader and input steps in a process of their own (``data.input_process``)."""
+        plan = InputPlan(ctx.train, self.spec, self.policy, self.batch_size, workers, recipe.seed, str(ctx.device),
+                         self.channels_last, ctx.decoded_cache_bytes, self.sampler)
+        self.train_loader = ProcessBatches(plan)
+        self.reseed = self.train_loader.seed
 
     def _precomputed(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
         if stage.augment != "none":
@@ -177,23 +198,21 @@ class StageData:
             log.info("precompute: %d images, cache %s (%s.npy)", len(split), result.status, cache.root / result.key)
             labels = torch.tensor(split.labels, dtype=torch.float32 if split.multi_label else torch.long)
             tensors.append((torch.from_numpy(result.features).to(ctx.device), labels.to(ctx.device)))
-        self.generator = torch.Generator()
+        generator = torch.Generator()
         self.sampler = self._sampler(tensors[0][0])
         bs, n = self.batch_size, len(tensors[0][0])
         self.train_loader = TensorBatches(*tensors[0], bs, shuffle=self.sampler is None, drop_last=n > bs,
-                                          generator=self.generator, sampler=self.sampler)
+                                          generator=generator, sampler=self.sampler)
+        self.reseed = partial(apply_seeds, loader=generator, augment=self.augment_gen, sampler=self.sampler)
         self.valid_loader = TensorBatches(*tensors[1], recipe.data.batch_size, shuffle=False, drop_last=False)
         self.forward = self.model.head[2:]
 
     def close(self) -> None:
-        """Stop the stage's loader workers now. Left to the garbage collector (a persistent loader
-        and its iterator refer to each other), the iterator's queues were finalised before its
-        shutdown could tell the workers to exit: 5 s per worker, 40 s of a 155 s run."""
+        """Stop the stage's loader workers (``stop_workers``) and its input process now."""
         for loader in (getattr(self, "host_loader", None), self.valid_loader):
-            iterator = getattr(loader, "_iterator", None)  # DataLoader has no public close
-            if iterator is not None:
-                iterator._shutdown_workers()
-                loader._iterator = None  # type: ignore[union-attr]
+            stop_workers(loader)
+        if isinstance(self.train_loader, ProcessBatches):
+            self.train_loader.close()
 
     def wrap(self, sync_batchnorm: bool) -> None:
         """DDP around the stage's forward, now that what trains is set."""
@@ -204,11 +223,8 @@ class StageData:
         decoded (or found decoded: ``Context.decoded``), then augmented there (two steps, each its
         own prefetch thread on CUDA)."""
         if self.tensor_decode:
-            return ctx.decoded, self._augment
+            return ctx.decoded, Augment(self.spec, self.policy, self.augment_gen, self.channels_last)
         return (self._copy,)
-
-    def _augment(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return self._layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.augment_gen))
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor:
         return self._layout(x.to(self.device, non_blocking=True))
@@ -219,10 +235,8 @@ class StageData:
     def seed_epoch(self, epoch: int) -> None:
         """Shuffle order and augmentation depend on (seed, stage, epoch, rank) only: resumable. Every
         rank shuffles alike (the sampler deals out the shards); each augments its own images."""
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.seed + epoch)
-        self.generator.manual_seed(self.seed + epoch)
-        self.augment_gen.manual_seed(self.seed + epoch + 7919 * self.dist.rank)
+        self.reseed(EpochSeeds(loader=self.seed + epoch, augment=self.seed + epoch + 7919 * self.dist.rank,
+                               sampler_epoch=self.seed + epoch))
         torch.manual_seed(self.seed + epoch + 7919 * self.dist.rank)
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -101,6 +101,10 @@ class DataConfig:
     # "auto" = a quarter of a CUDA device's memory free when the run starts, none on the CPU; 0 = decode
     # every epoch (kept images hold that memory for the run: set 0 where the training itself needs it)
     decoded_cache_gib: float | str = ranged("auto", 0.0, 65536.0)
+    # the device decode path's input (loader workers, decode, augmentation) in a process of its own,
+    # its batches handed to the steps through CUDA IPC: no GIL shared with the steps. Off until a GPU
+    # run shows it pays (benchmarks/train_throughput.py: ratio_input_process)
+    input_process: bool = False
 
     def __post_init__(self) -> None:
         _check_ranges("data.", self)

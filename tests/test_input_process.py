@@ -1,0 +1,138 @@
+"""data.input_process: a stage's training input in a process of its own gives the batches the
+threads give, pass after pass, stops its pass when the consumer does, passes its errors on, and
+ends with the stage (on the CPU here: the batches cross as shared memory, not CUDA IPC)."""
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.recipe import load_recipe
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.nn.models import build_model
+from clfpipe.train.input_process import ProcessBatches
+from clfpipe.train.loop import train_run
+from clfpipe.train.stage import Context, StageData
+
+BASE = ["data.decode=tensor", "data.batch_size=4", "stages.0.size=32", "stages.0.augment=side_on"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("input") / "data"
+    write_demo_dataset(out, spec=DemoSpec(train_per_class=6, valid_per_class=2, image_size=48))
+    return out
+
+
+def _stage(data, tmp_path, *overrides: str) -> StageData:
+    recipe = load_recipe(None, [*BASE, *overrides])
+    ctx = Context(recipe, scan_split(data, "train"), scan_split(data, "valid"), torch.device("cpu"), tmp_path)
+    return StageData(build_model(recipe.model, 3), recipe.stages[0], 0, ctx)
+
+
+def _passes(stage: StageData) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """What lr_find does (a pass left after two batches), then two seeded epochs and an unseeded pass."""
+    stage.seed_epoch(-1)
+    started = iter(stage.train_loader)
+    left = [next(started), next(started)]
+    started.close()
+    out = [left]
+    for epoch in (0, 1):
+        stage.seed_epoch(epoch)
+        out.append(list(stage.train_loader))
+    out.append(list(stage.train_loader))  # no seed: the generators go on
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_input_process_gives_the_threads_batches_pass_after_pass(data, tmp_path, workers):
+    with contextlib.closing(_stage(data, tmp_path, f"data.num_workers={workers}")) as stage:
+        threads = _passes(stage)
+    with contextlib.closing(_stage(data, tmp_path, f"data.num_workers={workers}", "data.input_process=true")) as stage:
+        assert isinstance(stage.train_loader, ProcessBatches) and len(stage.train_loader) == 4
+        process = _passes(stage)
+    assert [len(p) for p in process] == [2, 4, 4, 4]
+    assert all(_same(a, b) for a, b in zip(threads, process))
+    assert not torch.equal(process[1][0][0], process[2][0][0])  # each epoch its own draws
+
+
+def test_an_unreadable_image_in_the_input_process_is_the_stage_error(data, tmp_path):
+    broken = tmp_path / "data"
+    write_demo_dataset(broken, spec=DemoSpec(train_per_class=2, valid_per_class=1, image_size=48))
+    with contextlib.closing(_stage(broken, tmp_path, "data.input_process=true", "data.batch_size=6")) as stage:
+        for victim in (broken / "train").rglob("*.jpg"):  # cut short after the scan: every batch holds one
+            victim.write_bytes(victim.read_bytes()[:300])
+        stage.seed_epoch(0)
+        with pytest.raises(DataError, match="corrupt image in a training batch"):
+            list(stage.train_loader)
+        child = stage.train_loader._child
+        assert child.is_alive()  # still serving: the stage decides what happens next
+    assert not child.is_alive() and child.exitcode == 0
+
+
+def test_closing_the_stage_mid_pass_ends_the_input_process(data, tmp_path):
+    stage = _stage(data, tmp_path, "data.input_process=true")
+    batches = iter(stage.train_loader)
+    next(batches)  # the child has its pass under way, the queue full behind it
+    child = stage.train_loader._child
+    start = time.perf_counter()
+    batches.close()
+    stage.close()
+    assert not child.is_alive() and child.exitcode == 0 and time.perf_counter() - start < 10
+
+
+CHILD_OF_A_KILLED_PARENT = """
+import sys, torch
+from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.recipe import load_recipe
+from clfpipe.nn.models import build_model
+from clfpipe.train.stage import Context, StageData
+recipe = load_recipe(None, sys.argv[2:])
+ctx = Context(recipe, scan_split(sys.argv[1], "train"), scan_split(sys.argv[1], "valid"), torch.device("cpu"), ".")
+stage = StageData(build_model(recipe.model, 3), recipe.stages[0], 0, ctx)
+next(iter(stage.train_loader))
+print(stage.train_loader._child.pid, flush=True)
+input()
+"""
+
+
+def test_the_input_process_ends_itself_when_its_parent_is_killed(data):
+    parent = subprocess.Popen([sys.executable, "-c", CHILD_OF_A_KILLED_PARENT, str(data), *BASE, "data.input_process=true"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, ended but not yet reaped by init, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_run_trains_with_its_input_in_a_process(data, tmp_path):
+    recipe = load_recipe(None, ["data.decode=tensor", "data.input_process=true", "data.num_workers=2", "data.batch_size=6",
+                                "stages.0.epochs=1", "stages.0.size=32", "evaluate.tta=[]", "evaluate.report=false"])
+    manifest = train_run(data, tmp_path / "run", recipe)
+    assert manifest.stage("train")["epochs"] == 1
