@@ -22,6 +22,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Iterator
 
 import torch
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from clfpipe.contract.augment import AugmentPolicy
 from clfpipe.contract.dataset import Split
+from clfpipe.contract.errors import ClfpipeError
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.train.data import Augment, DecodedCache, DeviceBatches, encoded_loader, stop_workers
 
@@ -88,8 +90,8 @@ class _Failed:
     error: BaseException
 
 
-class InputProcessError(RuntimeError):
-    """The input process ended while the stage still needed it."""
+class InputProcessError(ClfpipeError):
+    """The input process ended while the stage still needed it (killed, out of memory)."""
 
 
 class ProcessBatches:
@@ -140,7 +142,7 @@ class ProcessBatches:
     def _next(self) -> Any:
         while True:
             try:
-                return self._out.get(timeout=POLL_S)
+                return ForkingPickler.loads(self._out.get(timeout=POLL_S))  # as _Outbox.put pickled it
             except queue.Empty:
                 if not self._child.is_alive():
                     raise InputProcessError(f"the training input process ended (exit code {self._child.exitcode})") from None
@@ -218,9 +220,13 @@ class _Outbox:
     parent: int
 
     def put(self, item: Any, cancellable: bool = True) -> bool:
+        # Pickled here, not by the queue's feeder thread: that thread only prints what fails to
+        # pickle (a CUDA tensor that cannot be shared) and drops it, and the parent would wait on
+        # for a batch that never comes. The IPC event is recorded here too, after the batch is made.
+        data = bytes(ForkingPickler.dumps(item))
         while not (cancellable and self.cancel.is_set()) and os.getppid() == self.parent:
             with contextlib.suppress(queue.Full):
-                self.out.put(item, timeout=POLL_S / 10)
+                self.out.put(data, timeout=POLL_S / 10)
                 return True
         return False
 
@@ -235,9 +241,9 @@ def _command(commands: Any, parent: int) -> Any:
 
 
 def _picklable(exc: Exception) -> Exception:
-    """The error itself where it pickles (a DataError naming the file), else its type and text."""
+    """The error itself where it pickles (a DataError), else its type and text."""
     try:
         pickle.dumps(exc)
         return exc
     except Exception:  # noqa: BLE001 - any failure to pickle
-        return InputProcessError(f"{type(exc).__name__}: {exc}")
+        return RuntimeError(f"in the training input process: {type(exc).__name__}: {exc}")
