@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import queue
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ class ProcessBatches:
         self.plan, self._length = plan, len(plan.loader())
         self._seeds: EpochSeeds | None = None
         self._child: Any = None
+        self._releaser: _Releaser | None = None
 
     def __len__(self) -> int:
         return self._length
@@ -120,6 +122,8 @@ class ProcessBatches:
                                       name="clfpipe-input")
         self._child.start()
         self._finalizer = weakref.finalize(self, _stop, self._child, self._commands, self._out, self._cancel)
+        if torch.device(self.plan.device).type == "cuda":
+            self._releaser = _Releaser(torch.device(self.plan.device))
         log.debug("input process %d started", self._child.pid)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -134,6 +138,9 @@ class ProcessBatches:
                     ended = isinstance(self._next(), _End)  # the child ends every pass with _End
                     raise item.error
                 yield item
+                if self._releaser is not None:  # the consumer asks for the next: this one's work is queued
+                    self._releaser.let_go(item)
+                del item  # the releaser's reference is the last
             ended = True
         finally:
             if not ended:
@@ -159,8 +166,41 @@ class ProcessBatches:
             self._cancel.clear()
 
     def close(self) -> None:
+        if self._releaser is not None:
+            self._releaser.close()  # every batch let go while the child that made it still runs
         if self._child is not None:
             self._finalizer()
+
+
+class _Releaser:
+    """Lets go of the batches received through CUDA IPC off the training thread. The last reference
+    to such a tensor synchronises the current stream of the thread that drops it (torch's IPC
+    deleter, so that the child may reuse the memory), and that thread holds the GIL while it
+    waits. Dropped by the training thread, every batch would wait for the GPU to finish its step
+    and the host could not queue the next step ahead. Here a thread waits for an event recorded
+    after the step's work, then drops the batch with an idle stream as its current one. A consumer
+    must have queued a batch's work before it asks for the next (every training loop does)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.idle = torch.cuda.Stream(device)
+        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="clfpipe-release", daemon=True)
+        self.thread.start()
+
+    def let_go(self, item: Any) -> None:
+        done = torch.cuda.Event()
+        done.record()  # on the consumer's stream, after the work it queued with the batch
+        self.pending.put((item, done))
+
+    def _run(self) -> None:
+        while (entry := self.pending.get()) is not None:
+            entry[1].synchronize()  # without the GIL
+            with torch.cuda.stream(self.idle):
+                del entry  # the deleter's synchronisation is the idle stream's: at once
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.thread.join()
 
 
 def _stop(child: Any, commands: Any, out: Any, cancel: Any) -> None:
