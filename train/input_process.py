@@ -223,7 +223,7 @@ def _serve(plan: InputPlan, commands: Any, out: Any, cancel: Any) -> None:
     each batch put on ``out`` ready on the device, then _End; until _Stop or the parent is gone."""
     out.cancel_join_thread()  # at its end, what the parent no longer reads does not hold it
     device, loader, augment_gen = torch.device(plan.device), plan.loader(), torch.Generator()
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # a rank's GPU (cuda:N), as its training process has set
     augment = Augment(plan.spec, plan.policy, augment_gen, plan.channels_last)
     batches = DeviceBatches(loader, (DecodedCache(device, plan.cache_bytes), augment), device)
