@@ -266,29 +266,33 @@ def _part_forever(part: str, flat: torch.Tensor, lengths: torch.Tensor, spec, po
         _sync(device)
 
 
+@contextlib.contextmanager
+def stage_with(ctx: Context, model, **data_fields) -> Iterator[StageData]:
+    """The first stage's data with the recipe's data section changed by ``data_fields``, closed after."""
+    recipe = replace(ctx.recipe, data=replace(ctx.recipe.data, **data_fields))
+    with contextlib.closing(StageData(model, recipe.stages[0], 0, replace(ctx, recipe=recipe))) as data:
+        yield data
+
+
 def input_in_a_process(step_of, ctx: Context, model, args: argparse.Namespace, device: torch.device) -> float:
     """Seconds of the e2e steps with ``data.input_process``: the stage's whole input (its loader
     workers, and the decode and augmentation threads on their streams, as in e2e) in a spawned
     process of its own, its batches handed over through CUDA IPC (shared memory on the CPU). The
     fix that the step_beside_*_process figures point to, measured whole: the steps share no GIL
     and no host lock with the input."""
-    recipe = replace(ctx.recipe, data=replace(ctx.recipe.data, input_process=True))
-    with contextlib.closing(StageData(model, recipe.stages[0], 0, replace(ctx, recipe=recipe))) as data:
+    with stage_with(ctx, model, input_process=True) as data:
         return timed_steps(step_of(data), forever(data.train_loader), args.warmup, args.steps, device)
 
 
 def cached_e2e(step_of, ctx: Context, model, args: argparse.Namespace, device: torch.device) -> float:
     """Seconds of the e2e steps once every file is decoded and kept on the device (``DecodedCache``:
     the epochs after a run's first), after one untimed epoch that fills the cache."""
-    data = StageData(model, ctx.recipe.stages[0], 0, ctx)
-    try:
+    with stage_with(ctx, model, decoded_cache_gib=float(args.cache_gib)) as data:
         for _ in data.train_loader:
             pass
         if args.ahead is not None:
             data.train_loader.ahead = args.ahead
         return timed_steps(step_of(data), forever(data.train_loader), args.warmup, args.steps, device)
-    finally:
-        data.close()
 
 
 def profile_top(step, batches, steps: int, device: torch.device, top: int = 10) -> dict[str, list]:
@@ -367,8 +371,7 @@ def main() -> None:
         two_steps = len(data.train_loader.steps) == 2  # decode, then augment: the probes of each part
         sample = made_once(data, 2, device) if two_steps else None
         without = without_each_part(step, data, sample, args.warmup, args.steps, device, ahead) if sample else {}
-        cached_s = cached_e2e(step_of, Context(replace(recipe, data=replace(recipe.data, decoded_cache_gib=float(args.cache_gib))),
-                                               train, valid, device, Path(tmp)), model, args, device) if data.tensor_decode else None
+        cached_s = cached_e2e(step_of, ctx, model, args, device) if data.tensor_decode else None
         data.train_loader.ahead = 0  # the same input, prepared inline
         inline_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)  # already on the device, as the baseline's

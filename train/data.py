@@ -345,5 +345,9 @@ class Augment:
     channels_last: bool
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        x = augment_decoded(images, self.spec, policy=self.policy, generator=self.generator)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return in_layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.generator), self.channels_last)
+
+
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in the model's memory layout: channels_last where the model is (CUDA)."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

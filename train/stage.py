@@ -31,6 +31,7 @@ from clfpipe.train.data import (
     Step,
     TensorBatches,
     encoded_loader,
+    in_layout,
     make_loader,
     stop_workers,
 )
@@ -227,10 +228,7 @@ class StageData:
         return (self._copy,)
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor:
-        return self._layout(x.to(self.device, non_blocking=True))
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return in_layout(x.to(self.device, non_blocking=True), self.channels_last)
 
     def seed_epoch(self, epoch: int) -> None:
         """Shuffle order and augmentation depend on (seed, stage, epoch, rank) only: resumable. Every
