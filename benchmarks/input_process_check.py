@@ -73,14 +73,17 @@ def main() -> None:
         write_demo_dataset(data, spec=DemoSpec(train_per_class=2 * args.batch, valid_per_class=1, image_size=320))
         train, valid = scan_split(data, "train"), scan_split(data, "valid")
 
-        def stage(input_process: bool) -> StageData:
+        def context(input_process: bool) -> Context:
             recipe = load_recipe(None, [f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", "data.decode=tensor",
                                         f"data.input_process={str(input_process).lower()}", f"stages.0.size={args.size}",
                                         "stages.0.augment=side_on", "stages.0.precompute=false"])
-            model = build_model(recipe.model, 3).to(device)
-            return StageData(model, recipe.stages[0], 0, Context(recipe, train, valid, device, Path(tmp)))
+            return Context(recipe, train, valid, device, Path(tmp))
 
-        with contextlib.closing(stage(False)) as threads, contextlib.closing(stage(True)) as process:
+        def stage(ctx: Context) -> StageData:
+            return StageData(build_model(ctx.recipe.model, 3).to(device), ctx.recipe.stages[0], 0, ctx)
+
+        with contextlib.closing(context(False)) as one, contextlib.closing(context(True)) as other, \
+                contextlib.closing(stage(one)) as threads, contextlib.closing(stage(other)) as process:
             result = lockstep(threads, process, args.epochs)
     print(json.dumps({"check": "input_process", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "batch": args.batch, "size": args.size, **result, "seconds": round(time.perf_counter() - start, 1)}))

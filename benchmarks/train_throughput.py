@@ -268,9 +268,11 @@ def _part_forever(part: str, flat: torch.Tensor, lengths: torch.Tensor, spec, po
 
 @contextlib.contextmanager
 def stage_with(ctx: Context, model, **data_fields) -> Iterator[StageData]:
-    """The first stage's data with the recipe's data section changed by ``data_fields``, closed after."""
+    """The first stage's data with the recipe's data section changed by ``data_fields``, closed
+    after, with what its context started (an input process)."""
     recipe = replace(ctx.recipe, data=replace(ctx.recipe.data, **data_fields))
-    with contextlib.closing(StageData(model, recipe.stages[0], 0, replace(ctx, recipe=recipe))) as data:
+    with contextlib.closing(replace(ctx, recipe=recipe)) as changed, \
+            contextlib.closing(StageData(model, recipe.stages[0], 0, changed)) as data:
         yield data
 
 

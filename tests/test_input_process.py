@@ -1,12 +1,15 @@
-"""data.input_process: a stage's training input in a process of its own gives the batches the
-threads give, pass after pass, stops its pass when the consumer does, passes its errors on, and
-ends with the stage (on the CPU here: the batches cross as shared memory, not CUDA IPC)."""
+"""data.input_process: a run's training input in a process of its own gives the batches the
+threads give, pass after pass and stage after stage (one child, one decoded-image cache), stops
+its pass when the consumer does, passes its errors on, and ends with the run (on the CPU here: the
+batches cross as shared memory, not CUDA IPC)."""
 
 import contextlib
+import glob
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,10 +33,13 @@ def data(tmp_path_factory):
     return out
 
 
-def _stage(data, tmp_path, *overrides: str) -> StageData:
-    recipe = load_recipe(None, [*BASE, *overrides])
-    ctx = Context(recipe, scan_split(data, "train"), scan_split(data, "valid"), torch.device("cpu"), tmp_path)
-    return StageData(build_model(recipe.model, 3), recipe.stages[0], 0, ctx)
+def _context(data, tmp_path, *overrides: str, recipe: Path | None = None) -> Context:
+    recipe = load_recipe(recipe, [*(BASE if recipe is None else []), *overrides])
+    return Context(recipe, scan_split(data, "train"), scan_split(data, "valid"), torch.device("cpu"), tmp_path)
+
+
+def _stage(ctx: Context, index: int = 0) -> StageData:
+    return StageData(build_model(ctx.recipe.model, 3), ctx.recipe.stages[index], index, ctx)
 
 
 def _passes(stage: StageData) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -56,9 +62,11 @@ def _same(a: list, b: list) -> bool:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_input_process_gives_the_threads_batches_pass_after_pass(data, tmp_path, workers):
-    with contextlib.closing(_stage(data, tmp_path, f"data.num_workers={workers}")) as stage:
+    with contextlib.closing(_context(data, tmp_path, f"data.num_workers={workers}")) as ctx, \
+            contextlib.closing(_stage(ctx)) as stage:
         threads = _passes(stage)
-    with contextlib.closing(_stage(data, tmp_path, f"data.num_workers={workers}", "data.input_process=true")) as stage:
+    with contextlib.closing(_context(data, tmp_path, f"data.num_workers={workers}", "data.input_process=true")) as ctx, \
+            contextlib.closing(_stage(ctx)) as stage:
         assert isinstance(stage.train_loader, ProcessBatches) and len(stage.train_loader) == 4
         process = _passes(stage)
     assert [len(p) for p in process] == [2, 4, 4, 4]
@@ -66,28 +74,82 @@ def test_the_input_process_gives_the_threads_batches_pass_after_pass(data, tmp_p
     assert not torch.equal(process[1][0][0], process[2][0][0])  # each epoch its own draws
 
 
+DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "demo.toml"
+IMAGE_STAGES = (1, 3)  # demo.toml's head_augmented at 48 px and grow at 64 (0 is precomputed)
+
+
+def _stages(ctx: Context) -> tuple[list[list], list[int], list[int | None]]:
+    """Two epochs of each image stage: the batches, the images each pass decoded, and the input
+    process (None: threads) each stage used."""
+    passes, decoded, pids = [], [], []
+    for index in IMAGE_STAGES:
+        with contextlib.closing(_stage(ctx, index)) as stage:
+            for epoch in (0, 1):
+                before = ctx.decoded.decoded
+                stage.seed_epoch(epoch)
+                passes.append(list(stage.train_loader))
+                decoded.append(stage.train_loader.decoded if isinstance(stage.train_loader, ProcessBatches)
+                               else ctx.decoded.decoded - before)
+            pids.append(ctx.input_process.pid if ctx.recipe.data.input_process else None)
+    return passes, decoded, pids
+
+
+def test_one_input_process_serves_every_stage_of_a_run_from_one_cache(data, tmp_path):
+    common = ("data.decode=tensor", "data.batch_size=4", "data.num_workers=2", "data.decoded_cache_gib=1")
+    with contextlib.closing(_context(data, tmp_path, *common, recipe=DEMO_RECIPE)) as ctx:
+        threads, threads_decoded, _ = _stages(ctx)
+    with contextlib.closing(_context(data, tmp_path, *common, "data.input_process=true", recipe=DEMO_RECIPE)) as ctx:
+        process, process_decoded, pids = _stages(ctx)
+        child = ctx.input_process._child
+        assert _workers_of(child.pid) == []  # the last stage closed: its loader's workers stopped, the child stays
+        assert child.is_alive()
+    assert not child.is_alive() and child.exitcode == 0  # the run's end ends it
+    assert [b[0][0].shape[-1] for b in process] == [48, 48, 64, 64]
+    assert all(_same(a, b) for a, b in zip(threads, process))
+    assert pids[0] == pids[1] is not None
+    # each file decoded once a run, whatever the stage: the second stage finds the first's pixels
+    assert process_decoded == threads_decoded and sum(process_decoded) <= len(scan_split(data, "train"))
+    assert process_decoded[0] == 16 and sum(process_decoded[2:]) < 8  # 4 batches of 4 a pass
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The processes `pid` has started and not ended (any thread's), polled for up to 10 s while there are some."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [int(c) for name in glob.glob(f"/proc/{pid}/task/*/children") for c in Path(name).read_text().split()]
+        found = [c for c in found if _alive(c)]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def test_an_unreadable_image_in_the_input_process_is_the_stage_error(data, tmp_path):
     broken = tmp_path / "data"
     write_demo_dataset(broken, spec=DemoSpec(train_per_class=2, valid_per_class=1, image_size=48))
-    with contextlib.closing(_stage(broken, tmp_path, "data.input_process=true", "data.batch_size=6")) as stage:
-        for victim in (broken / "train").rglob("*.jpg"):  # cut short after the scan: every batch holds one
-            victim.write_bytes(victim.read_bytes()[:300])
-        stage.seed_epoch(0)
-        with pytest.raises(DataError, match="corrupt image in a training batch"):
-            list(stage.train_loader)
-        child = stage.train_loader._child
-        assert child.is_alive()  # still serving: the stage decides what happens next
+    with contextlib.closing(_context(broken, tmp_path, "data.input_process=true", "data.batch_size=6")) as ctx:
+        with contextlib.closing(_stage(ctx)) as stage:
+            for victim in (broken / "train").rglob("*.jpg"):  # cut short after the scan: every batch holds one
+                victim.write_bytes(victim.read_bytes()[:300])
+            stage.seed_epoch(0)
+            with pytest.raises(DataError, match="corrupt image in a training batch"):
+                list(stage.train_loader)
+            child = ctx.input_process._child
+        assert child.is_alive()  # still serving: the run decides what happens next
     assert not child.is_alive() and child.exitcode == 0
 
 
-def test_closing_the_stage_mid_pass_ends_the_input_process(data, tmp_path):
-    stage = _stage(data, tmp_path, "data.input_process=true")
+def test_closing_the_run_mid_pass_ends_the_input_process(data, tmp_path):
+    ctx = _context(data, tmp_path, "data.input_process=true")
+    stage = _stage(ctx)
     batches = iter(stage.train_loader)
     next(batches)  # the child has its pass under way, the queue full behind it
-    child = stage.train_loader._child
+    with pytest.raises(RuntimeError, match="one pass at a time"):
+        next(iter(stage.train_loader))
+    child = ctx.input_process._child
     start = time.perf_counter()
     batches.close()
     stage.close()
+    ctx.close()
     assert not child.is_alive() and child.exitcode == 0 and time.perf_counter() - start < 10
 
 
@@ -101,7 +163,7 @@ recipe = load_recipe(None, sys.argv[2:])
 ctx = Context(recipe, scan_split(sys.argv[1], "train"), scan_split(sys.argv[1], "valid"), torch.device("cpu"), ".")
 stage = StageData(build_model(recipe.model, 3), recipe.stages[0], 0, ctx)
 next(iter(stage.train_loader))
-print(stage.train_loader._child.pid, flush=True)
+print(ctx.input_process.pid, flush=True)
 input()
 """
 

@@ -131,11 +131,14 @@ def stop_workers(loader: Any) -> None:
         loader._iterator = None
 
 
-def encoded_loader(split: Split, batch_size: int, num_workers: int, seed: int, sampler: Sampler | None = None) -> DataLoader:
+def encoded_loader(split: Split, batch_size: int, num_workers: int, seed: int, sampler: Sampler | None = None,
+                   start_method: str | None = None) -> DataLoader:
+    """`start_method`: how the workers start (None: this interpreter's default)."""
     # not pinned: the decoder reads the bytes on the host, and pinning costs more than it saves
     return DataLoader(EncodedDataset(split), batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
-                      drop_last=len(split) > batch_size, persistent_workers=num_workers > 0)
+                      drop_last=len(split) > batch_size, persistent_workers=num_workers > 0,
+                      multiprocessing_context=start_method if num_workers > 0 else None)
 
 
 class TensorBatches:
@@ -310,6 +313,7 @@ class DecodedCache:
     def __init__(self, device: torch.device, budget: int) -> None:
         self.device, self.budget, self.used = device, budget, 0
         self.images: dict[int, torch.Tensor] = {}
+        self.decoded = 0  # images decoded so far (the others were found here)
 
     def __call__(self, encoded: EncodedBatch) -> list[torch.Tensor]:
         keys = encoded.indices.tolist()
@@ -320,6 +324,7 @@ class DecodedCache:
             for i, img in zip(missing, decode_batch([files[i] for i in missing], self.device)):
                 found[i] = img
                 self._keep(keys[i], img)
+            self.decoded += len(missing)
         return found  # type: ignore[return-value]
 
     def _keep(self, key: int, img: torch.Tensor) -> None:

@@ -1,30 +1,35 @@
-"""A stage's training input in a process of its own (``data.input_process``).
+"""A run's training input in a process of its own (``data.input_process``).
 
 The device-decode path's input (loader workers reading files, then ``DeviceBatches``: the decode
-and augmentation threads on their own CUDA streams) runs in a spawned child, and its batches reach
+and augmentation threads on their own CUDA streams) runs in a spawned child, one for the run's
+image stages: it keeps its decoded images (``DecodedCache``) from stage to stage, as the threads'
+path does, and its start (an interpreter, torch, a CUDA context: 5.5 s a stage on the 2-core
+CPU before it was shared) is paid once. Its batches reach
 the training process through CUDA IPC: the memory is shared, not copied, and the consumer's
 stream waits on the event recorded when the child shared it (shared memory on the CPU). The steps
 then share no GIL and no host lock with the input. At stop 19 on an H200 the GPU sat idle 34 ms of
 each 73 ms batch while the input ran in threads of the training process.
 
-The child makes the same batches as the threads would, in the same order: it seeds its loader's
-generator, its augmentation generator and its sampler with the ``EpochSeeds`` the stage sends.
+The child makes the same batches as the threads would, in the same order: each stage's loader and
+augmentation generator are new there as they are in the stage, and it seeds them and its sampler
+with the ``EpochSeeds`` the stage sends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import pickle
 import queue
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -61,7 +66,8 @@ def apply_seeds(seeds: EpochSeeds, loader: torch.Generator, augment: torch.Gener
 
 @dataclass(frozen=True)
 class InputPlan:
-    """Everything the child needs to make a stage's training batches (it crosses by pickle)."""
+    """What the child needs to make one stage's training batches (it crosses by pickle); the
+    device and the decoded-image cache are the run's (``InputProcess``)."""
 
     split: Split
     spec: PreprocessSpec
@@ -69,17 +75,36 @@ class InputPlan:
     batch_size: int
     workers: int
     seed: int  # the loader's generator before the first EpochSeeds
-    device: str
     channels_last: bool
-    cache_bytes: int  # decoded images kept on the device between epochs (DecodedCache)
     sampler: DistributedSampler | None = None  # this rank's shard
+    # How the loader's workers start: as the stage's own would (fork on Linux before Python 3.14).
+    # The child is spawned, and its own default is spawn: each worker imported torch again, 2.7 s
+    # a stage on the 2-core CPU.
+    start_method: str = field(default_factory=lambda: multiprocessing.get_start_method(allow_none=True)
+                              or multiprocessing.get_all_start_methods()[0])  # the first is the default
 
     def loader(self) -> DataLoader:
-        return encoded_loader(self.split, self.batch_size, self.workers, self.seed, sampler=self.sampler)
+        return encoded_loader(self.split, self.batch_size, self.workers, self.seed, sampler=self.sampler,
+                              start_method=self.start_method)
 
 
+@dataclass(frozen=True)
 class _End:
     """The child's last item of a pass over the loader (whole, stopped early, or failed)."""
+
+    decoded: int  # images the pass decoded (the others were in the cache)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """The parent's command for one pass: with the stage's plan when the child has another one."""
+
+    plan: InputPlan | None
+    seeds: EpochSeeds | None
+
+
+class _Release:
+    """The parent's word that the stage whose plan the child has is over: its loader workers stop."""
 
 
 class _Stop:
@@ -95,42 +120,43 @@ class InputProcessError(ClfpipeError):
     """The input process ended while the stage still needed it (killed, out of memory)."""
 
 
-class ProcessBatches:
-    """A stage's training batches made by a child process (``InputPlan``), ready on the device:
-    iterated like ``DeviceBatches``, one pass a call; ``seed`` sets the next pass's ``EpochSeeds``
-    (none: the generators go on where they were, as a second pass over the threads' loader does).
-    A pass left early (lr_find) stops the child's pass before the next one starts. ``close`` ends
-    the child; so does the garbage collector, and the child ends itself when its parent is gone."""
+class InputProcess:
+    """A run's training input in a spawned child: ``batches(plan)`` is a stage's view of it. The
+    child starts with the first pass and keeps one ``DecodedCache`` (``cache_bytes`` on ``device``)
+    for every stage; ``close`` ends it, and so does the garbage collector; the child ends itself
+    when its parent is gone."""
 
-    def __init__(self, plan: InputPlan) -> None:
-        self.plan, self._length = plan, len(plan.loader())
-        self._seeds: EpochSeeds | None = None
+    def __init__(self, device: torch.device, cache_bytes: int) -> None:
+        self.device, self.cache_bytes = device, cache_bytes
         self._child: Any = None
+        self._holder: ProcessBatches | None = None  # the stage whose plan the child has
         self._releaser: _Releaser | None = None
+        self._passing = False  # a pass is under way: its batches come next on the one queue
 
-    def __len__(self) -> int:
-        return self._length
+    def batches(self, plan: InputPlan) -> ProcessBatches:
+        return ProcessBatches(self, plan)
 
-    def seed(self, seeds: EpochSeeds) -> None:
-        self._seeds = seeds
+    @property
+    def pid(self) -> int | None:
+        return None if self._child is None else self._child.pid
 
     def _start(self) -> None:
         context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._commands, self._out, self._cancel = context.Queue(), context.Queue(maxsize=AHEAD), context.Event()
-        # not a daemon: its loader has worker processes of its own
-        self._child = context.Process(target=_serve, args=(self.plan, self._commands, self._out, self._cancel),
-                                      name="clfpipe-input")
-        self._child.start()
-        self._finalizer = weakref.finalize(self, _stop, self._child, self._commands, self._out, self._cancel)
-        if torch.device(self.plan.device).type == "cuda":
-            self._releaser = _Releaser(torch.device(self.plan.device))
-        log.debug("input process %d started", self._child.pid)
+        # not a daemon: its loaders have worker processes of their own
+        child = context.Process(target=_serve, args=(str(self.device), self.cache_bytes, self._commands, self._out,
+                                                     self._cancel), name="clfpipe-input")
+        child.start()
+        self._child = child
+        self._finalizer = weakref.finalize(self, _stop, child, self._commands, self._out, self._cancel)
+        if self.device.type == "cuda":
+            self._releaser = _Releaser(self.device)
+        log.debug("input process %d started", child.pid)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._child is None:
-            self._start()
-        self._commands.put(self._seeds)
-        self._seeds = None
+    def run_pass(self, batches: ProcessBatches, seeds: EpochSeeds | None) -> Generator[Any, None, int]:
+        """One pass of `batches`' stage, its plan sent first if the child has another: yields the
+        batches, returns how many images it decoded. Left early, it stops the child's pass."""
+        self._begin(batches, seeds)
         ended = False
         try:
             while not isinstance(item := self._next(), _End):
@@ -142,9 +168,20 @@ class ProcessBatches:
                     self._releaser.let_go(item)
                 del item  # the releaser's reference is the last
             ended = True
+            return item.decoded
         finally:
             if not ended:
                 self._abandon()
+            self._passing = False
+
+    def _begin(self, batches: ProcessBatches, seeds: EpochSeeds | None) -> None:
+        if self._passing:
+            raise RuntimeError("the input process makes one pass at a time: expected the last pass ended or closed, got another")
+        if self._child is None:
+            self._start()
+        plan = None if self._holder is batches else batches.plan
+        self._holder, self._passing = batches, True
+        self._commands.put(_Pass(plan, seeds))
 
     def _next(self) -> Any:
         while True:
@@ -165,11 +202,43 @@ class ProcessBatches:
         finally:
             self._cancel.clear()
 
+    def release(self, batches: ProcessBatches) -> None:
+        """`batches`' stage is over: the child stops its loader workers (its cache stays)."""
+        if self._holder is batches:
+            self._holder = None
+            self._commands.put(_Release())
+
     def close(self) -> None:
         if self._releaser is not None:
             self._releaser.close()  # every batch let go while the child that made it still runs
         if self._child is not None:
             self._finalizer()
+
+
+class ProcessBatches:
+    """A stage's training batches made by its run's ``InputProcess`` from ``plan``, ready on the
+    device: iterated like ``DeviceBatches``, one pass a call; ``seed`` sets the next pass's
+    ``EpochSeeds`` (none: the generators go on where they were, as a second pass over the threads'
+    loader does). A pass left early (lr_find) stops the child's pass before the next one starts.
+    ``decoded``: the images the last whole pass decoded."""
+
+    def __init__(self, process: InputProcess, plan: InputPlan) -> None:
+        self.process, self.plan, self._length = process, plan, len(plan.loader())
+        self._seeds: EpochSeeds | None = None
+        self.decoded: int | None = None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def seed(self, seeds: EpochSeeds) -> None:
+        self._seeds = seeds
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seeds, self._seeds = self._seeds, None
+        self.decoded = yield from self.process.run_pass(self, seeds)
+
+    def close(self) -> None:
+        self.process.release(self)
 
 
 class _Releaser:
@@ -218,38 +287,64 @@ def _stop(child: Any, commands: Any, out: Any, cancel: Any) -> None:
     child.join()
 
 
-def _serve(plan: InputPlan, commands: Any, out: Any, cancel: Any) -> None:
-    """In the child: for each command (an EpochSeeds, or None to go on), one pass over the loader,
-    each batch put on ``out`` ready on the device, then _End; until _Stop or the parent is gone."""
+def _serve(device_name: str, cache_bytes: int, commands: Any, out: Any, cancel: Any) -> None:
+    """In the child: for each _Pass, one pass over its stage's loader, each batch put on ``out``
+    ready on the device, then _End; a stage's loader and augmentation are made when its plan
+    comes, one cache serves them all; until _Stop or the parent is gone."""
     out.cancel_join_thread()  # at its end, what the parent no longer reads does not hold it
-    device, loader, augment_gen = torch.device(plan.device), plan.loader(), torch.Generator()
+    device = torch.device(device_name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # a rank's GPU (cuda:N), as its training process has set
-    augment = Augment(plan.spec, plan.policy, augment_gen, plan.channels_last)
-    batches = DeviceBatches(loader, (DecodedCache(device, plan.cache_bytes), augment), device)
-    reseed = partial(apply_seeds, loader=loader.generator, augment=augment_gen, sampler=plan.sampler)
+    cache, outbox = DecodedCache(device, cache_bytes), _Outbox(out, cancel, os.getppid())
+    stage: _ChildStage | None = None
     try:
-        _passes(batches, reseed, commands, _Outbox(out, cancel, os.getppid()))
+        while not isinstance(command := _command(commands, outbox.parent), _Stop):
+            if isinstance(command, _Release) or command.plan is not None:
+                stage = _closed(stage)
+            if isinstance(command, _Pass):
+                stage = stage or _ChildStage.start(command.plan, device, cache)
+                _one_pass(stage, command.seeds, outbox, cache)
     finally:
-        stop_workers(loader)
+        _closed(stage)
 
 
-def _passes(batches: DeviceBatches, reseed: Callable[[EpochSeeds], None], commands: Any, outbox: _Outbox) -> None:
-    cuda = batches.device.type == "cuda"
-    while not isinstance(seeds := _command(commands, outbox.parent), _Stop):
-        if seeds is not None:
-            reseed(seeds)
-        try:
-            with contextlib.closing(iter(batches)) as epoch:
-                for batch in epoch:
-                    if not outbox.put(batch):
-                        break
-                    del batch
-                    if cuda:
-                        torch.cuda.ipc_collect()  # free what the parent has released
-        except Exception as exc:  # noqa: BLE001 - raised again in the parent
-            outbox.put(_Failed(_picklable(exc)))
-        outbox.put(_End(), cancellable=False)
+@dataclass(frozen=True)
+class _ChildStage:
+    """A stage's loader and input steps in the child, as ``StageData`` makes them: new generators."""
+
+    loader: DataLoader
+    batches: DeviceBatches
+    reseed: Callable[[EpochSeeds], None]
+
+    @classmethod
+    def start(cls, plan: InputPlan, device: torch.device, cache: DecodedCache) -> _ChildStage:
+        loader, augment_gen = plan.loader(), torch.Generator()
+        augment = Augment(plan.spec, plan.policy, augment_gen, plan.channels_last)
+        return cls(loader, DeviceBatches(loader, (cache, augment), device),
+                   partial(apply_seeds, loader=loader.generator, augment=augment_gen, sampler=plan.sampler))
+
+
+def _closed(stage: _ChildStage | None) -> None:
+    """Stop a stage's loader workers; the child has no stage after (None)."""
+    if stage is not None:
+        stop_workers(stage.loader)
+
+
+def _one_pass(stage: _ChildStage, seeds: EpochSeeds | None, outbox: _Outbox, cache: DecodedCache) -> None:
+    if seeds is not None:
+        stage.reseed(seeds)
+    decoded = cache.decoded
+    try:
+        with contextlib.closing(iter(stage.batches)) as epoch:
+            for batch in epoch:
+                if not outbox.put(batch):
+                    break
+                del batch
+                if cache.device.type == "cuda":
+                    torch.cuda.ipc_collect()  # free what the parent has released
+    except Exception as exc:  # noqa: BLE001 - raised again in the parent
+        outbox.put(_Failed(_picklable(exc)))
+    outbox.put(_End(cache.decoded - decoded), cancellable=False)
 
 
 @dataclass(frozen=True)

@@ -264,8 +264,9 @@ def _decoding(ctx: Context) -> str:
     """Where the training images are decoded, for the log."""
     if ctx.decodes_on_device:
         where = "by nvJPEG on the GPU" if ctx.device.type == "cuda" else f"as tensors on {ctx.device}"
-        kept = ctx.decoded.budget / 2**30
-        return f"images decoded {where}" + (f", kept there between epochs up to {kept:.1f} GiB" if kept else "")
+        kept = ctx.decoded_cache_bytes / 2**30
+        return (f"images decoded {where}" + (f", kept there between epochs up to {kept:.1f} GiB" if kept else "")
+                + (", by one process of their own for the run" if ctx.recipe.data.input_process else ""))
     workers = ctx.loader_workers(ctx.train, per_rank_batch(ctx.recipe.data.batch_size, ctx.dist))
     return f"images decoded by Pillow in {workers} loader workers" if workers else "images decoded by Pillow in this process"
 
@@ -294,7 +295,8 @@ def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | No
     if state.model:
         model.load_state_dict(state.model)
     start = time.perf_counter()
-    with contextlib.closing(StateWriter(run_dir)) as writer:  # the last epoch's state is on disk when it closes
+    # the last epoch's state is on disk when the writer closes; the run's input process ends before the evaluation
+    with contextlib.closing(StateWriter(run_dir)) as writer, contextlib.closing(ctx):
         for index in range(state.stage, len(recipe.stages)):
             if dist.main and index > 0 and state.epoch == 0:  # what `clfpipe lr-find --stage N` sweeps from
                 atomic_write_bytes(run_dir / stage_start(index)[1], _state_dict_bytes(model))
@@ -384,6 +386,7 @@ def lr_find_for_run(run_dir: Path, stage_index: int) -> LrFindResult:
     ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), Path(run_dir))
     model = stage_start_model(run, manifest, stage_index).to(ctx.device)
     stage = recipe.stages[stage_index]
-    result = find_lr(model, stage_index, StageData(model, stage, stage_index, ctx), ctx)
+    with contextlib.closing(ctx), contextlib.closing(StageData(model, stage, stage_index, ctx)) as data:
+        result = find_lr(model, stage_index, data, ctx)
     atomic_write_bytes(Path(run_dir) / f"lr_find_stage{stage_index}.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
     return result

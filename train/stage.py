@@ -36,7 +36,7 @@ from clfpipe.train.data import (
     stop_workers,
 )
 from clfpipe.train.distributed import SINGLE, Dist, per_rank_batch, wrap
-from clfpipe.train.input_process import EpochSeeds, InputPlan, ProcessBatches, apply_seeds
+from clfpipe.train.input_process import EpochSeeds, InputPlan, InputProcess, ProcessBatches, apply_seeds
 from clfpipe.train.precompute import FeatureCache, cached_features, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,18 @@ class Context:
     def decoded(self) -> DecodedCache:
         """The device decode step, keeping decoded training images for every later epoch and stage."""
         return DecodedCache(self.device, self.decoded_cache_bytes)
+
+    @cached_property
+    def input_process(self) -> InputProcess:
+        """The run's training input in a process of its own (``data.input_process``): one child for
+        every image stage, its decoded images kept across them as ``decoded`` keeps them here."""
+        return InputProcess(self.device, self.decoded_cache_bytes)
+
+    def close(self) -> None:
+        """End what the run started beside its stages: the input process, where one was made."""
+        process = self.__dict__.get("input_process")  # cached_property's slot: not made by asking
+        if process is not None:
+            process.close()
 
 
 def pick_device(name: str) -> torch.device:
@@ -181,10 +193,10 @@ class StageData:
         self.reseed = partial(apply_seeds, loader=self.host_loader.generator, augment=self.augment_gen, sampler=self.sampler)
 
     def _input_process(self, recipe: Recipe, ctx: Context, workers: int) -> None:
-        """The same loader and input steps in a process of their own (``data.input_process``)."""
-        plan = InputPlan(ctx.train, self.spec, self.policy, self.batch_size, workers, recipe.seed, str(ctx.device),
-                         self.channels_last, ctx.decoded_cache_bytes, self.sampler)
-        self.train_loader = ProcessBatches(plan)
+        """The same loader and input steps in the run's input process (``data.input_process``)."""
+        plan = InputPlan(ctx.train, self.spec, self.policy, self.batch_size, workers, recipe.seed, self.channels_last,
+                         self.sampler)
+        self.train_loader = ctx.input_process.batches(plan)
         self.reseed = self.train_loader.seed
 
     def _precomputed(self, stage: StageConfig, recipe: Recipe, ctx: Context) -> None:
@@ -209,7 +221,7 @@ class StageData:
         self.forward = self.model.head[2:]
 
     def close(self) -> None:
-        """Stop the stage's loader workers (``stop_workers``) and its input process now."""
+        """Stop the stage's loader workers (``stop_workers``), in this process or the input process, now."""
         for loader in (getattr(self, "host_loader", None), self.valid_loader):
             stop_workers(loader)
         if isinstance(self.train_loader, ProcessBatches):
