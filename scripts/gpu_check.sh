@@ -129,6 +129,8 @@ run_peer() {
 CHECKS=("$@")
 [ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train input_process augment precompute pt2 engines peer)
 emit "$PEER"
+# what the figures were measured with: the GPU, its driver, the CUDA torch was built for, the host's CPUs
+emit "$(python3 -c "import json, os, torch, torchvision, numpy; print(json.dumps({'check': 'env', 'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), 'numpy': numpy.__version__, 'cpus': os.cpu_count(), 'driver': os.popen('nvidia-smi --query-gpu=driver_version --format=csv,noheader').read().strip()}))")"
 for name in "${CHECKS[@]}"; do
   case $name in
     demo|serving|train|input_process|augment|precompute|pt2|engines|peer) "run_$name" ;;
