@@ -19,7 +19,7 @@ from clfpipe.contract.errors import DataError
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model
-from clfpipe.train.input_process import ProcessBatches
+from clfpipe.train.input_process import InputProcessError, ProcessBatches
 from clfpipe.train.loop import train_run
 from clfpipe.train.stage import Context, StageData
 
@@ -151,6 +151,19 @@ def test_closing_the_run_mid_pass_ends_the_input_process(data, tmp_path):
     stage.close()
     ctx.close()
     assert not child.is_alive() and child.exitcode == 0 and time.perf_counter() - start < 10
+
+
+def test_a_killed_input_process_is_one_clear_error(data, tmp_path):
+    with contextlib.closing(_context(data, tmp_path, "data.input_process=true")) as ctx, \
+            contextlib.closing(_stage(ctx)) as stage:
+        batches = iter(stage.train_loader)
+        next(batches)
+        ctx.input_process._child.kill()  # the kernel's OOM killer, or a user's kill -9
+        start = time.perf_counter()
+        with pytest.raises(InputProcessError, match=r"input process ended \(exit code -9"):
+            for _ in range(10):  # what it had queued first
+                next(batches)
+        assert time.perf_counter() - start < 10
 
 
 CHILD_OF_A_KILLED_PARENT = """

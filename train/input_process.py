@@ -189,7 +189,8 @@ class InputProcess:
                 return ForkingPickler.loads(self._out.get(timeout=POLL_S))  # as _Outbox.put pickled it
             except queue.Empty:
                 if not self._child.is_alive():
-                    raise InputProcessError(f"the training input process ended (exit code {self._child.exitcode})") from None
+                    raise InputProcessError(f"the training input process ended (exit code {self._child.exitcode}; what it "
+                                            "printed before it ended is on stderr)") from None
 
     def _abandon(self) -> None:
         """Stop the child's pass and take what it had made, up to its _End: the next pass starts clean."""

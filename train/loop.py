@@ -266,7 +266,7 @@ def _decoding(ctx: Context) -> str:
         where = "by nvJPEG on the GPU" if ctx.device.type == "cuda" else f"as tensors on {ctx.device}"
         kept = ctx.decoded_cache_bytes / 2**30
         return (f"images decoded {where}" + (f", kept there between epochs up to {kept:.1f} GiB" if kept else "")
-                + (", by one process of their own for the run" if ctx.recipe.data.input_process else ""))
+                + (", in the run's input process" if ctx.recipe.data.input_process else ""))
     workers = ctx.loader_workers(ctx.train, per_rank_batch(ctx.recipe.data.batch_size, ctx.dist))
     return f"images decoded by Pillow in {workers} loader workers" if workers else "images decoded by Pillow in this process"
 
