@@ -3,9 +3,10 @@ counted on any device, and its time.
 
     python benchmarks/augment_cost.py [--data DIR] [--batch 256] [--size 224] [--image-size 384] [--policy side_on]
 
-Prints one JSON object for the stage's augment step (``augment_decoded``: the zoomed crops, turns,
-lighting, flips and normalisation of decoded images; --resample-dtype: the crops' products in that
-dtype instead of the device's, ``resample_dtype``): ``ops`` (ATen calls), ``kernels`` (those that
+Prints one JSON object for the stage's augment step (``Augment``: the zoomed crops, turns,
+lighting, flips and normalisation of decoded images, in the stage's layout: channels_last on
+CUDA; --resample-dtype: the crops' products in that dtype instead of the device's,
+``resample_dtype``): ``ops`` (ATen calls), ``kernels`` (those that
 are not views: on CUDA, each is at least one kernel), ``gb_touched`` (the bytes of every kernel's
 tensor arguments and results: a bandwidth-bound GPU's time is about this over its memory
 bandwidth), ``matmul_gflop`` (the matrix products: the crops' in ``resample_dtype``, the turns'
@@ -37,7 +38,8 @@ from clfpipe.contract.augment import AUGMENTS
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
-from clfpipe.nn.transforms import decode_batch, normalize_batch, resample_dtype, train_pixels_batch
+from clfpipe.nn.transforms import decode_batch, resample_dtype, train_pixels_batch
+from clfpipe.train.data import augment_decoded, in_layout
 from clfpipe.train.stage import pick_device
 
 
@@ -112,8 +114,11 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)  # every call draws anew: the counts are those of typical draws
     dtype = getattr(torch, args.resample_dtype) if args.resample_dtype else resample_dtype(device)
 
-    def augment() -> torch.Tensor:  # the stage's augment step (train.data.augment_decoded) with that dtype
-        return normalize_batch(train_pixels_batch(images, AUGMENTS[args.policy], spec, generator, dtype), spec)
+    channels_last = device.type == "cuda"  # the stage's layout: the model's (train.stage.StageData)
+
+    def augment() -> torch.Tensor:  # the stage's augment step (train.data.Augment) with that dtype
+        return in_layout(augment_decoded(images, spec, policy=AUGMENTS[args.policy], generator=generator,
+                                         resample=dtype, channels_last=channels_last), channels_last)
 
     augment()  # warm: kernels chosen, memory cached
     with FlopCounterMode(display=False) as flops, Traffic() as traffic:
@@ -121,7 +126,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "batch": len(images), "size": args.size,
         "image_sizes": len({tuple(img.shape[-2:]) for img in images}), "policy": args.policy,
-        "resample_dtype": str(dtype).removeprefix("torch."),
+        "resample_dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
         "ops": traffic.ops, "kernels": traffic.kernels, "gb_touched": round(traffic.bytes / 1e9, 2),
         "gb_by_op": {op: round(b / 1e9, 2) for op, b in traffic.by_op.most_common(8)},
         "matmul_gflop": round(flops.get_total_flops() / 1e9, 2), "ms": wall_ms(augment, device, args.repeats),

@@ -285,6 +285,27 @@ def test_the_batched_crops_are_resize_then_crop(chunk, dtype, monkeypatch):
         assert (batched - single).abs().max() <= 1 and (batched - single).abs().mean() < 0.3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sizes", [[(75, 100)] * 6, [(75, 100), (8, 8), (60, 90)] * 2], ids=["one size", "three sizes"])
+def test_the_augment_step_makes_the_models_layout_from_the_crops_on(sizes, dtype):
+    """In channels_last (the model's on CUDA) the batch has the values it has in NCHW, and that
+    layout from the crops on: the stage's ``in_layout`` finds nothing left to copy. One size is
+    the batch resampled in one piece (its levels copied to float32 in place), several are put in
+    place group by group."""
+    gen = torch.Generator().manual_seed(2)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in sizes]
+    spec = PreprocessSpec(48, 40)
+    for policy in ("side_on", "none"):
+        nchw, nhwc = (transforms.train_pixels_batch(images, AUGMENTS[policy], spec, torch.Generator().manual_seed(5), dtype, fmt)
+                      for fmt in (torch.contiguous_format, torch.channels_last))
+        assert nchw.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert nhwc.dtype == torch.float32 and torch.equal(nchw, nhwc)
+        assert train_data.in_layout(nhwc, channels_last=True).data_ptr() == nhwc.data_ptr()
+    params = [AugmentParams(zoom=1.05, u=0.3, v=0.8)] * len(images)
+    single = torch.stack([_scaled_crop(img, p, spec) for img, p in zip(images, params)]).float()
+    assert (crop_batch(images, params, spec, dtype, torch.channels_last) - single).abs().max() <= 1
+
+
 @pytest.mark.parametrize("height, width", [(8, 8), (375, 500)])
 def test_an_augmentation_at_zoom_one_in_the_centre_is_the_evaluation_pixels(height, width):
     """Training's zoomed crop scales the whole image before cropping, so a tiny image (an 8x8

@@ -334,9 +334,11 @@ class DecodedCache:
 
 
 def augment_decoded(images: list[torch.Tensor], spec: PreprocessSpec, *, policy: AugmentPolicy,
-                    generator: torch.Generator) -> torch.Tensor:
-    """Decoded images -> normalised float32 NCHW: each image's drawn augmentation (or the evaluation pixels)."""
-    return normalize_batch(train_pixels_batch(images, policy, spec, generator), spec)
+                    generator: torch.Generator, channels_last: bool = False, resample: torch.dtype | None = None) -> torch.Tensor:
+    """Decoded images -> normalised float32 NCHW: each image's drawn augmentation (or the evaluation
+    pixels), in the model's layout (``in_layout``) from the crops on: no pass to change it after.
+    `resample`: the crops' products' dtype (``crop_batch``; None: the device's)."""
+    return normalize_batch(train_pixels_batch(images, policy, spec, generator, resample, _LAYOUTS[channels_last]), spec)
 
 
 @dataclass(frozen=True, eq=False)
@@ -350,9 +352,14 @@ class Augment:
     channels_last: bool
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return in_layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.generator), self.channels_last)
+        return in_layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.generator,
+                                         channels_last=self.channels_last), self.channels_last)
+
+
+_LAYOUTS = {True: torch.channels_last, False: torch.contiguous_format}
 
 
 def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """A batch in the model's memory layout: channels_last where the model is (CUDA)."""
+    """A batch in the model's memory layout: channels_last where the model is (CUDA); as it is
+    when it already has it."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -186,11 +186,22 @@ class InputProcess:
     def _next(self) -> Any:
         while True:
             try:
-                return ForkingPickler.loads(self._out.get(timeout=POLL_S))  # as _Outbox.put pickled it
+                data = self._out.get(timeout=POLL_S)
             except queue.Empty:
                 if not self._child.is_alive():
-                    raise InputProcessError(f"the training input process ended (exit code {self._child.exitcode}; what it "
-                                            "printed before it ended is on stderr)") from None
+                    raise self._ended_error() from None
+                continue
+            try:
+                return ForkingPickler.loads(data)  # as _Outbox.put pickled it
+            except Exception:  # a batch's memory is fetched from the child (its file descriptor, its CUDA handle)
+                self._child.join(timeout=POLL_S)
+                if self._child.is_alive():
+                    raise
+                raise self._ended_error() from None
+
+    def _ended_error(self) -> InputProcessError:
+        return InputProcessError(f"the training input process ended (exit code {self._child.exitcode}; what it printed "
+                                 "before it ended is on stderr)")
 
     def _abandon(self) -> None:
         """Stop the child's pass and take what it had made, up to its _End: the next pass starts clean."""

@@ -107,12 +107,13 @@ def _filter_taps(in_sizes: torch.Tensor, out_sizes: torch.Tensor, starts: torch.
     return source.long(), (weights / weights.sum(-1, keepdim=True)).float()
 
 
-def _rows(source: torch.Tensor, weights: torch.Tensor, padded: int) -> torch.Tensor:
-    """``_filter_taps``' weights placed in (n, count, padded) rows, zero beyond the image (its
-    padding); taps past the image's end (weight 0) land in the extra columns, which are then dropped."""
+def _rows(source: torch.Tensor, weights: torch.Tensor, padded: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``_filter_taps``' weights placed in (n, count, padded) rows of `dtype`, zero beyond the image
+    (its padding); taps past the image's end (weight 0) land in the extra columns, which are then
+    dropped. Each place takes one weight, so rounding the weights first is rounding the rows."""
     n, count, taps = weights.shape
-    rows = torch.zeros(n, count, padded + taps, device=weights.device)
-    return rows.scatter_(2, source, weights)[..., :padded]
+    rows = torch.zeros(n, count, padded + taps, device=weights.device, dtype=dtype)
+    return rows.scatter_(2, source, weights.to(dtype))[..., :padded]
 
 
 def _taps(in_size: int, out_size: int) -> int:
@@ -164,14 +165,16 @@ def _resample(stacked: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
 
 
 def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: PreprocessSpec,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The zoomed crops (``_scaled_crop``: resize, then the crop x crop window) of a batch, as float
-    NCHW of whole levels: the window's rows and columns of each image's antialiased resize as two
-    batched matrix products over images padded to a common size (``_BUCKET``), in `dtype` (default
-    ``resample_dtype``). Resize-then-crop image by image took most of a batch's input time on an
-    H200 (35 ms for 256 images); a pair of products per distinct size made about as many ops as
-    images for photos of many sizes. The filter's taps are computed once a batch and only placed
-    per padded size. Equal to ``_scaled_crop`` up to a level."""
+               dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The zoomed crops (``_scaled_crop``: resize, then the crop x crop window) of a batch, as float32
+    NCHW of whole levels in `memory_format`: the window's rows and columns of each image's
+    antialiased resize as two batched matrix products over images padded to a common size
+    (``_BUCKET``), in `dtype` (default ``resample_dtype``). Resize-then-crop image by image took most
+    of a batch's input time on an H200 (35 ms for 256 images); a pair of products per distinct size
+    made about as many ops as images for photos of many sizes. The filter's taps are computed once
+    a batch and only placed per padded size. The products are rounded to levels in their own dtype
+    (whole levels are exact in float16: half the bytes) and made float32 in `memory_format` by the
+    copy that puts them in place. Equal to ``_scaled_crop`` up to a level."""
     device, n, crop = images[0].device, len(images), spec.crop
     dtype = dtype or resample_dtype(device)
     sizes = [_size(img) for img in images]
@@ -188,19 +191,22 @@ def crop_batch(images: list[torch.Tensor], params: list[AugmentParams], spec: Pr
     # the images' indices group after group, one copy a batch; all of them in order when one size
     order = (torch.arange(n, device=device) if len(groups) == 1 else
              to_device(torch.tensor([i for members in groups.values() for i in members]), device))
-    out = torch.empty(n, 3, crop, crop, device=device)
+    out = torch.empty(n, 3, crop, crop, device=device, memory_format=memory_format)
     first = 0
     for (height, width), members in groups.items():
         index = order[first : first + len(members)]
         first += len(members)
-        rows = _rows(*_take(row_filter, index, len(groups)), height).to(dtype)
-        cols = _rows(*_take(col_filter, index, len(groups)), width).to(dtype)
+        rows = _rows(*_take(row_filter, index, len(groups)), height, dtype)
+        cols = _rows(*_take(col_filter, index, len(groups)), width, dtype)
         step = max(1, _CHUNK_ELEMENTS // (3 * height * width))
         for start in range(0, len(members), step):
             part = slice(start, start + step)
             stacked = _padded([images[i] for i in members[part]], height, width, dtype)
-            out.index_copy_(0, index[part], _resample(stacked, rows[part], cols[part]).to(out.dtype))
-    return out.round_().clamp_(0, 255)
+            levels = _resample(stacked, rows[part], cols[part]).round_().clamp_(0, 255)
+            if len(members) == n <= step:  # the whole batch, in order, at once: one pass makes it float32 in place
+                return out.copy_(levels)
+            out.index_copy_(0, index[part], levels.to(out.dtype))
+    return out
 
 
 def _take(filter_taps: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,15 +286,16 @@ def train_pixels(img: Img, policy: AugmentPolicy, spec: PreprocessSpec, draws: D
 
 
 def train_pixels_batch(images: list[torch.Tensor], policy: AugmentPolicy, spec: PreprocessSpec,
-                       generator: torch.Generator, resample: torch.dtype | None = None) -> torch.Tensor:
+                       generator: torch.Generator, resample: torch.dtype | None = None,
+                       memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """``train_pixels`` for a batch of decoded tensors on one device: (N, 3, crop, crop) float32
-    of whole levels (``normalize_batch`` takes them as they are: no uint8 copy in between), each
-    image's parameters the ones the one-by-one path draws from the same generator; `resample`:
-    ``crop_batch``'s dtype."""
+    of whole levels in `memory_format` (``normalize_batch`` takes them as they are: no uint8 copy in
+    between, and its result keeps their layout), each image's parameters the ones the one-by-one
+    path draws from the same generator; `resample`: ``crop_batch``'s dtype."""
     if policy.random:
         params = sample_batch(policy, len(images), generator)
-        return augment_crops(crop_batch(images, params, spec, resample), params, spec.crop)
-    return torch.stack([eval_pixels(img, spec) for img in images]).float()
+        return augment_crops(crop_batch(images, params, spec, resample, memory_format), params, spec.crop)
+    return torch.stack([eval_pixels(img, spec) for img in images]).to(torch.float32, memory_format=memory_format)
 
 
 def normalize_batch(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
