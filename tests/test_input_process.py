@@ -5,6 +5,7 @@ batches cross as shared memory, not CUDA IPC)."""
 
 import contextlib
 import glob
+import logging
 import signal
 import subprocess
 import sys
@@ -206,8 +207,15 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_run_trains_with_its_input_in_a_process(data, tmp_path):
-    recipe = load_recipe(None, ["data.decode=tensor", "data.input_process=true", "data.num_workers=2", "data.batch_size=6",
+@pytest.mark.parametrize("decode", ["tensor", "pil"])
+def test_a_run_trains_with_its_input_in_a_process(data, tmp_path, caplog, decode):
+    """With Pillow decoding there is no device input to move: the run says so and trains as it would."""
+    recipe = load_recipe(None, [f"data.decode={decode}", "data.input_process=true", "data.num_workers=2", "data.batch_size=6",
                                 "stages.0.epochs=1", "stages.0.size=32", "evaluate.tta=[]", "evaluate.report=false"])
-    manifest = train_run(data, tmp_path / "run", recipe)
+    with caplog.at_level(logging.INFO, logger="clfpipe.train.loop"):
+        manifest = train_run(data, tmp_path / "run", recipe)
     assert manifest.stage("train")["epochs"] == 1
+    ignored = [r for r in caplog.records if "data.input_process has no effect" in r.getMessage()]
+    assert len(ignored) == (decode == "pil")
+    assert any(("in the run's input process" in r.getMessage()) == (decode == "tensor") for r in caplog.records
+               if r.getMessage().startswith("train: ") and "decoded" in r.getMessage())

@@ -288,6 +288,9 @@ def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | No
     log.info("train: %d train / %d valid images, classes %s, %s on %s%s, %s", len(train_split), len(valid_split),
              list(train_split.classes), recipe.model.arch, device, f" x {dist.world} ranks" if dist.active else "",
              _decoding(ctx))
+    if recipe.data.input_process and not ctx.decodes_on_device:
+        log.warning("data.input_process has no effect here: it moves the device decode's input (data.decode = "
+                    "\"tensor\", or \"auto\" with JPEGs on CUDA), and these images are decoded by Pillow in the loader workers")
     seed_everything(recipe.seed)
     model = build_model(recipe.model, len(train_split.classes)).to(device)
     if device.type == "cuda":
