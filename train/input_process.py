@@ -3,12 +3,11 @@
 The device-decode path's input (loader workers reading files, then ``DeviceBatches``: the decode
 and augmentation threads on their own CUDA streams) runs in a spawned child, one for the run's
 image stages: it keeps its decoded images (``DecodedCache``) from stage to stage, as the threads'
-path does, and its start (an interpreter, torch, a CUDA context: 5.5 s a stage on the 2-core
-CPU before it was shared) is paid once. Its batches reach
-the training process through CUDA IPC: the memory is shared, not copied, and the consumer's
-stream waits on the event recorded when the child shared it (shared memory on the CPU). The steps
-then share no GIL and no host lock with the input. At stop 19 on an H200 the GPU sat idle 34 ms of
-each 73 ms batch while the input ran in threads of the training process.
+path does, and its start (an interpreter, torch, a CUDA context: 2.7 s on the 2-core CPU) is paid
+once. Its batches reach the training process through CUDA IPC: the memory is shared, not copied,
+and the consumer's stream waits on the event recorded when the child shared it (shared memory on
+the CPU). The steps then share no GIL and no host lock with the input. At stop 19 on an H200 the
+GPU sat idle 34 ms of each 73 ms batch while the input ran in threads of the training process.
 
 The child makes the same batches as the threads would, in the same order: each stage's loader and
 augmentation generator are new there as they are in the stage, and it seeds them and its sampler
