@@ -36,6 +36,7 @@ def _dump() -> None:
     out.write_text("\n".join(seen) + "\n")
 
 
-sys.addaudithook(_hook)
-atexit.register(_dump)
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # not again in a process that spawn starts from this one (the input process)
+    sys.addaudithook(_hook)
+    atexit.register(_dump)
+    sys.exit(main(sys.argv[1:]))

@@ -5,6 +5,7 @@ killed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,25 @@ def test_the_demo_recipe_finishes_under_torchrun_and_only_rank_0_writes(small_da
     assert (writes / "rank1.txt").read_text().strip() == ""  # rank 1 wrote nothing in the run or the cache
     assert len(list(cache.glob("*.npy"))) == 2  # one content-keyed file per split, as one process writes
     assert result.stderr.count("stage 3 grow epoch 1/1: train_loss") == 1  # one copy of the log
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_rank_input_process_trains_as_its_threads_would(small_data, tmp_path):
+    """data.input_process on 2 ranks: each rank's child deals its shard (the sampler crosses to it)
+    and draws its rank's augmentation, so every epoch's losses are the threads' to the last digit."""
+    losses = {}
+    for mode in ("false", "true"):
+        run = tmp_path / f"run_{mode}"
+        env = {**os.environ, "CLFPIPE_TEST_WATCH": str(run), "CLFPIPE_TEST_WRITES": str(tmp_path), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT)}
+        launch = "import sys; from clfpipe.train.distributed import launch_local; sys.exit(launch_local(2, sys.argv[2:], [sys.argv[1]]))"
+        command = [sys.executable, "-c", launch, str(ROOT / "tests" / "ddp_entry.py"), "train", "--data", str(small_data),
+                   "--run", str(run), "--recipe", str(DEMO_RECIPE), *FAST, "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                   "--set", "data.decode=tensor", "--set", "data.num_workers=1", "--set", f"data.input_process={mode}"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[mode] = re.findall(r"(stage \d .* epoch 1/1: train_loss \S+ valid_loss \S+)", result.stderr)
+    assert len(losses["true"]) == 4 and losses["true"] == losses["false"]
 
 
 def _rank_pid(rank: int) -> int | None:
