@@ -94,17 +94,24 @@ def small_data(tmp_path):
     return tmp_path / "data"
 
 
+def _train_on_two_ranks(data: Path, run: Path, cache: Path, writes: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`clfpipe train` of the demo recipe (FAST) on 2 ranks through the tests' entry, which lists
+    what each rank writes under the run and the cache into `writes`; it must succeed."""
+    env = {**os.environ, "CLFPIPE_TEST_WATCH": os.pathsep.join([str(run), str(cache)]), "CLFPIPE_TEST_WRITES": str(writes),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = "import sys; from clfpipe.train.distributed import launch_local; sys.exit(launch_local(2, sys.argv[2:], [sys.argv[1]]))"
+    command = [sys.executable, "-c", launch, str(ROOT / "tests" / "ddp_entry.py"), "train", "--data", str(data), "--run", str(run),
+               "--recipe", str(DEMO_RECIPE), *FAST, "--set", f"data.cache_dir={cache}", *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_the_demo_recipe_finishes_under_torchrun_and_only_rank_0_writes(small_data, tmp_path):
     run, cache, writes = tmp_path / "run", tmp_path / "cache", tmp_path / "writes"
     writes.mkdir()
-    env = {**os.environ, "CLFPIPE_TEST_WATCH": os.pathsep.join([str(run), str(cache)]), "CLFPIPE_TEST_WRITES": str(writes),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = "import sys; from clfpipe.train.distributed import launch_local; sys.exit(launch_local(2, sys.argv[2:], [sys.argv[1]]))"
-    command = [sys.executable, "-c", launch, str(ROOT / "tests" / "ddp_entry.py"), "train", "--data", str(small_data),
-               "--run", str(run), "--recipe", str(DEMO_RECIPE), *FAST, "--set", f"data.cache_dir={cache}"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train_on_two_ranks(small_data, run, cache, writes)
     manifest = RunDir(run).read()
     assert manifest.stage("train")["sessions"][0]["ranks"] == 2 and manifest.stage("train")["epochs"] == 4
     rank0 = (writes / "rank0.txt").read_text().split()
@@ -120,15 +127,8 @@ def test_under_torchrun_each_rank_input_process_trains_as_its_threads_would(smal
     and draws its rank's augmentation, so every epoch's losses are the threads' to the last digit."""
     losses = {}
     for mode in ("false", "true"):
-        run = tmp_path / f"run_{mode}"
-        env = {**os.environ, "CLFPIPE_TEST_WATCH": str(run), "CLFPIPE_TEST_WRITES": str(tmp_path), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT)}
-        launch = "import sys; from clfpipe.train.distributed import launch_local; sys.exit(launch_local(2, sys.argv[2:], [sys.argv[1]]))"
-        command = [sys.executable, "-c", launch, str(ROOT / "tests" / "ddp_entry.py"), "train", "--data", str(small_data),
-                   "--run", str(run), "--recipe", str(DEMO_RECIPE), *FAST, "--set", f"data.cache_dir={tmp_path / 'cache'}",
-                   "--set", "data.decode=tensor", "--set", "data.num_workers=1", "--set", f"data.input_process={mode}"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = _train_on_two_ranks(small_data, tmp_path / f"run_{mode}", tmp_path / "cache", tmp_path, "--set", "data.decode=tensor",
+                                     "--set", "data.num_workers=1", "--set", f"data.input_process={mode}")
         losses[mode] = re.findall(r"(stage \d .* epoch 1/1: train_loss \S+ valid_loss \S+)", result.stderr)
     assert len(losses["true"]) == 4 and losses["true"] == losses["false"]
 
