@@ -39,7 +39,7 @@ from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.transforms import decode_batch, resample_dtype, train_pixels_batch
-from clfpipe.train.data import augment_decoded, in_layout
+from clfpipe.train.data import Augment
 from clfpipe.train.stage import pick_device
 
 
@@ -116,9 +116,10 @@ def main() -> None:
 
     channels_last = device.type == "cuda"  # the stage's layout: the model's (train.stage.StageData)
 
-    def augment() -> torch.Tensor:  # the stage's augment step (train.data.Augment) with that dtype
-        return in_layout(augment_decoded(images, spec, policy=AUGMENTS[args.policy], generator=generator,
-                                         resample=dtype, channels_last=channels_last), channels_last)
+    step = Augment(spec, AUGMENTS[args.policy], generator, channels_last, resample=dtype)  # the stage's, with that dtype
+
+    def augment() -> torch.Tensor:
+        return step(images)
 
     augment()  # warm: kernels chosen, memory cached
     with FlopCounterMode(display=False) as flops, Traffic() as traffic:

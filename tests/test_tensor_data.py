@@ -289,7 +289,7 @@ def test_the_batched_crops_are_resize_then_crop(chunk, dtype, monkeypatch):
 @pytest.mark.parametrize("sizes", [[(75, 100)] * 6, [(75, 100), (8, 8), (60, 90)] * 2], ids=["one size", "three sizes"])
 def test_the_augment_step_makes_the_models_layout_from_the_crops_on(sizes, dtype):
     """In channels_last (the model's on CUDA) the batch has the values it has in NCHW, and that
-    layout from the crops on: the stage's ``in_layout`` finds nothing left to copy. One size is
+    layout from the crops on: ``in_layout`` would find nothing left to copy. One size is
     the batch resampled in one piece (its levels copied to float32 in place), several are put in
     place group by group."""
     gen = torch.Generator().manual_seed(2)

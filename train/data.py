@@ -343,17 +343,19 @@ def augment_decoded(images: list[torch.Tensor], spec: PreprocessSpec, *, policy:
 
 @dataclass(frozen=True, eq=False)
 class Augment:
-    """A stage's augmentation step: decoded images -> the model's input (``augment_decoded``), in
-    channels_last where the model is (CUDA)."""
+    """A stage's augmentation step: decoded images -> the model's input (``augment_decoded``), made
+    in channels_last where the model is (CUDA); `resample`: the crops' products' dtype (None: the
+    device's)."""
 
     spec: PreprocessSpec
     policy: AugmentPolicy
     generator: torch.Generator
     channels_last: bool
+    resample: torch.dtype | None = None
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return in_layout(augment_decoded(images, self.spec, policy=self.policy, generator=self.generator,
-                                         channels_last=self.channels_last), self.channels_last)
+        return augment_decoded(images, self.spec, policy=self.policy, generator=self.generator,
+                               channels_last=self.channels_last, resample=self.resample)
 
 
 _LAYOUTS = {True: torch.channels_last, False: torch.contiguous_format}
