@@ -1,6 +1,7 @@
 """torchrun entry for the tests: clfpipe's CLI with an audit hook that lists every file this rank
 opens for writing (or renames, or creates a folder at) under $CLFPIPE_TEST_WATCH; the list goes
-to $CLFPIPE_TEST_WRITES/rank<RANK>.txt when the process ends."""
+to $CLFPIPE_TEST_WRITES/rank<RANK>.txt when the process ends, and the names of the threads still
+running then (what the interpreter's exit has yet to tear down) to threads<RANK>.txt."""
 
 import atexit
 import os
@@ -31,9 +32,20 @@ def _hook(event: str, args: tuple) -> None:
         seen.append(f"{event} {os.fsdecode(args[0])}")
 
 
+def _threads() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
 def _dump() -> None:
-    out = Path(os.environ["CLFPIPE_TEST_WRITES"]) / f"rank{os.environ.get('RANK', '0')}.txt"
-    out.write_text("\n".join(seen) + "\n")
+    out, rank = Path(os.environ["CLFPIPE_TEST_WRITES"]), os.environ.get("RANK", "0")
+    (out / f"rank{rank}.txt").write_text("\n".join(seen) + "\n")
+    (out / f"threads{rank}.txt").write_text("\n".join(_threads()) + "\n")
 
 
 if __name__ == "__main__":  # not again in a process that spawn starts from this one (the input process)

@@ -10,6 +10,7 @@ precompute cache); lr_find runs on rank 0 and its suggestion is broadcast.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -108,7 +109,10 @@ def setup(dist: Dist, device: torch.device) -> torch.device:
 
 
 def teardown(dist: Dist) -> None:
+    """Leave the process group while the interpreter is whole: first collect what still refers to it
+    from cyclic garbage (a DDP wrapper), so the group is freed and its gloo threads are joined here."""
     if dist.active and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
