@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,12 +116,8 @@ def main() -> None:
     dtype = getattr(torch, args.resample_dtype) if args.resample_dtype else resample_dtype(device)
 
     channels_last = device.type == "cuda"  # the stage's layout: the model's (train.stage.StageData)
-
-    step = Augment(spec, AUGMENTS[args.policy], generator, channels_last, resample=dtype)  # the stage's, with that dtype
-
-    def augment() -> torch.Tensor:
-        return step(images)
-
+    # the stage's augment step, with that dtype
+    augment = partial(Augment(spec, AUGMENTS[args.policy], generator, channels_last, resample=dtype), images)
     augment()  # warm: kernels chosen, memory cached
     with FlopCounterMode(display=False) as flops, Traffic() as traffic:
         augment()

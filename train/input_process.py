@@ -310,13 +310,15 @@ def _serve(device_name: str, cache_bytes: int, commands: Any, out: Any, cancel: 
     stage: _ChildStage | None = None
     try:
         while not isinstance(command := _command(commands, outbox.parent), _Stop):
-            if isinstance(command, _Release) or command.plan is not None:
-                stage = _closed(stage)
+            if stage is not None and (isinstance(command, _Release) or command.plan is not None):
+                stage.close()
+                stage = None
             if isinstance(command, _Pass):
                 stage = stage or _ChildStage.start(command.plan, device, cache)
                 _one_pass(stage, command.seeds, outbox, cache)
     finally:
-        _closed(stage)
+        if stage is not None:
+            stage.close()
 
 
 @dataclass(frozen=True)
@@ -334,11 +336,9 @@ class _ChildStage:
         return cls(loader, DeviceBatches(loader, (cache, augment), device),
                    partial(apply_seeds, loader=loader.generator, augment=augment_gen, sampler=plan.sampler))
 
-
-def _closed(stage: _ChildStage | None) -> None:
-    """Stop a stage's loader workers; the child has no stage after (None)."""
-    if stage is not None:
-        stop_workers(stage.loader)
+    def close(self) -> None:
+        """Stop the stage's loader workers (the cache is the child's, not the stage's)."""
+        stop_workers(self.loader)
 
 
 def _one_pass(stage: _ChildStage, seeds: EpochSeeds | None, outbox: _Outbox, cache: DecodedCache) -> None:

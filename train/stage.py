@@ -222,10 +222,11 @@ class StageData:
 
     def close(self) -> None:
         """Stop the stage's loader workers (``stop_workers``), in this process or the input process, and
-        let go of the DDP wrapper, now. The wrapper holds its gradient buckets and the process group; left
-        to the garbage collector it can outlive the run (a reference cycle through a stack frame, such as
-        the one matplotlib's tight_layout leaves under lr_find's plot, keeps the stage alive), and a gloo group destroyed
-        during the interpreter's exit aborts the process ("terminate called without an active exception")."""
+        let go of the DDP wrapper, now. The wrapper holds its gradient buckets and the process group;
+        left to the garbage collector it can outlive the run (a reference cycle through a stack frame,
+        such as the one matplotlib's tight_layout leaves under lr_find's plot, keeps the stage alive),
+        and a gloo group destroyed during the interpreter's exit can abort the process ("terminate
+        called without an active exception")."""
         for loader in (getattr(self, "host_loader", None), self.valid_loader):
             stop_workers(loader)
         if isinstance(self.train_loader, ProcessBatches):
