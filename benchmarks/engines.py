@@ -4,10 +4,14 @@
 
 CPU: ONNX Runtime fp32 against PyTorch eager (ort_vs_torch_b32, goal >= 1.5) and ONNX Runtime int8
 (QDQ, uint8 activations) against fp32 (int8_vs_fp32_b32, goal >= 2) with the int8 graph's top-1
-agreement and, for a trained run, its accuracy against fp32's. CUDA, where there is one:
-torch.compile (max-autotune) against eager fp16 channels_last at batch 256 (compiled_vs_eager_b256,
-goal >= 1.3). With no --run, resnet34 at its seeded initial weights on generated images: the
-speed figures are the model's, the agreement figures only say the int8 graph tracks fp32.
+agreement and, for a trained run, its accuracy against fp32's. Beside the times, the rate each
+engine reaches (the model's GFLOP by torch's FLOP counter over the batch's time) and a yardstick,
+ONNX Runtime's rate on one 4096 x 4096 fp32 matrix product on this host (ort_matmul_gflop_s): an
+engine near it has little left to gain at fp32 but fewer or cheaper operations. CUDA, where
+there is one: torch.compile (max-autotune) against eager fp16 channels_last at batch 256
+(compiled_vs_eager_b256, goal >= 1.3). With no --run, resnet34 at its seeded initial weights on
+generated images: the speed figures are the model's, the agreement figures only say the int8
+graph tracks fp32.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper
+from torch.utils.flop_counter import FlopCounterMode
 
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.engines import Variant
@@ -69,6 +76,27 @@ def _int8_session(fp32_path: Path, calibration: np.ndarray) -> ort.InferenceSess
         return make_session(int8_path)
 
 
+def model_gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """GFLOP of one call of ``model`` on ``x`` (a multiply-add counts 2), by torch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def ort_matmul_gflop_s(n: int = 4096, rounds: int = 5) -> float:
+    """ONNX Runtime's fp32 rate on one n x n matrix product on this host, median of ``rounds``."""
+    square = [n, n]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, square) for name in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, square)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = (np.random.default_rng(seed).standard_normal(square, dtype=np.float32) for seed in (0, 1))
+    seconds = interleaved({"matmul": lambda: session.run(None, {"a": a, "b": b})}, rounds)["matmul"]
+    return 2 * n**3 / seconds / 1e9
+
+
 def cpu_figures(run_dir: Path, batch: int, rounds: int, trained: bool) -> dict:
     run = RunDir(run_dir)
     manifest = run.read()
@@ -87,6 +115,7 @@ def cpu_figures(run_dir: Path, batch: int, rounds: int, trained: bool) -> dict:
     with torch.inference_mode():
         medians = interleaved({"torch": lambda: model(tensor), "ort_fp32": lambda: run_graph(fp32, x, batch),
                                "ort_int8": lambda: run_graph(int8, x, batch)}, rounds)
+    gflop = model_gflop(model, tensor)
     all_x = Variant().input_form.prepare(load_pixels(valid.files, spec), spec)
     ref, q = run_graph(fp32, all_x), run_graph(int8, all_x)
     labels = np.asarray(valid.labels)
@@ -94,7 +123,9 @@ def cpu_figures(run_dir: Path, batch: int, rounds: int, trained: bool) -> dict:
            "ort_int8_b32_s": round(medians["ort_int8"], 4),
            "ort_vs_torch_b32": round(medians["torch"] / medians["ort_fp32"], 2),
            "int8_vs_fp32_b32": round(medians["ort_fp32"] / medians["ort_int8"], 2),
-           "int8_top1_agreement": round(float((ref.argmax(1) == q.argmax(1)).mean()), 4), "images": len(labels)}
+           "int8_top1_agreement": round(float((ref.argmax(1) == q.argmax(1)).mean()), 4), "images": len(labels),
+           "gflop_per_batch": round(gflop, 1), "torch_gflop_s": round(gflop / medians["torch"], 1),
+           "ort_fp32_gflop_s": round(gflop / medians["ort_fp32"], 1), "ort_matmul_gflop_s": round(ort_matmul_gflop_s(), 1)}
     if trained:
         out["int8_accuracy_drop"] = round(float((ref.argmax(1) == labels).mean() - (q.argmax(1) == labels).mean()), 4)
     return out
