@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from clfpipe import __version__
 from clfpipe.contract.errors import ClfpipeError, RecipeError
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> None:
@@ -25,6 +28,22 @@ def _cmd_data_demo(args: argparse.Namespace) -> None:
     else:
         counts = write_demo_dataset(args.out_dir, seed=args.seed)
         print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out_dir}")
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from clfpipe.contract.dataset import check_data, move_aside
+
+    found = check_data(args.data, args.labels_csv, args.workers)
+    for path, why in found.unusable:
+        print(f"{path}\t{why}")
+    skipped = ", ".join(f"{n} {suffix}" for suffix, n in found.skipped.items())
+    log.info("data check: %d images, %d unusable%s", found.images, len(found.unusable),
+             f"; not read as images: {skipped}" if skipped else "")
+    if found.unusable and args.move_to is not None:
+        moved = move_aside([path for path, _ in found.unusable], args.data, args.move_to)
+        log.info("data check: moved %d files to %s", len(moved), args.move_to)
+        return 0
+    return 2 if found.unusable else 0
 
 
 def _recipe(args: argparse.Namespace):
@@ -252,6 +271,13 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
     p.add_argument("--multi-label", action="store_true", help="Planet-style tags in labels.csv instead of class folders")
     p.set_defaults(func=_cmd_data_demo)
+    p = _sub(data, "check", "decode every image of a data folder as training does: list the unusable ones "
+                            "(exit status 2 if any), or move them aside")
+    p.add_argument("data", type=Path, help="image folder with train/<class>/ and valid/<class>/")
+    p.add_argument("--labels-csv", default="", help="multi-label tags CSV in DATA, as the recipe's data.labels_csv")
+    p.add_argument("--move-to", type=Path, help="move the unusable files here, each at its path under DATA")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
+    p.set_defaults(func=_cmd_data_check)
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

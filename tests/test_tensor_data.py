@@ -2,7 +2,10 @@
 CUDA, exercised here on the CPU) share one transforms definition and must agree."""
 
 import contextlib
+import io
+import logging
 import pickle
+import re
 import threading
 import time
 from multiprocessing.reduction import ForkingPickler
@@ -10,12 +13,14 @@ from multiprocessing.reduction import ForkingPickler
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from clfpipe.contract.augment import AUGMENTS, DRAWS, AugmentParams, from_unit, sample
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, mostly_jpeg, normalize, resize_crop
+from clfpipe.contract.preprocess import decode_image as pil_decode
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn import transforms
@@ -93,7 +98,7 @@ def test_the_decoded_cache_decodes_a_file_once_and_gives_the_same_pixels(data, m
     split = scan_split(data, "train")
     loader = encoded_loader(split, 4, num_workers=0, seed=0)
     calls: list[int] = []
-    monkeypatch.setattr(train_data, "decode_batch", lambda files, device: calls.append(len(files)) or decode_batch(files, device))
+    monkeypatch.setattr(train_data, "decode_batch", lambda files, device, names: calls.append(len(files)) or decode_batch(files, device))
     one_image = 3 * 48 * 48
     cache = DecodedCache(torch.device("cpu"), 10**9 if kept is None else kept * one_image)
     ever: set[int] = set()
@@ -409,3 +414,78 @@ def test_auto_decodes_on_the_gpu_only_when_the_images_are_jpegs(data, tmp_path):
              ("tensor", cpu, "png"): True, ("tensor", cuda, "png"): True, ("pil", cuda, "jpeg"): False}
     for (decode, device, kind), expected in table.items():
         assert on_device_decode(decode, device, jpegs if kind == "jpeg" else pngs) is expected, (decode, device, kind)
+
+
+def _formats(folder) -> list:
+    """One file per format and mode a user's folder may hold, in the formats training reads."""
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (21, 34, 3), dtype=np.uint8))
+    made = {
+        "rgb.jpg": (rgb, {}),
+        "grey.jpg": (rgb.convert("L"), {}),
+        "cmyk.jpg": (rgb.convert("CMYK"), {}),
+        "progressive.jpg": (rgb, {"progressive": True}),
+        "grey16.png": (Image.fromarray(rng.integers(0, 65536, (21, 34), dtype=np.uint16)), {}),
+        "rgba.png": (rgb.convert("RGBA"), {}),
+        "palette.png": (rgb.convert("P"), {}),
+        "image.bmp": (rgb, {}),
+        "image.webp": (rgb, {"lossless": True}),
+    }
+    for name, (img, options) in made.items():
+        img.save(folder / name, **options)
+    return [folder / name for name in made]
+
+
+def test_the_device_path_reads_every_format_as_the_pillow_path_and_the_server_do(tmp_path):
+    """A 16-bit PNG is scaled to 8 bits (torchvision alone kept its uint16 levels, which the
+    augmentation then read as huge values); a BMP is read (torchvision reads none)."""
+    files = _formats(tmp_path)
+    decoded = decode_batch(_encoded(files), torch.device("cpu"), names=files)
+    for path, img in zip(files, decoded):
+        assert img.dtype == torch.uint8 and torch.equal(img, _tensor(load_image(path))), path.name
+
+
+def test_a_file_that_does_not_decode_on_the_device_path_is_named(data):
+    split = scan_split(data, "train")
+    victim = split.files[3]
+    victim.write_bytes(victim.read_bytes()[:300])  # after the scan, as a file cut short mid-run
+    encoded, _ = next(iter(encoded_loader(split, len(split), num_workers=0, seed=0)))
+    cpu = torch.device("cpu")
+    with pytest.raises(DataError, match=rf"^corrupt image file {re.escape(str(victim))}: not a decodable image: \w"):
+        DecodedCache(cpu, 0, split.files)(encoded)
+    position = encoded.indices.tolist().index(3)
+    with pytest.raises(DataError, match=rf"^corrupt image #{position} of the batch: not a decodable image: \w"):
+        DecodedCache(cpu, 0)(encoded)
+
+
+def _damaged_jpeg_only_pillow_reads() -> bytes:
+    """A JPEG with a byte of its scan changed and its end cut: Pillow reads it whole, torchvision's
+    decoder (as nvJPEG may) refuses it. Searched for: about 3% of such damage does this."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    whole = buf.getvalue()
+    scan = whole.find(b"\xff\xda") + 20
+    for _ in range(2000):
+        damaged = bytearray(whole)
+        damaged[int(rng.integers(scan, len(whole)))] = int(rng.integers(0, 256))
+        damaged = bytes(damaged[: int(rng.integers(scan, len(whole)))])
+        with contextlib.suppress(ValueError):
+            pillow = pil_decode(damaged)
+            try:
+                torchvision.io.decode_jpeg(torch.frombuffer(bytearray(damaged), dtype=torch.uint8))
+            except RuntimeError:
+                assert pillow.size == (80, 60)
+                return damaged
+    raise AssertionError("no damaged JPEG that only Pillow reads in 2000 tries")
+
+
+def test_a_batch_the_jpeg_decoder_refuses_is_decoded_on_the_host_as_the_pillow_path_does(data, caplog):
+    damaged = _damaged_jpeg_only_pillow_reads()
+    files = scan_split(data, "valid").files
+    encoded = _encoded(files[:2]) + [torch.frombuffer(bytearray(damaged), dtype=torch.uint8)]
+    with caplog.at_level(logging.WARNING, logger="clfpipe.nn.transforms"):
+        decoded = decode_batch(encoded, torch.device("cpu"))
+    assert "the cpu JPEG decoder refused a batch of 3 images (Image is incomplete or truncated): decoding it on the host" in caplog.text
+    assert torch.equal(decoded[2], _tensor(pil_decode(damaged)))
+    assert all(torch.equal(img, _tensor(load_image(f))) for img, f in zip(decoded, files[:2]))

@@ -310,8 +310,9 @@ class DecodedCache:
     batch (``benchmarks/train_throughput.py``: e2e_no_decode_img_s). Used by one thread at a time
     (a stage's decode step)."""
 
-    def __init__(self, device: torch.device, budget: int) -> None:
+    def __init__(self, device: torch.device, budget: int, files: Sequence[Path] | None = None) -> None:
         self.device, self.budget, self.used = device, budget, 0
+        self.files = files  # the split the indices point into: a file that does not decode is named
         self.images: dict[int, torch.Tensor] = {}
         self.decoded = 0  # images decoded so far (the others were found here)
 
@@ -321,7 +322,8 @@ class DecodedCache:
         missing = [i for i, img in enumerate(found) if img is None]
         if missing:
             files = encoded.images()
-            for i, img in zip(missing, decode_batch([files[i] for i in missing], self.device)):
+            names = [self.files[keys[i]] for i in missing] if self.files is not None else None
+            for i, img in zip(missing, decode_batch([files[i] for i in missing], self.device, names)):
                 found[i] = img
                 self._keep(keys[i], img)
             self.decoded += len(missing)

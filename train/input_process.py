@@ -332,6 +332,7 @@ class _ChildStage:
     @classmethod
     def start(cls, plan: InputPlan, device: torch.device, cache: DecodedCache) -> _ChildStage:
         loader, augment_gen = plan.loader(), torch.Generator()
+        cache.files = plan.split.files  # the run's training split, every stage's: names a file that does not decode
         augment = Augment(plan.spec, plan.policy, augment_gen, plan.channels_last)
         return cls(loader, DeviceBatches(loader, (cache, augment), device),
                    partial(apply_seeds, loader=loader.generator, augment=augment_gen, sampler=plan.sampler))

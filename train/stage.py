@@ -73,7 +73,7 @@ class Context:
     @cached_property
     def decoded(self) -> DecodedCache:
         """The device decode step, keeping decoded training images for every later epoch and stage."""
-        return DecodedCache(self.device, self.decoded_cache_bytes)
+        return DecodedCache(self.device, self.decoded_cache_bytes, self.train.files)
 
     @cached_property
     def input_process(self) -> InputProcess:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
 from clfpipe.contract.errors import DataError
+from clfpipe.contract.preprocess import FORMATS, check_jpeg_bytes, check_size, load_image
+from clfpipe.contract.progress import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -37,13 +42,48 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def check_image(path: Path) -> None:
-    """Header check: catches non-images and corrupt headers without a full decode."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def header_problem(path: Path) -> str | None:
+    """Why a file is no usable image by its header alone (no full decode), None when it is one:
+    not an image of the formats read here, a corrupt header, or a size outside the bounds that
+    every decoder here and the server apply (``check_size``; a JPEG too short for its pixels)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=FORMATS) as img:
+            check_size(img.width, img.height)
+            if img.format == "JPEG":
+                check_jpeg_bytes(img.width, img.height, path.stat().st_size)
             img.verify()
-    except Exception as exc:  # PIL raises many types for corrupt files
-        raise DataError(f"corrupt image file {path}: {exc}") from exc
+    except Image.UnidentifiedImageError:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        return f"not an image: expected {', '.join(FORMATS)} bytes, got a file starting {head!r}"
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+        return _first_line(exc)
+    return None
+
+
+def decode_problem(path: Path) -> str | None:
+    """Why a file does not decode whole as the loaders decode it (``load_image``: what a header
+    check cannot see, such as a truncated file), None when it does."""
+    try:
+        load_image(path)
+    except ValueError as exc:
+        return _first_line(exc).removeprefix(f"{path}: ")
+    return None
+
+
+def check_images(files: Sequence[Path], data_dir: Path) -> None:
+    """Every file's header (``header_problem``): a DataError naming the first unusable one and
+    counting the others, so that one run of ``clfpipe data check`` finds them all."""
+    bad = [(path, why) for path in files if (why := header_problem(path)) is not None]
+    if bad:
+        more = (f" ({len(bad) - 1} more: 'clfpipe data check {data_dir}' lists every one and can move them aside)"
+                if len(bad) > 1 else "")
+        raise DataError(f"corrupt image file {bad[0][0]}: {bad[0][1]}{more}")
 
 
 # Folder names accepted for a split, first match wins (torchvision's ImageNet layout says val/)
@@ -78,11 +118,10 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
         images = list_images(root / name)
         if not images:
             raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
-        for path in images:
-            if verify:
-                check_image(path)
-            files.append(path)
-            labels.append(index)
+        files.extend(images)
+        labels.extend([index] * len(images))
+    if verify:
+        check_images(files, data_dir)
     return Split(tuple(files), tuple(labels), tuple(classes))
 
 
@@ -111,10 +150,10 @@ def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[
     if classes is None:
         classes = tuple(sorted({t for f in files for t in tags[f.stem]}))
     index = {c: i for i, c in enumerate(classes)}
+    if verify:
+        check_images(files, data_dir)
     labels = []
     for path in files:
-        if verify:
-            check_image(path)
         unknown = [t for t in tags[path.stem] if t not in index]
         if unknown:
             raise DataError(f"{path.name}: tag {unknown[0]!r} not among the training tags {list(classes)}")
@@ -128,3 +167,75 @@ def scan_data(data_dir: Path, split: str, labels_csv: str = "", classes: tuple[s
     if labels_csv:
         return scan_multilabel(data_dir, split, labels_csv, classes, verify=verify)
     return scan_split(data_dir, split, classes, verify=verify)
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What ``check_data`` found in a data folder."""
+
+    images: int  # files read as images, every split
+    unusable: tuple[tuple[Path, str], ...]  # (file, why), in the splits' order
+    skipped: dict[str, int]  # other files under the splits by suffix: never read (hidden files left out)
+
+
+SPLITS = ("train", "valid")
+
+
+def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1) -> DataCheck:
+    """Every image the layout finds in DATA (both splits) decoded whole, as training and the
+    server decode it: the files a run would stop on, all at once (as fastai's ``verify_images``).
+    ``workers`` threads decode (Pillow releases the GIL while decoding)."""
+    if workers < 1:
+        raise DataError(f"workers: expected at least 1, got {workers}")
+    data_dir = Path(data_dir)
+    train = scan_data(data_dir, "train", labels_csv, verify=False)
+    splits = [train, scan_data(data_dir, "valid", labels_csv, train.classes, verify=False)]
+    files = [path for split in splits for path in split.files]
+    with ThreadPoolExecutor(workers) as pool:
+        found = list(progress(pool.map(image_problem, files), "data check", total=len(files), unit="images"))
+    unusable = tuple((path, why) for path, why in zip(files, found) if why is not None)
+    roots = [split_folder(data_dir, split, "") for split in SPLITS]
+    return DataCheck(len(files), unusable, _skipped(roots, set(files)))
+
+
+def image_problem(path: Path) -> str | None:
+    """Why a file is no usable image, by its header or its whole decode; None when it is one."""
+    return header_problem(path) or decode_problem(path)
+
+
+def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:
+    """Files under ``roots`` that the layout does not read, by suffix; hidden ones (.DS_Store) left out."""
+    counts: dict[str, int] = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+            if path.is_file() and path not in read and not hidden:
+                suffix = path.suffix.lower() or "(none)"
+                counts[suffix] = counts.get(suffix, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def move_aside(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
+    """Move ``files`` (under ``data_dir``) to ``dest``, each at its path relative to ``data_dir``;
+    nothing is overwritten, and ``dest`` may not lie in a split folder (its files would be read
+    again). Returns where each went."""
+    dest = Path(dest)
+    for split in SPLITS:
+        try:
+            root = split_folder(data_dir, split, "").resolve()
+        except DataError:  # no such split: nothing to keep out of
+            continue
+        if dest.resolve() == root or root in dest.resolve().parents:
+            raise DataError(f"--move-to: expected a folder outside {root}, got {dest}")
+    # absolute, not resolved: a symlinked file moves as the link, at the link's place
+    targets = [Path(os.path.abspath(dest)) / Path(os.path.abspath(f)).relative_to(os.path.abspath(data_dir)) for f in files]
+    taken = [t for t in targets if t.exists() or t.is_symlink()]
+    if taken:
+        raise DataError(f"--move-to: {taken[0]} already exists: expected a folder without these files")
+    for source, target in zip(files, targets):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, target)
+        except OSError as exc:
+            raise DataError(f"--move-to: cannot move {source} to {target}: {exc}") from exc
+    return targets

@@ -9,19 +9,25 @@ augmentation both give the spec's evaluation pixels (``contract.preprocess.resiz
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import TypeVar
+import re
+from pathlib import Path
+from typing import Sequence, TypeVar
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from clfpipe.contract.augment import DRAWS, AugmentParams, AugmentPolicy, Draws, from_unit, sample, scaled_crop
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import JPEG_MAGIC, PreprocessSpec, center_box, resize_crop, resized_size
+from clfpipe.contract.preprocess import decode_image as pil_decode
 
 Img = TypeVar("Img", Image.Image, torch.Tensor)
+log = logging.getLogger(__name__)
 
 
 def torch_draws(generator: torch.Generator | None = None) -> Draws:
@@ -312,18 +318,38 @@ def is_jpeg(data: bytes | torch.Tensor) -> bool:
     return head == JPEG_MAGIC
 
 
-def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def decode_batch(encoded: list[torch.Tensor], device: torch.device, names: Sequence[str | Path] | None = None) -> list[torch.Tensor]:
     """Encoded images (uint8 tensors of file bytes) -> uint8 RGB CHW tensors on the device: the
-    JPEGs in one batched call (nvJPEG on CUDA), other formats one by one."""
-    images: list[torch.Tensor | None] = [None] * len(encoded)
+    JPEGs in one batched call (nvJPEG on CUDA); other formats, and a batch that call refuses, one
+    by one on the host as the Pillow path and the server decode them (``host_decode``). An image
+    the host cannot decode either is a DataError naming it (``names``: one per image, its file)."""
     jpegs = [i for i, e in enumerate(encoded) if is_jpeg(e)]
+    decoded: dict[int, torch.Tensor] = {}
+    if jpegs:
+        try:
+            decoded = dict(zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
+        except RuntimeError as exc:  # its error names no image: the host finds which, or decodes them all
+            log.warning("the %s JPEG decoder refused a batch of %d images (%s): decoding it on the host",
+                        device.type, len(jpegs), _reason(exc))
+    return [decoded[i] if i in decoded else _on_host(encoded, i, names).to(device) for i in range(len(encoded))]
+
+
+def host_decode(data: torch.Tensor) -> torch.Tensor:
+    """One encoded image -> uint8 RGB CHW on the host, as the Pillow path and the server read it
+    (``contract.preprocess.decode_image``: torchvision's decoders keep a 16-bit PNG's uint16
+    levels, read no BMP, and refuse some damaged JPEGs that Pillow reads whole). ValueError says why not."""
+    return torch.from_numpy(np.array(pil_decode(data.numpy().tobytes()))).permute(2, 0, 1).contiguous()
+
+
+def _on_host(encoded: list[torch.Tensor], index: int, names: Sequence[str | Path] | None) -> torch.Tensor:
     try:
-        if jpegs:
-            for i, img in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
-                images[i] = img
-        for i, img in enumerate(images):
-            if img is None:
-                images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
-    except RuntimeError as exc:
-        raise DataError(f"corrupt image in a training batch: {exc}") from exc
-    return images  # type: ignore[return-value]
+        return host_decode(encoded[index])
+    except ValueError as exc:
+        what = f"image file {names[index]}" if names is not None else f"image #{index} of the batch"
+        raise DataError(f"corrupt {what}: {exc}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """The error's first line, without torchvision's source location ("decode_jpeg, .../decode_jpeg.cpp:171, ")."""
+    text = str(exc).strip()
+    return re.sub(r"^.*\.cpp:\d+,\s*", "", text.splitlines()[0]) if text else type(exc).__name__

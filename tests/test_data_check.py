@@ -1,0 +1,127 @@
+"""A user's data folder with files that are not usable images: `clfpipe data check` finds every
+one (a whole decode, as training does) and can move them aside; `clfpipe train` refuses the ones
+its header scan sees, all counted, before the run directory exists."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from clfpipe.cli import main
+from clfpipe.contract.dataset import check_data, image_problem
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.preprocess import load_image
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    write_demo_dataset(root, spec=DemoSpec(train_per_class=3, valid_per_class=2, image_size=32))
+    return root
+
+
+def _spoil(data):
+    """Three unusable files (one only a whole decode finds) and three that are not read."""
+    whole = next((data / "train" / "vertical").glob("*.jpg")).read_bytes()
+    bad = {
+        data / "train" / "vertical" / "cut.jpg": whole[: len(whole) // 2],
+        data / "train" / "checker" / "long.png": _png(1000, 3),
+        data / "valid" / "horizontal" / "text.jpg": b"not an image at all",
+    }
+    for path, content in bad.items():
+        path.write_bytes(content)
+    (data / "train" / "checker" / "notes.txt").write_text("not an image")
+    (data / "train" / "checker" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "valid" / "vertical" / "scan.tiff").write_bytes(b"II*\0")
+    return sorted(bad)
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_path, capsys):
+    bad = _spoil(data)
+    assert main(["data", "check", str(data), "--workers", "2"]) == 2
+    out, err = capsys.readouterr()
+    listed = sorted(line.split("\t")[0] for line in out.splitlines())
+    assert listed == [str(p) for p in bad]
+    assert "image file is truncated" in out and "image too elongated" in out and "not an image" in out
+    assert "3 unusable; not read as images: 1 .tiff, 1 .txt" in err  # .DS_Store: hidden, not counted
+
+    inside = data / "train" / "rejected"
+    assert main(["data", "check", str(data), "--move-to", str(inside)]) == 2  # would be read again there
+    assert "expected a folder outside" in capsys.readouterr().err and all(p.exists() for p in bad)
+
+    aside = tmp_path / "rejected"
+    assert main(["data", "check", str(data), "--move-to", str(aside)]) == 0
+    assert not any(p.exists() for p in bad)
+    assert sorted(aside.rglob("*.*")) == sorted(aside / p.relative_to(data) for p in bad)
+    capsys.readouterr()
+    assert main(["data", "check", str(data)]) == 0
+    assert capsys.readouterr().out == ""
+
+    again = data / "train" / "vertical" / "cut.jpg"  # the same name spoilt again: nothing is overwritten
+    again.write_bytes(b"\xff\xd8\xff")
+    assert main(["data", "check", str(data), "--move-to", str(aside)]) == 2
+    assert "already exists" in capsys.readouterr().err and again.exists()
+
+
+def test_training_refuses_unusable_headers_all_counted_before_the_run_exists(data, tmp_path, capsys):
+    _spoil(data)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    # the truncated file's header is whole: only the elongated one is seen in train/ (text.jpg is in valid/)
+    assert err == (f"clfpipe: error: corrupt image file {data / 'train' / 'checker' / 'long.png'}: image too "
+                   "elongated: expected an aspect ratio of at most 16:1, got 1000x3")
+    (data / "train" / "vertical" / "also.jpg").write_bytes(b"GIF89a")
+    assert main(["train", "--data", str(data), "--run", str(run)]) == 2
+    assert f"(1 more: 'clfpipe data check {data}' lists every one" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_data_check_range_checks_its_workers_and_names_a_missing_folder(data, tmp_path):
+    with pytest.raises(DataError, match="workers: expected at least 1, got 0"):
+        check_data(data, workers=0)
+    with pytest.raises(DataError, match="data folder not found"):
+        check_data(tmp_path / "nope")
+
+
+def _seed_image(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+SEEDS = {fmt: _seed_image(fmt) for fmt in ("JPEG", "PNG", "BMP", "WEBP")}
+
+
+@settings(max_examples=300, deadline=3000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=2000),
+                 st.tuples(st.sampled_from(sorted(SEEDS)), st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 255)), max_size=6),
+                           st.integers(0, 3000)).map(lambda t: _mutated(*t))))
+def test_any_file_is_usable_or_one_line_and_usable_means_training_decodes_it(tmp_path, content):
+    path = tmp_path / "image.jpg"
+    path.write_bytes(content)
+    why = image_problem(path)
+    if why is None:
+        assert load_image(path).mode == "RGB"
+    else:
+        assert why and "\n" not in why
+
+
+def _mutated(fmt: str, flips: list[tuple[int, int]], cut: int) -> bytes:
+    data = bytearray(SEEDS[fmt])
+    for position, value in flips:
+        data[position % len(data)] = value
+    return bytes(data[:cut])
