@@ -8,6 +8,7 @@ minutes, which shapes on clutter (tried first) did not.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +105,42 @@ def write_demo_multilabel(out_dir: str | Path, seed: int = 0, *, train: int = 24
             rows.append(f"{name},{' '.join(tags)}")
     (out / LABELS_CSV).write_text("\n".join(rows) + "\n")
     return {"train": train, "valid": valid}
+
+
+def write_format_samples(out_dir: str | Path, seed: int = 3) -> list[Path]:
+    """One small file per format and mode a user's folder may hold, among those training reads:
+    JPEG (RGB, grey, CMYK, progressive), PNG (16-bit grey, RGBA, palette), BMP, WebP."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (21, 34, 3), dtype=np.uint8))
+    made = {
+        "rgb.jpg": (rgb, {}),
+        "grey.jpg": (rgb.convert("L"), {}),
+        "cmyk.jpg": (rgb.convert("CMYK"), {}),
+        "progressive.jpg": (rgb, {"progressive": True}),
+        "grey16.png": (Image.fromarray(rng.integers(0, 65536, (21, 34), dtype=np.uint16)), {}),
+        "rgba.png": (rgb.convert("RGBA"), {}),
+        "palette.png": (rgb.convert("P"), {}),
+        "image.bmp": (rgb, {}),
+        "image.webp": (rgb, {"lossless": True}),
+    }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name, (img, options) in made.items():
+        img.save(Path(out_dir) / name, **options)
+    return [Path(out_dir) / name for name in made]
+
+
+def damaged_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """JPEGs of 80x60 noise, each with one byte of its scan changed and its end cut off: what a
+    failing disk or a partial download leaves. Decoders disagree on some of them (about 3% are
+    read whole by Pillow and refused by torchvision's decoder)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    whole = buf.getvalue()
+    scan = whole.find(b"\xff\xda") + 20
+    out = []
+    for _ in range(count):
+        damaged = bytearray(whole)
+        damaged[int(rng.integers(scan, len(whole)))] = int(rng.integers(0, 256))
+        out.append(bytes(damaged[: int(rng.integers(scan, len(whole)))]))
+    return out

@@ -3,7 +3,7 @@
 # (default 480: the 8 minutes of issue 9), most important first; a check that would not fit is
 # skipped with a line that says so.
 #
-#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train input_process augment precompute pt2 engines peer)
+#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train input_process augment decode precompute pt2 engines peer)
 #
 # Where the machine has no network, fill .whl/ beforehand (../shared/tools/gpu_wheels.sh --http:
 # nvidia-pytriton, numpy<2, tritonclient and its HTTP client, python-rapidjson, tomli-w,
@@ -79,6 +79,10 @@ run_input_process() {
   # data.input_process against the threads, batch for batch, at the benchmark's size: the IPC hand-over gives whole batches
   check input_process 120 python3 "$ROOT/benchmarks/input_process_check.py" --batch 256 --size 224 --epochs 1 --workers 14
 }
+run_decode() {
+  # the training decode step on nvJPEG against Pillow: every format a folder may hold, damaged JPEGs nvJPEG refuses (decoded on the host), a cut file named
+  check decode 60 python3 "$ROOT/benchmarks/decode_check.py" --damaged 400
+}
 run_precompute() {
   check precompute 90 python3 "$ROOT/benchmarks/precompute.py" --size 224 --images ${PRECOMPUTE_IMAGES:-3000} --batch 64 --workers 14
 }
@@ -127,14 +131,14 @@ run_peer() {
   done
 }
 CHECKS=("$@")
-[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train input_process augment precompute pt2 engines peer)
+[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train input_process augment decode precompute pt2 engines peer)
 emit "$PEER"
 # what the figures were measured with: the GPU, its driver, the CUDA torch was built for, the host's CPUs
 emit "$(python3 -c "import json, os, torch, torchvision, numpy; print(json.dumps({'check': 'env', 'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), 'numpy': numpy.__version__, 'cpus': os.cpu_count(), 'driver': os.popen('nvidia-smi --query-gpu=driver_version --format=csv,noheader').read().strip()}))")"
 for name in "${CHECKS[@]}"; do
   case $name in
-    demo|serving|train|input_process|augment|precompute|pt2|engines|peer) "run_$name" ;;
-    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train input_process augment precompute pt2 engines peer)\"}" ;;
+    demo|serving|train|input_process|augment|decode|precompute|pt2|engines|peer) "run_$name" ;;
+    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train input_process augment decode precompute pt2 engines peer)\"}" ;;
   esac
 done
 if [ -n "$OUT" ]; then  # what explains a failure: the server's log, the verify report

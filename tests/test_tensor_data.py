@@ -2,7 +2,6 @@
 CUDA, exercised here on the CPU) share one transforms definition and must agree."""
 
 import contextlib
-import io
 import logging
 import pickle
 import re
@@ -22,7 +21,7 @@ from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, mostly_jpeg, normalize, resize_crop
 from clfpipe.contract.preprocess import decode_image as pil_decode
 from clfpipe.contract.recipe import load_recipe
-from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.demo_data import DemoSpec, damaged_jpegs, write_demo_dataset, write_format_samples
 from clfpipe.nn import transforms
 from clfpipe.nn.models import build_model
 from clfpipe.nn.transforms import (
@@ -416,30 +415,10 @@ def test_auto_decodes_on_the_gpu_only_when_the_images_are_jpegs(data, tmp_path):
         assert on_device_decode(decode, device, jpegs if kind == "jpeg" else pngs) is expected, (decode, device, kind)
 
 
-def _formats(folder) -> list:
-    """One file per format and mode a user's folder may hold, in the formats training reads."""
-    rng = np.random.default_rng(3)
-    rgb = Image.fromarray(rng.integers(0, 256, (21, 34, 3), dtype=np.uint8))
-    made = {
-        "rgb.jpg": (rgb, {}),
-        "grey.jpg": (rgb.convert("L"), {}),
-        "cmyk.jpg": (rgb.convert("CMYK"), {}),
-        "progressive.jpg": (rgb, {"progressive": True}),
-        "grey16.png": (Image.fromarray(rng.integers(0, 65536, (21, 34), dtype=np.uint16)), {}),
-        "rgba.png": (rgb.convert("RGBA"), {}),
-        "palette.png": (rgb.convert("P"), {}),
-        "image.bmp": (rgb, {}),
-        "image.webp": (rgb, {"lossless": True}),
-    }
-    for name, (img, options) in made.items():
-        img.save(folder / name, **options)
-    return [folder / name for name in made]
-
-
 def test_the_device_path_reads_every_format_as_the_pillow_path_and_the_server_do(tmp_path):
     """A 16-bit PNG is scaled to 8 bits (torchvision alone kept its uint16 levels, which the
     augmentation then read as huge values); a BMP is read (torchvision reads none)."""
-    files = _formats(tmp_path)
+    files = write_format_samples(tmp_path)
     decoded = decode_batch(_encoded(files), torch.device("cpu"), names=files)
     for path, img in zip(files, decoded):
         assert img.dtype == torch.uint8 and torch.equal(img, _tensor(load_image(path))), path.name
@@ -459,17 +438,7 @@ def test_a_file_that_does_not_decode_on_the_device_path_is_named(data):
 
 
 def _damaged_jpeg_only_pillow_reads() -> bytes:
-    """A JPEG with a byte of its scan changed and its end cut: Pillow reads it whole, torchvision's
-    decoder (as nvJPEG may) refuses it. Searched for: about 3% of such damage does this."""
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    whole = buf.getvalue()
-    scan = whole.find(b"\xff\xda") + 20
-    for _ in range(2000):
-        damaged = bytearray(whole)
-        damaged[int(rng.integers(scan, len(whole)))] = int(rng.integers(0, 256))
-        damaged = bytes(damaged[: int(rng.integers(scan, len(whole)))])
+    for damaged in damaged_jpegs(2000):
         with contextlib.suppress(ValueError):
             pillow = pil_decode(damaged)
             try:
@@ -477,7 +446,7 @@ def _damaged_jpeg_only_pillow_reads() -> bytes:
             except RuntimeError:
                 assert pillow.size == (80, 60)
                 return damaged
-    raise AssertionError("no damaged JPEG that only Pillow reads in 2000 tries")
+    raise AssertionError("no damaged JPEG that only Pillow reads among 2000")
 
 
 def test_a_batch_the_jpeg_decoder_refuses_is_decoded_on_the_host_as_the_pillow_path_does(data, caplog):
