@@ -39,6 +39,8 @@ def _spoil(data):
     (data / "train" / "checker" / "notes.txt").write_text("not an image")
     (data / "train" / "checker" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (data / "valid" / "vertical" / "scan.tiff").write_bytes(b"II*\0")
+    (data / "valid" / "vertical" / "more").mkdir()
+    (data / "valid" / "vertical" / "more" / "nested.jpg").write_bytes(whole)
     return sorted(bad)
 
 
@@ -55,7 +57,8 @@ def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_pat
     listed = sorted(line.split("\t")[0] for line in out.splitlines())
     assert listed == [str(p) for p in bad]
     assert "image file is truncated" in out and "image too elongated" in out and "not an image" in out
-    assert "3 unusable; not read as images: 1 .tiff, 1 .txt" in err  # .DS_Store: hidden, not counted
+    # .DS_Store: hidden, not counted
+    assert "3 unusable; not read as images: 1 .jpg not directly in a class folder, 1 .tiff, 1 .txt" in err
 
     inside = data / "train" / "rejected"
     assert main(["data", "check", str(data), "--move-to", str(inside)]) == 2  # would be read again there

@@ -211,6 +211,8 @@ def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:
             hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
             if path.is_file() and path not in read and not hidden:
                 suffix = path.suffix.lower() or "(none)"
+                if suffix in IMAGE_SUFFIXES:  # an image where the class-folder layout does not look
+                    suffix += " not directly in a class folder"
                 counts[suffix] = counts.get(suffix, 0) + 1
     return dict(sorted(counts.items()))
 
