@@ -34,7 +34,7 @@ class _Refusals(logging.Handler):
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += "decoding it on the host" in record.getMessage()
+        self.count += "that the host decodes" in record.getMessage()
 
 
 def _encoded(data: bytes) -> torch.Tensor:

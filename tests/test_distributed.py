@@ -22,7 +22,7 @@ from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.recipe import ModelConfig, StageConfig
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.nn.models import build_model, set_trainable
-from clfpipe.train.distributed import Dist, per_rank_batch, without_option, wrap
+from clfpipe.train.distributed import Dist, peer_stopped, per_rank_batch, without_option, wrap
 from clfpipe.train.stage import criterion, make_optimizer, param_groups
 from clfpipe.train.state import STATE_FILE
 from tests.conftest import DEMO_RECIPE, ROOT
@@ -94,16 +94,16 @@ def small_data(tmp_path):
     return tmp_path / "data"
 
 
-def _train_on_two_ranks(data: Path, run: Path, cache: Path, writes: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train_on_two_ranks(data: Path, run: Path, cache: Path, writes: Path, *overrides: str, ok: bool = True) -> subprocess.CompletedProcess:
     """`clfpipe train` of the demo recipe (FAST) on 2 ranks through the tests' entry, which lists
-    what each rank writes under the run and the cache into `writes`; it must succeed."""
+    what each rank writes under the run and the cache into `writes`; it must succeed (or fail: ok=False)."""
     env = {**os.environ, "CLFPIPE_TEST_WATCH": os.pathsep.join([str(run), str(cache)]), "CLFPIPE_TEST_WRITES": str(writes),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = "import sys; from clfpipe.train.distributed import launch_local; sys.exit(launch_local(2, sys.argv[2:], [sys.argv[1]]))"
     command = [sys.executable, "-c", launch, str(ROOT / "tests" / "ddp_entry.py"), "train", "--data", str(data), "--run", str(run),
                "--recipe", str(DEMO_RECIPE), *FAST, "--set", f"data.cache_dir={cache}", *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
 
@@ -134,6 +134,32 @@ def test_under_torchrun_each_rank_input_process_trains_as_its_threads_would(smal
                                      "--set", "data.num_workers=1", "--set", f"data.input_process={mode}")
         losses[mode] = re.findall(r"(stage \d .* epoch 1/1: train_loss \S+ valid_loss \S+)", result.stderr)
     assert len(losses["true"]) == 4 and losses["true"] == losses["false"]
+
+
+def test_only_an_error_that_says_a_peer_has_gone_becomes_one_line():
+    gloo = RuntimeError("[/src/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:4284. This is "
+                        "typically caused by a remote worker crashing.")
+    assert str(peer_stopped(gloo, Dist(1, 2))) == ("rank 1 stopped because another rank did (Connection closed by peer "
+                                                   "[127.0.0.1]:4284): that rank's error says why")
+    assert peer_stopped(gloo, Dist()) is None  # one process has no peers
+    assert peer_stopped(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), Dist(0, 2)) is None  # a bug keeps its traceback
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", ["pil", "tensor"])
+def test_a_corrupt_image_under_torchrun_stops_every_rank_in_one_line_each(small_data, tmp_path, decode):
+    """The rank that reads the file names it; its peer, left in a collective, says it stopped
+    because another rank did (it printed gloo's 40-line traceback), or is stopped by the launcher."""
+    victim = sorted((small_data / "train" / "vertical").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:-200])  # its header is whole: the scan passes, the decode does not
+    result = _train_on_two_ranks(small_data, tmp_path / "run", tmp_path / "cache", tmp_path, "--set", f"data.decode={decode}",
+                                 "--set", "stages.0.precompute=false", ok=False)
+    assert f"clfpipe: error: corrupt image file {victim}: not a decodable image: " in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for line in result.stderr.splitlines():
+        assert not line.startswith("clfpipe: error: rank") or re.fullmatch(
+            r"clfpipe: error: rank \d stopped because another rank did \(.+\): that rank's error says why", line), line
+    assert not (tmp_path / "run" / "manifest.json").exists()
 
 
 def _rank_pid(rank: int) -> int | None:

@@ -455,6 +455,6 @@ def test_a_batch_the_jpeg_decoder_refuses_is_decoded_on_the_host_as_the_pillow_p
     encoded = _encoded(files[:2]) + [torch.frombuffer(bytearray(damaged), dtype=torch.uint8)]
     with caplog.at_level(logging.WARNING, logger="clfpipe.nn.transforms"):
         decoded = decode_batch(encoded, torch.device("cpu"))
-    assert "the cpu JPEG decoder refused a batch of 3 images (Image is incomplete or truncated): decoding it on the host" in caplog.text
+    assert "the cpu JPEG decoder refused a batch of 3 images that the host decodes (Image is incomplete or truncated): decoded there" in caplog.text
     assert torch.equal(decoded[2], _tensor(pil_decode(damaged)))
     assert all(torch.equal(img, _tensor(load_image(f))) for img, f in zip(decoded, files[:2]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clfpipe.contract.errors import RecipeError
+from clfpipe.contract.errors import ClfpipeError, RecipeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +115,28 @@ def teardown(dist: Dist) -> None:
     if dist.active and torch_dist.is_initialized():
         gc.collect()
         torch_dist.destroy_process_group()
+
+
+class PeerStopped(ClfpipeError):
+    """A collective failed because another rank stopped: that rank's own error says why."""
+
+
+# What a collective raises when a peer process has gone: gloo's socket errors (a plain RuntimeError)
+# and torch's own distributed errors. A rank that stops on a corrupt image in its shard left its
+# peers with a 40-line gloo traceback beside its one-line error.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_stopped(exc: BaseException, dist: Dist) -> PeerStopped | None:
+    """The one-line error for ``exc`` when it says another rank has gone, else None."""
+    if not dist.active or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).strip()
+    if not (isinstance(exc, torch_dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+        return None
+    # the first sentence, without gloo's source location ("[.../pair.cc:561] ")
+    first = re.sub(r"^\[[^\]]*:\d+\]\s*", "", text.splitlines()[0]).split(". ")[0] if text else type(exc).__name__
+    return PeerStopped(f"rank {dist.rank} stopped because another rank did ({first}): that rank's error says why")
 
 
 def per_rank_batch(batch_size: int, dist: Dist) -> int:

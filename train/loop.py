@@ -42,7 +42,7 @@ from clfpipe.contract.metrics import metric_name
 from clfpipe.contract.progress import progress
 from clfpipe.contract.recipe import Recipe, StageConfig, dump_recipe, load_recipe
 from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trainable, train_mode
-from clfpipe.train.distributed import Dist, broadcast, from_env, mean, per_rank_batch, setup, teardown
+from clfpipe.train.distributed import Dist, broadcast, from_env, mean, peer_stopped, per_rank_batch, setup, teardown
 from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
 from clfpipe.train.report import LossPoint, loss_png, write_report
@@ -256,6 +256,10 @@ def train_run(data_dir: Path | None, run_dir: Path, recipe: Recipe | None = None
     dist = from_env()
     try:
         return _train(dist, data_dir, Path(run_dir), recipe, resume)
+    except RuntimeError as exc:
+        if (stopped := peer_stopped(exc, dist)) is not None:
+            raise stopped from exc
+        raise
     finally:
         teardown(dist)
 

@@ -325,13 +325,17 @@ def decode_batch(encoded: list[torch.Tensor], device: torch.device, names: Seque
     the host cannot decode either is a DataError naming it (``names``: one per image, its file)."""
     jpegs = [i for i, e in enumerate(encoded) if is_jpeg(e)]
     decoded: dict[int, torch.Tensor] = {}
+    refused: RuntimeError | None = None
     if jpegs:
         try:
             decoded = dict(zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
         except RuntimeError as exc:  # its error names no image: the host finds which, or decodes them all
-            log.warning("the %s JPEG decoder refused a batch of %d images (%s): decoding it on the host",
-                        device.type, len(jpegs), _reason(exc))
-    return [decoded[i] if i in decoded else _on_host(encoded, i, names).to(device) for i in range(len(encoded))]
+            refused = exc
+    images = [decoded[i] if i in decoded else _on_host(encoded, i, names).to(device) for i in range(len(encoded))]
+    if refused is not None:  # only once the host has decoded them all: else the error naming the file says it
+        log.warning("the %s JPEG decoder refused a batch of %d images that the host decodes (%s): decoded there",
+                    device.type, len(jpegs), _reason(refused))
+    return images
 
 
 def host_decode(data: torch.Tensor) -> torch.Tensor:
