@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -163,7 +163,7 @@ class ExportInputs:
     split: Split
     pixels: np.ndarray
     data_root: Path
-    calibration: int | None
+    calibration: int  # images (``calibration_count``)
 
 
 def export_onnx(run_dir: Path, data_dir: Path | None = None, variant: Variant = Variant(),
@@ -181,17 +181,24 @@ def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path |
     split = validation_split(run, manifest, data_dir)
     log.info("export: loading %d validation images for the agreement gates", len(split))
     inputs = ExportInputs(run, load_run_model(run, manifest), split, load_pixels(split.files, manifest.preprocess),
-                          Path(data_dir) if data_dir else run.data_dir(manifest), calibration)
+                          Path(data_dir) if data_dir else run.data_dir(manifest), calibration_count(manifest, calibration))
     for variant in variants:
         manifest = _export_one(inputs, manifest, variant)
     return manifest
+
+
+def calibration_count(manifest: Manifest, override: int | None) -> int:
+    """The int8 calibration set's size: the recipe's, or ``override`` within the recipe's bounds
+    for it (0 fell back to the recipe's 64 unsaid)."""
+    config = manifest.recipe.export
+    return (config if override is None else replace(config, calibration_images=override)).calibration_images
 
 
 def _calibration_inputs(inputs: ExportInputs, manifest: Manifest, variant: Variant) -> tuple[Callable[[], np.ndarray], dict]:
     """A loader of the int8 calibration inputs, and what to record about them."""
     recipe = manifest.recipe
     train = scan_data(inputs.data_root, "train", recipe.data.labels_csv, tuple(manifest.classes), verify=False)
-    files = calibration_files(train, inputs.calibration or recipe.export.calibration_images, recipe.seed)
+    files = calibration_files(train, inputs.calibration, recipe.seed)
     load = lambda: variant.input_form.prepare(load_pixels(files, manifest.preprocess), manifest.preprocess)  # noqa: E731
     return load, {"calibration_images": len(files), "calibration_sha256": _files_digest(files),
                   "calibration_method": recipe.export.calibration_method}

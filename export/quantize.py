@@ -21,11 +21,19 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from clfpipe.contract import tensors
 
 
-class ArrayReader(CalibrationDataReader):
-    """Feeds calibration inputs in fixed-size batches, in order (deterministic)."""
+def even_batch(count: int, largest: int = 16) -> int:
+    """The largest batch size up to ``largest`` that divides ``count``: ORT's histogram calibrators
+    (percentile, entropy) stack each tensor's outputs across batches, so every batch must have one
+    shape (20 images in batches of 16 and 4 raised numpy's "inhomogeneous shape" ValueError)."""
+    return max((b for b in range(1, min(largest, count) + 1) if count % b == 0), default=1)
 
-    def __init__(self, inputs: np.ndarray, batch_size: int = 16) -> None:
-        self.batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds calibration inputs in batches of one size (``even_batch``), in order (deterministic)."""
+
+    def __init__(self, inputs: np.ndarray) -> None:
+        size = even_batch(len(inputs))
+        self.batches = [inputs[i : i + size] for i in range(0, len(inputs), size)]
         self.position = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:

@@ -12,11 +12,11 @@ import torch
 
 from clfpipe.cli import main
 from clfpipe.contract.engines import Variant
-from clfpipe.contract.errors import ExportError
+from clfpipe.contract.errors import ExportError, RecipeError
 from clfpipe.contract.manifest import RunDir, sha256_file
 from clfpipe.contract.preprocess import load_pixels, normalize
-from clfpipe.export.onnx_export import calibration_files, export_onnx, validation_split
-from clfpipe.export.quantize import quantize_int8
+from clfpipe.export.onnx_export import calibration_count, calibration_files, export_onnx, validation_split
+from clfpipe.export.quantize import even_batch, quantize_int8
 from clfpipe.nn.reference import load_run_model
 from clfpipe.runtime.ort import make_session
 from clfpipe.runtime.ort import run_graph as ort_logits
@@ -87,6 +87,26 @@ def test_int8_calibration_is_deterministic(trained_run, tmp_path):
     for name in ("a.onnx", "b.onnx"):
         quantize_int8(trained_run / "model.onnx", tmp_path / name, inputs, symmetric_activations=False)
     assert sha256_file(tmp_path / "a.onnx") == sha256_file(tmp_path / "b.onnx")
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "minmax"])
+def test_int8_calibrates_on_any_number_of_images(trained_run, tmp_path, method):
+    """20 images (not a multiple of 16) and a prime 7: every batch one size, as ORT's histogram
+    calibrators need; a count 16 divides keeps its batches of 16."""
+    assert [even_batch(n) for n in (64, 20, 7, 1, 0)] == [16, 10, 7, 1, 1]
+    manifest = RunDir(trained_run).read()
+    from clfpipe.contract.dataset import scan_data
+
+    train = scan_data(RunDir(trained_run).data_dir(manifest), "train", classes=tuple(manifest.classes), verify=False)
+    pixels = load_pixels(calibration_files(train, 20, seed=0), manifest.preprocess)
+    inputs = Variant("int8").input_form.prepare(pixels, manifest.preprocess)
+    assert calibration_count(manifest, None) == 64 and calibration_count(manifest, 7) == 7
+    with pytest.raises(RecipeError, match=r"export.calibration_images: expected a finite number in \[1, 100000\], got 0"):
+        calibration_count(manifest, 0)  # it fell back to the recipe's 64 unsaid
+    for count in (20, 7):
+        quantize_int8(trained_run / "model.onnx", tmp_path / f"{count}.onnx", inputs[:count], symmetric_activations=False,
+                      method=method)
+        assert (tmp_path / f"{count}.onnx").stat().st_size > 0
 
 
 def test_verify_passes_then_fails_when_a_gate_is_tightened(ladder_run, tmp_path, capsys):
