@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -115,7 +116,7 @@ def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, con
     models = composing_models(monitor, protocol, model)
     before = {m: _stats(monitor, protocol, m) for m in models}
     latencies: list[float] = []
-    errors = [0]
+    errors: list[Any] = [0, None]  # how many failed, and the first one's message
     lock = threading.Lock()
     counter = iter(range(requests if requests is not None else 10**12))
     deadline = time.perf_counter() + seconds if seconds is not None else None
@@ -136,9 +137,10 @@ def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, con
             start = time.perf_counter()
             try:
                 client.infer(model, [tensor], outputs=[lib.InferRequestedOutput(tensors.SCORES)], parameters=parameters)
-            except InferenceServerException:
+            except InferenceServerException as exc:
                 with lock:
                     errors[0] += 1
+                    errors[1] = errors[1] or re.sub(r"^\[request id: [^\]]*\]\s*", "", (exc.message() or str(exc)).strip())
                 continue
             elapsed = time.perf_counter() - start
             with lock:
@@ -153,7 +155,8 @@ def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, con
     wall = time.perf_counter() - start
     after = {m: _stats(monitor, protocol, m) for m in models}
     if not latencies:
-        raise ServeError(f"bench: every request to {model!r} failed at concurrency {concurrency} ({errors[0]} errors)")
+        raise ServeError(f"bench: every request to {model!r} failed at concurrency {concurrency} ({errors[0]} errors; "
+                         f"the first: {errors[1]})")
     return Window(latencies, errors[0], wall, before, after)
 
 
@@ -195,6 +198,9 @@ def stable_level(url: str, protocol: str, model: str, images: Sequence[bytes], *
     return level_of(windows[-3:], concurrency, batch, ran=len(windows), stable=False)
 
 
+MAX_CONCURRENCY = 1024  # clients a level: 99999 threads and connections ran for minutes without a word
+
+
 def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "http", concurrencies: Sequence[int] = (1, 2, 4, 8, 16),
           batch: int = 1, requests: int | None = None, seconds: float | None = None, window_s: float = 2.0,
           max_windows: int = 10) -> list[Level]:
@@ -208,6 +214,9 @@ def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "htt
     for name, value, least in checks:
         if value is not None and value < least:
             raise ServeError(f"{name}: expected at least {least}, got {value}")
+    for c in concurrencies:  # each client is a thread with its own connection
+        if not 1 <= c <= MAX_CONCURRENCY:
+            raise ServeError(f"--concurrency: expected 1 to {MAX_CONCURRENCY} clients a level, got {c}")
     try:
         _client(url, protocol).get_model_config(model)
     except InferenceServerException as exc:

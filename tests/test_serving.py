@@ -20,12 +20,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from clfpipe.cli import main
+from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.preprocess import load_image
 from clfpipe.contract.probabilities import softmax
 from clfpipe.export.onnx_export import validation_split
 from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
-from clfpipe.serve.bench import run_level
+from clfpipe.serve.bench import run_level, sweep
 from clfpipe.serve.client import AsyncClassifier, Classifier
 from clfpipe.serve.repository import build_repository
 from clfpipe.train.evaluate import deterministic_tta
@@ -123,6 +124,17 @@ def test_bench_command_writes_csv_json_png(trained_run, server, tmp_path, capsys
         assert backbone["inference_count"] == 8 and 1 <= backbone["mean_batch"] <= level["concurrency"]
         assert backbone["queue_us"] >= 0 and backbone["compute_infer_us"] > 0
     assert (out / "bench.csv").read_text().count("\n") == 3 and (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bench_says_why_every_request_failed_and_bounds_its_clients(trained_run, server, protocol):
+    images = [f.read_bytes() for f in _valid(trained_run).files[:2]]
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with pytest.raises(ServeError, match=r"every request to 'classifier' failed at concurrency 1 \(2 errors; the first: "
+                                         r"inference request batch-size must be <= \d+ for 'classifier'\)$"):
+        sweep(url, "classifier", images, protocol=protocol, concurrencies=[1], batch=1000, requests=2)
+    with pytest.raises(ServeError, match=r"--concurrency: expected 1 to 1024 clients a level, got 99999"):
+        sweep(url, "classifier", images, protocol=protocol, concurrencies=[1, 99999], requests=2)
 
 
 BAD_INPUTS = {
