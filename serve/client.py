@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -84,6 +85,7 @@ def resolve_endpoint(url: str | None, protocol: str | None, state_dir: Path | No
         raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
     info = read_info(state_dir or default_state_dir())
     if url is not None:
+        check_url(url)
         if protocol is None and info is not None and url == info.grpc_url:
             return url, "grpc"
         return url, protocol or "http"
@@ -92,6 +94,20 @@ def resolve_endpoint(url: str | None, protocol: str | None, state_dir: Path | No
                          "'clfpipe serve up' or pass --url HOST:PORT")
     protocol = protocol or "http"
     return (info.http_url if protocol == "http" else info.grpc_url), protocol
+
+
+# HOST:PORT as tritonclient takes it (an IPv6 host in brackets), an HTTP base path allowed after it
+_URL = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})(/\S*)?")
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is HOST:PORT with a port in 1..65535, else one line saying so, before any client
+    is made (tritonclient's HTTP client, failing in its constructor, also printed an ignored
+    AttributeError traceback from its __del__)."""
+    match = _URL.fullmatch(url)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ServeError(f"--url: expected HOST:PORT with a port in 1..65535, without http:// or grpc://, got {url!r}")
+    return url
 
 
 def unreachable(url: str, protocol: str, exc: Exception) -> ServeError:
@@ -121,7 +137,9 @@ def server_error(exc: InferenceServerException, url: str, protocol: str, model: 
 
 
 def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k: int) -> Prediction:
-    order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
+    if top_k < 1:  # more than the classes is all of them
+        raise ServeError(f"--top-k: expected at least 1, got {top_k}")
+    order = np.argsort(-probs, kind="stable")[:top_k]
     best = int(order[0])
     return Prediction(name, classes[best], float(probs[best]), [float(p) for p in probs],
                       [(classes[int(i)], float(probs[int(i)])) for i in order], tuple(classes))

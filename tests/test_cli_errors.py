@@ -123,3 +123,19 @@ def test_data_and_run_paths_with_spaces_and_non_ascii_train(tiny_data, tmp_path)
     assert main(["train", "--data", str(data), "--run", str(run), "--set", "stages.0.size=32", "--set", "stages.0.epochs=1",
                  "--set", "evaluate.tta=[]"]) == 0
     assert RunDir(run).data_dir(RunDir(run).read()) == data.resolve()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "127.0.0.1:99999", ":::", "127.0.0.1"])
+def test_a_malformed_url_is_one_line_before_any_client_is_made(tiny_data, capsys, url):
+    image = next((tiny_data / "valid" / "vertical").glob("*.jpg"))
+    for verb in (["predict", str(image)], ["bench", "--images", str(image)]):
+        _one_line_error(capsys, [verb[0], "--url", url, *verb[1:]], "--url: expected HOST:PORT with a port in 1..65535")
+
+
+def test_top_k_below_one_is_an_error():
+    from clfpipe.contract.errors import ServeError
+    from clfpipe.serve.client import make_prediction
+
+    assert [label for label, _ in make_prediction("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], 9).top_k] == ["b", "c", "a"]
+    with pytest.raises(ServeError, match="--top-k: expected at least 1, got 0"):
+        make_prediction("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], 0)
