@@ -139,12 +139,12 @@ def _ports(args: argparse.Namespace):
 def _cmd_serve_up(args: argparse.Namespace) -> None:
     from clfpipe.serve.server import start_server
 
-    repo = args.repo
+    ports, repo = _ports(args), args.repo  # the ports checked before a repository is made for --run
     if args.run is not None:
         from clfpipe.pipeline import repository_for_run
 
         repo = repository_for_run(args.run)
-    info = start_server(repo, args.state_dir, host=args.host, ports=_ports(args), timeout=args.timeout,
+    info = start_server(repo, args.state_dir, host=args.host, ports=ports, timeout=args.timeout,
                         model_control=args.model_control, allow_remote_model_control=args.allow_remote_model_control,
                         supervise=not args.no_supervisor)
     watched = f", supervisor pid {info.supervisor['pid']}" if info.supervisor else ", no supervisor"

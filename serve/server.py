@@ -53,9 +53,13 @@ class Ports:
     metrics: int = 8002
 
     def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
         for name, port in asdict(self).items():
             if not 1 <= port <= 65535:
                 raise ServeError(f"--{name}-port: expected a port in 1..65535, got {port}")
+            if port in seen:  # tritonserver then exits printing its usage text
+                raise ServeError(f"--{name}-port: expected a port other than --{seen[port]}-port's, got {port} for both")
+            seen[port] = name
 
     @classmethod
     def free(cls) -> "Ports":

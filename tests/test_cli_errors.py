@@ -139,3 +139,13 @@ def test_top_k_below_one_is_an_error():
     assert [label for label, _ in make_prediction("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], 9).top_k] == ["b", "c", "a"]
     with pytest.raises(ServeError, match="--top-k: expected at least 1, got 0"):
         make_prediction("x", np.array([0.2, 0.5, 0.3]), ["a", "b", "c"], 0)
+
+
+def test_one_port_for_two_endpoints_is_an_error():
+    from clfpipe.contract.errors import ServeError
+    from clfpipe.serve.server import Ports
+
+    with pytest.raises(ServeError, match="--grpc-port: expected a port other than --http-port's, got 8300 for both"):
+        Ports(8300, 8300, 8302)
+    with pytest.raises(ServeError, match="--metrics-port: expected a port other than --http-port's, got 8300 for both"):
+        Ports(8300, 8301, 8300)
