@@ -8,13 +8,17 @@ minutes, which shapes on clutter (tried first) did not.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clfpipe.contract.errors import DataError
 
 CLASSES = ("checker", "horizontal", "vertical")
 
@@ -50,18 +54,28 @@ def draw_example(rng: np.random.Generator, label: str, size: int) -> Image.Image
     return img
 
 
+@contextlib.contextmanager
+def _writing_to(out: Path) -> Iterator[None]:
+    """An OSError while writing (a read-only folder, a full disk) as one line naming the folder."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(f"cannot write the demo dataset to {out}: {exc.strerror or exc}") from exc
+
+
 def write_demo_dataset(out_dir: str | Path, seed: int = 0, spec: DemoSpec = DemoSpec()) -> dict[str, int]:
     """Write OUT/train/<class>/*.jpg and OUT/valid/<class>/*.jpg; returns counts per split."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     counts = {"train": 0, "valid": 0}
-    for split, per_class in (("train", spec.train_per_class), ("valid", spec.valid_per_class)):
-        for label in CLASSES:
-            folder = out / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                draw_example(rng, label, spec.image_size).save(folder / f"{label}_{i:04d}.jpg", quality=spec.jpeg_quality)
-                counts[split] += 1
+    with _writing_to(out):
+        for split, per_class in (("train", spec.train_per_class), ("valid", spec.valid_per_class)):
+            for label in CLASSES:
+                folder = out / split / label
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    draw_example(rng, label, spec.image_size).save(folder / f"{label}_{i:04d}.jpg", quality=spec.jpeg_quality)
+                    counts[split] += 1
     return counts
 
 
@@ -96,14 +110,15 @@ def write_demo_multilabel(out_dir: str | Path, seed: int = 0, *, train: int = 24
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     rows = ["image,tags"]
-    for split, count in (("train", train), ("valid", valid)):
-        (out / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            img, tags = draw_tagged(rng, image_size)
-            name = f"{split}_{i:04d}"
-            img.save(out / split / f"{name}.jpg", quality=90)
-            rows.append(f"{name},{' '.join(tags)}")
-    (out / LABELS_CSV).write_text("\n".join(rows) + "\n")
+    with _writing_to(out):
+        for split, count in (("train", train), ("valid", valid)):
+            (out / split).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img, tags = draw_tagged(rng, image_size)
+                name = f"{split}_{i:04d}"
+                img.save(out / split / f"{name}.jpg", quality=90)
+                rows.append(f"{name},{' '.join(tags)}")
+        (out / LABELS_CSV).write_text("\n".join(rows) + "\n")
     return {"train": train, "valid": valid}
 
 

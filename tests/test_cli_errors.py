@@ -149,3 +149,10 @@ def test_one_port_for_two_endpoints_is_an_error():
         Ports(8300, 8300, 8302)
     with pytest.raises(ServeError, match="--metrics-port: expected a port other than --http-port's, got 8300 for both"):
         Ports(8300, 8301, 8300)
+
+
+@pytest.mark.parametrize("multi_label", [[], ["--multi-label"]])
+def test_demo_data_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, multi_label):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _one_line_error(capsys, ["data", "demo", str(blocker / "data"), *multi_label], f"cannot write the demo dataset to {blocker / 'data'}")
