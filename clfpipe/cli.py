@@ -483,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `clfpipe predict ... | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # the machine, not the input: a folder that cannot be written, a full disk
+        log.debug("%s", exc, exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"clfpipe: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("clfpipe: interrupted", file=sys.stderr)
         return 130

@@ -156,3 +156,11 @@ def test_demo_data_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, ca
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     _one_line_error(capsys, ["data", "demo", str(blocker / "data"), *multi_label], f"cannot write the demo dataset to {blocker / 'data'}")
+
+
+def test_an_os_error_is_one_line_naming_the_file(run_copy, tmp_path, capsys):
+    """The backstop for the machine's refusals: a repository written under a file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    err = _one_line_error(capsys, ["repo", "--run", str(run_copy), "--out", str(blocker / "repo")], "clfpipe: error: ")
+    assert str(blocker) in err
