@@ -51,3 +51,24 @@ def test_report_names_every_file_and_lists_confusions(tmp_path):
     for png in ("confusion_matrix.png", "loss.png", "a_most_incorrect.png"):
         assert png in text and (tmp_path / "report" / png).stat().st_size > 1000
     assert len(list((tmp_path / "report").glob("*_most_*.png"))) == 9
+
+
+def test_every_image_the_report_links_is_there_whatever_the_class_names(tmp_path):
+    """Folder names may hold '#', '%', quotes, spaces: each <img> still finds its PNG."""
+    import html
+    import re
+    from urllib.parse import unquote
+
+    files = []
+    for i in range(6):
+        f = tmp_path / "images" / f"img_{i}.png"
+        f.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
+        files.append(f)
+    classes = ["C#", '50% "off"', "a b?"]
+    index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=classes, k=4)
+    sources = re.findall(r'<img src="([^"]*)"', index.read_text())
+    # the confusion matrix, then a grid for each class and kind with picks: not "b" most incorrect, "c" most correct
+    assert len(sources) == 1 + 3 * 3 - 2
+    for src in sources:  # a path a browser reads as one: no fragment, query, quote or space left raw
+        assert not set(html.unescape(src)) & set('#?" ') and (tmp_path / "report" / unquote(html.unescape(src))).is_file(), src

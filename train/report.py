@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -170,8 +171,10 @@ def _class_section(name: str, c: int, picks: dict[str, np.ndarray], files: Seque
         idx = picks[kind]
         rows = "".join(f"<tr><td>{html.escape(_rel(files[i], out_dir))}</td><td>{html.escape(classes[int(probs[i].argmax())])}</td>"
                        f"<td>{probs[i, c]:.3f}</td></tr>" for i in idx)
-        parts.append(f"<h4>{kind.replace('_', ' ')}</h4><img src=\"{png}\" alt=\"{html.escape(name)} {kind}\"><br>"
-                     + (f"<table><tr><th>file</th><th>predicted</th><th>p({html.escape(name)})</th></tr>{rows}</table>"
+        # the class name quoted in the URL: "C#" or "50%" broke the link, and a quote in it ended the attribute
+        grid = f"<img src=\"{html.escape(quote(png))}\" alt=\"{html.escape(name)} {kind}\"><br>"
+        parts.append(f"<h4>{kind.replace('_', ' ')}</h4>"  # no picks: "none", not a blank grid above it
+                     + (grid + f"<table><tr><th>file</th><th>predicted</th><th>p({html.escape(name)})</th></tr>{rows}</table>"
                         if len(idx) else "<p>none</p>"))
     return "".join(parts)
 
