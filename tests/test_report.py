@@ -72,3 +72,18 @@ def test_every_image_the_report_links_is_there_whatever_the_class_names(tmp_path
     assert len(sources) == 1 + 3 * 3 - 2
     for src in sources:  # a path a browser reads as one: no fragment, query, quote or space left raw
         assert not set(html.unescape(src)) & set('#?" ') and (tmp_path / "report" / unquote(html.unescape(src))).is_file(), src
+
+
+def test_the_grids_font_draws_accented_class_names():
+    """A glyph the font lacks is drawn as its 'missing' box: Pillow's default font drew 'ü' so."""
+    from PIL import ImageDraw
+
+    from clfpipe.train.report import _font
+
+    def drawn(text: str) -> bytes:
+        img = Image.new("L", (40, 40))
+        ImageDraw.Draw(img).text((5, 5), text, font=_font(11), fill=255)
+        return img.tobytes()
+
+    missing = drawn("\U0010FFFF")  # a code point no font has
+    assert all(drawn(c) != missing for c in "üéßΩ")

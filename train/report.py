@@ -5,6 +5,7 @@ loss curves; RUN_DIR/report/index.html links them."""
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 from dataclasses import dataclass
@@ -67,6 +68,15 @@ def _plt():
 _TILE, _GAP, _CAPTION, _TITLE = 200, 8, 32, 34  # grid geometry, pixels
 
 
+@functools.lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, the font matplotlib ships and draws the report's plots with: Pillow's default
+    (Aileron) has no glyph for 'ü' or 'é', and drew a class folder named so as boxes."""
+    from matplotlib import font_manager
+
+    return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")), size)
+
+
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
     """text, shortened in the middle with an ellipsis until it fits width pixels (long file names)."""
     if draw.textlength(text, font=font) <= width:
@@ -88,7 +98,7 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
     """One row of images, each under its caption, under the grid's title. Drawn with Pillow: a
     matplotlib figure per grid took 0.26 s (8 s of a 10-class report, more than the run's
     evaluation)."""
-    font, title_font = ImageFont.load_default(size=11), ImageFont.load_default(size=15)
+    font, title_font = _font(11), _font(15)
     width = max(max(1, len(files)) * (_TILE + _GAP) + _GAP, int(title_font.getlength(title)) + 2 * _GAP)
     canvas = Image.new("RGB", (width, _TITLE + _CAPTION + _TILE + _GAP), "white")
     draw = ImageDraw.Draw(canvas)
