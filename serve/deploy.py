@@ -28,6 +28,7 @@ PROBE_DIR = "/opt/clfpipe"
 # wait for an instance), whatever the model's own speed; GPU utilisation alone does not see it.
 QUEUE_METRIC = "triton_backbone_queue_us_per_request"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # RFC 1123 label
 _URI = re.compile(r"^(s3|gs|as)://\S+$")
 
 
@@ -52,6 +53,8 @@ class Deployment:
             raise ServeError("deploy: expected one of --repository-uri s3://... (or gs://, as://) and --pvc NAME")
         if self.repository_uri is not None and not _URI.match(self.repository_uri):
             raise ServeError(f"--repository-uri: expected s3://, gs:// or as:// followed by a path, got {self.repository_uri!r}")
+        if self.namespace is not None and not _NAMESPACE.match(self.namespace):  # kubectl would refuse the manifests
+            raise ServeError(f"--namespace: expected a DNS label (lowercase letters, digits, '-', at most 63), got {self.namespace!r}")
         if self.pvc is not None and not _NAME.match(self.pvc):
             raise ServeError(f"--pvc: expected a PersistentVolumeClaim name, got {self.pvc!r}")
         checks = [("--replicas", self.replicas, 1, 1000), ("--max-replicas", self.max_replicas, self.replicas, 1000),

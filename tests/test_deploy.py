@@ -84,6 +84,8 @@ def test_the_inference_service_validates_against_kserves_models(tmp_path):
     ({"pvc": "m", "name": "Bad_Name"}, "--name: expected a DNS label"),
     ({"pvc": "m", "replicas": 4, "max_replicas": 2}, "--max-replicas: expected 4 to 1000, got 2"),
     ({"pvc": "m", "gpus": -1}, "--gpu: expected 0 to 16, got -1"),
+    ({"pvc": "m", "namespace": "Bad_NS"}, "--namespace: expected a DNS label (lowercase letters, digits, '-', at most 63), got 'Bad_NS'"),
+    ({"pvc": "m", "namespace": "n" * 64}, "--namespace: expected a DNS label"),
 ])
 def test_bad_options_are_one_line(kwargs, message):
     with pytest.raises(ServeError, match=re.escape(message)):
