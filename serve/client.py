@@ -96,8 +96,8 @@ def resolve_endpoint(url: str | None, protocol: str | None, state_dir: Path | No
     return (info.http_url if protocol == "http" else info.grpc_url), protocol
 
 
-# HOST:PORT as tritonclient takes it (an IPv6 host in brackets), an HTTP base path allowed after it
-_URL = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})(/\S*)?")
+# HOST:PORT as tritonclient takes it (a host name or IPv4, an IPv6 address in brackets), an HTTP base path after it
+_URL = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})(/[!-~]*)?")
 
 
 def check_url(url: str) -> str:

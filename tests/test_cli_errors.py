@@ -4,6 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from clfpipe.cli import main
@@ -164,3 +166,18 @@ def test_an_os_error_is_one_line_naming_the_file(run_copy, tmp_path, capsys):
     blocker.write_text("not a folder")
     err = _one_line_error(capsys, ["repo", "--run", str(run_copy), "--out", str(blocker / "repo")], "clfpipe: error: ")
     assert str(blocker) in err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.builds(lambda h, p: f"{h}:{p}", st.text(max_size=12), st.integers(-10, 10**6))))
+def test_any_url_is_accepted_as_host_port_or_one_servererror(url):
+    from clfpipe.contract.errors import ServeError
+    from clfpipe.serve.client import check_url
+
+    try:
+        assert check_url(url) == url
+    except ServeError as exc:
+        assert str(exc).startswith("--url: expected HOST:PORT") and "\n" not in str(exc)
+        return
+    host, port = url.rsplit(":", 1)[0], int(url.rsplit(":", 1)[1].split("/")[0])
+    assert host and 1 <= port <= 65535
