@@ -180,3 +180,43 @@ def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_is_gone
             assert (client.probabilities([image]) == probs).all()
     finally:
         stop_server(state)
+
+
+def test_a_json_request_declaring_a_huge_tensor_costs_a_restart_over_http_and_nothing_over_grpc(trained_run, tmp_path):
+    """Triton 2.51's HTTP frontend sizes a JSON input by its declared shape before any check: one
+    request of 30 GB declared (12 bytes sent) aborts tritonserver (std::bad_alloc). clfpipe cannot
+    mend the binary; its supervisor brings service back, and gRPC refuses the same request."""
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    state = tmp_path / "state"
+    info = start_server(trained_run / "model_repository", state, ports=_ports())
+    huge = [1, 100_000, 100_000, 3]
+    try:
+        pixels = grpcclient.InferInput("IMAGE_PIXELS", [1, 2, 2, 3], "UINT8")
+        pixels.set_data_from_numpy(np.zeros((1, 2, 2, 3), np.uint8))
+        pixels._input.shape[:] = huge  # the declared shape, as a hostile client sends it
+        with pytest.raises(InferenceServerException, match="input byte size mismatch"):
+            grpcclient.InferenceServerClient(info.grpc_url).infer("classifier_pixels", [pixels])
+        assert read_info(state).pid == info.pid and not read_info(state).restarts
+
+        body = json.dumps({"inputs": [{"name": "IMAGE_PIXELS", "shape": huge, "datatype": "UINT8", "data": []}]}).encode()
+        request = urllib.request.Request(f"http://{info.http_url}/v2/models/classifier_pixels/infer", body, method="POST")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # no answer: the process is gone
+            urllib.request.urlopen(request, timeout=30)
+        sent, image = time.monotonic(), _image(trained_run)
+        while True:
+            try:
+                Classifier(info.http_url, "http").probabilities([image])
+                break
+            except ServeError:
+                assert time.monotonic() - sent < 15, "good requests did not succeed again within 15 s"
+                time.sleep(0.2)
+        recorded = read_info(state)
+        assert recorded.pid != info.pid and "is gone" in recorded.restarts[-1]["reason"]
+    finally:
+        stop_server(state)
