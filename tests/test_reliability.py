@@ -44,6 +44,18 @@ def _image(run: Path) -> bytes:
     return sorted(RunDir(run).data_dir(RunDir(run).read()).rglob("valid/*/*.jpg"))[0].read_bytes()
 
 
+def _served_again(url: str, image: bytes, within_s: float) -> None:
+    """Good requests succeed again within ``within_s`` seconds of now (the supervisor's restart)."""
+    start = time.monotonic()
+    while True:
+        try:
+            Classifier(url, "http").probabilities([image])
+            return
+        except ServeError:
+            assert time.monotonic() - start < within_s, f"good requests did not succeed again within {within_s} s"
+            time.sleep(0.2)
+
+
 def test_a_killed_stub_is_reported_unhealthy_and_the_supervisor_restores_service(trained_run, tmp_path):
     repo, state = trained_run / "model_repository", tmp_path / "state"
     info = start_server(repo, state, ports=_ports(), supervise=False)
@@ -57,14 +69,7 @@ def test_a_killed_stub_is_reported_unhealthy_and_the_supervisor_restores_service
         _, status = server_status(state)
         assert status.startswith("unhealthy") and "preprocess_0_0" in status  # ...clfpipe's does
         info = start_supervisor(state, info)
-        killed = time.monotonic()
-        while True:
-            try:
-                Classifier(info.http_url, "http").probabilities([image])
-                break
-            except ServeError:
-                assert time.monotonic() - killed < 10, "good requests did not succeed again within 10 s"
-                time.sleep(0.2)
+        _served_again(info.http_url, image, within_s=10)
         recorded = read_info(state)
         assert recorded.pid != info.pid and "preprocess_0_0" in recorded.restarts[-1]["reason"]
         assert server_status(state)[1] == "ready"
@@ -208,14 +213,7 @@ def test_a_json_request_declaring_a_huge_tensor_costs_a_restart_over_http_and_no
         request = urllib.request.Request(f"http://{info.http_url}/v2/models/classifier_pixels/infer", body, method="POST")
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # no answer: the process is gone
             urllib.request.urlopen(request, timeout=30)
-        sent, image = time.monotonic(), _image(trained_run)
-        while True:
-            try:
-                Classifier(info.http_url, "http").probabilities([image])
-                break
-            except ServeError:
-                assert time.monotonic() - sent < 15, "good requests did not succeed again within 15 s"
-                time.sleep(0.2)
+        _served_again(info.http_url, _image(trained_run), within_s=15)
         recorded = read_info(state)
         assert recorded.pid != info.pid and "is gone" in recorded.restarts[-1]["reason"]
     finally:

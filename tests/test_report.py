@@ -32,13 +32,19 @@ def test_hand_checked_rankings():
     assert matrix.tolist() == [[3, 1, 0], [0, 1, 0], [1, 0, 0]]
 
 
-def test_report_names_every_file_and_lists_confusions(tmp_path):
+def _images(tmp_path) -> list:
+    """The six validation images PROBS and LABELS describe, as files."""
     files = []
     for i in range(6):
         f = tmp_path / "images" / f"img_{i}.png"
         f.parent.mkdir(exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
         files.append(f)
+    return files
+
+
+def test_report_names_every_file_and_lists_confusions(tmp_path):
+    files = _images(tmp_path)
     losses = [LossPoint("head", 1, 1.2, 1.1), LossPoint("head", 2, 1.0, 0.9), LossPoint("all", 1, 0.8, 0.7)]
     index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=["a", "b", "c"], k=4,
                          losses=losses)
@@ -59,14 +65,8 @@ def test_every_image_the_report_links_is_there_whatever_the_class_names(tmp_path
     import re
     from urllib.parse import unquote
 
-    files = []
-    for i in range(6):
-        f = tmp_path / "images" / f"img_{i}.png"
-        f.parent.mkdir(exist_ok=True)
-        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
-        files.append(f)
     classes = ["C#", '50% "off"', "a b?"]
-    index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=classes, k=4)
+    index = write_report(tmp_path / "report", files=_images(tmp_path), labels=LABELS, probs=PROBS, classes=classes, k=4)
     sources = re.findall(r'<img src="([^"]*)"', index.read_text())
     # the confusion matrix, then a grid for each class and kind with picks: not "b" most incorrect, "c" most correct
     assert len(sources) == 1 + 3 * 3 - 2
