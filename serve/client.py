@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from clfpipe.contract import tensors
 from clfpipe.contract.dataset import IMAGE_SUFFIXES
-from clfpipe.contract.errors import ServeError
+from clfpipe.contract.errors import ServeError, first_line
 from clfpipe.serve.server import default_state_dir, is_our_server, read_info
 
 PROTOCOLS = ("http", "grpc")
@@ -117,8 +117,7 @@ def unreachable(url: str, protocol: str, exc: Exception) -> ServeError:
 def not_triton(url: str, protocol: str, exc: Exception) -> ServeError:
     """What answered was not Triton's endpoint for this protocol (the other protocol's port, say)."""
     other = "grpc" if protocol == "http" else "http"
-    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ServeError(f"no Triton {protocol} endpoint at {url} ({detail}): is that the {other} port? "
+    return ServeError(f"no Triton {protocol} endpoint at {url} ({first_line(exc)}): is that the {other} port? "
                       f"Pass the {protocol} port or --protocol {other}")
 
 

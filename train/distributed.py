@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clfpipe.contract.errors import ClfpipeError, RecipeError
+from clfpipe.contract.errors import ClfpipeError, RecipeError, first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,7 +135,7 @@ def peer_stopped(exc: BaseException, dist: Dist) -> PeerStopped | None:
     if not (isinstance(exc, torch_dist.DistError) or any(marker in text for marker in _PEER_GONE)):
         return None
     # the first sentence, without gloo's source location ("[.../pair.cc:561] ")
-    first = re.sub(r"^\[[^\]]*:\d+\]\s*", "", text.splitlines()[0]).split(". ")[0] if text else type(exc).__name__
+    first = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first_line(exc)).split(". ")[0]
     return PeerStopped(f"rank {dist.rank} stopped because another rank did ({first}): that rank's error says why")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from clfpipe.contract.errors import DataError
+from clfpipe.contract.errors import DataError, first_line
 from clfpipe.contract.preprocess import FORMATS, check_jpeg_bytes, check_size, load_image
 from clfpipe.contract.progress import progress
 
@@ -42,11 +42,6 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def header_problem(path: Path) -> str | None:
     """Why a file is no usable image by its header alone (no full decode), None when it is one:
     not an image of the formats read here, a corrupt header, or a size outside the bounds that
@@ -62,7 +57,7 @@ def header_problem(path: Path) -> str | None:
             head = fh.read(8)
         return f"not an image: expected {', '.join(FORMATS)} bytes, got a file starting {head!r}"
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -72,7 +67,7 @@ def decode_problem(path: Path) -> str | None:
     try:
         load_image(path)
     except ValueError as exc:
-        return _first_line(exc).removeprefix(f"{path}: ")
+        return first_line(exc).removeprefix(f"{path}: ")
     return None
 
 
@@ -222,12 +217,13 @@ def move_aside(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
     nothing is overwritten, and ``dest`` may not lie in a split folder (its files would be read
     again). Returns where each went."""
     dest = Path(dest)
+    where = dest.resolve()
     for split in SPLITS:
         try:
             root = split_folder(data_dir, split, "").resolve()
         except DataError:  # no such split: nothing to keep out of
             continue
-        if dest.resolve() == root or root in dest.resolve().parents:
+        if where == root or root in where.parents:
             raise DataError(f"--move-to: expected a folder outside {root}, got {dest}")
     # absolute, not resolved: a symlinked file moves as the link, at the link's place
     targets = [Path(os.path.abspath(dest)) / Path(os.path.abspath(f)).relative_to(os.path.abspath(data_dir)) for f in files]

@@ -26,3 +26,10 @@ class ExportError(ClfpipeError):
 
 class ServeError(ClfpipeError):
     """The Triton server could not be started, reached or stopped."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what an exception says, or its type's name when it says nothing: what a
+    one-line error quotes of a library's message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clfpipe.contract.augment import DRAWS, AugmentParams, AugmentPolicy, Draws, from_unit, sample, scaled_crop
-from clfpipe.contract.errors import DataError
+from clfpipe.contract.errors import DataError, first_line
 from clfpipe.contract.preprocess import JPEG_MAGIC, PreprocessSpec, center_box, resize_crop, resized_size
 from clfpipe.contract.preprocess import decode_image as pil_decode
 
@@ -355,5 +355,4 @@ def _on_host(encoded: list[torch.Tensor], index: int, names: Sequence[str | Path
 
 def _reason(exc: Exception) -> str:
     """The error's first line, without torchvision's source location ("decode_jpeg, .../decode_jpeg.cpp:171, ")."""
-    text = str(exc).strip()
-    return re.sub(r"^.*\.cpp:\d+,\s*", "", text.splitlines()[0]) if text else type(exc).__name__
+    return re.sub(r"^.*\.cpp:\d+,\s*", "", first_line(exc))
