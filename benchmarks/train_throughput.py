@@ -22,7 +22,11 @@ its own would leave the steps); e2e_input_process_img_s and ratio_input_process,
 data.input_process: the whole input (loader, decode and augmentation threads) in a spawned process
 of its own, its batches handed over through CUDA IPC (that fix, measured whole); and where the e2e time goes (ms per batch of each part timed alone:
 loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with --profile
-N, the top ops of N e2e steps). With no --data it writes demo images at --image-size pixels into a
+N, the top ops of N e2e steps). On CUDA, the same with the step replayed from a CUDA graph
+(model.cuda_graphs: train/step.py), each against synthetic_graphed_img_s: e2e_graphed_img_s and
+ratio_graphed, e2e_one_thread_graphed_img_s, e2e_cached_graphed_img_s and ratio_graphed_cached, and
+step_beside_python_graphed_img_s (whether the graph takes the steps out of the GIL's convoy); graphed:
+whether every capture took. With no --data it writes demo images at --image-size pixels into a
 temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
 """
 
@@ -50,6 +54,7 @@ from clfpipe.nn.models import build_model, set_trainable, train_mode
 from clfpipe.nn.transforms import decode_batch
 from clfpipe.train.data import DeviceBatches, augment_decoded
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
+from clfpipe.train.step import WARMUP_STEPS, train_step
 
 
 def _sync(device: torch.device) -> None:
@@ -297,6 +302,52 @@ def cached_e2e(step_of, ctx: Context, model, args: argparse.Namespace, device: t
         return timed_steps(step_of(data), forever(data.train_loader), args.warmup, args.steps, device)
 
 
+def graphed_figures(step_of, data: StageData, ctx: Context, model, batch, args: argparse.Namespace,
+                    device: torch.device) -> dict[str, float | bool]:
+    """Seconds of the steps replayed from a CUDA graph (``model.cuda_graphs``), each probe with a
+    graph of its own, let go after it: synthetic, e2e (two prefetch threads, and one), e2e cached,
+    and beside a thread running only Python (whether the graph takes the steps out of the GIL's
+    convoy); ``graphed``: every capture took."""
+    warmup = max(args.warmup, WARMUP_STEPS + 2)  # the capture happens within the untimed steps
+    took: list = []  # each probe's step until it has run, then whether it captured (its graph let go)
+
+    def graphed(stage_data: StageData):
+        took.append(step_of(stage_data, graphs=True))
+        return took[-1]
+
+    def settled(seconds: float) -> float:
+        took[-1] = took[-1].graphed
+        return seconds
+
+    def timed(batches) -> float:
+        return settled(timed_steps(graphed(data), batches, warmup, args.steps, device))
+
+    one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=data.train_loader.ahead or 2)
+    figures: dict[str, float | bool] = {"synthetic": timed(forever([batch])), "e2e": timed(forever(data.train_loader)),
+                                        "e2e_one_thread": timed(forever(one_thread))}
+    if data.tensor_decode:
+        longer = argparse.Namespace(**{**vars(args), "warmup": warmup})
+        figures["e2e_cached"] = settled(cached_e2e(graphed, ctx, model, longer, device))
+        figures["step_beside_python"] = settled(_with_background(graphed(data), batch, _python_only, [None], warmup,
+                                                                 args.steps, device))
+    figures["graphed"] = all(took)
+    return figures
+
+
+def graphed_json(graphed: dict[str, float | bool], images: int, synthetic_s: float) -> dict[str, float | bool | None]:
+    """The graphed figures as img/s, with the e2e ratios against the graphed synthetic steps."""
+    if not graphed:
+        return {}
+    rate = {k: round(images / v, 1) for k, v in graphed.items() if not isinstance(v, bool)}
+    synthetic = graphed["synthetic"]
+    return {"graphed": graphed["graphed"], "synthetic_graphed_img_s": rate["synthetic"],
+            "graphed_vs_eager_synthetic": round(synthetic_s / synthetic, 3),
+            **{f"{k}_graphed_img_s": v for k, v in rate.items() if k != "synthetic"},
+            "ratio_graphed": round(synthetic / graphed["e2e"], 3),
+            "ratio_graphed_one_thread": round(synthetic / graphed["e2e_one_thread"], 3),
+            "ratio_graphed_cached": round(synthetic / graphed["e2e_cached"], 3) if "e2e_cached" in graphed else None}
+
+
 def profile_top(step, batches, steps: int, device: torch.device, top: int = 10) -> dict[str, list]:
     """The e2e steps under torch.profiler: the ops with the most self time on the host and on the
     GPU (ms per step), every thread's (the prefetch thread's decode and augmentation included)."""
@@ -353,13 +404,10 @@ def main() -> None:
             data.train_loader.ahead = args.ahead
         train_mode(model)
 
-        def step_of(stage_data: StageData):
-            def step(batch) -> None:
-                loss = stage_data.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            return step
+        def step_of(stage_data: StageData, graphs: bool = False):
+            """The training loop's step (train/step.py); graphed: a new graph each time (one captured
+            later takes over the gradient tensors: an older one must not replay after it)."""
+            return train_step(stage_data.loss, optimizer, device, cuda_graphs=graphs)
 
         step = step_of(data)
 
@@ -387,6 +435,7 @@ def main() -> None:
         input_process_s = input_in_a_process(step_of, ctx, model, args, device) if data.tensor_decode else None
         if gpu_parts:
             gpu_parts["step_ms"] = gpu_ms_each(step, [(x, y)] * 4)
+        graphed = graphed_figures(step_of, data, ctx, model, (x, y), args, device) if device.type == "cuda" else {}
         plain = plain_torch_step(args.arch, len(train.classes), device)
         plain_s = timed_steps(plain, forever([(x, y)]), args.warmup, args.steps, device)
     images = args.batch * args.steps
@@ -405,6 +454,7 @@ def main() -> None:
         "ratio_cached": round(synthetic_s / cached_s, 3) if cached_s else None,
         **{f"step_beside_{name}_img_s": round(images / seconds, 1) for name, seconds in beside.items()},
         **{f"step_beside_{name}_process_img_s": round(images / seconds, 1) for name, seconds in beside_process.items()},
+        **graphed_json(graphed, images, synthetic_s),
         "plain_torch_img_s": round(images / plain_s, 1), "synthetic_vs_plain": round(plain_s / synthetic_s, 3),
         "ms_per_batch_alone": {**parts, "step_ms": round(synthetic_s / args.steps * 1000, 2)},
         "e2e_ms_per_batch": round(e2e_s / args.steps * 1000, 2),

@@ -3,7 +3,7 @@
 # (default 480: the 8 minutes of issue 9), most important first; a check that would not fit is
 # skipped with a line that says so.
 #
-#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train input_process augment decode precompute pt2 engines peer)
+#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train graphs input_process augment decode precompute pt2 engines peer)
 #
 # Where the machine has no network, fill .whl/ beforehand (../shared/tools/gpu_wheels.sh --http:
 # nvidia-pytriton, numpy<2, tritonclient and its HTTP client, python-rapidjson, tomli-w,
@@ -92,6 +92,23 @@ run_pt2() {
   check pt2 200 python3 -m clfpipe export pt2 --run "$DEMO/run" --precision fp16
   check verify 90 python3 -m clfpipe verify --run "$DEMO/run"
 }
+run_graphs() {
+  # model.cuda_graphs: the graphed step against the eager one, weight for weight (tests/test_train_step.py,
+  # skipped without CUDA; pytest from the image or .whl: pip download --no-deps -d .whl pytest pluggy
+  # iniconfig), then the demo recipe trained with it, both ways; the log says whether each stage's
+  # step was captured. importlib: the tests import the installed clfpipe, not the checkout's folder
+  if python3 -c "import pytest" 2>/dev/null; then
+    check graphs_equal 120 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$ROOT/tests/test_train_step.py" -k graphed -rs
+  else
+    emit '{"check": "graphs_equal", "skipped": "no pytest in this python (add it to .whl)"}'
+  fi
+  [ -d "$WORK/graphs_data" ] || python3 -m clfpipe data demo "$WORK/graphs_data" > /dev/null
+  local graphs
+  for graphs in true false; do
+    check "graphs_train_$graphs" 120 python3 -m clfpipe -v train --data "$WORK/graphs_data" --run "$WORK/graphs_run_$graphs" \
+        --recipe "$ROOT/recipes/demo.toml" --set model.cuda_graphs=$graphs
+  done
+}
 run_engines() {
   check engines 200 python3 "$ROOT/benchmarks/engines.py" --rounds 5
 }
@@ -131,14 +148,14 @@ run_peer() {
   done
 }
 CHECKS=("$@")
-[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train input_process augment decode precompute pt2 engines peer)
+[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train graphs input_process augment decode precompute pt2 engines peer)
 emit "$PEER"
 # what the figures were measured with: the GPU, its driver, the CUDA torch was built for, the host's CPUs
 emit "$(python3 -c "import json, os, torch, torchvision, numpy; print(json.dumps({'check': 'env', 'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), 'numpy': numpy.__version__, 'cpus': os.cpu_count(), 'driver': os.popen('nvidia-smi --query-gpu=driver_version --format=csv,noheader').read().strip()}))")"
 for name in "${CHECKS[@]}"; do
   case $name in
-    demo|serving|train|input_process|augment|decode|precompute|pt2|engines|peer) "run_$name" ;;
-    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train input_process augment decode precompute pt2 engines peer)\"}" ;;
+    demo|serving|train|graphs|input_process|augment|decode|precompute|pt2|engines|peer) "run_$name" ;;
+    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train graphs input_process augment decode precompute pt2 engines peer)\"}" ;;
   esac
 done
 if [ -n "$OUT" ]; then  # what explains a failure: the server's log, the verify report

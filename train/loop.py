@@ -49,6 +49,7 @@ from clfpipe.train.report import LossPoint, loss_png, write_report
 from clfpipe.train.schedule import stage_multipliers
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
 from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState, torch_bytes
+from clfpipe.train.step import TrainStep, train_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,18 +120,20 @@ def _choose_lrs(model: Classifier, index: int, data: StageData, ctx: Context, st
     return lrs
 
 
-def _train_epoch(data: StageData, optimizer: torch.optim.Optimizer, multipliers: list[float], *, epoch: int,
-                 what: str) -> list[float]:
+def _train_epoch(data: StageData, step: TrainStep, optimizer: torch.optim.Optimizer, multipliers: list[float], *,
+                 epoch: int, what: str) -> list[float]:
     steps, losses = len(data.train_loader), []
     for i, batch in enumerate(progress(data.train_loader, what, total=steps, unit="batch")):
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * multipliers[epoch * steps + i]
-        loss = data.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())  # no .item() per step: it would wait for the GPU and stall the next batch's input
+        losses.append(step(batch))  # no .item() per step: it would wait for the GPU and stall the next batch's input
     return torch.stack(losses).tolist() if losses else []
+
+
+def _graphs(ctx: Context) -> bool:
+    """Whether the stages' steps are replayed from CUDA graphs: model.cuda_graphs, where the run can
+    (CUDA, one process: DDP's gradient exchange is not captured)."""
+    return ctx.recipe.model.cuda_graphs and ctx.device.type == "cuda" and not ctx.dist.active
 
 
 def run_stage(model: Classifier, index: int, ctx: Context, state: TrainState, writer: StateWriter) -> None:
@@ -151,11 +154,12 @@ def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageD
         optimizer.load_state_dict(state.optimizer)
         state.optimizer = None
     multipliers = stage_multipliers(stage, len(data.train_loader))
+    step = train_step(data.loss, optimizer, ctx.device, cuda_graphs=_graphs(ctx))
     for epoch in range(state.epoch, stage.epochs):
         start = time.perf_counter()
         data.seed_epoch(epoch)
         train_mode(model)
-        losses = _train_epoch(data, optimizer, multipliers, epoch=epoch,
+        losses = _train_epoch(data, step, optimizer, multipliers, epoch=epoch,
                               what=f"stage {index} {stage.name} epoch {epoch + 1}/{stage.epochs}")
         train_loss = mean(float(np.mean(losses)), ctx.dist)
         state.epoch = epoch + 1
@@ -295,6 +299,9 @@ def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | No
     if recipe.data.input_process and not ctx.decodes_on_device:
         log.warning("data.input_process has no effect here: it moves the device decode's input (data.decode = "
                     "\"tensor\", or \"auto\" with JPEGs on CUDA), and these images are decoded by Pillow in the loader workers")
+    if recipe.model.cuda_graphs and not _graphs(ctx):
+        log.warning("model.cuda_graphs has no effect here: it needs a CUDA device and one process (this run: %s%s)",
+                    device, f" x {dist.world} ranks" if dist.active else "")
     seed_everything(recipe.seed)
     model = build_model(recipe.model, len(train_split.classes)).to(device)
     if device.type == "cuda":

@@ -70,6 +70,11 @@ class ModelConfig:
     # training and validation under bf16 autocast: auto = on CUDA (where bf16 is supported); bf16 =
     # on the CPU too (1.5x a resnet34 step on an AVX-512 BF16 CPU; slower where the CPU lacks it); off
     amp: str = "auto"
+    # the training step's forward, loss and backward captured once a stage as a CUDA graph and
+    # replayed (train/step.py): a few host calls a step instead of hundreds, each of which waits for
+    # the GIL beside the input threads. CUDA, one process (not under torchrun); off until a GPU run
+    # shows it pays (benchmarks/train_throughput.py: ratio_graphed)
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model.arch", self.arch, arch_names())
