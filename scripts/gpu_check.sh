@@ -78,6 +78,10 @@ run_augment() {
 run_input_process() {
   # data.input_process against the threads, batch for batch, at the benchmark's size: the IPC hand-over gives whole batches
   check input_process 120 python3 "$ROOT/benchmarks/input_process_check.py" --batch 256 --size 224 --epochs 1 --workers 14
+  # the child's end: torch's words when it exits with shared memory not yet freed (stop 24 printed both)
+  local clean=true
+  grep -q -e "driver shutting down" -e "Producer process has been terminated" "$WORK/input_process.out" && clean=false
+  emit "{\"check\": \"input_process_exit\", \"clean\": $clean}"
 }
 run_decode() {
   # the training decode step on nvJPEG against Pillow: every format a folder may hold, damaged JPEGs nvJPEG refuses (decoded on the host), a cut file named

@@ -154,6 +154,26 @@ def test_closing_the_run_mid_pass_ends_the_input_process(data, tmp_path):
     assert not child.is_alive() and child.exitcode == 0 and time.perf_counter() - start < 10
 
 
+def test_the_run_ends_with_every_shared_batch_taken_back(data, tmp_path, caplog):
+    """A pass left without being closed (an error's traceback can keep it) still has the child's
+    batches in the queue when the run ends: the parent takes each back and lets it go before the
+    child frees their memory and ends (on a GPU a batch never taken stays counted as held, and
+    the child's exit aborted)."""
+    ctx = _context(data, tmp_path, "data.input_process=true", "data.batch_size=2")
+    stage = _stage(ctx)
+    batches = iter(stage.train_loader)
+    next(batches)
+    time.sleep(1)  # the child fills the queue behind the batch taken
+    child = ctx.input_process._child
+    with caplog.at_level(logging.DEBUG, logger="clfpipe.train.input_process"):
+        ctx.close()
+    ends = [r.getMessage() for r in caplog.records if "taken back at its end" in r.getMessage()]
+    assert len(ends) == 1 and "did not say" not in ends[0]
+    assert int(ends[0].split(": ")[1].split()[0]) >= 1  # at least the batches that waited in the queue
+    assert not child.is_alive() and child.exitcode == 0
+    del batches  # closed now: the child is gone, nothing left to drain
+
+
 def test_a_killed_input_process_is_one_clear_error(data, tmp_path):
     with contextlib.closing(_context(data, tmp_path, "data.input_process=true")) as ctx, \
             contextlib.closing(_stage(ctx)) as stage:

@@ -110,6 +110,10 @@ class _Stop:
     """The parent's command to end the child."""
 
 
+class _Gone:
+    """The child's last item, after _Stop: nothing it shared comes after it."""
+
+
 @dataclass
 class _Failed:
     error: BaseException
@@ -142,12 +146,13 @@ class InputProcess:
     def _start(self) -> None:
         context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._commands, self._out, self._cancel = context.Queue(), context.Queue(maxsize=AHEAD), context.Event()
+        taken_back = context.Event()  # the parent has everything the child put before _Gone, and let it go
         # not a daemon: its loaders have worker processes of their own
         child = context.Process(target=_serve, args=(str(self.device), self.cache_bytes, self._commands, self._out,
-                                                     self._cancel), name="clfpipe-input")
+                                                     self._cancel, taken_back), name="clfpipe-input")
         child.start()
         self._child = child
-        self._finalizer = weakref.finalize(self, _stop, child, self._commands, self._out, self._cancel)
+        self._finalizer = weakref.finalize(self, _stop, child, self._commands, self._out, self._cancel, taken_back)
         if self.device.type == "cuda":
             self._releaser = _Releaser(self.device)
         log.debug("input process %d started", child.pid)
@@ -283,25 +288,39 @@ class _Releaser:
         self.thread.join()
 
 
-def _stop(child: Any, commands: Any, out: Any, cancel: Any) -> None:
-    """End the child: its pass stopped, what it made taken (it ends a pass with _End, which must
-    fit in the queue), then told to go; killed if it has not gone within STOP_S."""
+def _stop(child: Any, commands: Any, out: Any, cancel: Any, taken_back: Any) -> None:
+    """End the child: its pass stopped, told to go, and everything it put taken back (a pass ends
+    with _End, which must fit in the queue) up to its _Gone; killed if it has not gone within STOP_S."""
     cancel.set()
     commands.put(_Stop())
-    deadline = time.monotonic() + STOP_S
+    deadline, taken = time.monotonic() + STOP_S, 0
     while child.is_alive() and time.monotonic() < deadline:
         with contextlib.suppress(queue.Empty):
-            out.get(timeout=POLL_S / 10)
+            if isinstance(_let_go(out.get(timeout=POLL_S / 10)), _Gone):
+                taken_back.set()
+            else:
+                taken += 1
+    log.debug("input process %d: %d items taken back at its end%s", child.pid, taken,
+              "" if taken_back.is_set() else " (it did not say it was going)")
     if child.is_alive():
         log.warning("the input process %d did not end within %.0f s: killed", child.pid, STOP_S)
         child.kill()
     child.join()
 
 
-def _serve(device_name: str, cache_bytes: int, commands: Any, out: Any, cancel: Any) -> None:
+def _let_go(data: bytes) -> Any:
+    """An item the child put, taken and let go at once (a batch's memory released, so the child can
+    free it: one never taken stays counted as held), for what it was; None where it does not load."""
+    try:
+        return ForkingPickler.loads(data)
+    except Exception:  # noqa: BLE001 - a batch whose memory cannot be fetched any more holds none of ours
+        return None
+
+
+def _serve(device_name: str, cache_bytes: int, commands: Any, out: Any, cancel: Any, taken_back: Any) -> None:
     """In the child: for each _Pass, one pass over its stage's loader, each batch put on ``out``
     ready on the device, then _End; a stage's loader and augmentation are made when its plan
-    comes, one cache serves them all; until _Stop or the parent is gone."""
+    comes, one cache serves them all; until _Stop or the parent is gone (then ``_leave``)."""
     out.cancel_join_thread()  # at its end, what the parent no longer reads does not hold it
     device = torch.device(device_name)
     if device.type == "cuda" and device.index is not None:
@@ -319,6 +338,20 @@ def _serve(device_name: str, cache_bytes: int, commands: Any, out: Any, cancel: 
     finally:
         if stage is not None:
             stage.close()
+    _leave(outbox, taken_back, device)
+
+
+def _leave(outbox: _Outbox, taken_back: Any, device: torch.device) -> None:
+    """The child's end once told to go: _Gone put, then, once the parent has taken back and let go
+    of everything before it, the memory of every batch shared freed while CUDA is still up. torch
+    frees a shared block only when the producer collects (or at its interpreter's exit, which
+    came after the driver had shut down: 'terminate called ... CUDA error: driver shutting down',
+    on an H200 at stop 24)."""
+    if outbox.put(_Gone(), cancellable=False):  # False: the parent is gone, and nothing it held matters
+        taken_back.wait(timeout=STOP_S / 2)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.ipc_collect()
 
 
 @dataclass(frozen=True)
