@@ -3,11 +3,12 @@
     python benchmarks/train_throughput.py [--data DIR] [--size 224] [--batch 128] [--steps 30]
 
 Prints one JSON object: e2e_img_s (files read by loader workers, decoded and augmented on the
-device: nvJPEG on CUDA, two batches ahead by prefetch threads, one per step on its own stream:
-decode, augment), synthetic_img_s (a fixed batch already on the device), and ratio = e2e /
+device: nvJPEG on CUDA, two batches ahead by a prefetch thread on its own stream that decodes and
+augments in turn), synthetic_img_s (a fixed batch already on the device), and ratio = e2e /
 synthetic (goal on a GPU machine: >= 0.85); plain_torch_img_s, the same model in a plain PyTorch
 loop (AMP bf16 on CUDA, channels_last, SGD) on the same batch, and synthetic_vs_plain (goal >=
-0.9); e2e_one_thread_img_s, the e2e steps with one prefetch thread decoding and augmenting in turn;
+0.9); e2e_thread_per_step_img_s, the e2e steps with a prefetch thread for each input step (decode,
+augment: the default until stop 25);
 e2e_inline_img_s, with the input prepared inline instead; e2e_short_switch_img_s, the e2e steps
 with the interpreter's switch interval at 0.5 ms instead of 5 (the GIL's convoy, shortened);
 e2e_no_decode_img_s and e2e_no_augment_img_s, with that step's result made once beforehand (the
@@ -24,7 +25,7 @@ of its own, its batches handed over through CUDA IPC (that fix, measured whole);
 loader, decode, augment, step; on CUDA, gpu_busy_ms_per_batch: each part's GPU time; with --profile
 N, the top ops of N e2e steps). On CUDA, the same with the step replayed from a CUDA graph
 (model.cuda_graphs: train/step.py), each against synthetic_graphed_img_s: e2e_graphed_img_s and
-ratio_graphed, e2e_one_thread_graphed_img_s, e2e_cached_graphed_img_s and ratio_graphed_cached, and
+ratio_graphed, e2e_thread_per_step_graphed_img_s, e2e_cached_graphed_img_s and ratio_graphed_cached, and
 step_beside_python_graphed_img_s (whether the graph takes the steps out of the GIL's convoy); graphed:
 whether every capture took. With no --data it writes demo images at --image-size pixels into a
 temporary folder. --ahead N prefetches N batches ahead (default: 2 on CUDA, none on the CPU).
@@ -322,9 +323,10 @@ def graphed_figures(step_of, data: StageData, ctx: Context, model, batch, args: 
     def timed(batches) -> float:
         return settled(timed_steps(graphed(data), batches, warmup, args.steps, device))
 
-    one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=data.train_loader.ahead or 2)
+    per_step = DeviceBatches(data.host_loader, data.train_loader.steps, device, ahead=data.train_loader.ahead or 2,
+                             thread_per_step=True)
     figures: dict[str, float | bool] = {"synthetic": timed(forever([batch])), "e2e": timed(forever(data.train_loader)),
-                                        "e2e_one_thread": timed(forever(one_thread))}
+                                        "e2e_thread_per_step": timed(forever(per_step))}
     if data.tensor_decode:
         longer = argparse.Namespace(**{**vars(args), "warmup": warmup})
         figures["e2e_cached"] = settled(cached_e2e(graphed, ctx, model, longer, device))
@@ -344,7 +346,7 @@ def graphed_json(graphed: dict[str, float | bool], images: int, synthetic_s: flo
             "graphed_vs_eager_synthetic": round(synthetic_s / synthetic, 3),
             **{f"{k}_graphed_img_s": v for k, v in rate.items() if k != "synthetic"},
             "ratio_graphed": round(synthetic / graphed["e2e"], 3),
-            "ratio_graphed_one_thread": round(synthetic / graphed["e2e_one_thread"], 3),
+            "ratio_graphed_thread_per_step": round(synthetic / graphed["e2e_thread_per_step"], 3),
             "ratio_graphed_cached": round(synthetic / graphed["e2e_cached"], 3) if "e2e_cached" in graphed else None}
 
 
@@ -416,8 +418,8 @@ def main() -> None:
             short_switch_s = timed_steps(step, forever(data.train_loader), args.warmup, args.steps, device)
         profiled = profile_top(step, forever(data.train_loader), args.profile, device) if args.profile else {}
         ahead = data.train_loader.ahead
-        one_thread = DeviceBatches(data.host_loader, data.train_loader.prepare, device, ahead=ahead)  # decode + augment in turn
-        one_thread_s = timed_steps(step, forever(one_thread), args.warmup, args.steps, device) if ahead else None
+        per_step = DeviceBatches(data.host_loader, data.train_loader.steps, device, ahead=ahead, thread_per_step=True)
+        per_step_s = timed_steps(step, forever(per_step), args.warmup, args.steps, device) if per_step.threads > 1 else None
         two_steps = len(data.train_loader.steps) == 2  # decode, then augment: the probes of each part
         sample = made_once(data, 2, device) if two_steps else None
         without = without_each_part(step, data, sample, args.warmup, args.steps, device, ahead) if sample else {}
@@ -443,8 +445,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch, "size": args.size,
         "batch": args.batch, "steps": args.steps, "e2e_img_s": round(images / e2e_s, 1),
         "synthetic_img_s": round(images / synthetic_s, 1), "ratio": round(synthetic_s / e2e_s, 3),
-        "prefetch_batches": ahead, "prefetch_threads": len(data.train_loader.steps) if ahead else 0,
-        "e2e_one_thread_img_s": round(images / one_thread_s, 1) if one_thread_s else None,
+        "prefetch_batches": ahead, "prefetch_threads": data.train_loader.threads,
+        "e2e_thread_per_step_img_s": round(images / per_step_s, 1) if per_step_s else None,
         "e2e_inline_img_s": round(images / inline_s, 1),
         "e2e_short_switch_img_s": round(images / short_switch_s, 1),
         "e2e_input_process_img_s": round(images / input_process_s, 1) if input_process_s else None,

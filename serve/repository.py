@@ -398,8 +398,11 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
     manifest = run.read()
     default = "model_repository" if target == "embedded" else "model_repository_container"
     out = Path(out) if out else run_dir / default
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:  # the staging folder is the repository's sibling, so the rename at the end is atomic
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    except OSError as exc:
+        raise ServeError(f"cannot write the repository {out}: {exc.strerror or exc}") from exc
     try:
         served = backbones(run, manifest, engines if target == "embedded" else None)  # the container serves ONNX
         decode = decode or manifest.recipe.serve.decode

@@ -1,6 +1,7 @@
 """Bad input to the CLI: exit code 2 and one line naming the problem, no traceback."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,12 +161,23 @@ def test_demo_data_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, ca
     _one_line_error(capsys, ["data", "demo", str(blocker / "data"), *multi_label], f"cannot write the demo dataset to {blocker / 'data'}")
 
 
-def test_an_os_error_is_one_line_naming_the_file(run_copy, tmp_path, capsys):
-    """The backstop for the machine's refusals: a repository written under a file."""
+def test_a_repository_that_cannot_be_written_is_one_line_naming_it(run_copy, tmp_path, capsys):
+    """Named as --out gave it, not as the hidden staging folder made beside it: under a file, and
+    in a folder nobody may write into (/proc, which root cannot write either)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    err = _one_line_error(capsys, ["repo", "--run", str(run_copy), "--out", str(blocker / "repo")], "clfpipe: error: ")
-    assert str(blocker) in err
+    for out in (blocker / "repo", Path("/proc/clfpipe-repo")):
+        err = _one_line_error(capsys, ["repo", "--run", str(run_copy), "--out", str(out)],
+                              f"clfpipe: error: cannot write the repository {out}: ")
+        assert f".{out.name}." not in err
+
+
+def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    err = _one_line_error(capsys, ["-q", "deploy", "k8s", "--run", str(run_copy), "--pvc", "models", "--out", str(blocker / "k8s")],
+                          "clfpipe: error: cannot write ")
+    assert str(blocker / "k8s") in err
 
 
 @settings(max_examples=300, deadline=None)

@@ -322,7 +322,8 @@ def test_an_augmentation_at_zoom_one_in_the_centre_is_the_evaluation_pixels(heig
     assert zoomed.size == (64, 64)
 
 
-def _prefetched(ahead: int, fail_at: tuple[int, int] | None = None, two_steps: bool = True) -> DeviceBatches:
+def _prefetched(ahead: int, fail_at: tuple[int, int] | None = None, two_steps: bool = True,
+                thread_per_step: bool = False) -> DeviceBatches:
     """Six batches through a "decode" (a list of tensors) and an "augment" drawing from a generator,
     as the device path does; fail_at = (step, batch) raises there."""
     gen = torch.Generator().manual_seed(5)
@@ -341,25 +342,30 @@ def _prefetched(ahead: int, fail_at: tuple[int, int] | None = None, two_steps: b
         return torch.stack(rows) + torch.rand((len(rows), 3), generator=gen)
 
     steps = (decode, augment) if two_steps else (lambda x: augment(list(x)))
-    return DeviceBatches(loader, steps, torch.device("cpu"), ahead=ahead)
+    return DeviceBatches(loader, steps, torch.device("cpu"), ahead=ahead, thread_per_step=thread_per_step)
 
 
 def _prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "clfpipe-prefetch"]
 
 
-@pytest.mark.parametrize("two_steps", [True, False])
-def test_prefetching_batches_in_threads_gives_the_inline_batches_and_stops_with_its_consumer(two_steps):
+@pytest.mark.parametrize("two_steps, thread_per_step", [(True, False), (True, True), (False, False)])
+def test_prefetching_batches_in_threads_gives_the_inline_batches_and_stops_with_its_consumer(two_steps, thread_per_step):
     inline = list(_prefetched(0, two_steps=two_steps))
-    ahead = list(_prefetched(2, two_steps=two_steps))
+    threads = 2 if two_steps and thread_per_step else 1
+    assert _prefetched(2, two_steps=two_steps, thread_per_step=thread_per_step).threads == threads
+    under_way = iter(_prefetched(2, two_steps=two_steps, thread_per_step=thread_per_step))
+    first = next(under_way)
+    assert len(_prefetch_threads()) == threads
+    ahead = [first, *under_way]
     assert len(ahead) == 6 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, ahead))
     assert [int(y[0]) for _, y in ahead] == list(range(6))
-    batches = iter(_prefetched(2, two_steps=two_steps))
+    batches = iter(_prefetched(2, two_steps=two_steps, thread_per_step=thread_per_step))
     next(batches)
     batches.close()  # a consumer that stops early (lr_find): the threads are gone, not blocked on a queue
     assert not _prefetch_threads()
-    for step in (0, 1) if two_steps else (1,):  # an error in either thread reaches the consumer, after the batches before it
-        batches = iter(_prefetched(2, fail_at=(step, 3), two_steps=two_steps))
+    for step in (0, 1) if two_steps else (1,):  # an error in either step reaches the consumer, after the batches before it
+        batches = iter(_prefetched(2, fail_at=(step, 3), two_steps=two_steps, thread_per_step=thread_per_step))
         assert [int(next(batches)[1][0]) for _ in range(3)] == [0, 1, 2]
         with pytest.raises(DataError, match="corrupt image"):
             next(batches)

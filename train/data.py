@@ -179,25 +179,35 @@ Step = Callable[[Any], Any]  # one part of making a loader's x ready on the devi
 
 class DeviceBatches:
     """A loader's batches made ready on the training device by ``steps`` applied in order (decode,
-    then augment; or a copy), labels copied alongside. With ``ahead`` > 0 (the default on CUDA)
-    each step runs in its own background thread on its own CUDA stream, up to ``ahead`` batches in
-    advance, so the input's host work (nvJPEG's, the augmentation's launches) overlaps the step's.
-    Measured on an H200 (resnet34 224, batch 256, two runs): 4,421 and 3,497 img/s with a thread
-    per step, 4,638 and 4,071 with one thread doing both in turn, against 8,973 and 8,515 on a batch
-    already on the GPU. The GPU is not what the parts share: in the second run their GPU time was
+    then augment; or a copy), labels copied alongside. With ``ahead`` > 0 (the default on CUDA) a
+    background thread on its own CUDA stream runs them in turn, up to ``ahead`` batches in advance,
+    so the input's host work (nvJPEG's, the augmentation's launches) overlaps the step's; with
+    ``thread_per_step`` each step has a thread and a stream of its own. One thread is the default:
+    on an H200 (resnet34 224, batch 256, three runs) a thread per step ran 4,421, 3,497 and 4,637
+    img/s, one thread doing both in turn 4,638, 4,071 and 5,131, against 8,973, 8,515 and 8,791 on a
+    batch already on the GPU. The GPU is not what the parts share: in the second run their GPU time was
     decode 1.9 ms a batch, augmentation 8.9, step 28.7 (39.5 of the 73.2 ms a batch took), so
     something on the host serialises them; and without the decode (its result made beforehand) a
     batch took 26 ms less, more than the 18.6 ms the decode takes alone. The benchmark's
     ``step_beside_decode_img_s`` asks whether the decode blocks the steps outright; ``DecodedCache``
     takes the decode out of every epoch after the first. Same batches in the
-    same order as ``ahead=0`` (inline, one by one): each step has one thread, and only the
+    same order as ``ahead=0`` (inline, one by one): each step runs in one thread, and only the
     augmenting one draws from the augmentation generator."""
 
     def __init__(self, loader: Iterable, steps: Step | Sequence[Step], device: torch.device,
-                 ahead: int | None = None) -> None:
-        self.loader, self.device = loader, device
+                 ahead: int | None = None, thread_per_step: bool = False) -> None:
+        self.loader, self.device, self.thread_per_step = loader, device, thread_per_step
         self.steps: tuple[Step, ...] = tuple(steps) if isinstance(steps, Sequence) else (steps,)
         self.ahead = (2 if device.type == "cuda" else 0) if ahead is None else ahead
+
+    @property
+    def threads(self) -> int:
+        """Prefetch threads a pass runs: none inline, else one, or one a step."""
+        return 0 if self.ahead <= 0 else len(self.steps) if self.thread_per_step else 1
+
+    def _stages(self) -> tuple[Step, ...]:
+        """What each prefetch thread does to a batch, in order."""
+        return self.steps if self.thread_per_step else (self.prepare,)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -208,10 +218,6 @@ class DeviceBatches:
             x = step(x)
         return x
 
-    def _first(self, batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        x, y = batch
-        return self.steps[0](x), to_device(y, self.device)
-
     def _inline(self, batch: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
         x, y = batch
         return self.prepare(x), to_device(y, self.device)
@@ -220,11 +226,12 @@ class DeviceBatches:
         if self.ahead <= 0:
             yield from map(self._inline, self.loader)
             return
-        stop = threading.Event()
-        queues = [queue.Queue(maxsize=self.ahead) for _ in self.steps]
+        stop, stages = threading.Event(), self._stages()
+        queues = [queue.Queue(maxsize=self.ahead) for _ in stages]
         sources: list[Callable[[], Any]] = [partial(_get, q, stop) for q in queues[:-1]]
-        threads = [threading.Thread(target=self._run_step, args=(i, source, queues[i], stop), name="clfpipe-prefetch",
-                                    daemon=True) for i, source in enumerate([self._loader_items(stop), *sources])]
+        threads = [threading.Thread(target=self._run_step, args=(stage, i == 0, source, queues[i], stop),
+                                    name="clfpipe-prefetch", daemon=True)
+                   for i, (stage, source) in enumerate(zip(stages, [self._loader_items(stop), *sources]))]
         for thread in threads:
             thread.start()
         try:
@@ -242,8 +249,9 @@ class DeviceBatches:
         batches = iter(self.loader)
         return lambda: next(batches, _DONE) if not stop.is_set() else _STOPPED
 
-    def _run_step(self, index: int, source: Callable[[], Any], out: queue.Queue, stop: threading.Event) -> None:
-        """Step ``index`` on each item from ``source`` until _DONE, an error (passed on) or a stop."""
+    def _run_step(self, stage: Step, first: bool, source: Callable[[], Any], out: queue.Queue, stop: threading.Event) -> None:
+        """``stage`` on each item from ``source`` (the loader's batches where ``first``, else the
+        thread before's) until _DONE, an error (passed on) or a stop."""
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
         try:
@@ -252,11 +260,11 @@ class DeviceBatches:
                     _put(out, item, stop)
                     return
                 with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    if index == 0:
-                        batch = self._first(item)
+                    if first:
+                        x, y = item[0], to_device(item[1], self.device)
                     else:
-                        x, y = _hand_over(*item, self.device)  # made on the step before's stream
-                        batch = self.steps[index](x), y
+                        x, y = _hand_over(*item, self.device)  # made on the thread before's stream
+                    batch = stage(x), y
                     done = stream.record_event() if cuda else None
                 if not _put(out, (batch, done), stop):
                     return

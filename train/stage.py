@@ -239,8 +239,8 @@ class StageData:
 
     def input_steps(self, ctx: Context) -> tuple[Step, ...]:
         """What makes a loader's x the model's input on the device, in order: encoded bytes are
-        decoded (or found decoded: ``Context.decoded``), then augmented there (two steps, each its
-        own prefetch thread on CUDA)."""
+        decoded (or found decoded: ``Context.decoded``), then augmented there (two steps, run in
+        turn by one prefetch thread on CUDA)."""
         if self.tensor_decode:
             return ctx.decoded, Augment(self.spec, self.policy, self.augment_gen, self.channels_last)
         return (self._copy,)
