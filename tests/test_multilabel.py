@@ -44,6 +44,16 @@ def test_planet_layout_scans_to_multi_hot(tmp_path):
 
 
 @pytest.mark.slow
+def test_multilabel_data_read_as_class_folders_says_which_table_reads_it(tmp_path):
+    write_demo_multilabel(tmp_path, train=6, valid=2, image_size=32)
+    with pytest.raises(DataError, match=rf"got 0; {LABELS_CSV} is there: .* data.labels_csv = '{LABELS_CSV}' "
+                                        rf"\(data check: --labels-csv {LABELS_CSV}\)$"):
+        scan_data(tmp_path, "train")
+    (tmp_path / LABELS_CSV).unlink()
+    with pytest.raises(DataError, match=r"got 0$"):  # no table: nothing to suggest
+        scan_data(tmp_path, "train")
+
+
 def test_multilabel_trains_exports_and_records_f2(tmp_path):
     from clfpipe.contract.manifest import RunDir
     from clfpipe.contract.probabilities import probabilities

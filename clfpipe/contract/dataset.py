@@ -97,6 +97,15 @@ def split_folder(data_dir: Path, split: str, layout: str) -> Path:
     raise DataError(f"expected a {wanted} folder in {data_dir} (layout {names[0]}/{layout}), got none")
 
 
+def _labels_hint(data_dir: Path) -> str:
+    """Where DATA holds a CSV (multi-label data's tags), what reads it instead of class folders."""
+    tables = sorted(p.name for p in Path(data_dir).glob("*.csv") if p.is_file())
+    if not tables:
+        return ""
+    return (f"; {tables[0]} is there: multi-label data is read from its table with data.labels_csv = {tables[0]!r} "
+            f"(data check: --labels-csv {tables[0]})")
+
+
 def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True) -> Split:
     """Read DATA/<split>/<class>/...; classes default to the sorted folder names."""
     root = split_folder(data_dir, split, "<class>/*.jpg")
@@ -104,7 +113,7 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     if classes is None:
         classes = tuple(found)
         if len(classes) < 2:
-            raise DataError(f"expected at least 2 class folders in {root}, got {len(classes)}")
+            raise DataError(f"expected at least 2 class folders in {root}, got {len(classes)}{_labels_hint(data_dir)}")
     elif sorted(classes) != found:
         raise DataError(f"{root}: expected class folders {list(classes)}, got {found}")
     files: list[Path] = []
