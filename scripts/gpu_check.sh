@@ -67,7 +67,7 @@ run_serving() {
       --instances ${SERVING_INSTANCES:-2}
 }
 run_train() {
-  check train 240 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14 \
+  check train 300 python3 "$ROOT/benchmarks/train_throughput.py" --size 224 --batch 256 --steps ${TRAIN_STEPS:-20} --workers 14 \
       --profile ${TRAIN_PROFILE_STEPS:-0}
 }
 run_augment() {
