@@ -137,9 +137,11 @@ def _ports(args: argparse.Namespace):
 
 
 def _cmd_serve_up(args: argparse.Namespace) -> None:
-    from clfpipe.serve.server import start_server
+    from clfpipe.serve.server import check_start, start_server
 
-    ports, repo = _ports(args), args.repo  # the ports checked before a repository is made for --run
+    ports, repo = _ports(args), args.repo
+    # everything it is told checked before a repository is made for --run
+    check_start(args.host, ports, args.timeout, args.model_control, args.allow_remote_model_control)
     if args.run is not None:
         from clfpipe.pipeline import repository_for_run
 

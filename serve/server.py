@@ -12,6 +12,7 @@ start time), so nothing is ever signalled on the word of a stale pid.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import ipaddress
@@ -31,7 +32,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from clfpipe.contract.errors import ServeError
+from clfpipe.contract.errors import ServeError, first_line
 from clfpipe.contract.integrity import recorded_hashes
 from clfpipe.serve.probe import probe
 from clfpipe.serve.repository import verify_repository
@@ -276,14 +277,48 @@ def check_model_control(model_control: str, host: str, allow_remote: bool) -> No
                          "code runs as this user; bind 127.0.0.1, or pass --allow-remote-model-control")
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+def _bind_error(host: str, port: int) -> OSError | ValueError | None:
+    """Why a listening socket on (host, port) cannot be made now, or None. ValueError: a name that
+    cannot even be looked up (a NUL in it, a label over 63 characters)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    except (OSError, ValueError) as exc:  # gaierror is an OSError; UnicodeError a ValueError
+        return exc
+    return None
+
+
+def check_host(host: str) -> None:
+    """--host: an address (or name) of this machine that a server can listen on, or 0.0.0.0 / ::
+    for every interface (bound once on a port the kernel picks)."""
+    error = _bind_error(host, 0) if host.strip() else ValueError("empty")
+    if error is not None:
+        why = getattr(error, "strerror", None) or first_line(error)
+        raise ServeError(f"--host: expected an address of this machine (0.0.0.0: every interface), got {host!r} ({why})")
+
+
+def check_port_free(host: str, name: str, port: int) -> None:
+    """One endpoint's port on --host can be listened on now (after check_host)."""
+    error = _bind_error(host, port)
+    if error is None:
+        return
+    if getattr(error, "errno", None) == errno.EADDRINUSE:
+        raise ServeError(f"{name} port {port} on {host} is in use: expected a free port (pass --{name}-port)")
+    if getattr(error, "errno", None) == errno.EACCES:
+        raise ServeError(f"--{name}-port {port}: this user may not listen below 1024: expected a port of 1024 or more")
+    raise ServeError(f"cannot listen on {host} port {port} for {name}: {getattr(error, 'strerror', None) or first_line(error)}")
+
+
+def check_start(host: str, ports: Ports, timeout: float, model_control: str, allow_remote_model_control: bool) -> None:
+    """What 'serve up' is told, checked before anything is made or started (a repository for --run
+    included): the host, the model control it allows, the timeout. Whether the ports are free is
+    checked later, once a server of ours that holds them is known not to run."""
+    check_host(host)
+    check_model_control(model_control, host, allow_remote_model_control)
+    if timeout <= 0:
+        raise ServeError(f"--timeout: expected a positive number of seconds, got {timeout}")
 
 
 def is_our_server(info: ServerInfo) -> bool:
@@ -394,9 +429,7 @@ def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.
                  timeout: float = 180.0, model_control: str = "none", allow_remote_model_control: bool = False,
                  supervise: bool = True) -> ServerInfo:
     """Start tritonserver on REPO and return once a real request through every ensemble works."""
-    check_model_control(model_control, host, allow_remote_model_control)
-    if timeout <= 0:
-        raise ServeError(f"--timeout: expected a positive number of seconds, got {timeout}")
+    check_start(host, ports, timeout, model_control, allow_remote_model_control)
     state_dir = Path(state_dir or default_state_dir())
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
@@ -409,8 +442,7 @@ def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.
     if running:
         clean_stale(state_dir, running)
     for name, port in asdict(ports).items():
-        if not _port_free(host, port):
-            raise ServeError(f"{name} port {port} on {host} is in use: expected a free port (pass --{name}-port)")
+        check_port_free(host, name, port)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -180,6 +180,34 @@ def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy,
     assert str(blocker / "k8s") in err
 
 
+@pytest.mark.parametrize("host, why", [("999.1.1.1", "Name or service not known"), ("", "empty"),
+                                       ("8.8.8.8", "Cannot assign requested address"), ("a" * 70, "label too long")])
+def test_a_host_serve_up_cannot_listen_on_is_one_line_before_any_repository_is_made(run_copy, capsys, host, why):
+    """It was 'http port 8000 on 999.1.1.1 is in use', after the repository for --run was built."""
+    repository = run_copy / "model_repository"
+    shutil.rmtree(repository, ignore_errors=True)
+    err = _one_line_error(capsys, ["serve", "up", "--run", str(run_copy), "--host", host],
+                          f"--host: expected an address of this machine (0.0.0.0: every interface), got {host!r} (")
+    assert why in err and not repository.exists()
+
+
+def test_a_port_in_use_on_a_good_host_is_named_with_its_option():
+    import socket
+
+    from clfpipe.contract.errors import ServeError
+    from clfpipe.serve.server import check_host, check_port_free
+
+    check_host("127.0.0.1")
+    check_host("0.0.0.0")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ServeError, match=f"^grpc port {port} on 127.0.0.1 is in use: expected a free port \\(pass --grpc-port\\)$"):
+            check_port_free("127.0.0.1", "grpc", port)
+    check_port_free("127.0.0.1", "grpc", port)  # let go: free again
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=40), st.builds(lambda h, p: f"{h}:{p}", st.text(max_size=12), st.integers(-10, 10**6))))
 def test_any_url_is_accepted_as_host_port_or_one_servererror(url):
