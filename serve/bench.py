@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.contract import tensors
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import atomic_write_bytes
-from clfpipe.serve.client import PROTOCOLS, encoded_batch, not_triton, server_error, unreachable
+from clfpipe.serve.client import PROTOCOLS, describe, encoded_batch, not_triton, server_error, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,13 @@ def _stats(client, protocol: str, model: str) -> dict[str, float]:
             "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
 
 
+def model_config(client, protocol: str, model: str) -> dict[str, Any]:
+    """A served model's config as JSON, over either protocol."""
+    return client.get_model_config(model, as_json=True)["config"] if protocol == "grpc" else client.get_model_config(model)
+
+
 def composing_models(client, protocol: str, model: str) -> list[str]:
-    config = client.get_model_config(model, as_json=True)["config"] if protocol == "grpc" else client.get_model_config(model)
-    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    steps = model_config(client, protocol, model).get("ensemble_scheduling", {}).get("step", [])
     return [model] + [s["model_name"] for s in steps]
 
 
@@ -218,13 +222,14 @@ def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "htt
         if not 1 <= c <= MAX_CONCURRENCY:
             raise ServeError(f"--concurrency: expected 1 to {MAX_CONCURRENCY} clients a level, got {c}")
     try:
-        _client(url, protocol).get_model_config(model)
+        config = model_config(_client(url, protocol), protocol, model)
     except InferenceServerException as exc:
         raise server_error(exc, url, protocol, model) from exc
     except (ConnectionError, OSError) as exc:
         raise unreachable(url, protocol, exc) from exc
     except Exception as exc:  # not Triton's endpoint for this protocol
         raise not_triton(url, protocol, exc) from exc
+    describe(config, model, url)  # a model this sweep's requests fit: encoded images in, class probabilities out
     levels = []
     for c in concurrencies:
         if requests is None and seconds is None:

@@ -72,10 +72,14 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def describe(config: dict[str, Any], model: str, url: str) -> tuple[list[str], int]:
-    """(class names in order, max batch size) from a clfpipe model's config."""
+    """(class names in order, max batch size) from a clfpipe model's config: a model that takes
+    encoded images (its IMAGE input), which is what this client sends."""
     params = config.get("parameters", {})
-    if "classes" not in params:
-        raise ServeError(f"model {model!r} on {url} has no 'classes' parameter: expected a clfpipe repository")
+    inputs = [str(tensor.get("name")) for tensor in config.get("input", [])]
+    if "classes" not in params or tensors.IMAGE not in inputs:
+        what = f"takes {', '.join(inputs) or 'nothing'}" + ("" if "classes" in params else " and names no classes")
+        raise ServeError(f"--model {model}: expected a clfpipe classifier that takes encoded images ({tensors.IMAGE}), "
+                         f"such as classifier or classifier_tta; {model!r} on {url} {what}")
     return json.loads(params["classes"]["string_value"]), max(1, int(config.get("max_batch_size", 1)))
 
 

@@ -208,6 +208,20 @@ def test_protocol_mismatch_is_one_line(trained_run, server, capsys, protocol, po
     assert len(err.splitlines()) == 1 and f"no Triton {protocol} endpoint at {url}" in err and f"the {port} port" in err, err
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_model_that_takes_no_encoded_images_is_one_line_before_any_request(trained_run, server, capsys, protocol, tmp_path):
+    """predict sent every file to the backbone and failed each; bench sent thousands of requests."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    image = str(_valid(trained_run).files[0])
+    for model, takes in (("backbone", "takes input"), ("preprocess", "takes IMAGE and names no classes")):
+        for argv in (["predict", image], ["bench", "--images", image, "--seconds", "1", "--out", str(tmp_path)]):
+            assert main([argv[0], "--url", url, "--protocol", protocol, "--model", model, *argv[1:]]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"clfpipe: error: --model {model}: expected a clfpipe classifier that takes encoded images (IMAGE), "
+                           f"such as classifier or classifier_tta; {model!r} on {url} {takes}"), err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_folder_with_one_bad_file_gets_every_other_answer(trained_run, server, tmp_path, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
