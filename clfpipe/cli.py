@@ -195,11 +195,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from clfpipe.serve.bench import sweep, write_results
+    from clfpipe.serve.bench import load_images, sweep, write_results
     from clfpipe.serve.client import expand_inputs, resolve_endpoint
 
     url, protocol = resolve_endpoint(args.url, args.protocol, args.state_dir)
-    images = [f.read_bytes() for f in expand_inputs(args.images)]
+    images = load_images(expand_inputs(args.images))
     concurrencies = _levels(args.concurrency)
     levels = sweep(url, args.model, images, protocol=protocol, concurrencies=concurrencies, batch=args.batch,
                    requests=args.requests, seconds=args.seconds, window_s=args.window, max_windows=args.max_windows)

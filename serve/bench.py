@@ -29,6 +29,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clfpipe.contract import tensors
+from clfpipe.contract.dataset import image_problem
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import atomic_write_bytes
 from clfpipe.serve.client import PROTOCOLS, describe, encoded_batch, not_triton, server_error, unreachable
@@ -83,6 +84,17 @@ def _stats(client, protocol: str, model: str) -> dict[str, float]:
     return {"inference_count": float(stats.get("inference_count", 0)), "execution_count": float(stats.get("execution_count", 0)),
             "success": count("success"), "queue_ns": ns("queue"), "compute_input_ns": ns("compute_input"),
             "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
+
+
+def load_images(paths: Sequence[Path]) -> list[bytes]:
+    """The encoded images a sweep sends, each first checked as training and the server read it
+    (``image_problem``): with a bad one among them, its requests would fail and the figures would
+    count only the others."""
+    for path in paths:
+        if (problem := image_problem(path)) is not None:
+            raise ServeError(f"bench: {path}: {problem}: expected only images the server answers "
+                             "('clfpipe data check' finds the others in a data folder)")
+    return [path.read_bytes() for path in paths]
 
 
 def model_config(client, protocol: str, model: str) -> dict[str, Any]:
@@ -229,7 +241,9 @@ def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "htt
         raise unreachable(url, protocol, exc) from exc
     except Exception as exc:  # not Triton's endpoint for this protocol
         raise not_triton(url, protocol, exc) from exc
-    describe(config, model, url)  # a model this sweep's requests fit: encoded images in, class probabilities out
+    _, max_batch = describe(config, model, url)  # a model this sweep's requests fit: encoded images in, probabilities out
+    if batch > max_batch:
+        raise ServeError(f"--batch: expected at most {max_batch} (the max_batch_size of {model!r}), got {batch}")
     levels = []
     for c in concurrencies:
         if requests is None and seconds is None:

@@ -222,6 +222,26 @@ def test_a_model_that_takes_no_encoded_images_is_one_line_before_any_request(tra
     assert not list(tmp_path.iterdir())
 
 
+def test_bench_refuses_a_bad_image_and_a_batch_over_the_models_before_any_request(trained_run, server, capsys, tmp_path):
+    """A bad image among good ones failed its requests and the figures counted only the rest,
+    with nothing said; --batch 100 failed every request."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in _valid(trained_run).files[:3]:
+        shutil.copy(f, folder)
+    (folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "bench"
+    base = ["bench", "--url", server.http_url, "--seconds", "1", "--out", str(out)]
+    assert main([*base, "--images", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == (f"clfpipe: error: bench: {folder / 'empty.jpg'}: not an image: expected JPEG, "
+                                               "PNG, BMP, WEBP bytes, got an empty file: expected only images the server "
+                                               "answers ('clfpipe data check' finds the others in a data folder)")
+    (folder / "empty.jpg").unlink()
+    assert main([*base, "--images", str(folder), "--batch", "100"]) == 2
+    assert capsys.readouterr().err.strip() == "clfpipe: error: --batch: expected at most 32 (the max_batch_size of 'classifier'), got 100"
+    assert not out.exists()
+
+
 def test_a_folder_with_one_bad_file_gets_every_other_answer(trained_run, server, tmp_path, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()

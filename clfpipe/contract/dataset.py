@@ -55,7 +55,7 @@ def header_problem(path: Path) -> str | None:
     except Image.UnidentifiedImageError:
         with open(path, "rb") as fh:
             head = fh.read(8)
-        return f"not an image: expected {', '.join(FORMATS)} bytes, got a file starting {head!r}"
+        return f"not an image: expected {', '.join(FORMATS)} bytes, got " + (f"a file starting {head!r}" if head else "an empty file")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
         return first_line(exc)
     return None
