@@ -53,13 +53,18 @@ def _recipe(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int | None:
-    from clfpipe.train.loop import train_run
+    from clfpipe.train.loop import RECIPE_FILE, train_run
 
     if args.nproc > 1:  # this command again, under torchrun
         from clfpipe.train.distributed import launch_local, without_option
 
         return launch_local(args.nproc, without_option(args.argv, "--nproc"))
     if args.resume:
+        given = [name for name, value in (("--data", args.data), ("--run", args.run), ("--recipe", args.recipe),
+                                          ("--set", args.set)) if value]
+        if given:  # its schedule and batches are the recipe's it started with: a changed one would not resume it
+            raise RecipeError(f"train --resume continues a run with its own recipe and data ({RECIPE_FILE}): expected "
+                              f"no --data, --run, --recipe or --set with it, got {', '.join(given)}")
         train_run(None, args.resume, resume=True)
     elif args.data is None or args.run is None:
         raise RecipeError("train: expected --data and --run, or --resume RUN_DIR")

@@ -107,6 +107,14 @@ def test_imagenet_weights_without_a_network_name_the_offline_option(monkeypatch)
     assert "\n" not in message
 
 
+def test_resume_with_a_changed_recipe_or_data_is_refused(tmp_path, capsys):
+    """The overrides were silently ignored: a run resumed with --set stages.0.epochs=2 trained 30."""
+    for extra, named in ((["--set", "stages.0.epochs=2"], "--set"), (["--data", "d", "--recipe", "r.toml"], "--data, --recipe")):
+        _one_line_error(capsys, ["train", "--resume", str(tmp_path), *extra],
+                        "train --resume continues a run with its own recipe and data (recipe.resolved.toml): expected "
+                        f"no --data, --run, --recipe or --set with it, got {named}")
+
+
 def test_a_run_directory_that_cannot_be_made_is_one_line(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
