@@ -87,7 +87,8 @@ def validation_split(run: RunDir, manifest: Manifest, data_dir: Path | None) -> 
     try:
         return scan_data(root, "valid", manifest.recipe.data.labels_csv, classes=tuple(manifest.classes))
     except DataError as exc:
-        raise ExportError(f"cannot read the validation images for the agreement gate: {exc} (pass --data)") from exc
+        hint = "--data: expected a folder with the run's classes" if data_dir else "pass --data, a folder with the run's classes"
+        raise ExportError(f"cannot read the validation images for the agreement gate: {exc} ({hint})") from exc
 
 
 def gate_variant(variant: Variant, manifest: Manifest, *, reference: np.ndarray, test: np.ndarray, labels: np.ndarray) -> GateResult:

@@ -180,6 +180,15 @@ def test_a_repository_that_cannot_be_written_is_one_line_naming_it(run_copy, tmp
         assert f".{out.name}." not in err
 
 
+def test_export_data_with_other_classes_is_one_line_about_data(run_copy, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_demo_dataset(other, spec=DemoSpec(train_per_class=2, valid_per_class=2, image_size=32))
+    shutil.move(other / "valid" / "vertical", other / "valid" / "dog")
+    _one_line_error(capsys, ["export", "onnx", "--run", str(run_copy), "--precision", "fp32", "--data", str(other)],
+                    "expected class folders ['checker', 'horizontal', 'vertical'], got ['checker', 'dog', 'horizontal'] "
+                    "(--data: expected a folder with the run's classes)")
+
+
 def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
