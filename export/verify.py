@@ -18,7 +18,7 @@ from onnxruntime import InferenceSession
 
 from clfpipe.contract.dataset import Split, scan_data
 from clfpipe.contract.engines import Variant
-from clfpipe.contract.errors import ExportError
+from clfpipe.contract.errors import DataError, ExportError
 from clfpipe.contract.gates import GateResult
 from clfpipe.contract.integrity import recorded_hashes, tree_problems
 from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes
@@ -138,11 +138,14 @@ def profile_batch_size(manifest: Manifest) -> int:
 
 
 def images_split(run: RunDir, manifest: Manifest, images: Path | None) -> Split:
-    """The validation set, or a folder laid out like it (DIR/<class>/*.jpg, or tags for multi-label)."""
+    """The validation set, or a folder laid out like it (DIR/<class>/*.jpg with some of the run's
+    classes, or tags for multi-label)."""
     if images is None:
         return validation_split(run, manifest, None)
     images = Path(images)
-    return scan_data(images.parent, images.name, manifest.recipe.data.labels_csv, tuple(manifest.classes))
+    if not images.is_dir():
+        raise DataError(f"--images: expected a folder laid out like DATA/valid (<class>/*.jpg), got {images} (no such folder)")
+    return scan_data(images.parent, images.name, manifest.recipe.data.labels_csv, tuple(manifest.classes), some_classes=True)
 
 
 def verify_run(run_dir: Path, images: Path | None = None) -> Verification:

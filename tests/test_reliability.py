@@ -108,6 +108,23 @@ def test_verify_checks_the_repository_and_the_run_files_are_copies(run_copy, cap
     assert "repository model_repository: FAIL (changed: backbone/1/model.onnx)" in out
 
 
+def test_verify_takes_a_sample_of_some_classes_and_names_a_missing_folder(run_copy, tmp_path, capsys):
+    """A sample with one class was refused (every class folder was required); a folder that is not
+    there was 'expected a ... folder in its parent'."""
+    sample = tmp_path / "sample"
+    (sample / "checker").mkdir(parents=True)
+    shutil.copy(next((RunDir(run_copy).data_dir(RunDir(run_copy).read()) / "valid" / "checker").glob("*.jpg")), sample / "checker")
+    assert main(["verify", "--run", str(run_copy), "--images", str(sample)]) == 0
+    assert "verify: 1 images against PyTorch fp32" in capsys.readouterr().out
+    (sample / "dog").mkdir()
+    shutil.copy(next((sample / "checker").iterdir()), sample / "dog")
+    assert main(["verify", "--run", str(run_copy), "--images", str(sample)]) == 2
+    assert f"{sample}: expected class folders among ['checker', 'horizontal', 'vertical'], got ['checker', 'dog']" in capsys.readouterr().err
+    assert main(["verify", "--run", str(run_copy), "--images", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip() == (f"clfpipe: error: --images: expected a folder laid out like DATA/valid (<class>/*.jpg), "
+                                               f"got {tmp_path / 'nothing'} (no such folder)")
+
+
 def test_exported_graphs_and_the_manifest_carry_no_build_paths(trained_run):
     for onnx in trained_run.glob("*.onnx"):
         data = onnx.read_bytes()

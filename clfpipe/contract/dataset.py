@@ -106,19 +106,25 @@ def _labels_hint(data_dir: Path) -> str:
             f"(data check: --labels-csv {tables[0]})")
 
 
-def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True) -> Split:
-    """Read DATA/<split>/<class>/...; classes default to the sorted folder names."""
+def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True,
+               some_classes: bool = False) -> Split:
+    """Read DATA/<split>/<class>/...; classes default to the sorted folder names. Given classes, the
+    folders are those classes, or with ``some_classes`` any of them (a sample to check a model on)."""
     root = split_folder(data_dir, split, "<class>/*.jpg")
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     if classes is None:
         classes = tuple(found)
         if len(classes) < 2:
             raise DataError(f"expected at least 2 class folders in {root}, got {len(classes)}{_labels_hint(data_dir)}")
-    elif sorted(classes) != found:
+    elif some_classes and (not found or not set(found) <= set(classes)):
+        raise DataError(f"{root}: expected class folders among {list(classes)}, got {found}")
+    elif not some_classes and sorted(classes) != found:
         raise DataError(f"{root}: expected class folders {list(classes)}, got {found}")
     files: list[Path] = []
     labels: list[int] = []
     for index, name in enumerate(classes):
+        if name not in found:
+            continue  # some_classes: a class this sample lacks
         images = list_images(root / name)
         if not images:
             raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
@@ -166,11 +172,12 @@ def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[
 
 
 def scan_data(data_dir: Path, split: str, labels_csv: str = "", classes: tuple[str, ...] | None = None, *,
-              verify: bool = True) -> Split:
-    """Single-label class folders, or multi-label tags when labels_csv is set."""
+              verify: bool = True, some_classes: bool = False) -> Split:
+    """Single-label class folders (``some_classes``: see ``scan_split``), or multi-label tags when
+    labels_csv is set."""
     if labels_csv:
         return scan_multilabel(data_dir, split, labels_csv, classes, verify=verify)
-    return scan_split(data_dir, split, classes, verify=verify)
+    return scan_split(data_dir, split, classes, verify=verify, some_classes=some_classes)
 
 
 @dataclass(frozen=True)
