@@ -337,7 +337,7 @@ def _add_export_commands(sub: argparse._SubParsersAction) -> None:
 
     p = _sub(sub, "verify", "every exported variant on every runtime here against PyTorch fp32")
     p.add_argument("--run", type=Path, required=True, help="a run directory with exported variants")
-    p.add_argument("--images", type=Path, help="a folder laid out like DATA/valid (default: the validation set)")
+    p.add_argument("--images", type=Path, help="a folder laid out like DATA/valid, with some or all of the run's classes (default: the validation set)")
     p.set_defaults(func=_cmd_verify)
 
 
