@@ -23,7 +23,7 @@ from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Gate, Varian
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.integrity import recorded_hashes
-from clfpipe.contract.manifest import Manifest, RunDir
+from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir
 from clfpipe.contract.preprocess import load_pixels, normalize
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
@@ -38,7 +38,8 @@ from clfpipe.serve.deploy import Deployment, inference_service, k8s_manifests, w
 from clfpipe.serve.repository import build_repository
 from clfpipe.serve.server import Ports, start_server, stop_server
 from clfpipe.train.evaluate import deterministic_tta
-from clfpipe.train.loop import train_run
+from clfpipe.train.loop import RECIPE_FILE, train_run
+from clfpipe.train.state import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +266,23 @@ def _predict_and_check(info, run_dir: Path, valid: Split, decode: str) -> None:
     log.info("\nclassifier_tta (http) vs the training side's deterministic TTA on %s", tta.summary())
 
 
+def _clear_demo_run(run_dir: Path) -> None:
+    """The demo starts from a clean WORKDIR/run: one an earlier demo (or any clfpipe run) left is
+    removed; anything else there is refused, not deleted (--workdir may name a folder of the user's)."""
+    if not run_dir.exists():
+        return
+    marks = (MANIFEST_NAME, RECIPE_FILE, STATE_FILE)
+    if not run_dir.is_dir() or not any((run_dir / mark).is_file() for mark in marks):
+        raise ManifestError(f"--workdir: {run_dir} exists and is no clfpipe run (none of {', '.join(marks)} in it): "
+                            "expected a new folder or one an earlier demo used; it is left as it was")
+    shutil.rmtree(run_dir)
+
+
 def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 0) -> dict[str, float]:
     """The whole product on the demo data; returns the seconds per stage."""
     timer = StageTimer()
     data_dir, run_dir = workdir / "data", workdir / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its workdir: start clean
+    _clear_demo_run(run_dir)
     with timer.stage("data"):
         counts = write_demo_dataset(data_dir, seed)
         log.info("data: %d train / %d valid JPEGs -> %s", counts["train"], counts["valid"], data_dir)

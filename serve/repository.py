@@ -38,7 +38,7 @@ import clfpipe.serve.probe as probe_module
 from clfpipe.contract import tensors
 from clfpipe.contract.engines import ENGINES, SERVED, Served, Variant
 from clfpipe.contract.errors import ManifestError, ServeError
-from clfpipe.contract.integrity import tree_problems, write_tree_hashes
+from clfpipe.contract.integrity import HASHES_FILE, tree_problems, write_tree_hashes
 from clfpipe.contract.manifest import Manifest, RunDir, relative_to_run
 from clfpipe.contract.probabilities import NONE, SIGMOID, SOFTMAX
 from clfpipe.model_repository import TEMPLATES
@@ -387,6 +387,15 @@ def verify_repository(root: Path) -> None:
                          "rebuild it with 'clfpipe repo --run RUN_DIR'")
 
 
+def _check_replaceable(out: Path) -> None:
+    """OUT is replaced only when it is a repository 'clfpipe repo' wrote (its hashes file at the
+    root) or an empty folder: ``--out`` naming any other folder must not delete it."""
+    if out.is_dir() and ((out / HASHES_FILE).is_file() or not any(out.iterdir())):
+        return
+    raise ServeError(f"--out {out}: expected a new folder or a repository 'clfpipe repo' wrote (no {HASHES_FILE} there): "
+                     "it is left as it was")
+
+
 def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded",
                      engines: Mapping[str, str] | None = None, decode: str | None = None) -> Path:
     """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it.
@@ -398,6 +407,8 @@ def build_repository(run_dir: Path, out: Path | None = None, target: str = "embe
     manifest = run.read()
     default = "model_repository" if target == "embedded" else "model_repository_container"
     out = Path(out) if out else run_dir / default
+    if out.exists():
+        _check_replaceable(out)
     try:  # the staging folder is the repository's sibling, so the rename at the end is atomic
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

@@ -189,6 +189,29 @@ def test_export_data_with_other_classes_is_one_line_about_data(run_copy, tmp_pat
                     "(--data: expected a folder with the run's classes)")
 
 
+def test_repo_out_naming_a_folder_of_other_files_leaves_it_as_it_was(run_copy, tmp_path, capsys):
+    """--out was deleted and replaced, whatever it held."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    _one_line_error(capsys, ["repo", "--run", str(run_copy), "--out", str(mine)],
+                    f"--out {mine}: expected a new folder or a repository 'clfpipe repo' wrote (no clfpipe_repository.json "
+                    "there): it is left as it was")
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and not list(tmp_path.glob(".mine.*"))
+    assert main(["repo", "--run", str(run_copy), "--out", str(tmp_path / "repo")]) == 0
+    assert main(["repo", "--run", str(run_copy), "--out", str(tmp_path / "repo")]) == 0  # its own: replaced
+
+
+def test_demo_workdir_with_a_run_folder_of_other_files_leaves_it_as_it_was(tmp_path, capsys):
+    """The demo removed WORKDIR/run, whatever it held, before writing its own."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    _one_line_error(capsys, ["demo", "--workdir", str(tmp_path)],
+                    f"--workdir: {tmp_path / 'run'} exists and is no clfpipe run (none of manifest.json, recipe.resolved.toml, "
+                    "train_state.pt in it): expected a new folder or one an earlier demo used; it is left as it was")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
 def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
