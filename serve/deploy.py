@@ -30,6 +30,8 @@ QUEUE_METRIC = "triton_backbone_queue_us_per_request"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # RFC 1123 label
 _URI = re.compile(r"^(s3|gs|as)://\S+$")
+# a container image reference: [registry[:port]/]path[:tag][@sha256:digest], no spaces (docker's grammar, loosely)
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*[A-Za-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Deployment:
             raise ServeError(f"--repository-uri: expected s3://, gs:// or as:// followed by a path, got {self.repository_uri!r}")
         if self.namespace is not None and not _NAMESPACE.match(self.namespace):  # kubectl would refuse the manifests
             raise ServeError(f"--namespace: expected a DNS label (lowercase letters, digits, '-', at most 63), got {self.namespace!r}")
+        if self.image is not None and not _IMAGE.match(self.image):
+            raise ServeError(f"--image: expected an image reference such as nvcr.io/nvidia/tritonserver:24.10-py3, got {self.image!r}")
         if self.pvc is not None and not _NAME.match(self.pvc):
             raise ServeError(f"--pvc: expected a PersistentVolumeClaim name, got {self.pvc!r}")
         checks = [("--replicas", self.replicas, 1, 1000), ("--max-replicas", self.max_replicas, self.replicas, 1000),

@@ -86,10 +86,18 @@ def test_the_inference_service_validates_against_kserves_models(tmp_path):
     ({"pvc": "m", "gpus": -1}, "--gpu: expected 0 to 16, got -1"),
     ({"pvc": "m", "namespace": "Bad_NS"}, "--namespace: expected a DNS label (lowercase letters, digits, '-', at most 63), got 'Bad_NS'"),
     ({"pvc": "m", "namespace": "n" * 64}, "--namespace: expected a DNS label"),
+    ({"pvc": "m", "image": ""}, "--image: expected an image reference such as nvcr.io/nvidia/tritonserver:24.10-py3, got ''"),
+    ({"pvc": "m", "image": "my image:1"}, "--image: expected an image reference"),
 ])
 def test_bad_options_are_one_line(kwargs, message):
     with pytest.raises(ServeError, match=re.escape(message)):
         Deployment(**kwargs)
+
+
+@pytest.mark.parametrize("image", ["nvcr.io/nvidia/tritonserver:24.10-py3", "localhost:5000/triton", "triton",
+                                   "reg.example/team/triton@sha256:" + "a" * 64])
+def test_image_references_that_registries_take_are_taken(image):
+    assert Deployment(pvc="m", image=image).image == image
 
 
 @pytest.mark.slow
