@@ -131,7 +131,9 @@ def test_bench_says_why_every_request_failed_and_bounds_its_clients(trained_run,
     images = [f.read_bytes() for f in _valid(trained_run).files[:2]]
     url = server.http_url if protocol == "http" else server.grpc_url
     with pytest.raises(ServeError, match=r"every request to 'classifier' failed at concurrency 1 \(2 errors; the first: "
-                                         r"inference request batch-size must be <= \d+ for 'classifier'\)$"):
+                                         r".*not an image.*\)$"):
+        sweep(url, "classifier", [b"plain text"], protocol=protocol, concurrencies=[1], requests=2)  # bytes: unchecked
+    with pytest.raises(ServeError, match=r"^--batch: expected at most 32 \(the max_batch_size of 'classifier'\), got 1000$"):
         sweep(url, "classifier", images, protocol=protocol, concurrencies=[1], batch=1000, requests=2)
     with pytest.raises(ServeError, match=r"--concurrency: expected 1 to 1024 clients a level, got 99999"):
         sweep(url, "classifier", images, protocol=protocol, concurrencies=[1, 99999], requests=2)
