@@ -75,7 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
 def _cmd_lr_find(args: argparse.Namespace) -> None:
     from clfpipe.train.loop import lr_find_for_run
 
-    result = lr_find_for_run(args.run, args.stage)
+    result = lr_find_for_run(args.run, args.stage, args.data)
     for name, lr in result.suggestions.items():
         print(f"{name}\t{lr:.3e}")
 
@@ -301,6 +301,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p = _sub(sub, "lr-find", "learning-rate sweep for a stage of a trained run, from the weights that stage started from")
     p.add_argument("--run", type=Path, required=True, help="a trained run directory")
     p.add_argument("--stage", type=int, default=0, help="stage index, counted from 0 as in --set stages.N")
+    p.add_argument("--data", type=Path, help="image folder with the run's classes (default: the one training used)")
     p.set_defaults(func=_cmd_lr_find)
 
 

@@ -116,7 +116,7 @@ def choose_engines(run_dir: Path) -> dict[str, str]:
                                 f"(expected {served.variant(serve.precision, wanted[0]).name}; 'clfpipe export pt2' makes the torch ones)")
         if len(candidates) > 1:
             if pixels is None:
-                split = validation_split(run, manifest, None)
+                split = validation_split(run, manifest, None, option=None)
                 batch = profile_batch_size(manifest)
                 pixels = np.resize(load_pixels(split.files[:batch], manifest.preprocess), (batch, *[manifest.preprocess.crop] * 2, 3))
             timings = {v.name: profile(run, manifest, v.name, v.input_form.prepare(pixels, manifest.preprocess)) for v in candidates}
@@ -192,7 +192,7 @@ def _tta_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> 
 
 def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> np.ndarray:
     """The files' labels from the run's validation split (the same file by any path)."""
-    split = validation_split(run, manifest, None)
+    split = validation_split(run, manifest, None, option=None)
     by_file = {Path(f).resolve(): label for f, label in zip(split.files, split.labels)}
     keys = [Path(f).resolve() for f in files]
     missing = [str(f) for f, k in zip(files, keys) if k not in by_file]

@@ -82,12 +82,17 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def validation_split(run: RunDir, manifest: Manifest, data_dir: Path | None) -> Split:
+def validation_split(run: RunDir, manifest: Manifest, data_dir: Path | None, option: str | None = "--data") -> Split:
+    """DATA/valid of `data_dir`, else of the folder training read; `option`: what names another
+    folder in the command at hand, for the error (None: none does)."""
     root = Path(data_dir) if data_dir else run.data_dir(manifest)
     try:
         return scan_data(root, "valid", manifest.recipe.data.labels_csv, classes=tuple(manifest.classes))
     except DataError as exc:
-        hint = "--data: expected a folder with the run's classes" if data_dir else "pass --data, a folder with the run's classes"
+        if data_dir:
+            hint = f"{option}: expected a folder with the run's classes"
+        else:
+            hint = f"pass {option}, a folder with the run's classes" if option else "the data folder training read"
         raise ExportError(f"cannot read the validation images for the agreement gate: {exc} ({hint})") from exc
 
 

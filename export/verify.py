@@ -141,7 +141,7 @@ def images_split(run: RunDir, manifest: Manifest, images: Path | None) -> Split:
     """The validation set, or a folder laid out like it (DIR/<class>/*.jpg with some of the run's
     classes, or tags for multi-label)."""
     if images is None:
-        return validation_split(run, manifest, None)
+        return validation_split(run, manifest, None, option="--images")
     images = Path(images)
     if not images.is_dir():
         raise DataError(f"--images: expected a folder laid out like DATA/valid (<class>/*.jpg), got {images} (no such folder)")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clfpipe.cli import main
+from clfpipe.contract.manifest import RunDir
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 
 
@@ -124,10 +125,6 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tiny_data, tmp_path, ca
 
 @pytest.mark.slow
 def test_data_and_run_paths_with_spaces_and_non_ascii_train(tiny_data, tmp_path):
-    import shutil
-
-    from clfpipe.contract.manifest import RunDir
-
     data = tmp_path / "my data ünï"
     shutil.copytree(tiny_data, data)
     run = tmp_path / "runs with space" / "ü run"
@@ -210,6 +207,17 @@ def test_demo_workdir_with_a_run_folder_of_other_files_leaves_it_as_it_was(tmp_p
                     f"--workdir: {tmp_path / 'run'} exists and is no clfpipe run (none of manifest.json, recipe.resolved.toml, "
                     "train_state.pt in it): expected a new folder or one an earlier demo used; it is left as it was")
     assert [p.name for p in tmp_path.iterdir()] == ["run"] and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_moved_from_its_data_names_the_option_that_gives_another(run_copy, tmp_path, capsys):
+    """verify said 'pass --data', an option it lacks; lr-find had none."""
+    moved = tmp_path / "a" / "b" / "run"
+    shutil.copytree(run_copy, moved)  # the data folder is recorded relative to the run: not beside it here
+    _one_line_error(capsys, ["verify", "--run", str(moved)], "(pass --images, a folder with the run's classes)")
+    _one_line_error(capsys, ["lr-find", "--run", str(moved)], "(the folder training read; pass --data)")
+    data = RunDir(run_copy).data_dir(RunDir(run_copy).read())
+    assert main(["lr-find", "--run", str(moved), "--data", str(data)]) == 0
+    assert "valley\t" in capsys.readouterr().out
 
 
 def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy, tmp_path, capsys):

@@ -27,7 +27,7 @@ from torch import nn
 
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.dataset import scan_data
-from clfpipe.contract.errors import ClfpipeError, ManifestError, RecipeError
+from clfpipe.contract.errors import ClfpipeError, DataError, ManifestError, RecipeError
 from clfpipe.contract.manifest import (
     CHECKPOINT,
     CHECKPOINT_FILE,
@@ -386,17 +386,22 @@ def stage_start_model(run: RunDir, manifest: Manifest, index: int) -> Classifier
     return load_checkpoint(model, run.artifact_path(manifest, name))
 
 
-def lr_find_for_run(run_dir: Path, stage_index: int) -> LrFindResult:
-    """``clfpipe lr-find``: sweep stage N's settings from the weights that stage started from; the
-    run's files are left as they were (apart from lr_find_stage<N>.png and .json)."""
+def lr_find_for_run(run_dir: Path, stage_index: int, data_dir: Path | None = None) -> LrFindResult:
+    """``clfpipe lr-find``: sweep stage N's settings from the weights that stage started from, on
+    `data_dir` (default: the folder training read); the run's files are left as they were (apart
+    from lr_find_stage<N>.png and .json)."""
     run = RunDir(run_dir)
     manifest = run.read()
     recipe = manifest.recipe
     if not 0 <= stage_index < len(recipe.stages):
         raise RecipeError(f"--stage: expected 0..{len(recipe.stages) - 1}, got {stage_index}")
-    data_dir = run.data_dir(manifest)
-    train_split = scan_data(data_dir, "train", recipe.data.labels_csv, tuple(manifest.classes))
-    valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, tuple(manifest.classes))
+    data = Path(data_dir) if data_dir else run.data_dir(manifest)
+    try:
+        train_split, valid_split = (scan_data(data, split, recipe.data.labels_csv, tuple(manifest.classes))
+                                    for split in ("train", "valid"))
+    except DataError as exc:
+        hint = "--data: expected the run's classes" if data_dir else "the folder training read; pass --data"
+        raise DataError(f"{exc} ({hint})") from exc
     ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), Path(run_dir))
     model = stage_start_model(run, manifest, stage_index).to(ctx.device)
     stage = recipe.stages[stage_index]
