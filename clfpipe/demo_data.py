@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -63,9 +64,25 @@ def _writing_to(out: Path) -> Iterator[None]:
         raise DataError(f"cannot write the demo dataset to {out}: {exc.strerror or exc}") from exc
 
 
+def _check_own(out: Path, written: re.Pattern[str]) -> None:
+    """OUT is new, or holds only files a demo dataset of this kind names (`written`, matched against
+    paths relative to OUT): demo images written into a folder of the user's would mix with its data."""
+    if not out.is_dir():
+        return
+    for path in out.rglob("*"):
+        if path.is_file() and not written.fullmatch(path.relative_to(out).as_posix()):
+            raise DataError(f"{out} holds files the demo dataset does not (such as {path.relative_to(out)}): expected a new "
+                            "folder or one with a demo dataset; nothing was written")
+
+
+_SINGLE_FILES = re.compile(rf"(train|valid)/({'|'.join(CLASSES)})/\2_\d{{4}}\.jpg")
+
+
 def write_demo_dataset(out_dir: str | Path, seed: int = 0, spec: DemoSpec = DemoSpec()) -> dict[str, int]:
-    """Write OUT/train/<class>/*.jpg and OUT/valid/<class>/*.jpg; returns counts per split."""
+    """Write OUT/train/<class>/*.jpg and OUT/valid/<class>/*.jpg (OUT new, or a demo dataset's:
+    ``_check_own``); returns counts per split."""
     out = Path(out_dir)
+    _check_own(out, _SINGLE_FILES)
     rng = np.random.default_rng(seed)
     counts = {"train": 0, "valid": 0}
     with _writing_to(out):
@@ -106,8 +123,10 @@ def draw_tagged(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple
 
 
 def write_demo_multilabel(out_dir: str | Path, seed: int = 0, *, train: int = 240, valid: int = 60, image_size: int = 96) -> dict[str, int]:
-    """Planet-style layout: OUT/train/*.jpg, OUT/valid/*.jpg and OUT/labels.csv (image,tags)."""
+    """Planet-style layout: OUT/train/*.jpg, OUT/valid/*.jpg and OUT/labels.csv (image,tags), OUT
+    new or a demo dataset's (``_check_own``)."""
     out = Path(out_dir)
+    _check_own(out, re.compile(rf"(train|valid)/\1_\d{{4}}\.jpg|{re.escape(LABELS_CSV)}"))
     rng = np.random.default_rng(seed)
     rows = ["image,tags"]
     with _writing_to(out):

@@ -1,6 +1,9 @@
 import hashlib
 
-from clfpipe.demo_data import CLASSES, DemoSpec, write_demo_dataset
+import pytest
+
+from clfpipe.contract.errors import DataError
+from clfpipe.demo_data import CLASSES, DemoSpec, write_demo_dataset, write_demo_multilabel
 
 
 def _digest(root):
@@ -26,3 +29,19 @@ def test_deterministic_for_a_seed(tmp_path):
     write_demo_dataset(tmp_path / "c", seed=4, spec=spec)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_demo_images_are_never_mixed_into_a_folder_of_other_files(tmp_path, multi_label):
+    """They were written beside whatever the folder held (a user's dataset got three new classes)."""
+    write = (lambda out: write_demo_multilabel(out, train=4, valid=2, image_size=32)) if multi_label else \
+        (lambda out: write_demo_dataset(out, spec=DemoSpec(train_per_class=2, valid_per_class=1, image_size=32)))
+    write(tmp_path / "demo")
+    write(tmp_path / "demo")  # its own: written again
+    mine = tmp_path / "mine"
+    (mine / "train" / "dog").mkdir(parents=True)
+    (mine / "train" / "dog" / "rex.jpg").write_bytes(b"a photo")
+    with pytest.raises(DataError, match=r"holds files the demo dataset does not \(such as train/dog/rex.jpg\): expected a new "
+                                        r"folder or one with a demo dataset; nothing was written$"):
+        write(mine)
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["train", "train/dog", "train/dog/rex.jpg"]
