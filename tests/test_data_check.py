@@ -94,8 +94,9 @@ def test_training_refuses_unusable_headers_all_counted_before_the_run_exists(dat
 
 
 def test_data_check_range_checks_its_workers_and_names_a_missing_folder(data, tmp_path):
-    with pytest.raises(DataError, match="workers: expected at least 1, got 0"):
-        check_data(data, workers=0)
+    for workers in (0, 257):
+        with pytest.raises(DataError, match=f"^--workers: expected 1 to 256, got {workers}$"):
+            check_data(data, workers=workers)
     with pytest.raises(DataError, match="data folder not found"):
         check_data(tmp_path / "nope")
 

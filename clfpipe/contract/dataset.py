@@ -192,12 +192,15 @@ class DataCheck:
 SPLITS = ("train", "valid")
 
 
+MAX_CHECK_WORKERS = 256  # decoding threads: past the machine's cores they only add memory
+
+
 def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1) -> DataCheck:
     """Every image the layout finds in DATA (both splits) decoded whole, as training and the
     server decode it: the files a run would stop on, all at once (as fastai's ``verify_images``).
     ``workers`` threads decode (Pillow releases the GIL while decoding)."""
-    if workers < 1:
-        raise DataError(f"workers: expected at least 1, got {workers}")
+    if not 1 <= workers <= MAX_CHECK_WORKERS:
+        raise DataError(f"--workers: expected 1 to {MAX_CHECK_WORKERS}, got {workers}")
     data_dir = Path(data_dir)
     train = scan_data(data_dir, "train", labels_csv, verify=False)
     splits = [train, scan_data(data_dir, "valid", labels_csv, train.classes, verify=False)]
