@@ -435,6 +435,9 @@ def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
         raise ServeError(f"expected a model repository with <model>/config.pbtxt, got {repo}")
     verify_repository(repo)
+    if (recorded_hashes(repo) or {}).get("target", "embedded") != "embedded":  # onnxruntime_onnx: no such backend here
+        raise ServeError(f"{repo} is the repository for NVIDIA's Triton container ('clfpipe repo --target container'): "
+                         "expected the embedded one, which 'clfpipe repo --run RUN_DIR' makes")
     check_torch_packages(repo)
     running = read_info(state_dir)
     if running and is_our_server(running):

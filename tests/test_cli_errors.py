@@ -220,6 +220,16 @@ def test_a_run_moved_from_its_data_names_the_option_that_gives_another(run_copy,
     assert "valley\t" in capsys.readouterr().out
 
 
+def test_serving_the_container_repository_here_is_one_line_naming_the_embedded_one(run_copy, tmp_path, capsys):
+    """Triton started, failed to find its onnxruntime backend, and exited."""
+    assert main(["-q", "repo", "--run", str(run_copy), "--target", "container"]) == 0
+    repo = run_copy / "model_repository_container"
+    _one_line_error(capsys, ["serve", "up", "--repo", str(repo), "--state-dir", str(tmp_path / "state")],
+                    f"{repo.resolve()} is the repository for NVIDIA's Triton container ('clfpipe repo --target container'): "
+                    "expected the embedded one, which 'clfpipe repo --run RUN_DIR' makes")
+    assert not list((tmp_path / "state").glob("*"))  # nothing started: no pid file, no copied backend
+
+
 def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
