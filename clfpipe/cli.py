@@ -53,11 +53,11 @@ def _recipe(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int | None:
+    from clfpipe.train.distributed import check_nproc, launch_local, without_option
     from clfpipe.train.loop import RECIPE_FILE, train_run
 
+    check_nproc(args.nproc)
     if args.nproc > 1:  # this command again, under torchrun
-        from clfpipe.train.distributed import launch_local, without_option
-
         return launch_local(args.nproc, without_option(args.argv, "--nproc"))
     if args.resume:
         given = [name for name, value in (("--data", args.data), ("--run", args.run), ("--recipe", args.recipe),

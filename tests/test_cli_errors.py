@@ -108,6 +108,14 @@ def test_imagenet_weights_without_a_network_name_the_offline_option(monkeypatch)
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("nproc", ["0", "-3", "1025"])
+def test_nproc_out_of_range_is_one_line_before_anything_starts(tiny_data, tmp_path, capsys, nproc):
+    """--nproc 0 and -3 trained in one process, as if nothing were wrong."""
+    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run"), "--nproc", nproc],
+                    f"--nproc: expected 1 to 1024 processes, got {nproc}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_with_a_changed_recipe_or_data_is_refused(tmp_path, capsys):
     """The overrides were silently ignored: a run resumed with --set stages.0.epochs=2 trained 30."""
     for extra, named in ((["--set", "stages.0.epochs=2"], "--set"), (["--data", "d", "--recipe", "r.toml"], "--data, --recipe")):

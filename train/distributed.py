@@ -59,6 +59,14 @@ def from_env() -> Dist:
     return dist
 
 
+MAX_NPROC = 1024
+
+
+def check_nproc(nproc: int) -> None:
+    if not 1 <= nproc <= MAX_NPROC:
+        raise RecipeError(f"--nproc: expected 1 to {MAX_NPROC} processes, got {nproc}")
+
+
 def launch_local(nproc: int, argv: list[str], entry: list[str] | None = None) -> int:
     """Run `clfpipe <argv>` (or `entry <argv>`) on `nproc` processes of this machine, as torchrun
     --standalone does, through torch's launcher API (torchrun's own command line would take
@@ -66,8 +74,7 @@ def launch_local(nproc: int, argv: list[str], entry: list[str] | None = None) ->
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if not 1 <= nproc <= 1024:
-        raise RecipeError(f"--nproc: expected 1 to 1024 processes, got {nproc}")
+    check_nproc(nproc)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"clfpipe-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     args = [*(entry or ["-m", "clfpipe"]), *argv]
