@@ -146,7 +146,7 @@ def _cmd_serve_up(args: argparse.Namespace) -> None:
 
     ports, repo = _ports(args), args.repo
     # everything it is told checked before a repository is made for --run
-    check_start(args.host, ports, args.timeout, args.model_control, args.allow_remote_model_control)
+    check_start(args.host, args.timeout, args.model_control, args.allow_remote_model_control)
     if args.run is not None:
         from clfpipe.pipeline import repository_for_run
 

@@ -32,7 +32,7 @@ from clfpipe.contract import tensors
 from clfpipe.contract.dataset import image_problem
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import atomic_write_bytes
-from clfpipe.serve.client import PROTOCOLS, describe, encoded_batch, not_triton, server_error, unreachable
+from clfpipe.serve.client import PROTOCOLS, describe, encoded_batch, model_config, not_triton, server_error, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,6 @@ def load_images(paths: Sequence[Path]) -> list[bytes]:
             raise ServeError(f"bench: {path}: {problem}: expected only images the server answers "
                              "('clfpipe data check' finds the others in a data folder)")
     return [path.read_bytes() for path in paths]
-
-
-def model_config(client, protocol: str, model: str) -> dict[str, Any]:
-    """A served model's config as JSON, over either protocol."""
-    return client.get_model_config(model, as_json=True)["config"] if protocol == "grpc" else client.get_model_config(model)
 
 
 def composing_models(client, protocol: str, model: str) -> list[str]:

@@ -71,6 +71,11 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def model_config(client: Any, protocol: str, model: str) -> dict[str, Any]:
+    """A served model's config as JSON, over either protocol's client."""
+    return client.get_model_config(model, as_json=True)["config"] if protocol == "grpc" else client.get_model_config(model)
+
+
 def describe(config: dict[str, Any], model: str, url: str) -> tuple[list[str], int]:
     """(class names in order, max batch size) from a clfpipe model's config: a model that takes
     encoded images (its IMAGE input), which is what this client sends."""
@@ -208,9 +213,7 @@ class Classifier:
         return client
 
     def _model_config(self, client: Any) -> dict[str, Any]:
-        if self.protocol == "http":
-            return client.get_model_config(self.model)
-        return client.get_model_config(self.model, as_json=True)["config"]
+        return model_config(client, self.protocol, self.model)
 
     def _error(self, exc: InferenceServerException) -> ServeError:
         return server_error(exc, self.url, self.protocol, self.model)

@@ -290,13 +290,17 @@ def _bind_error(host: str, port: int) -> OSError | ValueError | None:
     return None
 
 
+def _why(error: OSError | ValueError) -> str:
+    """What the system said of a socket error (its strerror), else the error's first line."""
+    return getattr(error, "strerror", None) or first_line(error)
+
+
 def check_host(host: str) -> None:
     """--host: an address (or name) of this machine that a server can listen on, or 0.0.0.0 / ::
     for every interface (bound once on a port the kernel picks)."""
     error = _bind_error(host, 0) if host.strip() else ValueError("empty")
     if error is not None:
-        why = getattr(error, "strerror", None) or first_line(error)
-        raise ServeError(f"--host: expected an address of this machine (0.0.0.0: every interface), got {host!r} ({why})")
+        raise ServeError(f"--host: expected an address of this machine (0.0.0.0: every interface), got {host!r} ({_why(error)})")
 
 
 def check_port_free(host: str, name: str, port: int) -> None:
@@ -308,10 +312,10 @@ def check_port_free(host: str, name: str, port: int) -> None:
         raise ServeError(f"{name} port {port} on {host} is in use: expected a free port (pass --{name}-port)")
     if getattr(error, "errno", None) == errno.EACCES:
         raise ServeError(f"--{name}-port {port}: this user may not listen below 1024: expected a port of 1024 or more")
-    raise ServeError(f"cannot listen on {host} port {port} for {name}: {getattr(error, 'strerror', None) or first_line(error)}")
+    raise ServeError(f"cannot listen on {host} port {port} for {name}: {_why(error)}")
 
 
-def check_start(host: str, ports: Ports, timeout: float, model_control: str, allow_remote_model_control: bool) -> None:
+def check_start(host: str, timeout: float, model_control: str, allow_remote_model_control: bool) -> None:
     """What 'serve up' is told, checked before anything is made or started (a repository for --run
     included): the host, the model control it allows, the timeout. Whether the ports are free is
     checked later, once a server of ours that holds them is known not to run."""
@@ -429,7 +433,7 @@ def start_server(repo: Path, state_dir: Path | None = None, *, host: str = "127.
                  timeout: float = 180.0, model_control: str = "none", allow_remote_model_control: bool = False,
                  supervise: bool = True) -> ServerInfo:
     """Start tritonserver on REPO and return once a real request through every ensemble works."""
-    check_start(host, ports, timeout, model_control, allow_remote_model_control)
+    check_start(host, timeout, model_control, allow_remote_model_control)
     state_dir = Path(state_dir or default_state_dir())
     repo = Path(repo).resolve()
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):

@@ -203,7 +203,7 @@ class DeviceBatches:
     @property
     def threads(self) -> int:
         """Prefetch threads a pass runs: none inline, else one, or one a step."""
-        return 0 if self.ahead <= 0 else len(self.steps) if self.thread_per_step else 1
+        return len(self._stages()) if self.ahead > 0 else 0
 
     def _stages(self) -> tuple[Step, ...]:
         """What each prefetch thread does to a batch, in order."""

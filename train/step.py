@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from clfpipe.contract.errors import first_line
+
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -26,16 +28,17 @@ WARMUP_STEPS = 3  # eager steps before the capture, on a side stream (torch's CU
 
 
 class EagerStep:
-    """Forward, loss, backward and the optimizer's step, call by call; returns the (detached) loss."""
+    """Forward, loss, backward and the optimizer's step, call by call; returns the (detached) loss.
+    ``set_to_none=False`` zeroes the gradients in place (tensors a CUDA graph writes)."""
 
     graphed = False
 
-    def __init__(self, loss: LossFn, optimizer: torch.optim.Optimizer) -> None:
-        self.loss, self.optimizer = loss, optimizer
+    def __init__(self, loss: LossFn, optimizer: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+        self.loss, self.optimizer, self.set_to_none = loss, optimizer, set_to_none
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         loss = self.loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -54,6 +57,8 @@ class GraphedStep:
     def __init__(self, loss: LossFn, optimizer: torch.optim.Optimizer, device: torch.device,
                  warmup: int = WARMUP_STEPS) -> None:
         self.loss, self.optimizer, self.device, self.warmup = loss, optimizer, device, warmup
+        self._eager_fresh = EagerStep(loss, optimizer)  # before the capture, or where it failed
+        self._eager_in_place = EagerStep(loss, optimizer, set_to_none=False)  # beside the graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self.calls = 0
@@ -69,8 +74,10 @@ class GraphedStep:
             if self.calls <= self.warmup:
                 return self._on_side_stream(batch)
             self._capture(batch)
-        if self.graph is None or not self._fits(batch):
-            return self._eager(batch)
+        if self.graph is None:
+            return self._eager_fresh(batch)
+        if not self._fits(batch):
+            return self._eager_in_place(batch)
         x, y = batch
         self._x.copy_(x)
         self._y.copy_(y)
@@ -86,7 +93,7 @@ class GraphedStep:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            loss = EagerStep(self.loss, self.optimizer)(batch)
+            loss = self._eager_fresh(batch)
         current.wait_stream(side)
         return loss
 
@@ -105,19 +112,10 @@ class GraphedStep:
             self.failed = True
             self.optimizer.zero_grad(set_to_none=True)
             log.warning("the training step could not be captured as a CUDA graph (%s): it runs eagerly",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        first_line(exc))
             return
         self.graph, self._loss = graph, loss
         log.info("training step captured as a CUDA graph (batch %s) after %d eager steps", tuple(self._x.shape), self.warmup)
-
-    def _eager(self, batch: Batch) -> torch.Tensor:
-        if self.graph is None:
-            return EagerStep(self.loss, self.optimizer)(batch)
-        loss = self.loss(batch)
-        self.optimizer.zero_grad(set_to_none=False)  # zeroed in place: the graph keeps writing these tensors
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
 
 
 TrainStep = EagerStep | GraphedStep
