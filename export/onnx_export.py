@@ -184,10 +184,11 @@ def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path |
     Each variant enters the manifest as soon as it passes; a failure keeps those before it."""
     run = RunDir(run_dir)
     manifest = run.read()
+    count = calibration_count(manifest, calibration)  # a bad count fails before minutes of loading, not after
     split = validation_split(run, manifest, data_dir)
     log.info("export: loading %d validation images for the agreement gates", len(split))
     inputs = ExportInputs(run, load_run_model(run, manifest), split, load_pixels(split.files, manifest.preprocess),
-                          Path(data_dir) if data_dir else run.data_dir(manifest), calibration_count(manifest, calibration))
+                          Path(data_dir) if data_dir else run.data_dir(manifest), count)
     for variant in variants:
         manifest = _export_one(inputs, manifest, variant)
     return manifest

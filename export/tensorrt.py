@@ -15,24 +15,47 @@ from clfpipe.contract import tensors
 from clfpipe.contract.engines import PRECISIONS, Variant
 from clfpipe.contract.errors import ExportError
 from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes, library_versions
+from clfpipe.contract.recipe import ServeConfig, field_range
 from clfpipe.runtime.tensorrt import current_platform, require_trt
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "trt_timing.cache"
 
 
+MAX_PROFILE_BATCH = int(field_range(ServeConfig, "max_batch_size")[1])  # no served model asks for more
+
+
+def check_profile(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    if not 1 <= min_batch <= opt_batch <= max_batch <= MAX_PROFILE_BATCH:
+        raise ExportError(f"expected 1 <= min-batch <= opt-batch <= max-batch <= {MAX_PROFILE_BATCH}, "
+                          f"got {min_batch}, {opt_batch}, {max_batch}")
+
+
+def _engine_of(entry: dict) -> str:
+    return entry["variant"].get("engine", "onnx") if "variant" in entry else "not an exported graph"
+
+
+def onnx_source(manifest: Manifest, name: str) -> tuple[Variant, dict]:
+    """The ONNX variant a plan is built from, and its manifest entry; another artifact is refused."""
+    entry = manifest.artifact(name)
+    if _engine_of(entry) != "onnx":
+        names = sorted(n for n, e in manifest.data["artifacts"].items() if _engine_of(e) == "onnx")
+        raise ExportError(f"--variant: expected an ONNX variant ({', '.join(names) or 'none exported'}), "
+                          f"got {name!r} ({_engine_of(entry)})")
+    return Variant.from_dict(entry["variant"]), entry
+
+
 def build_engine(run_dir: Path, variant_name: str = "onnx", *, min_batch: int = 1, opt_batch: int = 8,
                  max_batch: int = 32) -> Manifest:
-    """Build and record the plan of an exported ONNX variant with an optimization profile on `input`."""
-    trt = require_trt()
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ExportError(f"expected 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}, {opt_batch}, {max_batch}")
+    """Build and record the plan of an exported ONNX variant with an optimization profile on `input`.
+    What the user named (the profile, the run, the variant) is checked before TensorRT is needed."""
+    check_profile(min_batch, opt_batch, max_batch)
     run = RunDir(run_dir)
     manifest = run.read()
+    source, entry = onnx_source(manifest, variant_name)
     onnx_path = run.artifact_path(manifest, variant_name)
-    entry = manifest.artifact(variant_name)
-    source = Variant.from_dict(entry.get("variant", {}))
     engine = source.on("trt")
+    trt = require_trt()
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

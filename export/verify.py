@@ -144,7 +144,8 @@ def images_split(run: RunDir, manifest: Manifest, images: Path | None) -> Split:
         return validation_split(run, manifest, None, option="--images")
     images = Path(images)
     if not images.is_dir():
-        raise DataError(f"--images: expected a folder laid out like DATA/valid (<class>/*.jpg), got {images} (no such folder)")
+        what = "a file, not a folder" if images.exists() else "no such folder"
+        raise DataError(f"--images: expected a folder laid out like DATA/valid (<class>/*.jpg), got {images} ({what})")
     return scan_data(images.parent, images.name, manifest.recipe.data.labels_csv, tuple(manifest.classes), some_classes=True)
 
 

@@ -146,6 +146,19 @@ def test_export_trt_without_tensorrt_says_so_in_one_line(trained_run, capsys):
     assert len(err.splitlines()) == 1 and "cannot use TensorRT" in err
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--min-batch", "0"], "expected 1 <= min-batch <= opt-batch <= max-batch <= 4096, got 0, 8, 32"),
+    (["--max-batch", "100000"], "got 1, 8, 100000"),
+    (["--variant", "checkpoint"], "--variant: expected an ONNX variant (onnx"),
+])
+def test_export_trt_checks_what_it_is_given_before_tensorrt(trained_run, capsys, flags, expected):
+    """These were 'TensorRT is not installed' without it, and a checkpoint went to TensorRT's ONNX
+    parser with it; a batch of 100,000 went to the builder."""
+    assert main(["export", "trt", "--run", str(trained_run), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
 @pytest.mark.skipif(not trt_status()[0], reason=f"TensorRT unavailable: {trt_status()[1]}")
 def test_tensorrt_engine_builds_and_agrees(ladder_run):
     from clfpipe.export.verify import verify_run

@@ -57,7 +57,7 @@ def test_16_bit_white_stays_white():
 def test_bad_bytes_say_what_is_wrong():
     with pytest.raises(ValueError, match="empty image"):
         decode_image(b"")
-    with pytest.raises(ValueError, match="not an image: expected encoded JPEG/PNG bytes"):
+    with pytest.raises(ValueError, match="not an image: expected encoded JPEG, PNG, BMP or WebP bytes"):
         decode_image(b"hello, world")
     jpeg = io.BytesIO()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(jpeg, format="JPEG")

@@ -123,6 +123,9 @@ def test_verify_takes_a_sample_of_some_classes_and_names_a_missing_folder(run_co
     assert main(["verify", "--run", str(run_copy), "--images", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.strip() == (f"clfpipe: error: --images: expected a folder laid out like DATA/valid (<class>/*.jpg), "
                                                f"got {tmp_path / 'nothing'} (no such folder)")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    assert main(["verify", "--run", str(run_copy), "--images", str(tmp_path / "a.jpg")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"got {tmp_path / 'a.jpg'} (a file, not a folder)")
 
 
 def test_exported_graphs_and_the_manifest_carry_no_build_paths(trained_run):

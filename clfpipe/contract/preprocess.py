@@ -30,6 +30,7 @@ MAX_PIXELS = 64_000_000
 MAX_ASPECT = 16
 # The formats the README promises; Pillow would otherwise try ~40 (EPS runs Ghostscript).
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+ENCODINGS = "JPEG, PNG, BMP or WebP"  # FORMATS, as the errors name them
 # Baseline JPEG spends at least a bit on every 8x8 block: fewer bytes than pixels / 512 means a
 # header that claims far more pixels than the file holds (libjpeg would fill the rest with grey).
 JPEG_MIN_BYTES_PER_PIXEL = 1 / 512
@@ -94,13 +95,13 @@ def open_checked(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Parse the header of encoded bytes (JPEG, PNG, BMP, WebP) and check the size it claims,
     without decoding pixels; ValueError names what is wrong."""
     if not data:
-        raise ValueError("empty image: expected encoded JPEG/PNG bytes, got 0 bytes")
+        raise ValueError(f"empty image: expected encoded {ENCODINGS} bytes, got 0 bytes")
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning: check_size below decides, with our bounds
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.UnidentifiedImageError as exc:
-        raise ValueError(f"not an image: expected encoded JPEG/PNG bytes, got {len(data)} bytes starting {data[:8]!r}") from exc
+        raise ValueError(f"not an image: expected encoded {ENCODINGS} bytes, got {len(data)} bytes starting {data[:8]!r}") from exc
     except (OSError, Image.DecompressionBombError, SyntaxError, EOFError) as exc:
         raise ValueError(f"not a decodable image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     check_size(img.width, img.height, max_pixels)

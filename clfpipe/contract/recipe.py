@@ -44,6 +44,11 @@ def ranged(default: Any, lo: float, hi: float) -> Any:
     return field(default=default, metadata={"range": (lo, hi)})
 
 
+def field_range(config: type, name: str) -> tuple[float, float]:
+    """A ranged field's declared bounds, for checks outside the recipe that share them."""
+    return next(f for f in dataclasses.fields(config) if f.name == name).metadata["range"]
+
+
 def _check_ranges(section: str, config: Any) -> None:
     """Every ranged field of a section: finite and within its declared bounds, else one line."""
     for f in dataclasses.fields(config):

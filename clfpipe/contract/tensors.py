@@ -10,7 +10,7 @@ LOGITS = "logits"  # the classifier's raw outputs
 PROBS = "probs"  # probabilities, when the TTA average is folded into the graph
 
 # The served models
-IMAGE = "IMAGE"  # encoded JPEG/PNG bytes, one per batch row (TYPE_STRING, dims [1])
+IMAGE = "IMAGE"  # encoded image bytes (JPEG, PNG, BMP, WebP), one per batch row (TYPE_STRING, dims [1])
 IMAGE_PIXELS = "IMAGE_PIXELS"  # decoded uint8 HWC RGB images of any size
 PIXELS = "PIXELS"  # the spec's resized, cropped uint8 pixels between preprocessing and backbone
 SCORES = "PROBS"  # probabilities per class, FP32 (the ensembles' main output)

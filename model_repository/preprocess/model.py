@@ -1,4 +1,4 @@
-"""Triton python-backend model: encoded JPEG/PNG bytes -> uint8 (crop, crop, 3) pixels.
+"""Triton python-backend model: encoded JPEG, PNG, BMP or WebP bytes -> uint8 (crop, crop, 3) pixels.
 
 uint8 between the ensemble's steps is 4x fewer bytes than float32, and every image of the dynamic
 batch is decoded at once: on a thread pool with Pillow, or by nvJPEG on the GPU when the config
