@@ -16,7 +16,9 @@ import csv
 import io
 import json
 import logging
+import math
 import re
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,7 @@ from clfpipe.contract import tensors
 from clfpipe.contract.dataset import image_problem
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import atomic_write_bytes
+from clfpipe.contract.recipe import ServeConfig, field_range
 from clfpipe.serve.client import PROTOCOLS, describe, encoded_batch, model_config, not_triton, server_error, unreachable
 
 log = logging.getLogger(__name__)
@@ -209,25 +212,54 @@ def stable_level(url: str, protocol: str, model: str, images: Sequence[bytes], *
     return level_of(windows[-3:], concurrency, batch, ran=len(windows), stable=False)
 
 
+# option -> (least, most): nan passed "at least" and then measured forever, as inf would
+AMOUNTS = {"--requests": (1, 10_000_000), "--seconds": (1e-3, 3600.0), "--window": (1e-3, 600.0), "--batch": (1, int(field_range(ServeConfig, "max_batch_size")[1])),
+           "--max-windows": (3, 1000)}
+
+
+def check_amounts(values: dict[str, float | None]) -> None:
+    """Each given amount finite and within its bounds (``AMOUNTS``); None is not given."""
+    for name, value in values.items():
+        least, most = AMOUNTS[name]
+        if value is not None and not (math.isfinite(value) and least <= value <= most):
+            raise ServeError(f"{name}: expected {least} to {most}, got {value}")
+
+
+def check_out(out: Path) -> None:
+    """The folder the results go to, made and written to before the sweep: minutes of measuring
+    were lost to a file or a read-only place named there."""
+    if out.exists() and not out.is_dir():
+        raise ServeError(f"--out {out}: expected a folder, got a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise ServeError(f"--out {out}: expected a folder bench can write to ({exc.strerror or exc})") from exc
+
+
 MAX_CONCURRENCY = 1024  # clients a level: 99999 threads and connections ran for minutes without a word
+
+
+def check_sweep(protocol: str, concurrencies: Sequence[int], *, batch: int, requests: int | None, seconds: float | None,
+                window_s: float, max_windows: int) -> None:
+    """What a sweep is given, each within bounds, before any request (``sweep`` calls it too)."""
+    if protocol not in PROTOCOLS:
+        raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
+    if requests is not None and seconds is not None:
+        raise ServeError("bench: expected at most one of --requests and --seconds")
+    check_amounts({"--requests": requests, "--seconds": seconds, "--window": window_s, "--batch": batch,
+                   "--max-windows": max_windows})
+    for c in concurrencies:  # each client is a thread with its own connection
+        if not 1 <= c <= MAX_CONCURRENCY:
+            raise ServeError(f"--concurrency: expected 1 to {MAX_CONCURRENCY} clients a level, got {c}")
 
 
 def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "http", concurrencies: Sequence[int] = (1, 2, 4, 8, 16),
           batch: int = 1, requests: int | None = None, seconds: float | None = None, window_s: float = 2.0,
           max_windows: int = 10) -> list[Level]:
     """Every level in turn: a fixed amount when `requests` or `seconds` is given, else until stable."""
-    if protocol not in PROTOCOLS:
-        raise ServeError(f"--protocol: expected http or grpc, got {protocol!r}")
-    if requests is not None and seconds is not None:
-        raise ServeError("bench: expected at most one of --requests and --seconds")
-    checks = [("--requests", requests, 1), ("--seconds", seconds, 1e-3), ("--window", window_s, 1e-3), ("--batch", batch, 1),
-              ("--max-windows", max_windows, 3)]
-    for name, value, least in checks:
-        if value is not None and value < least:
-            raise ServeError(f"{name}: expected at least {least}, got {value}")
-    for c in concurrencies:  # each client is a thread with its own connection
-        if not 1 <= c <= MAX_CONCURRENCY:
-            raise ServeError(f"--concurrency: expected 1 to {MAX_CONCURRENCY} clients a level, got {c}")
+    check_sweep(protocol, concurrencies, batch=batch, requests=requests, seconds=seconds, window_s=window_s,
+                max_windows=max_windows)
     try:
         config = model_config(_client(url, protocol), protocol, model)
     except InferenceServerException as exc:

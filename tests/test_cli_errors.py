@@ -148,6 +148,29 @@ def test_a_malformed_url_is_one_line_before_any_client_is_made(tiny_data, capsys
         _one_line_error(capsys, [verb[0], "--url", url, *verb[1:]], "--url: expected HOST:PORT with a port in 1..65535")
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--seconds", "nan"], "--seconds: expected 0.001 to 3600.0, got nan"),  # measured forever
+    (["--seconds", "inf"], "--seconds: expected 0.001 to 3600.0, got inf"),
+    (["--window", "1e9"], "--window: expected 0.001 to 600.0, got 1000000000.0"),
+    (["--requests", "0"], "--requests: expected 1 to 10000000, got 0"),
+    (["--batch", "5000"], "--batch: expected 1 to 4096, got 5000"),
+])
+def test_bench_amounts_are_finite_and_bounded_before_any_request(tiny_data, tmp_path, capsys, flags, expected):
+    image = next((tiny_data / "valid" / "vertical").glob("*.jpg"))
+    _one_line_error(capsys, ["bench", "--url", "127.0.0.1:1", "--images", str(image), "--out", str(tmp_path / "b"), *flags], expected)
+    assert not (tmp_path / "b").exists()  # nothing made for a sweep that never runs
+
+
+def test_bench_out_is_checked_before_the_sweep(tiny_data, tmp_path, capsys):
+    """A file or an unwritable place as --out failed after the whole sweep ('File exists'), its
+    figures lost; no server here, so the sweep was never reached."""
+    image = next((tiny_data / "valid" / "vertical").glob("*.jpg"))
+    (tmp_path / "file").write_text("x")
+    argv = ["bench", "--url", "127.0.0.1:1", "--images", str(image), "--out"]
+    _one_line_error(capsys, [*argv, str(tmp_path / "file")], f"--out {tmp_path / 'file'}: expected a folder, got a file")
+    _one_line_error(capsys, [*argv, str(tmp_path / "file" / "sub")], f"--out {tmp_path / 'file' / 'sub'}: expected a folder bench can write to")
+
+
 def test_top_k_below_one_is_an_error():
     from clfpipe.contract.errors import ServeError
     from clfpipe.serve.client import make_prediction
