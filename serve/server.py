@@ -315,14 +315,17 @@ def check_port_free(host: str, name: str, port: int) -> None:
     raise ServeError(f"cannot listen on {host} port {port} for {name}: {_why(error)}")
 
 
+MAX_TIMEOUT_S = 86_400.0  # a day: a TensorRT build on a slow GPU takes minutes, not days
+
+
 def check_start(host: str, timeout: float, model_control: str, allow_remote_model_control: bool) -> None:
     """What 'serve up' is told, checked before anything is made or started (a repository for --run
     included): the host, the model control it allows, the timeout. Whether the ports are free is
     checked later, once a server of ours that holds them is known not to run."""
     check_host(host)
     check_model_control(model_control, host, allow_remote_model_control)
-    if timeout <= 0:
-        raise ServeError(f"--timeout: expected a positive number of seconds, got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # nan fails this too
+        raise ServeError(f"--timeout: expected seconds in (0, {MAX_TIMEOUT_S}], got {timeout}")
 
 
 def is_our_server(info: ServerInfo) -> bool:

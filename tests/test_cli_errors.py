@@ -280,6 +280,17 @@ def test_a_host_serve_up_cannot_listen_on_is_one_line_before_any_repository_is_m
     assert why in err and not repository.exists()
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_serve_up_timeout_is_finite_and_positive(timeout):
+    """nan passed 'timeout <= 0' and then waited on a deadline no clock reaches."""
+    from clfpipe.contract.errors import ServeError
+    from clfpipe.serve.server import check_start
+
+    check_start("127.0.0.1", 180.0, "none", False)
+    with pytest.raises(ServeError, match=r"--timeout: expected seconds in \(0, 86400.0\], got "):
+        check_start("127.0.0.1", timeout, "none", False)
+
+
 def test_a_port_in_use_on_a_good_host_is_named_with_its_option():
     import socket
 
