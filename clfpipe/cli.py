@@ -200,14 +200,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from clfpipe.serve.bench import check_out, check_sweep, load_images, sweep, write_results
+    from clfpipe.contract.manifest import check_out_folder
+    from clfpipe.serve.bench import check_sweep, load_images, sweep, write_results
     from clfpipe.serve.client import expand_inputs, resolve_endpoint
 
     url, protocol = resolve_endpoint(args.url, args.protocol, args.state_dir)
     amounts = {"concurrencies": _levels(args.concurrency), "batch": args.batch, "requests": args.requests,
                "seconds": args.seconds, "window_s": args.window, "max_windows": args.max_windows}
     check_sweep(protocol, **amounts)
-    check_out(args.out)  # before minutes of measuring, not after
+    check_out_folder(args.out, "bench")  # before minutes of measuring, not after
     images = load_images(expand_inputs(args.images))
     levels = sweep(url, args.model, images, protocol=protocol, **amounts)
     paths = write_results(levels, args.out, args.model)

@@ -23,7 +23,7 @@ from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Gate, Varian
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.integrity import recorded_hashes
-from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir
+from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir, check_out_folder
 from clfpipe.contract.preprocess import load_pixels, normalize
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
@@ -144,10 +144,12 @@ def deploy_run(run_dir: Path, target: str, deployment: Deployment, out: Path | N
     KServe's InferenceService. Written to RUN/deploy/<target>/ unless `out` says otherwise."""
     run = RunDir(run_dir)
     manifest = run.read()
+    out = Path(out) if out else Path(run_dir) / "deploy" / target
+    check_out_folder(out, "deploy")  # before the repository it may export first
     if "container" not in manifest.data["stages"].get("repo", {}).get("targets", {}):
         repository_for_run(run_dir, target="container")
     docs = k8s_manifests(deployment, manifest) if target == "k8s" else [inference_service(deployment, manifest)]
-    paths = write_manifests(docs, Path(out) if out else Path(run_dir) / "deploy" / target)
+    paths = write_manifests(docs, out)
     log.info("deploy: %s manifests -> %s", target, paths[-1].parent)
     return paths
 

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -223,18 +222,6 @@ def check_amounts(values: dict[str, float | None]) -> None:
         least, most = AMOUNTS[name]
         if value is not None and not (math.isfinite(value) and least <= value <= most):
             raise ServeError(f"{name}: expected {least} to {most}, got {value}")
-
-
-def check_out(out: Path) -> None:
-    """The folder the results go to, made and written to before the sweep: minutes of measuring
-    were lost to a file or a read-only place named there."""
-    if out.exists() and not out.is_dir():
-        raise ServeError(f"--out {out}: expected a folder, got a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as exc:
-        raise ServeError(f"--out {out}: expected a folder bench can write to ({exc.strerror or exc})") from exc
 
 
 MAX_CONCURRENCY = 1024  # clients a level: 99999 threads and connections ran for minutes without a word

@@ -261,12 +261,15 @@ def test_serving_the_container_repository_here_is_one_line_naming_the_embedded_o
     assert not list((tmp_path / "state").glob("*"))  # nothing started: no pid file, no copied backend
 
 
-def test_manifests_that_cannot_be_written_are_one_line_naming_the_file(run_copy, tmp_path, capsys):
+def test_manifests_that_cannot_be_written_are_one_line_naming_the_folder_before_any_work(run_copy, tmp_path, capsys):
+    """It said 'cannot write .../a_file/k8s/configmap-...yaml', after exporting the container
+    repository; a file as --out was 'File exists'."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    err = _one_line_error(capsys, ["-q", "deploy", "k8s", "--run", str(run_copy), "--pvc", "models", "--out", str(blocker / "k8s")],
-                          "clfpipe: error: cannot write ")
-    assert str(blocker / "k8s") in err
+    argv = ["-q", "deploy", "k8s", "--run", str(run_copy), "--pvc", "models", "--out"]
+    _one_line_error(capsys, [*argv, str(blocker / "k8s")], f"--out {blocker / 'k8s'}: expected a folder deploy can write to (")
+    _one_line_error(capsys, [*argv, str(blocker)], f"--out {blocker}: expected a folder, got a file")
+    assert "container" not in RunDir(run_copy).read().data["stages"].get("repo", {}).get("targets", {})
 
 
 @pytest.mark.parametrize("host, why", [("999.1.1.1", "Name or service not known"), ("", "empty"),

@@ -56,6 +56,18 @@ def library_versions(names: Iterable[str]) -> dict[str, str]:
     return versions
 
 
+def check_out_folder(out: Path, tool: str) -> None:
+    """``--out``: made, and written to, before the work whose results go there (a file or a
+    read-only place named there failed only at the end, the work lost)."""
+    if out.exists() and not out.is_dir():
+        raise ManifestError(f"--out {out}: expected a folder, got a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise ManifestError(f"--out {out}: expected a folder {tool} can write to ({exc.strerror or exc})") from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: readers never see a torn file."""
     try:
