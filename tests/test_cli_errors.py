@@ -43,8 +43,8 @@ def test_class_folder_with_no_images(tiny_data, tmp_path, capsys):
 def test_corrupt_image_file_is_named(tiny_data, tmp_path, capsys):
     bad = tiny_data / "train" / "vertical" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "corrupt image file")
-    assert "broken.jpg" in err
+    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "unusable image file")
+    assert f"{bad}: not a decodable image" in err
 
 
 def test_valid_classes_must_match_train(tiny_data, tmp_path, capsys):

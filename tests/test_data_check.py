@@ -85,7 +85,7 @@ def test_training_refuses_unusable_headers_all_counted_before_the_run_exists(dat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     # the truncated file's header is whole: only the elongated one is seen in train/ (text.jpg is in valid/)
-    assert err == (f"clfpipe: error: corrupt image file {data / 'train' / 'checker' / 'long.png'}: image too "
+    assert err == (f"clfpipe: error: unusable image file {data / 'train' / 'checker' / 'long.png'}: image too "
                    "elongated: expected an aspect ratio of at most 16:1, got 1000x3")
     (data / "train" / "vertical" / "also.jpg").write_bytes(b"GIF89a")
     assert main(["train", "--data", str(data), "--run", str(run)]) == 2

@@ -234,7 +234,7 @@ def test_bench_refuses_a_bad_image_and_a_batch_over_the_models_before_any_reques
     base = ["bench", "--url", server.http_url, "--seconds", "1", "--out", str(out)]
     assert main([*base, "--images", str(folder)]) == 2
     assert capsys.readouterr().err.strip() == (f"clfpipe: error: bench: {folder / 'empty.jpg'}: not an image: expected JPEG, "
-                                               "PNG, BMP, WEBP bytes, got an empty file: expected only images the server "
+                                               "PNG, BMP or WebP bytes, got an empty file: expected only images the server "
                                                "answers ('clfpipe data check' finds the others in a data folder)")
     (folder / "empty.jpg").unlink()
     assert main([*base, "--images", str(folder), "--batch", "100"]) == 2

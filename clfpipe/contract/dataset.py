@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from clfpipe.contract.errors import DataError, first_line
-from clfpipe.contract.preprocess import FORMATS, check_jpeg_bytes, check_size, load_image
+from clfpipe.contract.preprocess import ENCODINGS, FORMATS, check_jpeg_bytes, check_size, load_image
 from clfpipe.contract.progress import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -48,15 +48,24 @@ def header_problem(path: Path) -> str | None:
     every decoder here and the server apply (``check_size``; a JPEG too short for its pixels)."""
     try:
         with Image.open(path, formats=FORMATS) as img:
-            check_size(img.width, img.height)
-            if img.format == "JPEG":
-                check_jpeg_bytes(img.width, img.height, path.stat().st_size)
+            if (too_big := _size_problem(img, path)) is not None:
+                return too_big  # before verify(), which reads every chunk of a PNG
             img.verify()
     except Image.UnidentifiedImageError:
         with open(path, "rb") as fh:
             head = fh.read(8)
-        return f"not an image: expected {', '.join(FORMATS)} bytes, got " + (f"a file starting {head!r}" if head else "an empty file")
+        return f"not an image: expected {ENCODINGS} bytes, got " + (f"a file starting {head!r}" if head else "an empty file")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+        return f"not a decodable image: {first_line(exc)}"  # as the server says it ('Truncated File Read' alone said little)
+    return None
+
+
+def _size_problem(img: Image.Image, path: Path) -> str | None:
+    try:
+        check_size(img.width, img.height)
+        if img.format == "JPEG":
+            check_jpeg_bytes(img.width, img.height, path.stat().st_size)
+    except ValueError as exc:
         return first_line(exc)
     return None
 
@@ -78,7 +87,7 @@ def check_images(files: Sequence[Path], data_dir: Path) -> None:
     if bad:
         more = (f" ({len(bad) - 1} more: 'clfpipe data check {data_dir}' lists every one and can move them aside)"
                 if len(bad) > 1 else "")
-        raise DataError(f"corrupt image file {bad[0][0]}: {bad[0][1]}{more}")
+        raise DataError(f"unusable image file {bad[0][0]}: {bad[0][1]}{more}")
 
 
 # Folder names accepted for a split, first match wins (torchvision's ImageNet layout says val/)

@@ -57,13 +57,16 @@ def library_versions(names: Iterable[str]) -> dict[str, str]:
 
 
 def check_out_folder(out: Path, tool: str) -> None:
-    """``--out``: made, and written to, before the work whose results go there (a file or a
-    read-only place named there failed only at the end, the work lost)."""
+    """``--out``: a folder, or a place one can be made, that ``tool`` can write to, checked before
+    the work whose results go there (a file or a read-only place named there failed only at the
+    end, the work lost). Nothing is made here: a run that fails later leaves no empty folder."""
     if out.exists() and not out.is_dir():
         raise ManifestError(f"--out {out}: expected a folder, got a file")
+    place = next(p for p in (out, *out.parents) if p.exists())  # where the folder would be made
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        if not place.is_dir():
+            raise NotADirectoryError(20, f"{place} is a file")
+        tempfile.TemporaryFile(dir=place).close()
     except OSError as exc:
         raise ManifestError(f"--out {out}: expected a folder {tool} can write to ({exc.strerror or exc})") from exc
 
