@@ -20,6 +20,7 @@ import yaml
 import clfpipe.serve.probe as probe_module
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import Manifest, atomic_write_bytes
+from clfpipe.contract.recipe import CONTAINER_SETUP
 
 log = logging.getLogger(__name__)
 HTTP, GRPC, METRICS = 8000, 8001, 8002
@@ -92,7 +93,7 @@ def _server_command(d: Deployment, container_image: str) -> tuple[str, list[str]
               "--exit-timeout-secs=30"]
     if d.image:
         return d.image, server
-    return container_image, ["/bin/bash", "-c", "pip install --quiet pillow 'numpy<2' && exec " + " ".join(server)]
+    return container_image, ["/bin/bash", "-c", f"{CONTAINER_SETUP} && exec " + " ".join(server)]
 
 
 def _probe(period: int, failures: int) -> dict:

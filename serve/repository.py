@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import logging
+import shlex
 import shutil
 import struct
 import tarfile
@@ -41,6 +42,7 @@ from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.integrity import HASHES_FILE, tree_problems, write_tree_hashes
 from clfpipe.contract.manifest import Manifest, RunDir, relative_to_run
 from clfpipe.contract.probabilities import NONE, SIGMOID, SOFTMAX
+from clfpipe.contract.recipe import CONTAINER_SETUP
 from clfpipe.model_repository import TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -355,9 +357,11 @@ def _assemble(staging: Path, run: RunDir, manifest: Manifest, target: str,
 
 
 def docker_command(out: Path, image: str) -> str:
-    """How to serve a container repository with NVIDIA's image (Pillow is not in it)."""
-    return (f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {out.resolve()}:/models {image} "
-            f"bash -c 'pip install -q pillow && tritonserver --model-repository=/models'")
+    """How to serve a container repository with NVIDIA's image (as 'clfpipe deploy' does: Pillow
+    and numpy<2 first; the line had Pillow only, so an image with numpy 2 served garbage)."""
+    server = shlex.quote(f"{CONTAINER_SETUP} && exec tritonserver --model-repository=/models")
+    return (f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {shlex.quote(str(out.resolve()))}:/models "
+            f"{image} bash -c {server}")
 
 
 def archive_repository(root: Path) -> Path:

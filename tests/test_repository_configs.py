@@ -73,6 +73,22 @@ def test_container_backbone_is_onnxruntime_on_gpu_with_optional_tensorrt(tmp_pat
     assert "--gpus all" in docker_command(tmp_path, "img:tag") and f"{tmp_path}:/models" in docker_command(tmp_path, "img:tag")
 
 
+def test_the_docker_line_sets_up_the_image_as_deploy_does(tmp_path):
+    """The docker line installed Pillow only: an image with numpy 2 would serve corrupt tensors."""
+    import shlex
+
+    from clfpipe.contract.recipe import CONTAINER_SETUP
+    from clfpipe.serve.deploy import Deployment, _server_command
+
+    words = shlex.split(docker_command(tmp_path / "a run", "img:tag"))  # a path with a space stays one word
+    assert words[words.index("-v") + 1] == f"{tmp_path / 'a run'}:/models"
+    script = words[words.index("-c") + 1]
+    assert script.startswith(f"{CONTAINER_SETUP} && exec tritonserver --model-repository=/models")
+    assert shlex.split(CONTAINER_SETUP)[-1] == "numpy<2"
+    _, command = _server_command(Deployment(pvc="models"), "img:tag")
+    assert command[-1].startswith(f"{CONTAINER_SETUP} && exec tritonserver")
+
+
 def test_ensemble_wires_image_to_probs(tmp_path):
     config = ensemble_config(_manifest(tmp_path), TTA)
     assert config.name == "classifier_tta" and config.platform == "ensemble"

@@ -248,6 +248,11 @@ class ExportConfig:
         _check_choice("export.calibration_method", self.calibration_method, CALIBRATION_METHODS)
 
 
+# What NVIDIA's image needs before its tritonserver serves a clfpipe repository: Pillow for the
+# preprocessing step, and numpy<2 for the python backend's stub (numpy 2 corrupts every tensor).
+CONTAINER_SETUP = 'pip install --quiet pillow "numpy<2"'
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch_size: int = ranged(32, 1, 4096)
