@@ -27,6 +27,7 @@ from clfpipe.contract.dataset import Split, scan_data
 from clfpipe.contract.engines import PRECISIONS, Variant
 from clfpipe.contract.errors import DataError, ExportError
 from clfpipe.contract.gates import GateResult, judge
+from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, library_versions
 from clfpipe.contract.preprocess import load_pixels
 from clfpipe.nn.folded import Folded, example_input
@@ -178,6 +179,7 @@ def export_onnx(run_dir: Path, data_dir: Path | None = None, variant: Variant = 
     return export_variants(run_dir, [variant], data_dir, calibration)
 
 
+@holding_run("export onnx")
 def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path | None = None,
                     calibration: int | None = None) -> Manifest:
     """Export several variants; the model, the validation images and their pixels load once.

@@ -21,6 +21,7 @@ import torch
 from clfpipe.contract import tensors
 from clfpipe.contract.engines import ENGINES, Variant
 from clfpipe.contract.errors import ExportError
+from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, library_versions
 from clfpipe.contract.preprocess import load_pixels
 from clfpipe.export.onnx_export import gate_variant, validation_split
@@ -73,6 +74,7 @@ def _aoti_or_program(program: torch.export.ExportedProgram, variant: Variant, ru
     return (*_program_only(program, variant, run_dir, inputs), why)
 
 
+@holding_run("export pt2")
 def export_pt2(run_dir: Path, *, precision: str = "fp32", fold_tta: bool = False, data_dir: Path | None = None,
                aoti: bool = True) -> Manifest:
     """Export, load-check and gate one torch variant (uint8 pixels in), then record it. `aoti`

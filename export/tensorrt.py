@@ -14,6 +14,7 @@ from pathlib import Path
 from clfpipe.contract import tensors
 from clfpipe.contract.engines import PRECISIONS, Variant
 from clfpipe.contract.errors import ExportError
+from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes, library_versions
 from clfpipe.contract.recipe import ServeConfig, field_range
 from clfpipe.runtime.tensorrt import current_platform, require_trt
@@ -45,6 +46,7 @@ def onnx_source(manifest: Manifest, name: str) -> tuple[Variant, dict]:
     return Variant.from_dict(entry["variant"]), entry
 
 
+@holding_run("export trt")
 def build_engine(run_dir: Path, variant_name: str = "onnx", *, min_batch: int = 1, opt_batch: int = 8,
                  max_batch: int = 32) -> Manifest:
     """Build and record the plan of an exported ONNX variant with an optimization profile on `input`.

@@ -40,6 +40,7 @@ from clfpipe.contract import tensors
 from clfpipe.contract.engines import ENGINES, SERVED, Served, Variant
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.integrity import HASHES_FILE, tree_problems, write_tree_hashes
+from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, relative_to_run
 from clfpipe.contract.probabilities import NONE, SIGMOID, SOFTMAX
 from clfpipe.contract.recipe import CONTAINER_SETUP
@@ -400,6 +401,7 @@ def _check_replaceable(out: Path) -> None:
                      "it is left as it was")
 
 
+@holding_run("repo")
 def build_repository(run_dir: Path, out: Path | None = None, target: str = "embedded",
                      engines: Mapping[str, str] | None = None, decode: str | None = None) -> Path:
     """Assemble OUT atomically (default RUN_DIR/model_repository[_container]) and record it.

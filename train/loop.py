@@ -28,6 +28,7 @@ from torch import nn
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.dataset import scan_data
 from clfpipe.contract.errors import ClfpipeError, DataError, ManifestError, RecipeError
+from clfpipe.contract.lock import holding_run, run_lock
 from clfpipe.contract.manifest import (
     CHECKPOINT,
     CHECKPOINT_FILE,
@@ -220,16 +221,24 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def prepare_run(data_dir: Path, run_dir: Path, recipe: Recipe) -> TrainState:
-    """A new run directory: the resolved recipe now, the manifest only when training is done."""
-    if RunDir(run_dir).exists() or (run_dir / STATE_FILE).exists():
-        raise ManifestError(f"{run_dir} already holds a run: expected a new run directory (or --resume {run_dir})")
+def prepare_run(data_dir: Path, run_dir: Path, recipe: Recipe, held: contextlib.ExitStack | None = None) -> TrainState:
+    """A new run directory: the resolved recipe now, the manifest only when training is done. With
+    `held`, the run's lock is taken into it, so that it lasts as long as the training."""
+    _check_new(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ManifestError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
+    if held is not None:
+        held.enter_context(run_lock(run_dir, "train"))
+        _check_new(run_dir)  # again, holding the lock: another may have finished in between
     atomic_write_bytes(run_dir / RECIPE_FILE, dump_recipe(recipe).encode())
     return TrainState(data_dir=str(Path(data_dir).resolve()))
+
+
+def _check_new(run_dir: Path) -> None:
+    if RunDir(run_dir).exists() or (run_dir / STATE_FILE).exists():
+        raise ManifestError(f"{run_dir} already holds a run: expected a new run directory (or --resume {run_dir})")
 
 
 def load_state(run_dir: Path) -> tuple[Recipe, TrainState]:
@@ -280,7 +289,16 @@ def _decoding(ctx: Context) -> str:
 
 
 def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | None, resume: bool) -> Manifest:
+    """Rank 0 holds the run's lock (``run_lock``) from before it reads or makes the run to the end."""
+    with contextlib.ExitStack() as held:
+        return _train_held(dist, data_dir, run_dir, recipe, resume, held)
+
+
+def _train_held(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | None, resume: bool,
+                held: contextlib.ExitStack) -> Manifest:
     if resume:
+        if dist.main:
+            held.enter_context(run_lock(run_dir, "train --resume"))
         recipe, state = load_state(run_dir)
         data_dir = Path(state.data_dir)
         log.info("resume: stage %d of 0..%d, %d epoch(s) of it done", state.stage, len(recipe.stages) - 1, state.epoch)
@@ -290,7 +308,7 @@ def _train(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe | No
     valid_split = scan_data(data_dir, "valid", recipe.data.labels_csv, classes=train_split.classes)
     device = setup(dist, pick_device(recipe.data.device))
     if not resume:  # only once the inputs are known to be good
-        state = _on_main(dist, lambda: prepare_run(data_dir, run_dir, recipe))
+        state = _on_main(dist, lambda: prepare_run(data_dir, run_dir, recipe, held))
     state.sessions.append({"started": _now(), "stage": state.stage, "epoch": state.epoch, "ranks": dist.world})
     ctx = Context(recipe, train_split, valid_split, device, run_dir, dist)
     log.info("train: %d train / %d valid images, classes %s, %s on %s%s, %s", len(train_split), len(valid_split),
@@ -386,6 +404,7 @@ def stage_start_model(run: RunDir, manifest: Manifest, index: int) -> Classifier
     return load_checkpoint(model, run.artifact_path(manifest, name))
 
 
+@holding_run("lr-find")
 def lr_find_for_run(run_dir: Path, stage_index: int, data_dir: Path | None = None) -> LrFindResult:
     """``clfpipe lr-find``: sweep stage N's settings from the weights that stage started from, on
     `data_dir` (default: the folder training read); the run's files are left as they were (apart
