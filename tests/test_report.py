@@ -87,3 +87,29 @@ def test_the_grids_font_draws_accented_class_names():
 
     missing = drawn("\U0010FFFF")  # a code point no font has
     assert all(drawn(c) != missing for c in "üéßΩ")
+
+
+def test_long_class_names_are_shortened_on_the_matrix_only():
+    """A 40-character folder name squeezed the matrix and pushed its title out of the figure."""
+    from clfpipe.train.report import _short
+
+    assert _short("vertical") == "vertical" and _short("x" * 24) == "x" * 24
+    name = "horizontal_stripes_photographed_outdoors_in_daylight"
+    short = _short(name)
+    assert len(short) == 24 and short.startswith(name[:12]) and short.endswith(name[-11:]) and "\u2026" in short
+
+
+def test_a_grids_title_is_drawn_whole_however_long(tmp_path):
+    """The canvas was as wide as the title rounded down, so the title no longer fitted and lost its
+    middle to an ellipsis."""
+    from PIL import ImageDraw
+
+    from clfpipe.train.report import _GAP, _fit_text, _font, _grid
+
+    files = _images(tmp_path)[:1]
+    for n in range(20, 80, 7):
+        title = f"{'class_' * (n // 6)}: most incorrect (file, predicted, p(class))"
+        path = tmp_path / f"grid{n}.png"
+        _grid(files, ["img_0.png\nb 0.70"], path, title)
+        width = Image.open(path).width
+        assert _fit_text(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, _font(15), width - 2 * _GAP) == title, n

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import html
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
     matplotlib figure per grid took 0.26 s (8 s of a 10-class report, more than the run's
     evaluation)."""
     font, title_font = _font(11), _font(15)
-    width = max(max(1, len(files)) * (_TILE + _GAP) + _GAP, int(title_font.getlength(title)) + 2 * _GAP)
+    # rounded up: rounded down, the title no longer fitted and lost its middle to an ellipsis
+    width = max(max(1, len(files)) * (_TILE + _GAP) + _GAP, math.ceil(title_font.getlength(title)) + 2 * _GAP)
     canvas = Image.new("RGB", (width, _TITLE + _CAPTION + _TILE + _GAP), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((width // 2, _TITLE // 2), _fit_text(draw, title, title_font, width - 2 * _GAP), fill="black",
@@ -125,14 +127,24 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path, predic
     for (i, j), value in np.ndenumerate(matrix):
         dark = value > matrix.max() / 2
         ax.text(j, i, str(value), ha="center", va="center", fontsize=11, color="white" if dark else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    labels = [_short(name) for name in classes]  # the report's tables carry the whole names
+    ax.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(f"confusion matrix ({predictions})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # the title stays whole above a narrow matrix
     plt.close(fig)
+
+
+def _short(name: str, most: int = 24) -> str:
+    """A class name of at most `most` characters, its middle given up to an ellipsis: a 40-character
+    folder name squeezed the matrix to a third of the figure and pushed its title out of it."""
+    if len(name) <= most:
+        return name
+    keep = most - 1
+    return name[: (keep + 1) // 2] + "\u2026" + name[len(name) - keep // 2 :]
 
 
 @dataclass(frozen=True)
