@@ -194,8 +194,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
         elif args.json:
             print(p.to_json())
-        else:
-            print(f"{p.file}\t" + "\t".join(f"{label} {prob:.4f}" for label, prob in p.top_k), flush=True)
+        else:  # multi-label: the tags claimed (none: "-"); else the top-k classes
+            shown = p.top_k if p.tags is None else p.tags
+            print(f"{p.file}\t" + ("\t".join(f"{label} {prob:.4f}" for label, prob in shown) or "-"), flush=True)
     return 2 if failed else 0
 
 
@@ -402,7 +403,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p = _sub(sub, "predict", "classify images with a running server")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
     _add_client_args(p)
-    p.add_argument("--top-k", type=int, default=1, help="labels shown per image, most probable first")
+    p.add_argument("--top-k", type=int, default=1, help="labels shown per image, most probable first (multi-label: the tags above the model's "
+                        "threshold are shown instead; --json holds both)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line: file, label, prob, probs, top_k")
     p.set_defaults(func=_cmd_predict)
 

@@ -255,7 +255,7 @@ def sweep(url: str, model: str, images: Sequence[bytes], *, protocol: str = "htt
         raise unreachable(url, protocol, exc) from exc
     except Exception as exc:  # not Triton's endpoint for this protocol
         raise not_triton(url, protocol, exc) from exc
-    _, max_batch = describe(config, model, url)  # a model this sweep's requests fit: encoded images in, probabilities out
+    max_batch = describe(config, model, url).max_batch_size  # a model this sweep's requests fit: encoded images in
     if batch > max_batch:
         raise ServeError(f"--batch: expected at most {max_batch} (the max_batch_size of {model!r}), got {batch}")
     levels = []

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.contract import tensors
 from clfpipe.contract.dataset import IMAGE_SUFFIXES
 from clfpipe.contract.errors import ServeError, first_line
+from clfpipe.contract.metrics import tagged
 from clfpipe.serve.server import default_state_dir, is_our_server, read_info
 
 PROTOCOLS = ("http", "grpc")
@@ -38,10 +39,14 @@ class Prediction:
     probs: list[float]  # every class, in the repository's order
     top_k: list[tuple[str, float]]
     classes: tuple[str, ...] = ()
+    tags: list[tuple[str, float]] | None = None  # multi-label: every class above the model's threshold, most probable first
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "label": self.label, "prob": self.prob, "probs": dict(zip(self.classes, self.probs)),
-                "top_k": [{"label": label, "prob": prob} for label, prob in self.top_k]}
+        out = {"file": self.file, "label": self.label, "prob": self.prob, "probs": dict(zip(self.classes, self.probs)),
+               "top_k": [{"label": label, "prob": prob} for label, prob in self.top_k]}
+        if self.tags is not None:
+            out["tags"] = [{"label": label, "prob": prob} for label, prob in self.tags]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -76,16 +81,28 @@ def model_config(client: Any, protocol: str, model: str) -> dict[str, Any]:
     return client.get_model_config(model, as_json=True)["config"] if protocol == "grpc" else client.get_model_config(model)
 
 
-def describe(config: dict[str, Any], model: str, url: str) -> tuple[list[str], int]:
-    """(class names in order, max batch size) from a clfpipe model's config: a model that takes
-    encoded images (its IMAGE input), which is what this client sends."""
+@dataclass(frozen=True)
+class Served:
+    """What a clfpipe model's config says of it to a client."""
+
+    classes: list[str]
+    max_batch_size: int
+    threshold: float | None = None  # multi-label: a tag is claimed above it; None: one class per image
+
+
+def describe(config: dict[str, Any], model: str, url: str) -> Served:
+    """A clfpipe model's config read: a model that takes encoded images (its IMAGE input), which is
+    what this client sends."""
     params = config.get("parameters", {})
     inputs = [str(tensor.get("name")) for tensor in config.get("input", [])]
     if "classes" not in params or tensors.IMAGE not in inputs:
         what = f"takes {', '.join(inputs) or 'nothing'}" + ("" if "classes" in params else " and names no classes")
         raise ServeError(f"--model {model}: expected a clfpipe classifier that takes encoded images ({tensors.IMAGE}), "
                          f"such as classifier or classifier_tta; {model!r} on {url} {what}")
-    return json.loads(params["classes"]["string_value"]), max(1, int(config.get("max_batch_size", 1)))
+    value = lambda key: json.loads(params[key]["string_value"]) if key in params else None  # noqa: E731
+    threshold = value("threshold") if value("multi_label") else None
+    return Served(value("classes"), max(1, int(config.get("max_batch_size", 1))),
+                  None if threshold is None else float(threshold))
 
 
 def resolve_endpoint(url: str | None, protocol: str | None, state_dir: Path | None = None) -> tuple[str, str]:
@@ -144,13 +161,16 @@ def server_error(exc: InferenceServerException, url: str, protocol: str, model: 
     return ServeError(f"server error: {message}")
 
 
-def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k: int) -> Prediction:
+def make_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top_k: int,
+                    threshold: float | None = None) -> Prediction:
+    """With a threshold (multi-label), ``tags`` holds every class above it, most probable first."""
     if top_k < 1:  # more than the classes is all of them
         raise ServeError(f"--top-k: expected at least 1, got {top_k}")
-    order = np.argsort(-probs, kind="stable")[:top_k]
-    best = int(order[0])
-    return Prediction(name, classes[best], float(probs[best]), [float(p) for p in probs],
-                      [(classes[int(i)], float(probs[int(i)])) for i in order], tuple(classes))
+    order = np.argsort(-probs, kind="stable")
+    ranked = [(classes[int(i)], float(probs[int(i)])) for i in order]
+    claimed = None if threshold is None else tagged(probs, threshold)
+    tags = None if claimed is None else [ranked[rank] for rank, i in enumerate(order) if claimed[i]]
+    return Prediction(name, ranked[0][0], ranked[0][1], [float(p) for p in probs], ranked[:top_k], tuple(classes), tags)
 
 
 def encoded_batch(images: Sequence[bytes]) -> np.ndarray:
@@ -190,10 +210,10 @@ class Classifier:
         self._clients, self._turn = [], 0
         for u in self.urls:
             client = self._connect(u, timeout)
-            classes, max_batch = describe(self._model_config(client), model, u)
-            if self._clients and classes != self.classes:
-                raise ServeError(f"{u} serves classes {classes}, {self.urls[0]} serves {self.classes}: expected the same model")
-            self.classes, self.max_batch_size = classes, max_batch
+            served = describe(self._model_config(client), model, u)
+            if self._clients and served.classes != self.classes:
+                raise ServeError(f"{u} serves classes {served.classes}, {self.urls[0]} serves {self.classes}: expected the same model")
+            self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
             self._clients.append(client)
         self._client = self._clients[0]
 
@@ -322,7 +342,7 @@ class Classifier:
         return np.stack(out)  # type: ignore[arg-type]
 
     def _prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
-        return make_prediction(name, probs, self.classes, top_k)
+        return make_prediction(name, probs, self.classes, top_k, self.threshold)
 
 
 def _blame(message: str, names: Sequence[str]) -> str:
@@ -355,6 +375,7 @@ class AsyncClassifier:
         self._client = aio.InferenceServerClient(url)
         self.classes: list[str] = []
         self.max_batch_size = 1
+        self.threshold: float | None = None
 
     async def _setup(self) -> None:
         if self.classes:
@@ -368,7 +389,8 @@ class AsyncClassifier:
         except Exception as exc:  # not Triton's endpoint for this protocol
             raise not_triton(self.url, self.protocol, exc) from exc
         config = config["config"] if self.protocol == "grpc" else config
-        self.classes, self.max_batch_size = describe(config, self.model, self.url)
+        served = describe(config, self.model, self.url)
+        self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
 
     async def _infer(self, images: Sequence[bytes]) -> np.ndarray:
         data = encoded_batch(images)
@@ -389,7 +411,7 @@ class AsyncClassifier:
         except InferenceServerException as exc:
             raise server_error(exc, self.url, self.protocol, self.model) from exc
         probs = np.concatenate(parts)
-        return [make_prediction(str(f), p, self.classes, top_k) for f, p in zip(files, probs)]
+        return [make_prediction(str(f), p, self.classes, top_k, self.threshold) for f, p in zip(files, probs)]
 
     async def close(self) -> None:
         await self._client.close()

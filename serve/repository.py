@@ -217,6 +217,8 @@ def _describe(config: mc.ModelConfig, manifest: Manifest) -> mc.ModelConfig:
     """Clients read the class names in order from the model config: the repository describes itself."""
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
     config.parameters["multi_label"].string_value = json.dumps(manifest.recipe.multi_label)
+    if manifest.recipe.multi_label:  # the tags a client names: those above training's F2-best threshold
+        config.parameters["threshold"].string_value = json.dumps(manifest.data["stages"].get("train", {}).get("threshold", 0.5))
     return config
 
 

@@ -81,3 +81,37 @@ def test_multilabel_trains_exports_and_records_f2(tmp_path):
     served = OnnxProbabilities(tmp_path / "run" / "model.onnx", activation="sigmoid")(batch)  # what Triton's backbone runs
     np.testing.assert_allclose(served, reference, atol=1e-4)
     assert not np.allclose(served.sum(1), 1.0, atol=1e-3)  # independent sigmoids, not a softmax
+    _the_served_config_carries_the_threshold(tmp_path / "run", served, figures["threshold"])
+
+
+def _the_served_config_carries_the_threshold(run_dir, probs, threshold):
+    """The client named the most probable class of a multi-label model alone, as if single-label:
+    the ensemble now carries training's F2 threshold, and the client names every tag above it."""
+    from pathlib import Path
+
+    from google.protobuf import json_format
+
+    from clfpipe.contract.engines import SERVED, Variant
+    from clfpipe.contract.manifest import RunDir
+    from clfpipe.contract.metrics import tagged
+    from clfpipe.serve.client import describe, make_prediction
+    from clfpipe.serve.repository import Backbone, ensemble_config
+
+    config = ensemble_config(RunDir(run_dir).read(), Backbone(SERVED[0], Variant("fp32", True, False), Path("model-pre.onnx")))
+    served = describe(json_format.MessageToDict(config, preserving_proto_field_name=True), "classifier", "here")
+    assert served.threshold == threshold and len(served.classes) == probs.shape[1]
+    for row in probs:
+        tags = make_prediction("x", row, served.classes, 1, served.threshold).tags
+        assert sorted(label for label, _ in tags) == sorted(np.asarray(served.classes)[tagged(row, threshold)].tolist())
+        assert [p for _, p in tags] == sorted((p for _, p in tags), reverse=True)
+
+
+def test_a_prediction_names_the_tags_strictly_above_the_threshold():
+    from clfpipe.serve.client import make_prediction
+
+    p = make_prediction("x", np.array([0.2, 0.9, 0.5, 0.7]), ["a", "b", "c", "d"], 1, threshold=0.5)
+    assert p.tags == [("b", 0.9), ("d", 0.7)] and p.label == "b"  # 0.5 is not claimed: F2 is scored so
+    assert p.to_dict()["tags"] == [{"label": "b", "prob": 0.9}, {"label": "d", "prob": 0.7}]
+    assert make_prediction("x", np.array([0.1, 0.2]), ["a", "b"], 1, threshold=0.5).tags == []
+    single = make_prediction("x", np.array([0.1, 0.9]), ["a", "b"], 1)
+    assert single.tags is None and "tags" not in single.to_dict()

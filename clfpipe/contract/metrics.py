@@ -16,10 +16,16 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
 
 
+def tagged(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The tags a multi-label model claims: probability strictly above the threshold (F2 is scored,
+    and the threshold chosen, by this same rule; the client names the tags by it)."""
+    return probs > threshold
+
+
 def f2_score(probs: np.ndarray, targets: np.ndarray, threshold: float, beta: float = 2.0) -> float:
     """Mean over samples of F_beta = (1+b^2) tp / ((1+b^2) tp + b^2 fn + fp); a sample with no true
     and no predicted tag scores 1 (nothing to find, nothing claimed)."""
-    predicted = probs > threshold
+    predicted = tagged(probs, threshold)
     truth = targets.astype(bool)
     tp = (predicted & truth).sum(1)
     fp = (predicted & ~truth).sum(1)
