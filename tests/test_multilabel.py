@@ -1,7 +1,12 @@
+import csv
+import io
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from clfpipe.contract.dataset import scan_data
+from clfpipe.contract.dataset import read_tags, scan_data
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.metrics import best_threshold, f2_score
 from clfpipe.demo_data import LABELS_CSV, write_demo_multilabel
@@ -115,3 +120,42 @@ def test_a_prediction_names_the_tags_strictly_above_the_threshold():
     assert make_prediction("x", np.array([0.1, 0.2]), ["a", "b"], 1, threshold=0.5).tags == []
     single = make_prediction("x", np.array([0.1, 0.9]), ["a", "b"], 1)
     assert single.tags is None and "tags" not in single.to_dict()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    return buf.getvalue().encode("utf-8", "surrogatepass")
+
+
+TABLES = st.builds(_table, st.lists(st.lists(st.text(max_size=10), max_size=4), max_size=8),
+                   st.sampled_from([["image", "tags"], ["tags", "image", "x"], ["image"], []]))
+
+
+@settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=400), TABLES))
+def test_any_labels_file_reads_as_tags_or_one_dataerror(tmp_path, content):
+    """A file that was not UTF-8 was a UnicodeDecodeError traceback, a row without its tags an
+    AttributeError, and an image listed twice with other tags took the last row's unsaid."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(content)
+    try:
+        tags = read_tags(path)
+    except DataError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    for stem, row_tags in tags.items():
+        assert stem and isinstance(row_tags, tuple) and all(t and not any(c.isspace() for c in t) for t in row_tags)
+
+
+def test_labels_file_rows_that_disagree_or_lack_tags_are_named(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("image,tags\na.jpg,x y\nb,z\na,x\n")
+    with pytest.raises(DataError, match=r"line 4: expected each image once, got 'a' again with other tags \('x', before 'x y'\)"):
+        read_tags(path)
+    path.write_text("\ufeffimage,tags\na.jpg,x y\na,x y\nb\n")  # Excel's BOM; the same row twice is no conflict
+    with pytest.raises(DataError, match=r"line 4: expected an image name and its tags, got \['b', None\]"):
+        read_tags(path)
+    path.write_bytes(b"image,tags\n\xff,x\n")
+    with pytest.raises(DataError, match="expected UTF-8 text, got byte 0xff at offset 11"):
+        read_tags(path)

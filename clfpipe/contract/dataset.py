@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -145,14 +146,42 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
 
 
 def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
-    """Planet-style labels: a CSV with columns image,tags (tags space-separated); keys are file stems."""
+    """Planet-style labels: a CSV with columns image,tags (tags space-separated); keys are file stems.
+    Anything else is one DataError naming the line: not UTF-8, not CSV, a row without its image or
+    tags, an image listed twice with other tags (which was meant was unsaid: the last row won)."""
     if not csv_path.is_file():
         raise DataError(f"labels file not found: {csv_path} (expected a CSV with columns image,tags)")
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_csv_text(csv_path), newline=""))
+    tags: dict[str, tuple[str, ...]] = {}
+    try:
         if reader.fieldnames is None or not {"image", "tags"} <= set(reader.fieldnames):
             raise DataError(f"{csv_path}: expected columns image,tags, got {reader.fieldnames}")
-        return {Path(row["image"]).stem: tuple(row["tags"].split()) for row in reader}
+        for row in reader:
+            stem, row_tags = _tag_row(row, f"{csv_path} line {reader.line_num}")
+            if tags.get(stem, row_tags) != row_tags:
+                raise DataError(f"{csv_path} line {reader.line_num}: expected each image once, got {row['image']!r} again "
+                                f"with other tags ({' '.join(row_tags)!r}, before {' '.join(tags[stem])!r})")
+            tags[stem] = row_tags
+    except csv.Error as exc:
+        raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
+    return tags
+
+
+def _csv_text(csv_path: Path) -> str:
+    try:
+        return csv_path.read_text(encoding="utf-8-sig")  # Excel's byte-order mark is no part of the first column's name
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: expected UTF-8 text, got byte {exc.object[exc.start]:#04x} at offset {exc.start}") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {csv_path}: {exc.strerror or exc}") from exc
+
+
+def _tag_row(row: dict[str | None, Any], where: str) -> tuple[str, tuple[str, ...]]:
+    """(file stem, tags) of one row; a short row leaves a column None."""
+    image, tags = row.get("image"), row.get("tags")
+    if not image or not Path(image).stem or tags is None:
+        raise DataError(f"{where}: expected an image name and its tags, got {[v for k, v in row.items() if k is not None]}")
+    return Path(image).stem, tuple(tags.split())
 
 
 def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None, *,
