@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clfpipe import __version__
-from clfpipe.contract.errors import ClfpipeError, RecipeError
+from clfpipe.contract.errors import ClfpipeError, RecipeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -490,8 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
     try:
         return args.func(args) or 0
-    except ClfpipeError as exc:
-        print(f"clfpipe: error: {exc}", file=sys.stderr)
+    except ClfpipeError as exc:  # one line, whatever a library's message it quotes ran on to
+        log.debug("%s", exc, exc_info=True)
+        print(f"clfpipe: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `clfpipe predict ... | head`
         sys.stderr.close()

@@ -124,6 +124,15 @@ def test_resume_with_a_changed_recipe_or_data_is_refused(tmp_path, capsys):
                         f"no --data, --run, --recipe or --set with it, got {named}")
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"garbage\n", "(not one clfpipe wrote: torch's weights-only loader refuses what it holds)"),  # it advised weights_only=False
+    (b"PK\x03\x04" + bytes(200), "unreadable training state (PytorchStreamReader failed"),  # a torn zip: torch wrote paragraphs
+])
+def test_an_unreadable_training_state_is_one_line(tmp_path, capsys, content, expected):
+    (tmp_path / "train_state.pt").write_bytes(content)
+    _one_line_error(capsys, ["train", "--resume", str(tmp_path)], expected)
+
+
 def test_a_run_directory_that_cannot_be_made_is_one_line(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from clfpipe.contract.errors import ManifestError
+from clfpipe.contract.errors import ManifestError, first_line
 from clfpipe.contract.manifest import atomic_write_bytes
 
 STATE_FILE = "train_state.pt"
@@ -78,8 +79,11 @@ class TrainState:
             raise ManifestError(f"{run_dir} has no {STATE_FILE}: expected a run that was interrupted after its first epoch")
         try:
             return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as exc:  # torn or foreign file
-            raise ManifestError(f"{path}: unreadable training state ({exc})") from exc
+        except pickle.UnpicklingError as exc:  # torch's first line would advise weights_only=False: not for a foreign file
+            raise ManifestError(f"{path}: unreadable training state (not one clfpipe wrote: torch's weights-only "
+                                "loader refuses what it holds)") from exc
+        except Exception as exc:  # torn: torch's messages run on in paragraphs
+            raise ManifestError(f"{path}: unreadable training state ({first_line(exc)})") from exc
 
 
 def torch_bytes(value: Any) -> bytes:
