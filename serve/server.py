@@ -378,7 +378,7 @@ def read_info(state_dir: Path | None = None) -> ServerInfo | None:
         return None
     try:
         return ServerInfo.from_json(path.read_text())
-    except (json.JSONDecodeError, TypeError, KeyError, ServeError):
+    except (ValueError, TypeError, KeyError, AttributeError, ServeError):  # ValueError: bad JSON, or not UTF-8 at all
         path.unlink(missing_ok=True)  # a torn pid file names no server
         return None
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clfpipe.cli import main
 from clfpipe.contract.errors import ServeError
@@ -156,6 +158,19 @@ def test_a_stale_pid_file_never_signals_another_process(tmp_path, capsys):
     finally:
         bystander.kill()
         region.unlink(missing_ok=True)
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=200), st.recursive(st.none() | st.integers() | st.text(max_size=8),
+                                                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                                                            st.sampled_from(["pid", "ports", "http", "host", "repo"]), inner,
+                                                            max_size=4), max_leaves=8).map(lambda v: json.dumps(v).encode())))
+def test_any_pid_file_names_a_server_or_none(tmp_path, content):
+    """A pid file that was not UTF-8 (a torn write, a disk error) made every serve command a
+    UnicodeDecodeError traceback."""
+    (tmp_path / PID_FILE).write_bytes(content)
+    info = read_info(tmp_path)
+    assert info is None or isinstance(info.ports, Ports)
 
 
 def test_paths_with_spaces_and_non_ascii_serve(trained_run, tmp_path):
