@@ -91,7 +91,7 @@ class FeatureCache:
             if meta.get("sha256") != sha256_file(array_path):
                 return None
             return np.load(array_path, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: JSON of another shape than ours
             return None
 
     def store(self, key: str, features: np.ndarray) -> None:
