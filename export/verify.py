@@ -179,7 +179,8 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
 
 
 def format_table(verification: Verification) -> str:
-    head = (f"{'artifact':<22} {'runtime':<17} {'top-1 agr':>9} {'accuracy':>9} {'delta':>8} {'max|diff|':>10} {'cosine':>9} "
+    metric = verification.rows[0].result.metric if verification.rows else "accuracy"  # one run: one metric
+    head = (f"{'artifact':<22} {'runtime':<17} {'top-1 agr':>9} {metric:>9} {'delta':>8} {'max|diff|':>10} {'cosine':>9} "
             f"{'ms/batch':>9}  gate")
     lines = [f"verify: {verification.images} images against PyTorch fp32 (ms/batch: median on one batch of "
              f"{verification.batch} on this host)", head, "-" * len(head)]

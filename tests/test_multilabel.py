@@ -80,6 +80,8 @@ def test_multilabel_trains_exports_and_records_f2(tmp_path):
     export_onnx(tmp_path / "run")
     run = RunDir(tmp_path / "run")
     manifest = run.read()
+    gate = manifest.artifact("onnx")["gate"]  # the figures and the rule name the run's metric (they said 'accuracy')
+    assert gate["metric"] == "f2" and gate["accuracy"] == pytest.approx(figures["f2"]["plain"], abs=1e-4)
     files = list(scan_data(tmp_path / "data", "valid", LABELS_CSV, tuple(manifest.classes)).files)
     batch = files_to_batch(files, manifest.preprocess)
     reference = probabilities(torch_logits(load_run_model(run, manifest), batch), multi_label=True)
@@ -159,3 +161,15 @@ def test_labels_file_rows_that_disagree_or_lack_tags_are_named(tmp_path):
     path.write_bytes(b"image,tags\n\xff,x\n")
     with pytest.raises(DataError, match="expected UTF-8 text, got byte 0xff at offset 11"):
         read_tags(path)
+
+
+def test_the_gate_names_the_runs_metric():
+    """A multi-label gate said 'accuracy 0.87' and 'accuracy drop <= 0.01' of an F2."""
+    from clfpipe.contract.engines import Variant
+    from clfpipe.contract.gates import judge
+
+    logits = np.log(PROBS / (1 - PROBS + 1e-9) + 1e-9)
+    multi = judge(Variant("int8"), logits, logits + 0.01, TARGETS, multi_label=True, rtol=1e-3, atol=1e-3, threshold=0.2)
+    assert multi.metric == "f2" and "f2 drop <= 0.01" in multi.rule and ", f2 " in multi.summary()
+    single = judge(Variant("int8"), logits, logits, np.array([0, 1, 0]), multi_label=False, rtol=1e-3, atol=1e-3)
+    assert single.metric == "accuracy" and "accuracy drop <= 0.01" in single.rule

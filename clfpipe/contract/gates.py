@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clfpipe.contract.engines import Gate, Variant
-from clfpipe.contract.metrics import compare, min_cosine, score
+from clfpipe.contract.metrics import compare, metric_name, min_cosine, score
 from clfpipe.contract.probabilities import activate
 
 
@@ -22,16 +22,17 @@ class GateResult:
     max_abs_diff: float
     tolerance: float | None
     cosine_min: float
-    accuracy_ref: float
+    accuracy_ref: float  # the task's metric (``metric``), under the name the manifests have recorded
     accuracy: float
     accuracy_delta: float
+    metric: str = "accuracy"  # f2 for multi-label runs: the figures above said 'accuracy' of an F2
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         return (f"{self.images} images: top-1 agreement {self.top1_agreement:.4f}, max |diff| {self.max_abs_diff:.3g}, "
-                f"min cosine {self.cosine_min:.6f}, accuracy {self.accuracy:.4f} vs {self.accuracy_ref:.4f} "
+                f"min cosine {self.cosine_min:.6f}, {self.metric} {self.accuracy:.4f} vs {self.accuracy_ref:.4f} "
                 f"({self.accuracy_delta:+.4f}); gate: {self.rule}")
 
 
@@ -41,12 +42,12 @@ def allowed_drop(gate: Gate, images: int) -> float:
     return max(gate.max_metric_drop or 0.0, 1.0 / images if images else 0.0)
 
 
-def _conditions(gate: Gate, tolerance: float, images: int) -> list[str]:
+def _conditions(gate: Gate, tolerance: float, images: int, metric: str) -> list[str]:
     rules = [f"top-1 identical and max|diff| <= {tolerance:.3g}"] if gate.exact else []
     rules += [f"top-1 agreement >= {gate.min_top1}"] if gate.min_top1 else []
     rules += [f"cosine >= {gate.min_cosine}"] if gate.min_cosine else []
     if gate.max_metric_drop is not None:
-        rules.append(f"accuracy drop <= {gate.max_metric_drop:.2f} or one image ({allowed_drop(gate, images):.4f})")
+        rules.append(f"{metric} drop <= {gate.max_metric_drop:.2f} or one image ({allowed_drop(gate, images):.4f})")
     return rules
 
 
@@ -65,6 +66,7 @@ def judge(variant: Variant, reference: np.ndarray, test: np.ndarray, labels: np.
     checks += [closeness.top1_agreement >= gate.min_top1, cosine >= gate.min_cosine]
     if gate.max_metric_drop is not None:
         checks.append(metric_ref - metric <= allowed_drop(gate, closeness.images) + 1e-12)
-    return GateResult(variant.precision, all(checks), " and ".join(_conditions(gate, closeness.tolerance, closeness.images)), closeness.images,
-                      closeness.top1_agreement, closeness.max_abs_diff, closeness.tolerance if gate.exact else None, cosine,
-                      metric_ref, metric, metric - metric_ref)
+    name = metric_name(multi_label)
+    return GateResult(variant.precision, all(checks), " and ".join(_conditions(gate, closeness.tolerance, closeness.images, name)),
+                      closeness.images, closeness.top1_agreement, closeness.max_abs_diff,
+                      closeness.tolerance if gate.exact else None, cosine, metric_ref, metric, metric - metric_ref, name)
