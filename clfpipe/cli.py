@@ -251,8 +251,9 @@ STATE_HELP = "folder of the server's pid file and log (default: $CLFPIPE_STATE_D
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--recipe", type=Path, default=default,
-                   help="recipe TOML" + ("" if default else " (default: the built-in defaults)"))
+    p.add_argument("--recipe", default=default,
+                   help="recipe TOML, or the name of one that ships with clfpipe (demo, resnet34, resnext50)"
+                        + ("" if default else " (default: the built-in defaults)"))
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key (repeatable), e.g. stages.0.epochs=2 or stages.*.size=96; stages count from 0")
 
@@ -433,7 +434,7 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p = _sub(sub, "demo", "the whole pipeline on the demo data, served by Triton and checked against PyTorch")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="folder for the data, the run and the server state")
     p.add_argument("--seed", type=int, default=0, help="random seed of the demo images")
-    _add_recipe_args(p, default="recipes/demo.toml")
+    _add_recipe_args(p, default="demo")
     _add_port_args(p)
     p.set_defaults(func=_cmd_demo)
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clfpipe.contract.errors import DataError
+from clfpipe.contract.recipe import Recipe, field_range
 
 CLASSES = ("checker", "horizontal", "vertical")
 
@@ -78,9 +79,17 @@ def _check_own(out: Path, written: re.Pattern[str]) -> None:
 _SINGLE_FILES = re.compile(rf"(train|valid)/({'|'.join(CLASSES)})/\2_\d{{4}}\.jpg")
 
 
+def check_seed(seed: int) -> None:
+    """The demo's seed within the recipe's bounds for a seed: -1 was numpy's ValueError traceback."""
+    lo, hi = field_range(Recipe, "seed")
+    if not lo <= seed <= hi:
+        raise DataError(f"--seed: expected {int(lo)} to {int(hi)}, got {seed}")
+
+
 def write_demo_dataset(out_dir: str | Path, seed: int = 0, spec: DemoSpec = DemoSpec()) -> dict[str, int]:
     """Write OUT/train/<class>/*.jpg and OUT/valid/<class>/*.jpg (OUT new, or a demo dataset's:
     ``_check_own``); returns counts per split."""
+    check_seed(seed)
     out = Path(out_dir)
     _check_own(out, _SINGLE_FILES)
     rng = np.random.default_rng(seed)
@@ -125,6 +134,7 @@ def draw_tagged(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple
 def write_demo_multilabel(out_dir: str | Path, seed: int = 0, *, train: int = 240, valid: int = 60, image_size: int = 96) -> dict[str, int]:
     """Planet-style layout: OUT/train/*.jpg, OUT/valid/*.jpg and OUT/labels.csv (image,tags), OUT
     new or a demo dataset's (``_check_own``)."""
+    check_seed(seed)
     out = Path(out_dir)
     _check_own(out, re.compile(rf"(train|valid)/\1_\d{{4}}\.jpg|{re.escape(LABELS_CSV)}"))
     rng = np.random.default_rng(seed)

@@ -27,7 +27,7 @@ from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir, check_out
 from clfpipe.contract.preprocess import load_pixels, normalize
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
-from clfpipe.demo_data import write_demo_dataset
+from clfpipe.demo_data import check_seed, write_demo_dataset
 from clfpipe.export.onnx_export import export_variants, validation_split
 from clfpipe.export.pt2_export import export_pt2
 from clfpipe.export.verify import profile, profile_batch_size
@@ -284,6 +284,7 @@ def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 
     """The whole product on the demo data; returns the seconds per stage."""
     timer = StageTimer()
     data_dir, run_dir = workdir / "data", workdir / "run"
+    check_seed(seed)  # before the last demo run is cleared
     _clear_demo_run(run_dir)
     with timer.stage("data"):
         counts = write_demo_dataset(data_dir, seed)

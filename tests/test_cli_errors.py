@@ -133,6 +133,13 @@ def test_an_unreadable_training_state_is_one_line(tmp_path, capsys, content, exp
     _one_line_error(capsys, ["train", "--resume", str(tmp_path)], expected)
 
 
+def test_a_demo_seed_out_of_range_is_one_line_before_anything_is_written(tmp_path, capsys):
+    """-1 was numpy's ValueError traceback, after the last demo run was cleared."""
+    _one_line_error(capsys, ["data", "demo", str(tmp_path / "d"), "--seed", "-1"], "--seed: expected 0 to 4294967295, got -1")
+    _one_line_error(capsys, ["demo", "--workdir", str(tmp_path / "w"), "--seed", str(2**32)], "--seed: expected 0 to 4294967295")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "w").exists()
+
+
 def test_a_run_directory_that_cannot_be_made_is_one_line(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

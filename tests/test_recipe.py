@@ -20,6 +20,19 @@ def test_demo_recipe_loads_and_round_trips(tmp_path):
     assert load_recipe(path) == recipe
 
 
+def test_a_shipped_recipe_is_named_from_any_folder_and_a_path_wins(tmp_path, monkeypatch):
+    """`clfpipe demo` read recipes/demo.toml relative to the current folder: from anywhere but a
+    checkout's root it said 'recipe file not found'."""
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("demo") == load_recipe(DEMO_RECIPE)
+    assert load_recipe("resnet34").model.arch == "resnet34" and load_recipe("resnext50").model.arch == "resnext50_32x4d"
+    (tmp_path / "demo").write_text("seed = 5\n")  # a file of that name here is the user's own
+    assert load_recipe("demo").seed == 5
+    with pytest.raises(RecipeError, match=r"recipe file not found: nope \(expected a TOML file, or one of the recipes "
+                                          r"that ship with clfpipe: demo, peer, resnet34, resnext50\)"):
+        load_recipe("nope")
+
+
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[model]\narch = "resnet34"\nwieghts = "none"\n')

@@ -15,6 +15,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -436,14 +437,30 @@ def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
     _set_path(node[head], rest, value, text)
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship with clfpipe (``clfpipe.recipes``), by name."""
+    folder = Path(str(resources.files("clfpipe.recipes")))
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A recipe file: the path given where it is one, else the shipped recipe of that name ("demo")."""
+    shipped = shipped_recipes()
+    if not Path(path).exists() and str(path) in shipped:
+        return shipped[str(path)]
+    return Path(path)
+
+
 def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe TOML (or the defaults when path is None) and apply --set overrides."""
+    """Read a recipe TOML (a path, or a shipped recipe's name; the defaults when path is None) and
+    apply --set overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(recipe_path(path).read_text())
         except FileNotFoundError as exc:
-            raise RecipeError(f"recipe file not found: {path}") from exc
+            raise RecipeError(f"recipe file not found: {path} (expected a TOML file, or one of the recipes that ship "
+                              f"with clfpipe: {', '.join(shipped_recipes())})") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise RecipeError(f"{path}: not valid TOML: {exc}") from exc
         except OSError as exc:
