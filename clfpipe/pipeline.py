@@ -23,6 +23,7 @@ from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Gate, Varian
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.integrity import recorded_hashes
+from clfpipe.contract.lock import run_lock
 from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir, check_out_folder
 from clfpipe.contract.preprocess import load_pixels, normalize
 from clfpipe.contract.probabilities import probabilities
@@ -277,7 +278,8 @@ def _clear_demo_run(run_dir: Path) -> None:
     if not run_dir.is_dir() or not any((run_dir / mark).is_file() for mark in marks):
         raise ManifestError(f"--workdir: {run_dir} exists and is no clfpipe run (none of {', '.join(marks)} in it): "
                             "expected a new folder or one an earlier demo used; it is left as it was")
-    shutil.rmtree(run_dir)
+    with run_lock(run_dir, "demo"):  # not from under a demo that still runs there
+        shutil.rmtree(run_dir)
 
 
 def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 0) -> dict[str, float]:

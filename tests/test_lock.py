@@ -114,3 +114,10 @@ def test_a_new_training_into_a_run_being_trained_is_refused(holder, tmp_path, ca
     assert main(["train", "--data", str(data), "--run", str(run)]) == 2
     assert f"is in use by train (pid {proc.pid}" in capsys.readouterr().err
     assert sorted(os.listdir(run)) == [LOCK_FILE]  # nothing of the refused one written
+
+
+def test_the_demo_does_not_clear_a_run_another_process_writes(holder, capsys):
+    run, proc = holder
+    (run / "recipe.resolved.toml").write_text("")  # a run: the demo would clear it
+    assert main(["demo", "--workdir", str(run.parent)]) == 2
+    assert f"is in use by train (pid {proc.pid}" in capsys.readouterr().err and (run / "recipe.resolved.toml").exists()
