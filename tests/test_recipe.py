@@ -33,6 +33,17 @@ def test_a_shipped_recipe_is_named_from_any_folder_and_a_path_wins(tmp_path, mon
         load_recipe("nope")
 
 
+def test_a_batch_of_one_is_refused_as_batchnorm_cannot_train_on_it():
+    """It was torch's 'Expected more than 1 value per channel when training' traceback at the first step."""
+    with pytest.raises(RecipeError, match=r"data.batch_size: expected a finite number in \[2, 65536\], got 1"):
+        load_recipe(None, ["data.batch_size=1"])
+    from clfpipe.train.distributed import Dist, per_rank_batch
+
+    assert per_rank_batch(4, Dist(rank=0, world=2, local_rank=0)) == 2
+    with pytest.raises(RecipeError, match="at least 2 images a rank, got 2"):
+        per_rank_batch(2, Dist(rank=0, world=2, local_rank=0))
+
+
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[model]\narch = "resnet34"\nwieghts = "none"\n')

@@ -147,8 +147,9 @@ def peer_stopped(exc: BaseException, dist: Dist) -> PeerStopped | None:
 
 
 def per_rank_batch(batch_size: int, dist: Dist) -> int:
-    if batch_size % dist.world:
-        raise RecipeError(f"data.batch_size: expected a multiple of the {dist.world} ranks (the batch is global), got {batch_size}")
+    if batch_size % dist.world or batch_size < 2 * dist.world:  # BatchNorm trains on 2 or more a rank
+        raise RecipeError(f"data.batch_size: expected a multiple of the {dist.world} ranks (the batch is global) and at "
+                          f"least 2 images a rank, got {batch_size}")
     return batch_size // dist.world
 
 

@@ -97,7 +97,7 @@ AMP_MODES = ("auto", "bf16", "off")
 
 @dataclass(frozen=True)
 class DataConfig:
-    batch_size: int = ranged(32, 1, 65536)
+    batch_size: int = ranged(32, 2, 65536)  # BatchNorm trains on 2 or more (1 was torch's ValueError traceback)
     # loader worker processes; "auto" = fastai's default, one per CPU this process may use, at most 16,
     # and no more than the loader's batches an epoch
     num_workers: int | str = ranged(0, 0, 1024)
