@@ -350,6 +350,9 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
                              probs=result.probs, classes=ctx.valid.classes, k=recipe.evaluate.report_images,
                              losses=[LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows])
         log.info("report: %s", index)
+    elif recipe.evaluate.report:  # asked for, and not made: say so rather than leave the user looking for it
+        log.info("report: none for a multi-label run (the data-cleaning report ranks one class per image); "
+                 "metrics.csv and loss.png are written")
     plot_schedule(recipe, state.stages_done, run_dir / "schedule.png")
     loss_png([LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows], run_dir / "loss.png")
     metric = metric_name(recipe.multi_label)
