@@ -277,7 +277,7 @@ def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.Argu
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = _sub(sub, "data", "datasets").add_subparsers(dest="data_command", required=True)
+    data = _sub(sub, "data", "datasets").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = _sub(data, "demo", "write the deterministic demo dataset (fast.ai folder layout)")
     p.add_argument("out_dir", type=Path, help="folder to write train/ and valid/ into")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
@@ -311,7 +311,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export_commands(sub: argparse._SubParsersAction) -> None:
-    export = _sub(sub, "export", "export a trained run").add_subparsers(dest="export_command", required=True)
+    export = _sub(sub, "export", "export a trained run").add_subparsers(dest="export_command", required=True, metavar="COMMAND")
     p = _sub(export, "onnx", "ONNX behind the PyTorch agreement gate; with no variant flags, every variant the server needs")
     p.add_argument("--run", type=Path, required=True, help="a trained run directory")
     p.add_argument("--data", type=Path, help="data folder for the gate (default: the one training used)")
@@ -357,7 +357,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_repo)
 
     deploy = _sub(sub, "deploy", "manifests that serve a run's container repository on a cluster")
-    targets = deploy.add_subparsers(dest="deploy_command", required=True)
+    targets = deploy.add_subparsers(dest="deploy_command", required=True, metavar="TARGET")
     for target, doc in (("k8s", "Deployment, Services, HorizontalPodAutoscaler on queue time, PodDisruptionBudget, probes"),
                         ("kserve", "KServe's InferenceService (v1beta1, Triton runtime)")):
         p = _sub(targets, target, doc)
@@ -378,7 +378,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--out", type=Path, help="folder for the YAML files (default: RUN/deploy/<target>)")
         p.set_defaults(func=_cmd_deploy)
 
-    serve = _sub(sub, "serve", "the embedded Triton server").add_subparsers(dest="serve_command", required=True)
+    serve = _sub(sub, "serve", "the embedded Triton server").add_subparsers(dest="serve_command", required=True, metavar="COMMAND")
     for name, func, doc in (("up", _cmd_serve_up, "start the server and wait until it is ready"),
                             ("down", _cmd_serve_down, "stop the server and its python stubs"),
                             ("status", _cmd_serve_status, "send a real request through every ensemble: ready (exit 0), "
