@@ -371,8 +371,9 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--replicas", type=int, default=2, help="replicas to start with, and the autoscaler's minimum")
         p.add_argument("--max-replicas", type=int, default=8, help="the autoscaler's maximum")
         p.add_argument("--gpu", type=int, default=1, help="GPUs per replica (0: CPU only)")
-        p.add_argument("--image", help="a Triton image that has Pillow and numpy<2 (default: the recipe's "
-                                       "serve.container_image, installing both at start)")
+        p.add_argument("--image", help="a Triton image that has Pillow and numpy<2 " + (
+            "(default: the recipe's serve.container_image, installing both at start)" if target == "k8s" else
+            "(needed: KServe runs its image as it is, and NVIDIA's lacks Pillow)"))
         p.add_argument("--queue-target-us", type=int, default=20_000,
                        help="scale out when requests wait longer than this at the backbone (microseconds)")
         p.add_argument("--out", type=Path, help="folder for the YAML files (default: RUN/deploy/<target>)")

@@ -146,10 +146,10 @@ def deploy_run(run_dir: Path, target: str, deployment: Deployment, out: Path | N
     run = RunDir(run_dir)
     manifest = run.read()
     out = Path(out) if out else Path(run_dir) / "deploy" / target
-    check_out_folder(out, "deploy")  # before the repository it may export first
+    check_out_folder(out, "deploy")  # this and the manifests come before the repository it may export first
+    docs = k8s_manifests(deployment, manifest) if target == "k8s" else [inference_service(deployment, manifest)]
     if "container" not in manifest.data["stages"].get("repo", {}).get("targets", {}):
         repository_for_run(run_dir, target="container")
-    docs = k8s_manifests(deployment, manifest) if target == "k8s" else [inference_service(deployment, manifest)]
     paths = write_manifests(docs, out)
     log.info("deploy: %s manifests -> %s", target, paths[-1].parent)
     return paths

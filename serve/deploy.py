@@ -181,11 +181,18 @@ def k8s_manifests(d: Deployment, manifest: Manifest) -> list[dict]:
 
 
 def inference_service(d: Deployment, manifest: Manifest) -> dict:
-    """KServe's InferenceService (v1beta1) with its Triton runtime on the same repository."""
+    """KServe's InferenceService (v1beta1) with its Triton runtime on the same repository, in an
+    image that has what the repository's python steps need: KServe starts its runtime's command
+    in the image as it is and appends the args given (kserve/kserve#2310), so the install that
+    'deploy k8s' runs at start cannot run here, and NVIDIA's image lacks Pillow."""
     if not d.repository_uri:
         raise ServeError("deploy kserve: expected --repository-uri (KServe downloads the repository from storageUri)")
-    version = manifest.recipe.serve.container_image.rsplit(":", 1)[-1]
-    triton = {"storageUri": d.repository_uri, "runtimeVersion": version,
+    if not d.image:
+        base = manifest.recipe.serve.container_image
+        raise ServeError(f"deploy kserve: expected --image, a Triton image with Pillow and numpy<2 (KServe runs its runtime's "
+                         f"image as it is, and {base} lacks Pillow for the preprocessing step): build one FROM {base} "
+                         f"with RUN {CONTAINER_SETUP}")
+    triton = {"storageUri": d.repository_uri, "image": d.image,
               "args": ["--strict-readiness=true", "--model-control-mode=none"],
               "resources": {"requests": {"cpu": "2", "memory": "8Gi"},
                             "limits": {"memory": "16Gi", **({"nvidia.com/gpu": str(d.gpus)} if d.gpus else {})}}}

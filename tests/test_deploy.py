@@ -61,19 +61,28 @@ def test_the_validators_catch_mistakes(tmp_path):
     docs[1]["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="readinessProbes"):
         kubernetes_validate.validate(docs[1], K8S_VERSIONS[0], strict=True)
-    service = inference_service(Deployment(repository_uri="s3://b/r"), _manifest(tmp_path))
+    service = inference_service(Deployment(repository_uri="s3://b/r", image="reg.example/triton:1"), _manifest(tmp_path))
     service["spec"]["predictor"]["triton"]["storageURI"] = "typo"
     assert check_against_models(service, "V1beta1InferenceService") == [
         ".spec.predictor.triton.storageURI: not a field of V1beta1TritonSpec"]
 
 
 def test_the_inference_service_validates_against_kserves_models(tmp_path):
-    doc = inference_service(Deployment(repository_uri="gs://bucket/repo", gpus=2, namespace="ml"), _manifest(tmp_path))
+    doc = inference_service(Deployment(repository_uri="gs://bucket/repo", gpus=2, namespace="ml", image="reg.example/triton:1"),
+                            _manifest(tmp_path))
     assert check_against_models(doc, "V1beta1InferenceService") == []
     assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["spec"]["predictor"]["triton"]["storageUri"] == "gs://bucket/repo"
-    assert doc["spec"]["predictor"]["triton"]["runtimeVersion"] == "24.10-py3"  # the embedded binary's Triton (2.51)
+    assert doc["spec"]["predictor"]["triton"]["image"] == "reg.example/triton:1"
     with pytest.raises(ServeError, match="expected --repository-uri"):
         inference_service(Deployment(pvc="models"), _manifest(tmp_path))
+
+
+def test_kserve_needs_an_image_with_what_the_python_steps_import(tmp_path):
+    """It wrote NVIDIA's stock runtime, whose Triton cannot load the preprocessing step (no Pillow),
+    and dropped --image unsaid."""
+    with pytest.raises(ServeError, match=re.escape("deploy kserve: expected --image, a Triton image with Pillow and numpy<2")) as err:
+        inference_service(Deployment(repository_uri="s3://b/r"), _manifest(tmp_path))
+    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3 with RUN pip install --quiet pillow \"numpy<2\"" in str(err.value)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -108,7 +117,8 @@ def test_deploy_commands_and_a_reproducible_archive(run_copy, tmp_path, capsys):
     for doc in yaml.safe_load_all(written[-1].read_text()):
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
     assert (run_copy / "model_repository_container" / "clfpipe_probe.py").is_file()
-    assert main(["deploy", "kserve", "--run", str(run_copy), "--repository-uri", "s3://b/r", "--out", str(tmp_path / "ks")]) == 0
+    assert main(["deploy", "kserve", "--run", str(run_copy), "--repository-uri", "s3://b/r", "--image", "reg.example/triton:1",
+                 "--out", str(tmp_path / "ks")]) == 0
     assert check_against_models(yaml.safe_load((tmp_path / "ks" / "all.yaml").read_text()), "V1beta1InferenceService") == []
     with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
         main(["deploy", "k8s", "--run", str(run_copy)])
