@@ -35,9 +35,15 @@ def test_missing_data_folder(tmp_path, capsys):
 
 
 def test_class_folder_with_no_images(tiny_data, tmp_path, capsys):
-    for f in (tiny_data / "train" / "checker").iterdir():
-        f.unlink()
-    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
+    folder = tiny_data / "train" / "checker"
+    (folder / "2019").mkdir()
+    for f in folder.glob("*.jpg"):
+        f.rename(folder / "2019" / f.name)
+    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
+    assert err.endswith("; 3 in its subfolders, which are not read: move them up into it)")  # it said only 'no images'
+    shutil.rmtree(folder / "2019")
+    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
+    assert "subfolders" not in err
 
 
 def test_corrupt_image_file_is_named(tiny_data, tmp_path, capsys):

@@ -43,6 +43,12 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _deeper_hint(folder: Path) -> str:
+    """Images in a class folder's subfolders are not read: say so where they are all it has."""
+    deeper = sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return f"; {deeper} in its subfolders, which are not read: move them up into it" if deeper else ""
+
+
 def header_problem(path: Path) -> str | None:
     """Why a file is no usable image by its header alone (no full decode), None when it is one:
     not an image of the formats read here, a corrupt header, or a size outside the bounds that
@@ -137,7 +143,8 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
             continue  # some_classes: a class this sample lacks
         images = list_images(root / name)
         if not images:
-            raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+                            f"{_deeper_hint(root / name)})")
         files.extend(images)
         labels.extend([index] * len(images))
     if verify:
