@@ -75,6 +75,16 @@ def test_nested_use_in_one_process_holds_once(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text() == ""
 
 
+def test_an_entry_point_holds_the_run_given_by_position_or_name(tmp_path):
+    from clfpipe.contract.lock import holding_run
+
+    @holding_run("export onnx")
+    def export(run_dir, variant="onnx"):
+        return (run_dir / LOCK_FILE).read_text()
+
+    assert export(tmp_path).startswith("export onnx (pid ") and export(run_dir=tmp_path).startswith("export onnx (pid ")
+
+
 def _sleep() -> None:
     time.sleep(600)
 

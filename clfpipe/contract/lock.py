@@ -18,6 +18,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Callable, Iterator, ParamSpec, TypeVar
@@ -54,9 +55,11 @@ def holding_run(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """A stage's entry point whose first parameter is the run directory: it runs holding the run."""
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        first = next(iter(inspect.signature(fn).parameters))  # the run directory, given by position or name
+
         @functools.wraps(fn)
         def held(*args: P.args, **kwargs: P.kwargs) -> R:
-            with run_lock(Path(args[0]), what):  # type: ignore[arg-type]
+            with run_lock(Path(args[0] if args else kwargs[first]), what):  # type: ignore[arg-type]
                 return fn(*args, **kwargs)
 
         return held
