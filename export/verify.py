@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ from onnxruntime import InferenceSession
 
 from clfpipe.contract.dataset import Split, scan_data
 from clfpipe.contract.engines import Variant
-from clfpipe.contract.errors import DataError, ExportError
+from clfpipe.contract.errors import DataError, ExportError, ManifestError
 from clfpipe.contract.gates import GateResult
 from clfpipe.contract.integrity import recorded_hashes, tree_problems
 from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes
@@ -46,10 +46,11 @@ class Verification:
     # written; None: not there any more, so nothing of it can be served)
     images: int
     batch: int = 0  # images per profiled call
+    unreadable: dict[str, str] = field(default_factory=dict)  # artifact -> why it was not checked (missing, changed)
 
     @property
     def passed(self) -> bool:
-        return all(r.result.passed for r in self.rows) and not any(self.repositories.values())
+        return all(r.result.passed for r in self.rows) and not any(self.repositories.values()) and not self.unreadable
 
 
 def repository_problems(run: RunDir, manifest: Manifest) -> dict[str, list[str] | None]:
@@ -156,9 +157,15 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
     split = images_split(run, manifest, images)
     pixels, labels = load_pixels(split.files, manifest.preprocess), np.asarray(split.labels)
     rows: list[Row] = []
+    unreadable: dict[str, str] = {}
     artifacts = [(name, entry) for name, entry in sorted(manifest.data["artifacts"].items()) if "variant" in entry]
     batch = profile_batch_size(manifest)
     for name, entry in progress(artifacts, "verify", unit="artifact"):
+        try:  # a missing or changed file is a failure of its own: the first one stopped the whole check
+            run.artifact_path(manifest, name)
+        except ManifestError as exc:
+            unreadable[name] = str(exc)
+            continue
         variant = Variant.from_dict(entry["variant"])
         inputs = variant.input_form.prepare(pixels, manifest.preprocess)
         reference = reference_outputs(model, manifest, variant, pixels)
@@ -166,14 +173,14 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
         for runtime, out, seconds in RUNNERS[variant.engine](run, manifest, name, inputs, probe):
             result = gate_variant(variant, manifest, reference=reference, test=out, labels=labels)
             rows.append(Row(name, runtime, result, seconds))
-    if not rows:
+    if not artifacts:
         raise ExportError(f"{run_dir} has no exported variants: run 'clfpipe export onnx --run {run_dir}' first")
-    verification = Verification(rows, repository_problems(run, manifest), len(split), batch)
+    verification = Verification(rows, repository_problems(run, manifest), len(split), batch, unreadable)
     report = {"images": len(split), "passed": verification.passed, "tensorrt": tensorrt.trt_status()[1],
               "profile_batch": batch,
               "results": [{"artifact": r.artifact, "runtime": r.runtime, "seconds_per_batch": r.seconds_per_batch,
                            **r.result.to_dict()} for r in rows],
-              "repositories": verification.repositories}
+              "unreadable": unreadable, "repositories": verification.repositories}
     atomic_write_bytes(Path(run_dir) / "verify.json", (json.dumps(report, indent=2) + "\n").encode())
     return verification
 
@@ -189,6 +196,8 @@ def format_table(verification: Verification) -> str:
         ms = f"{r.seconds_per_batch * 1000:>9.1f}" if r.seconds_per_batch is not None else f"{'-':>9}"
         lines.append(f"{r.artifact:<22} {r.runtime:<17} {g.top1_agreement:>9.4f} {g.accuracy:>9.4f} {g.accuracy_delta:>+8.4f} "
                      f"{g.max_abs_diff:>10.3g} {g.cosine_min:>9.6f} {ms}  {'pass' if g.passed else 'FAIL'} ({g.rule})")
+    for name, why in verification.unreadable.items():
+        lines.append(f"{name:<22} {'-':<17} FAIL ({why})")
     for path, problems in verification.repositories.items():
         state = "not found, not checked" if problems is None else f"FAIL ({'; '.join(problems[:3])})" if problems \
             else "pass (every file as 'clfpipe repo' wrote it)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,21 @@ def test_verify_takes_a_sample_of_some_classes_and_names_a_missing_folder(run_co
     (tmp_path / "a.jpg").write_bytes(b"x")
     assert main(["verify", "--run", str(run_copy), "--images", str(tmp_path / "a.jpg")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"got {tmp_path / 'a.jpg'} (a file, not a folder)")
+
+
+def test_verify_reports_every_missing_or_changed_artifact_and_checks_the_rest(run_copy, capsys):
+    """The first missing or changed file stopped the whole check with one line: the other artifacts
+    went unchecked, and a second damaged one was found only after the first was mended."""
+    (run_copy / "model-pre.onnx").unlink()
+    with open(run_copy / "model.onnx", "ab") as fh:
+        fh.write(b"x")
+    assert main(["verify", "--run", str(run_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "onnx                   -                 FAIL (artifact 'onnx' changed since export wrote it" in out
+    assert "onnx-pre               -                 FAIL (artifact 'onnx-pre' missing: expected file" in out
+    assert re.search(r"^onnx-pre-tta +onnxruntime-cpu +1\.0000 .* pass ", out, re.MULTILINE), out
+    report = json.loads((run_copy / "verify.json").read_text())
+    assert not report["passed"] and sorted(report["unreadable"]) == ["onnx", "onnx-pre"]
 
 
 def test_exported_graphs_and_the_manifest_carry_no_build_paths(trained_run):
