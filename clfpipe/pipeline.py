@@ -65,9 +65,22 @@ class StageTimer:
 
 
 def missing_exports(run_dir: Path) -> list[Variant]:
-    """The served variants (at the recipe's serving precision) the run has not exported yet."""
-    manifest = RunDir(run_dir).read()
-    return [v for v in served_variants(manifest.recipe.serve.precision) if v.name not in manifest.data["artifacts"]]
+    """The served variants (at the recipe's serving precision) the run has not exported yet, or whose
+    file is gone or differs from its recorded sha256 (it said "exported already" of those)."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    return [v for v in served_variants(manifest.recipe.serve.precision) if not _intact(run, manifest, v.name)]
+
+
+def _intact(run: RunDir, manifest: Manifest, name: str) -> bool:
+    if name not in manifest.data["artifacts"]:
+        return False
+    try:
+        run.artifact_path(manifest, name)
+    except ManifestError as exc:
+        log.warning("export: %s: exporting it again", exc)
+        return False
+    return True
 
 
 def export_served(run_dir: Path, data_dir: Path | None = None) -> list[Variant]:

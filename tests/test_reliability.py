@@ -131,7 +131,7 @@ def test_verify_takes_a_sample_of_some_classes_and_names_a_missing_folder(run_co
     assert capsys.readouterr().err.strip().endswith(f"got {tmp_path / 'a.jpg'} (a file, not a folder)")
 
 
-def test_verify_reports_every_missing_or_changed_artifact_and_checks_the_rest(run_copy, capsys):
+def test_verify_reports_every_missing_or_changed_artifact_and_export_makes_them_again(run_copy, capsys):
     """The first missing or changed file stopped the whole check with one line: the other artifacts
     went unchecked, and a second damaged one was found only after the first was mended."""
     (run_copy / "model-pre.onnx").unlink()
@@ -144,6 +144,10 @@ def test_verify_reports_every_missing_or_changed_artifact_and_checks_the_rest(ru
     assert re.search(r"^onnx-pre-tta +onnxruntime-cpu +1\.0000 .* pass ", out, re.MULTILINE), out
     report = json.loads((run_copy / "verify.json").read_text())
     assert not report["passed"] and sorted(report["unreadable"]) == ["onnx", "onnx-pre"]
+    # export said "the served variants are exported already" of these two
+    assert main(["export", "onnx", "--run", str(run_copy)]) == 0
+    assert capsys.readouterr().out.strip() == "exported onnx, onnx-pre"
+    assert main(["verify", "--run", str(run_copy)]) == 0
 
 
 def test_exported_graphs_and_the_manifest_carry_no_build_paths(trained_run):
