@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from clfpipe.contract.dataset import IMAGE_SUFFIXES
 from clfpipe.contract.errors import ServeError, first_line
 from clfpipe.contract.metrics import tagged
 from clfpipe.serve.server import default_state_dir, is_our_server, read_info
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("http", "grpc")
 # What a dropped or refused connection raises below tritonclient (geventhttpclient's are HTTPExceptions)
@@ -136,6 +139,12 @@ def check_url(url: str) -> str:
     return url
 
 
+def is_unreachable(error: ServeError) -> bool:
+    """Whether an error says the server could not be reached (or was not Triton's endpoint), not
+    that it refused what it was sent."""
+    return str(error).startswith(("cannot reach", "no Triton"))
+
+
 def unreachable(url: str, protocol: str, exc: Exception) -> ServeError:
     return ServeError(f"cannot reach Triton at {url} over {protocol}: {exc}")
 
@@ -208,14 +217,26 @@ class Classifier:
         self.url = self.urls[0]
         self._lib = httpclient if self.protocol == "http" else grpcclient
         self._clients, self._turn = [], 0
+        reachable, skipped = [], []
         for u in self.urls:
-            client = self._connect(u, timeout)
+            try:
+                client = self._connect(u, timeout)
+            except ServeError as exc:  # of several servers, one that is down is skipped, as it is per request
+                if len(self.urls) == 1 or not is_unreachable(exc):
+                    raise
+                skipped.append(exc)
+                continue
             served = describe(self._model_config(client), model, u)
             if self._clients and served.classes != self.classes:
-                raise ServeError(f"{u} serves classes {served.classes}, {self.urls[0]} serves {self.classes}: expected the same model")
+                raise ServeError(f"{u} serves classes {served.classes}, {reachable[0]} serves {self.classes}: expected the same model")
             self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
             self._clients.append(client)
-        self._client = self._clients[0]
+            reachable.append(u)
+        if not self._clients:
+            raise skipped[0]
+        for exc in skipped:
+            log.warning("%s: skipped, requests go to %s", exc, ", ".join(reachable))
+        self.urls, self.url, self._client = reachable, reachable[0], self._clients[0]
 
     def _connect(self, url: str, timeout: float) -> Any:
         try:
@@ -258,7 +279,7 @@ class Classifier:
                 return self._client.infer(model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
             except InferenceServerException as exc:
                 error = self._error(exc)
-                if not error.args[0].startswith(("cannot reach", "no Triton")):
+                if not is_unreachable(error):
                     raise
                 last = error
             except TRANSPORT_ERRORS as exc:

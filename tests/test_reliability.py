@@ -238,6 +238,11 @@ def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_is_gone
         stop_server(state)
         for _ in range(3):  # the stopped one is skipped, the answers keep coming
             assert (client.probabilities([image]) == probs).all()
+        # one already down when the client is made is skipped too: it refused to start at all
+        late = Classifier(f"{second.grpc_url},{server.grpc_url}", "grpc")
+        assert late.urls == [server.grpc_url] and (late.probabilities([image]) == probs).all()
+        with pytest.raises(ServeError, match=f"cannot reach Triton at {second.grpc_url}"):
+            Classifier(second.grpc_url, "grpc")
     finally:
         stop_server(state)
 
