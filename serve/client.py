@@ -214,29 +214,36 @@ class Classifier:
         urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url) if url else [None]
         endpoints = [resolve_endpoint(u, protocol, state_dir) for u in urls]
         self.urls, self.protocol, self.model = [u for u, _ in endpoints], endpoints[0][1], model
-        self.url = self.urls[0]
         self._lib = httpclient if self.protocol == "http" else grpcclient
-        self._clients, self._turn = [], 0
-        reachable, skipped = [], []
+        self._turn = 0
+        self._clients = self._connect_all(timeout)
+        self.url, self._client = self.urls[0], self._clients[0]
+
+    def _connect_all(self, timeout: float) -> list[Any]:
+        """A client for every server that answers now, all serving the same model (read from the
+        config: classes, batch, threshold); of several, one that is down is skipped, as it is per
+        request, and only none answering is an error. ``self.urls`` keeps the ones kept."""
+        clients, reachable, skipped = [], [], []
         for u in self.urls:
             try:
                 client = self._connect(u, timeout)
-            except ServeError as exc:  # of several servers, one that is down is skipped, as it is per request
+            except ServeError as exc:
                 if len(self.urls) == 1 or not is_unreachable(exc):
                     raise
                 skipped.append(exc)
                 continue
-            served = describe(self._model_config(client), model, u)
-            if self._clients and served.classes != self.classes:
+            served = describe(self._model_config(client), self.model, u)
+            if clients and served.classes != self.classes:
                 raise ServeError(f"{u} serves classes {served.classes}, {reachable[0]} serves {self.classes}: expected the same model")
             self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
-            self._clients.append(client)
+            clients.append(client)
             reachable.append(u)
-        if not self._clients:
+        if not clients:
             raise skipped[0]
         for exc in skipped:
             log.warning("%s: skipped, requests go to %s", exc, ", ".join(reachable))
-        self.urls, self.url, self._client = reachable, reachable[0], self._clients[0]
+        self.urls = reachable
+        return clients
 
     def _connect(self, url: str, timeout: float) -> Any:
         try:
