@@ -131,3 +131,12 @@ def test_the_demo_does_not_clear_a_run_another_process_writes(holder, capsys):
     (run / "recipe.resolved.toml").write_text("")  # a run: the demo would clear it
     assert main(["demo", "--workdir", str(run.parent)]) == 2
     assert f"is in use by train (pid {proc.pid}" in capsys.readouterr().err and (run / "recipe.resolved.toml").exists()
+
+
+@pytest.mark.parametrize("argv", [["export", "pt2", "--run", "{run}"], ["lr-find", "--run", "{run}"],
+                                  ["export", "trt", "--run", "{run}"], ["train", "--resume", "{run}"]])
+def test_a_run_that_is_not_there_is_named_so(tmp_path, capsys, argv):
+    """It was 'cannot lock the run directory ...: No such file or directory'."""
+    run = tmp_path / "nothing"
+    assert main([a.format(run=run) for a in argv]) == 2
+    assert capsys.readouterr().err.strip() == f"clfpipe: error: run directory not found: {run}"

@@ -68,6 +68,8 @@ def holding_run(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 
 def _acquire(key: Path, what: str) -> None:
+    if not key.is_dir():  # as RunDir.read says it, not as a lock file that cannot be made
+        raise ManifestError(f"run directory not found: {key}")
     path = key / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
