@@ -16,19 +16,16 @@ from clfpipe.contract.engines import PRECISIONS, Variant
 from clfpipe.contract.errors import ExportError
 from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, atomic_write_bytes, library_versions
-from clfpipe.contract.recipe import ServeConfig, field_range
+from clfpipe.contract.recipe import MAX_BATCH_SIZE
 from clfpipe.runtime.tensorrt import current_platform, require_trt
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "trt_timing.cache"
 
 
-MAX_PROFILE_BATCH = int(field_range(ServeConfig, "max_batch_size")[1])  # no served model asks for more
-
-
 def check_profile(min_batch: int, opt_batch: int, max_batch: int) -> None:
-    if not 1 <= min_batch <= opt_batch <= max_batch <= MAX_PROFILE_BATCH:
-        raise ExportError(f"expected 1 <= min-batch <= opt-batch <= max-batch <= {MAX_PROFILE_BATCH}, "
+    if not 1 <= min_batch <= opt_batch <= max_batch <= MAX_BATCH_SIZE:  # no served model asks for more
+        raise ExportError(f"expected 1 <= min-batch <= opt-batch <= max-batch <= {MAX_BATCH_SIZE}, "
                           f"got {min_batch}, {opt_batch}, {max_batch}")
 
 

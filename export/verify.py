@@ -72,35 +72,39 @@ def repository_problems(run: RunDir, manifest: Manifest) -> dict[str, list[str] 
 
 
 Measured = tuple[str, np.ndarray, float | None]  # runtime, outputs, seconds per call on the profile batch
-Runner = Callable[[RunDir, Manifest, str, np.ndarray, np.ndarray], list[Measured]]
+# run, manifest, artifact name, its file (checked against its sha256 once, by the caller), inputs, profile batch
+Runner = Callable[[RunDir, Manifest, str, Path, np.ndarray, np.ndarray], list[Measured]]
 
 
-def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray, probe: np.ndarray) -> list[Measured]:
+def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs: np.ndarray,
+                  probe: np.ndarray) -> list[Measured]:
     """Every ONNX Runtime device here; the profile is the CPU provider's (the first)."""
-    path, found = run.artifact_path(manifest, name), []
+    found = []
     for i, (runtime, providers) in enumerate(ort.providers_here()):
         session = ort.make_session(path, providers=providers)
         found.append((runtime, ort.run_graph(session, inputs), _onnx_seconds(session, probe) if i == 0 else None))
     return found
 
 
-def _trt_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray, probe: np.ndarray) -> list[Measured]:
+def _trt_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs: np.ndarray,
+                 probe: np.ndarray) -> list[Measured]:
     ok, why = tensorrt.trt_status()
     if not ok:
         log.info("verify: skipping %s: %s", name, why)
         return []
     entry = manifest.artifact(name)
-    engine = tensorrt.load_engine(run.artifact_path(manifest, name), entry.get("platform", {}), run.path, entry.get("source", "onnx"))
+    engine = tensorrt.load_engine(path, entry.get("platform", {}), run.path, entry.get("source", "onnx"))
     return [("tensorrt", tensorrt.run_engine(engine, inputs, entry["profile"]["max"]), None)]
 
 
-def _torch_outputs(run: RunDir, manifest: Manifest, name: str, inputs: np.ndarray, probe: np.ndarray) -> list[Measured]:
+def _torch_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs: np.ndarray,
+                   probe: np.ndarray) -> list[Measured]:
     """A torch artifact on this host's device: an AOTInductor package in a child process (loading
     one has crashed a process), the exported program in this one; outputs and profile from one load."""
     from clfpipe.runtime import torch_engine
 
     engine = Variant.from_dict(manifest.artifact(name)["variant"]).engine
-    path, device = run.artifact_path(manifest, name), torch_engine.device_here()
+    device = torch_engine.device_here()
     if engine == "aoti":
         outputs, why, seconds = torch_engine.run_in_child(engine, path, inputs, probe)
         if outputs is None:
@@ -162,7 +166,7 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
     batch = profile_batch_size(manifest)
     for name, entry in progress(artifacts, "verify", unit="artifact"):
         try:  # a missing or changed file is a failure of its own: the first one stopped the whole check
-            run.artifact_path(manifest, name)
+            path = run.artifact_path(manifest, name)
         except ManifestError as exc:
             unreadable[name] = str(exc)
             continue
@@ -170,7 +174,7 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
         inputs = variant.input_form.prepare(pixels, manifest.preprocess)
         reference = reference_outputs(model, manifest, variant, pixels)
         probe = np.resize(inputs, (batch, *inputs.shape[1:]))
-        for runtime, out, seconds in RUNNERS[variant.engine](run, manifest, name, inputs, probe):
+        for runtime, out, seconds in RUNNERS[variant.engine](run, manifest, name, path, inputs, probe):
             result = gate_variant(variant, manifest, reference=reference, test=out, labels=labels)
             rows.append(Row(name, runtime, result, seconds))
     if not artifacts:

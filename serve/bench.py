@@ -33,7 +33,7 @@ from clfpipe.contract import tensors
 from clfpipe.contract.dataset import image_problem
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import atomic_write_bytes
-from clfpipe.contract.recipe import ServeConfig, field_range
+from clfpipe.contract.recipe import MAX_BATCH_SIZE
 from clfpipe.serve.client import PROTOCOLS, describe, encoded_batch, model_config, not_triton, server_error, unreachable
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,8 @@ def stable_level(url: str, protocol: str, model: str, images: Sequence[bytes], *
 
 
 # option -> (least, most): nan passed "at least" and then measured forever, as inf would
-AMOUNTS = {"--requests": (1, 10_000_000), "--seconds": (1e-3, 3600.0), "--window": (1e-3, 600.0), "--batch": (1, int(field_range(ServeConfig, "max_batch_size")[1])),
-           "--max-windows": (3, 1000)}
+AMOUNTS = {"--requests": (1, 10_000_000), "--seconds": (1e-3, 3600.0), "--window": (1e-3, 600.0),
+           "--batch": (1, MAX_BATCH_SIZE), "--max-windows": (3, 1000)}
 
 
 def check_amounts(values: dict[str, float | None]) -> None:

@@ -28,8 +28,7 @@ from clfpipe.contract.errors import ManifestError
 LOCK_FILE = ".clfpipe.lock"
 P = ParamSpec("P")
 R = TypeVar("R")
-_held: dict[Path, int] = {}  # run directories this process holds, with how deep
-_fds: dict[Path, int] = {}
+_held: dict[Path, int] = {}  # the run directories this process holds -> their open lock file (closing it lets go)
 
 
 @contextlib.contextmanager
@@ -37,12 +36,8 @@ def run_lock(run_dir: Path, what: str) -> Iterator[None]:
     """Hold RUN_DIR for `what` (e.g. "train", "export onnx") while the block runs; a ManifestError
     names the holder when another process holds it. Re-entrant within one process."""
     key = Path(run_dir).resolve()
-    if key in _held:
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
+    if key in _held:  # a nested use (repo exporting first): the outer one holds the run and lets it go
+        yield
         return
     _acquire(key, what)
     try:
@@ -84,11 +79,10 @@ def _acquire(key: Path, what: str) -> None:
                             "stop it)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{what} (pid {os.getpid()}, since {_dt.datetime.now().isoformat(timespec='seconds')})\n".encode(), 0)
-    _held[key], _fds[key] = 1, fd
+    _held[key] = fd
 
 
 def _release(key: Path) -> None:
-    del _held[key]
-    fd = _fds.pop(key)
+    fd = _held.pop(key)
     os.ftruncate(fd, 0)  # the holder's line goes with the lock
     os.close(fd)  # closing drops the process's lock on the file

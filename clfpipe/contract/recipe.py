@@ -45,11 +45,6 @@ def ranged(default: Any, lo: float, hi: float) -> Any:
     return field(default=default, metadata={"range": (lo, hi)})
 
 
-def field_range(config: type, name: str) -> tuple[float, float]:
-    """A ranged field's declared bounds, for checks outside the recipe that share them."""
-    return next(f for f in dataclasses.fields(config) if f.name == name).metadata["range"]
-
-
 def _check_ranges(section: str, config: Any) -> None:
     """Every ranged field of a section: finite and within its declared bounds, else one line."""
     for f in dataclasses.fields(config):
@@ -249,6 +244,9 @@ class ExportConfig:
         _check_choice("export.calibration_method", self.calibration_method, CALIBRATION_METHODS)
 
 
+MAX_BATCH_SIZE = 4096  # images a served batch may hold (bench --batch and a TensorRT profile share it)
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds (the demo data's --seed shares it)
+
 # What NVIDIA's image needs before its tritonserver serves a clfpipe repository: Pillow for the
 # preprocessing step, and numpy<2 for the python backend's stub (numpy 2 corrupts every tensor).
 CONTAINER_SETUP = 'pip install --quiet pillow "numpy<2"'
@@ -256,7 +254,7 @@ CONTAINER_SETUP = 'pip install --quiet pillow "numpy<2"'
 
 @dataclass(frozen=True)
 class ServeConfig:
-    max_batch_size: int = ranged(32, 1, 4096)
+    max_batch_size: int = ranged(32, 1, MAX_BATCH_SIZE)
     # 0: no added wait at low load; under load the batcher still groups what queued while the
     # model ran (measured here: mean batch 6.4 at concurrency 16, and 2 ms less latency at 1)
     max_queue_delay_us: int = ranged(0, 0, 10_000_000)
@@ -294,7 +292,7 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    seed: int = ranged(0, 0, 2**32 - 1)
+    seed: int = ranged(0, 0, MAX_SEED)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
