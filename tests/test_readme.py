@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from clfpipe.cli import main
 from clfpipe.contract.manifest import RunDir
+from clfpipe.serve.client import Classifier
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -57,3 +60,26 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench" / "bench.png").is_file()
     assert set(RunDir(tmp_path / "r2").read().data["stages"]) == {"train", "export", "repo"}
     assert Path(tmp_path / "r2" / "model_repository" / "classifier_tta" / "config.pbtxt").is_file()
+
+
+def readme_client() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("<!-- readme-client -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_readme_client_block_talks_to_a_real_server_without_clfpipe(trained_run, demo_data, server):
+    """The README's plain-tritonclient example, run as written (in a child with no clfpipe import)
+    against the session's server: the answers it prints are the ones clfpipe's client gets."""
+    image = demo_data / "valid" / "vertical" / "vertical_0000.jpg"
+    code = readme_client()
+    assert "clfpipe" not in code
+    code = re.sub(r'open\("[^"]+"', f"open({str(image)!r}", code)
+    code = code.replace("127.0.0.1:8000", server.http_url).replace("127.0.0.1:8001", server.grpc_url)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain, tta = done.stdout.splitlines()
+    expected = Classifier(server.http_url, "http").predict([image], top_k=2)[0]
+    expected_tta = Classifier(server.grpc_url, "grpc", model="classifier_tta").predict([image])[0]
+    labels = " ".join(f"b'{label}:{prob:.6f}'" for label, prob in expected.top_k)
+    assert plain == f"{expected.label} {round(expected.prob, 3)} [{labels}]"
+    assert tta == f"{expected_tta.label} {round(expected_tta.prob, 3)}"
