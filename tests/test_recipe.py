@@ -26,6 +26,8 @@ def test_a_shipped_recipe_is_named_from_any_folder_and_a_path_wins(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert load_recipe("demo") == load_recipe(DEMO_RECIPE)
     assert load_recipe("resnet34").model.arch == "resnet34" and load_recipe("resnext50").model.arch == "resnext50_32x4d"
+    (tmp_path / "resnet34").mkdir()  # a folder of that name is no recipe: it said "Is a directory"
+    assert load_recipe("resnet34").model.arch == "resnet34"
     (tmp_path / "demo").write_text("seed = 5\n")  # a file of that name here is the user's own
     assert load_recipe("demo").seed == 5
     with pytest.raises(RecipeError, match=r"recipe file not found: nope \(expected a TOML file, or one of the recipes "

@@ -442,9 +442,10 @@ def shipped_recipes() -> dict[str, Path]:
 
 
 def recipe_path(path: str | Path) -> Path:
-    """A recipe file: the path given where it is one, else the shipped recipe of that name ("demo")."""
+    """A recipe file: the path given where it is one, else the shipped recipe of that name ("demo"),
+    also beside a folder of that name (``clfpipe demo --workdir demo`` makes one)."""
     shipped = shipped_recipes()
-    if not Path(path).exists() and str(path) in shipped:
+    if not Path(path).is_file() and str(path) in shipped:
         return shipped[str(path)]
     return Path(path)
 
