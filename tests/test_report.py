@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from clfpipe.train.report import (
     LossPoint,
     confusion_matrix,
+    loss_figure,
     most_confused,
     most_correct,
     most_incorrect,
@@ -113,3 +115,34 @@ def test_a_grids_title_is_drawn_whole_however_long(tmp_path):
         _grid(files, ["img_0.png\nb 0.70"], path, title)
         width = Image.open(path).width
         assert _fit_text(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, _font(15), width - 2 * _GAP) == title, n
+
+
+@pytest.mark.parametrize("epochs", [[1, 1, 1, 1], [2, 1, 7, 3]])
+def test_the_loss_plot_shows_every_stage_name_clear_of_the_losses_and_the_legend(epochs):
+    """In a run of one epoch a stage, stage 0's name fell outside the axes (cut off), the last one's
+    sat under the legend, and names were drawn across the curves."""
+    names = ["head_precomputed", "head_augmented", "unfreeze", "grow"]
+    rng = np.random.default_rng(0)
+    points = [LossPoint(name, e + 1, float(rng.uniform(0.2, 1.6)), float(rng.uniform(0.2, 1.6)))
+              for name, n in zip(names, epochs) for e in range(n)]
+    fig = loss_figure(points)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = next(lg for lg in [*fig.legends, ax.get_legend()] if lg is not None).get_window_extent(renderer)
+    box = ax.get_window_extent(renderer)
+    labels = [text.get_window_extent(renderer) for text in ax.texts]
+    assert [text.get_text() for text in ax.texts] == [f"{i}: {name}" for i, name in enumerate(names)]
+    markers = np.concatenate([ax.transData.transform(line.get_xydata()) for line in ax.lines if line.get_marker() != "None"])
+    for label in labels:
+        assert box.x0 <= label.x0 and label.x1 <= box.x1 and box.y0 <= label.y0 and label.y1 <= box.y1
+        assert not label.overlaps(legend), label
+        assert not ((markers[:, 0] >= label.x0) & (markers[:, 0] <= label.x1) & (markers[:, 1] >= label.y0 - 4)).any()
+    assert not legend.overlaps(box)  # the legend is outside the axes: no loss is drawn under it
+    _plt_close(fig)
+
+
+def _plt_close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

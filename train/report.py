@@ -155,26 +155,43 @@ class LossPoint:
     valid_loss: float
 
 
-def loss_png(points: Sequence[LossPoint], path: Path) -> None:
-    """Train and valid loss per epoch across every stage, stage boundaries marked (fastai's plot_loss)."""
+# The top of the loss plot is a band for the stage names: the losses are drawn below it.
+_LABEL_BAND = 0.38
+
+
+def loss_figure(points: Sequence[LossPoint]):
+    """Train and valid loss per epoch across every stage, stage boundaries marked (fastai's plot_loss).
+    Each stage's name is written at its start, in a band above the curves, the legend below the
+    axes: neither is drawn over the other or over a loss, however short the run."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8, 4.4), layout="constrained")
     x = np.arange(1, len(points) + 1)
-    ax.plot(x, [p.train_loss for p in points], marker="o", label="train loss")
-    ax.plot(x, [p.valid_loss for p in points], marker="s", label="valid loss")
+    train, valid = [p.train_loss for p in points], [p.valid_loss for p in points]
+    ax.plot(x, train, marker="o", label="train loss")
+    ax.plot(x, valid, marker="s", label="valid loss")
+    ax.set_xlim(0.5, len(points) + 0.5)  # stage 0 starts at 0.5 as the others start at a boundary
+    finite = np.array([v for v in train + valid if math.isfinite(v)] or [0.0, 1.0])  # a diverged epoch's loss is nan
+    lo, hi = float(finite.min()), float(finite.max())
+    span = (hi - lo) or max(abs(hi), 1.0) * 0.1
+    ax.set_ylim(lo - 0.05 * span, lo + span / (1 - _LABEL_BAND))
     starts = [i for i, p in enumerate(points) if i == 0 or p.stage != points[i - 1].stage]
     for index, start in enumerate(starts):
         if start:
             ax.axvline(start + 0.5, color="grey", linestyle="--", linewidth=0.8)
-        label = ax.text(start + 0.6, 0.98, f"{index}: {points[start].stage}", fontsize=8, va="top", rotation=90,
+        label = ax.text(start + 0.55, 0.98, f"{index}: {points[start].stage}", fontsize=8, va="top", rotation=90,
                         transform=ax.get_xaxis_transform(), clip_on=True)
         label.set_in_layout(False)  # a long stage name must not squeeze the plot
     ax.set_xlabel("epoch (all stages)")
     ax.set_ylabel("loss")
     ax.set_xticks(x)
-    ax.legend(loc="upper right")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def loss_png(points: Sequence[LossPoint], path: Path) -> None:
+    fig = loss_figure(points)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plt().close(fig)
 
 
 def _rel(path: Path, start: Path) -> str:
