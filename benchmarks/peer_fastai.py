@@ -131,7 +131,9 @@ def main() -> None:
                         help="run clfpipe's side under cProfile and print its N costliest functions (cumulative "
                              "seconds; the profiler slows the run, so its time is not the comparison's)")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the child's seed
-    parser.add_argument("--only", choices=["fastai", "clfpipe"], help=argparse.SUPPRESS)  # the child's side
+    parser.add_argument("--only", choices=["fastai", "clfpipe"],
+                        help="run one side alone, in this process, and print its figures (what each child runs; "
+                             "scripts/gpu_check.sh profiles clfpipe's side so)")
     args = parser.parse_args()
     if args.only:
         print(json.dumps(child(args)))
