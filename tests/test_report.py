@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,6 +8,7 @@ from clfpipe.train.report import (
     LossPoint,
     confusion_matrix,
     loss_figure,
+    matrix_layout,
     most_confused,
     most_correct,
     most_incorrect,
@@ -146,3 +149,42 @@ def _plt_close(fig) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_a_many_class_matrix_stays_a_drawable_size(tmp_path):
+    """At 120 classes (dog breeds) the figure was 134 inches, 13,450 px square, 6.6 GB to draw and
+    more pixels than Pillow opens; from ~600 classes matplotlib refused it and the run ended there."""
+    from clfpipe.train.report import confusion_png
+
+    small, many, most = matrix_layout(3), matrix_layout(120), matrix_layout(1000)
+    assert small.figure_in == pytest.approx(3 * 1.1 + 2.5) and small.counts_pt == 11 and small.names_pt == 10
+    assert many.figure_in == pytest.approx(22.5) and many.counts_pt is None and 4 <= many.names_pt < 10
+    assert most.figure_in == pytest.approx(22.5) and most.counts_pt is None and most.names_pt is None
+    n = 300
+    matrix = np.random.default_rng(0).integers(0, 5, (n, n))
+    confusion_png(matrix, [f"class_{i}" for i in range(n)], tmp_path / "m.png", "plain predictions, no TTA")
+    with Image.open(tmp_path / "m.png") as img:
+        assert max(img.size) <= 2400
+
+
+def test_the_most_confused_table_lists_the_commonest_pairs_and_counts_the_rest(tmp_path, monkeypatch):
+    """A many-class run's table listed every confused pair: thousands of rows."""
+    from clfpipe.train import report
+
+    monkeypatch.setattr(report, "CONFUSED_ROWS", 4)
+    n = 12  # one image of each class, each predicted as the next class, but two of class 0 both taken for 5
+    files = []
+    for i in range(n):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(files[-1])
+    labels = np.arange(n)
+    labels[1] = 0
+    predicted = (np.arange(n) + 1) % n
+    predicted[:2] = 5
+    probs = np.eye(n)[predicted] * 0.9 + 0.1 / n
+    text = write_report(tmp_path / "report", files=files, labels=labels, probs=probs, classes=[f"c{i}" for i in range(n)],
+                        k=2).read_text()
+    table = text.split("Most confused", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr><td>(c\d+)</td><td>(c\d+)</td><td>(\d+)</td></tr>", table)
+    assert len(rows) == 4 and rows[0] == ("c0", "c5", "2")  # 11 pairs in all: the one of two images first
+    assert "and 7 more pairs of 1 image or fewer" in table

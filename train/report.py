@@ -118,19 +118,48 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
     canvas.save(path)
 
 
+@dataclass(frozen=True)
+class MatrixLayout:
+    """How a confusion matrix of n classes is drawn: the figure stays at most ~22 inches (2,250 px)
+    whatever n is; counts and names are written while their cells can hold them."""
+
+    figure_in: float
+    counts_pt: float | None  # None: cells too small to hold a count
+    names_pt: float | None  # None: too many classes to name on the axes (the tables name them)
+
+
+_CELL_IN, _MATRIX_IN, _MARGIN_IN = 1.1, 20.0, 2.5
+
+
+def matrix_layout(n: int) -> MatrixLayout:
+    """A cell is 1.1 in until n cells would pass 20 in; then the cells shrink. At 120 classes the
+    figure was 134 in (13,450 px square, 6.6 GB to draw); from ~600 matplotlib refused it."""
+    cell = min(_CELL_IN, _MATRIX_IN / max(n, 1))
+    counts = min(11.0, cell * 72 * 0.35)
+    names = min(10.0, cell * 72 * 0.7)
+    return MatrixLayout(cell * n + _MARGIN_IN, counts if counts >= 5 else None, names if names >= 4 else None)
+
+
 def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path, predictions: str) -> None:
     """Counts on every cell, in white on the dark cells and black on the light ones."""
     plt = _plt()
-    size = 1.1 * len(classes) + 2.5
-    fig, ax = plt.subplots(figsize=(size, size))
+    layout = matrix_layout(len(classes))
+    fig, ax = plt.subplots(figsize=(layout.figure_in, layout.figure_in))
     ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
-    for (i, j), value in np.ndenumerate(matrix):
-        dark = value > matrix.max() / 2
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=11, color="white" if dark else "black")
-    labels = [_short(name) for name in classes]  # the report's tables carry the whole names
-    ax.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), labels)
-    ax.set_xlabel("predicted")
+    if layout.counts_pt is not None:
+        for (i, j), value in np.ndenumerate(matrix):
+            dark = value > matrix.max() / 2
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=layout.counts_pt, color="white" if dark else "black")
+    if layout.names_pt is not None:
+        labels = [_short(name) for name in classes]  # the report's tables carry the whole names
+        upright = len(classes) > 30  # slanted names of many narrow columns run into each other
+        ax.set_xticks(range(len(classes)), labels, rotation=90 if upright else 45, ha="center" if upright else "right",
+                      fontsize=layout.names_pt)
+        ax.set_yticks(range(len(classes)), labels, fontsize=layout.names_pt)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_xlabel("predicted" if layout.names_pt is not None else "predicted (classes in the order of the table above)")
     ax.set_ylabel("actual")
     ax.set_title(f"confusion matrix ({predictions})", fontsize=10)
     fig.tight_layout()
@@ -222,6 +251,9 @@ STYLE = ("<style>body{font-family:sans-serif;margin:1.5em;max-width:1200px}table
          "td,th{border:1px solid #bbb;padding:2px 8px;font-size:13px;text-align:left}img{max-width:100%}</style>")
 
 
+CONFUSED_ROWS = 50  # of a many-class matrix's thousands of confused pairs, the most frequent
+
+
 def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, probs: np.ndarray,
                  classes: Sequence[str], k: int = 8, predictions: str = "plain predictions, no TTA",
                  losses: Sequence[LossPoint] = ()) -> Path:
@@ -241,7 +273,12 @@ def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, pr
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{total}</td><td>{acc:.4f}</td></tr>")
         sections.append(_class_section(name, c, picks, files, probs, classes, out_dir))
     confused = most_confused(matrix, classes)
-    confused_rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{n}</td></tr>" for a, b, n in confused)
+    confused_rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{n}</td></tr>"
+                            for a, b, n in confused[:CONFUSED_ROWS])
+    if len(confused) > CONFUSED_ROWS:
+        rest = confused[CONFUSED_ROWS:]
+        confused_rows += (f"<tr><td colspan='3'>and {len(rest)} more pairs of {rest[0][2]} image"
+                          f"{'s' if rest[0][2] > 1 else ''} or fewer</td></tr>")
     loss_html = ""
     if losses:
         loss_png(losses, out_dir / "loss.png")
@@ -256,7 +293,7 @@ def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, pr
         "<h2>Most confused (actual &rarr; predicted)</h2>"
         + ("<table><tr><th>actual</th><th>predicted</th><th>images</th></tr>" + confused_rows + "</table>" if confused
            else "<p>no confusions</p>")
-        + '<h2>Confusion matrix</h2><img src="confusion_matrix.png" alt="confusion matrix">'
+        + '<h2>Confusion matrix</h2><a href="confusion_matrix.png"><img src="confusion_matrix.png" alt="confusion matrix"></a>'
         + loss_html + "<h2>Per class</h2>" + "".join(sections) + "</body></html>\n"
     )
     return index
