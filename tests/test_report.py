@@ -188,3 +188,37 @@ def test_the_most_confused_table_lists_the_commonest_pairs_and_counts_the_rest(t
     rows = re.findall(r"<tr><td>(c\d+)</td><td>(c\d+)</td><td>(\d+)</td></tr>", table)
     assert len(rows) == 4 and rows[0] == ("c0", "c5", "2")  # 11 pairs in all: the one of two images first
     assert "and 7 more pairs of 1 image or fewer" in table
+
+
+def _cjk_font() -> str | None:
+    from clfpipe.train.report import _charmap, _installed_fonts
+
+    return next((f for f in _installed_fonts() if ord("猫") in _charmap(f)), None)
+
+
+def test_class_names_dejavu_lacks_are_drawn_from_an_installed_font_that_has_them(tmp_path, caplog):
+    """A class folder named '猫' was a box on the matrix and in the grids (DejaVu Sans has no CJK)."""
+    import warnings
+
+    from PIL import ImageDraw
+
+    from clfpipe.train.report import _dejavu, _font, _font_file, _grid, confusion_png
+
+    assert _font_file("img_0.png\ncafé 0.70") == _dejavu()
+    if _cjk_font() is None:
+        pytest.skip("no installed font has CJK glyphs (Debian: apt-get install fonts-wqy-zenhei)")
+    face = _font_file("img_0.png\n猫 0.70")
+    assert face != _dejavu()
+
+    def drawn(text: str, font) -> bytes:
+        img = Image.new("L", (40, 40))
+        ImageDraw.Draw(img).text((5, 5), text, font=font, fill=255)
+        return img.tobytes()
+
+    assert drawn("猫", _font(11, face)) != drawn("\U0010FFFF", _font(11, face))
+    _grid(_images(tmp_path)[:1], ["img_0.png\n猫 0.70"], tmp_path / "grid.png", "猫: most incorrect")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        confusion_png(np.array([[3, 1], [0, 4]]), ["猫", "café"], tmp_path / "m.png", "plain predictions, no TTA")
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    assert "Failed to find font weight" not in caplog.text

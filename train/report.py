@@ -5,8 +5,10 @@ loss curves; RUN_DIR/report/index.html links them."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -70,12 +72,71 @@ _TILE, _GAP, _CAPTION, _TITLE = 200, 8, 32, 34  # grid geometry, pixels
 
 
 @functools.lru_cache(maxsize=None)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    """DejaVu Sans, the font matplotlib ships and draws the report's plots with: Pillow's default
-    (Aileron) has no glyph for 'ü' or 'é', and drew a class folder named so as boxes."""
+def _charmap(path: str) -> frozenset[int]:
+    """The code points a font file has glyphs for."""
+    from matplotlib import ft2font
+
+    try:
+        return frozenset(ft2font.FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):  # a font file FreeType cannot read is one we do not use
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def _dejavu() -> str:
     from matplotlib import font_manager
 
-    return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")), size)
+    return font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_fonts() -> tuple[str, ...]:
+    """Font files to draw what DejaVu Sans lacks: the system's (read now: matplotlib's cached list
+    misses a font installed after it was made), then matplotlib's own; never its Last Resort font,
+    whose 'glyph' for every code point is a box."""
+    from matplotlib import font_manager
+
+    files = [*sorted(font_manager.findSystemFonts()), *(e.fname for e in font_manager.fontManager.ttflist)]
+    return tuple(f for f in dict.fromkeys(files) if not Path(f).name.startswith("LastResort") and Path(f).suffix != ".afm")
+
+
+@functools.lru_cache(maxsize=None)
+def _family(path: str) -> str:
+    """The family name matplotlib knows the font file by, adding it to its list where it was missing."""
+    from matplotlib import font_manager
+
+    font_manager.fontManager.addfont(path)
+    return font_manager.FontProperties(fname=path).get_name()
+
+
+def _fallbacks(text: str) -> list[str]:
+    """Families of installed fonts that have the characters of text DejaVu Sans lacks (a class folder
+    named in Chinese or Japanese), each adding some."""
+    missing = {ord(c) for c in text if not c.isspace()} - _charmap(_dejavu())
+    found = []
+    for path in _installed_fonts():
+        if not missing:
+            break
+        have = missing & _charmap(path)
+        if have:
+            found.append(_family(path))
+            missing -= have
+    return found
+
+
+def _font_file(text: str) -> str:
+    """DejaVu Sans, the font matplotlib ships and draws the report's plots with, where it has every
+    character of text; else an installed font that has them all. Pillow's default (Aileron) has no
+    glyph for 'ü' or 'é', and DejaVu none for '猫': such names were drawn as boxes."""
+    chars = {ord(c) for c in text if not c.isspace()}
+    if chars <= _charmap(_dejavu()):
+        return _dejavu()
+    return next((path for path in _installed_fonts() if chars <= _charmap(path)), _dejavu())
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int, path: str | None = None) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path or _dejavu(), size)
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
@@ -99,7 +160,8 @@ def _grid(files: Sequence[Path], titles: Sequence[str], path: Path, title: str) 
     """One row of images, each under its caption, under the grid's title. Drawn with Pillow: a
     matplotlib figure per grid took 0.26 s (8 s of a 10-class report, more than the run's
     evaluation)."""
-    font, title_font = _font(11), _font(15)
+    face = _font_file(title + "".join(titles))
+    font, title_font = _font(11, face), _font(15, face)
     # rounded up: rounded down, the title no longer fitted and lost its middle to an ellipsis
     width = max(max(1, len(files)) * (_TILE + _GAP) + _GAP, math.ceil(title_font.getlength(title)) + 2 * _GAP)
     canvas = Image.new("RGB", (width, _TITLE + _CAPTION + _TILE + _GAP), "white")
@@ -144,6 +206,31 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path, predic
     """Counts on every cell, in white on the dark cells and black on the light ones."""
     plt = _plt()
     layout = matrix_layout(len(classes))
+    families = ["DejaVu Sans", *_fallbacks("".join(classes))]
+    # matplotlib draws each glyph from the first family that has it
+    with plt.rc_context({"font.family": families}), _quiet_font_weights():
+        _draw_matrix(plt, matrix, classes, layout, path, predictions)
+
+
+class _NoWeightWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to find font weight" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_font_weights():
+    """Without matplotlib's 'Failed to find font weight normal' warning: a fallback font of one weight
+    (WenQuanYi Zen Hei is 'medium') draws what it has all the same."""
+    logger = logging.getLogger("matplotlib.font_manager")
+    quiet = _NoWeightWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _draw_matrix(plt, matrix: np.ndarray, classes: Sequence[str], layout: MatrixLayout, path: Path, predictions: str) -> None:
     fig, ax = plt.subplots(figsize=(layout.figure_in, layout.figure_in))
     ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
     if layout.counts_pt is not None:
