@@ -346,3 +346,21 @@ def test_any_url_is_accepted_as_host_port_or_one_servererror(url):
         return
     host, port = url.rsplit(":", 1)[0], int(url.rsplit(":", 1)[1].split("/")[0])
     assert host and 1 <= port <= 65535
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 5000), max_size=6).map(lambda xs: ",".join(map(str, xs))),
+                 st.lists(st.text("0123456789 ,_-+", max_size=8), max_size=4).map(",".join)))
+def test_any_concurrency_list_is_bounded_levels_or_one_error(text):
+    """bench --concurrency: what the sweep gets is 1..1024 clients a level, or one line before any request."""
+    from clfpipe.cli import _levels
+    from clfpipe.contract.errors import ClfpipeError
+    from clfpipe.serve.bench import MAX_CONCURRENCY, check_sweep
+
+    try:
+        levels = _levels(text)
+        check_sweep("http", levels, batch=1, requests=None, seconds=None, window_s=1.0, max_windows=3)
+    except ClfpipeError as exc:
+        assert str(exc).startswith("--concurrency: expected") and "\n" not in str(exc)
+        return
+    assert levels and all(isinstance(c, int) and 1 <= c <= MAX_CONCURRENCY for c in levels)
