@@ -184,19 +184,27 @@ def _cmd_serve_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from clfpipe.serve.client import Classifier, Failure
+    from clfpipe.contract.manifest import atomic_write_bytes, check_out_file
+    from clfpipe.serve.client import Classifier, Failure, predictions_csv
 
+    if args.csv is not None:
+        check_out_file(args.csv, "predict", "--csv")  # before the requests, not after
     client = Classifier(args.url, args.protocol, args.model, state_dir=args.state_dir)
-    failed = 0
+    failed, answered = 0, []
     for p in client.predict_each(args.paths, top_k=args.top_k):
         if isinstance(p, Failure):  # one line per bad image; the others still get their answers
             print(f"clfpipe: error: {p.file}: {p.error}", file=sys.stderr)
             failed += 1
+        elif args.csv is not None:
+            answered.append(p)
         elif args.json:
             print(p.to_json())
         else:  # multi-label: the tags claimed (none: "-"); else the top-k classes
             shown = p.top_k if p.tags is None else p.tags
             print(f"{p.file}\t" + ("\t".join(f"{label} {prob:.4f}" for label, prob in shown) or "-"), flush=True)
+    if args.csv is not None:  # whole or not at all: an interrupted run leaves no table that looks complete
+        atomic_write_bytes(args.csv, predictions_csv(answered, client.classes, client.threshold is not None))
+        print(f"wrote {args.csv}: {len(answered)} images, {len(client.classes)} classes")
     return 2 if failed else 0
 
 
@@ -407,7 +415,11 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     _add_client_args(p)
     p.add_argument("--top-k", type=int, default=1, help="labels shown per image, most probable first (multi-label: the tags above the model's "
                         "threshold are shown instead; --json holds both)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image and line: file, label, prob, probs, top_k")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object per image and line: file, label, prob, probs, top_k")
+    out.add_argument("--csv", type=Path, metavar="FILE",
+                     help="write one row per image instead (a submission): file, label (multi-label: tags, space-separated), "
+                          "then each class's probability")
     p.set_defaults(func=_cmd_predict)
 
     p = _sub(sub, "bench", "latency/throughput sweep over concurrency against a running server")

@@ -6,7 +6,9 @@ protocol asked for); a URL given explicitly wins.
 
 from __future__ import annotations
 
+import csv
 import http.client
+import io
 import json
 import logging
 import re
@@ -53,6 +55,18 @@ class Prediction:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+
+def predictions_csv(predictions: Sequence[Prediction], classes: Sequence[str], multi_label: bool) -> bytes:
+    """A submission-style table: file, the label (multi-label: the tags, space-separated as a labels
+    CSV holds them), then every class's probability in the model's order."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "tags" if multi_label else "label", *classes])
+    for p in predictions:
+        said = " ".join(label for label, _ in p.tags or []) if multi_label else p.label
+        writer.writerow([p.file, said, *(f"{prob:.6g}" for prob in p.probs)])
+    return buf.getvalue().encode()
 
 
 @dataclass(frozen=True)

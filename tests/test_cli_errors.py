@@ -86,6 +86,16 @@ def test_predict_without_a_server(tmp_path, capsys):
     _one_line_error(capsys, ["predict", "--url", "127.0.0.1:1", "--protocol", "grpc", str(img)], "cannot reach Triton")
 
 
+def test_predict_csv_that_cannot_be_written_is_one_line_before_any_request(tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    # port 1: were a request sent first, this would say "cannot reach Triton"
+    _one_line_error(capsys, ["predict", "--url", "127.0.0.1:1", "--csv", str(tmp_path), str(img)],
+                    f"--csv {tmp_path}: expected a file name, got a folder")
+    _one_line_error(capsys, ["predict", "--url", "127.0.0.1:1", "--csv", str(img / "out.csv"), str(img)],
+                    f"--csv {img / 'out.csv'}: expected a place predict can write to")
+
+
 def test_data_demo_command(tmp_path, capsys):
     assert main(["data", "demo", str(tmp_path / "d"), "--seed", "1"]) == 0
     assert "wrote 360 train and 90 valid images" in capsys.readouterr().out

@@ -124,6 +124,17 @@ def test_a_prediction_names_the_tags_strictly_above_the_threshold():
     assert single.tags is None and "tags" not in single.to_dict()
 
 
+def test_the_csv_of_predictions_names_the_tags_as_a_labels_file_does():
+    from clfpipe.serve.client import make_prediction, predictions_csv
+
+    classes = ["a", "b c", "d"]
+    preds = [make_prediction(f"img{i}.jpg", row, classes, 1, threshold=0.5)
+             for i, row in enumerate(np.array([[0.2, 0.9, 0.7], [0.1, 0.2, 0.3]]))]
+    rows = list(csv.reader(io.StringIO(predictions_csv(preds, classes, multi_label=True).decode())))
+    assert rows[0] == ["file", "tags", "a", "b c", "d"]
+    assert rows[1] == ["img0.jpg", "b c d", "0.2", "0.9", "0.7"] and rows[2] == ["img1.jpg", "", "0.1", "0.2", "0.3"]
+
+
 def _table(rows: list[list[str]], header: list[str]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])

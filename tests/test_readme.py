@@ -58,6 +58,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
     assert {"onnx", "onnx-pre", "onnx-pre-tta", "onnx-int8"} <= set(manifest.data["artifacts"])
     assert (tmp_path / "r1" / "lr_find_stage2.png").is_file() and (tmp_path / "r1" / "model_repository_container").is_dir()
     assert (tmp_path / "bench" / "bench.png").is_file()
+    assert len((tmp_path / "submission.csv").read_text().splitlines()) == 1 + 90  # the header, then every valid image
     assert set(RunDir(tmp_path / "r2").read().data["stages"]) == {"train", "export", "repo"}
     assert Path(tmp_path / "r2" / "model_repository" / "classifier_tta" / "config.pbtxt").is_file()
 

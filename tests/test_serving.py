@@ -77,6 +77,24 @@ def test_labels_follow_top_k_from_the_request_or_the_config(trained_run, server)
         _infer(server, "http", "classifier", "IMAGE", data, "BYTES", parameters={"top_k": "many"})
 
 
+def test_predict_csv_writes_a_row_per_image_with_every_class(trained_run, server, tmp_path, capsys):
+    import csv
+
+    folder = _valid(trained_run).files[0].parent
+    out = tmp_path / "sub" / "submission.csv"
+    assert main(["predict", "--url", server.grpc_url, "--protocol", "grpc", "--model", "classifier_tta", "--csv", str(out),
+                 str(folder)]) == 0
+    classes = RunDir(trained_run).read().classes
+    assert capsys.readouterr().out == f"wrote {out}: 30 images, {len(classes)} classes\n"
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["file", "label", *classes] and len(rows) == 31
+    expected = Classifier(server.http_url, "http", model="classifier_tta").predict([folder])
+    for row, want in zip(rows[1:], expected):
+        probs = np.array(row[2:], float)
+        assert row[0] == want.file and row[1] == want.label == classes[int(probs.argmax())]
+        np.testing.assert_allclose(probs, want.probs, rtol=1e-5)
+
+
 def test_decoded_pixels_give_the_same_answer_without_re_encoding(trained_run, server):
     files = _valid(trained_run).files[:4]
     client = Classifier(server.http_url, "http")

@@ -56,19 +56,31 @@ def library_versions(names: Iterable[str]) -> dict[str, str]:
     return versions
 
 
-def check_out_folder(out: Path, tool: str) -> None:
+def check_out_folder(out: Path, tool: str, option: str = "--out") -> None:
     """``--out``: a folder, or a place one can be made, that ``tool`` can write to, checked before
     the work whose results go there (a file or a read-only place named there failed only at the
     end, the work lost). Nothing is made here: a run that fails later leaves no empty folder."""
     if out.exists() and not out.is_dir():
-        raise ManifestError(f"--out {out}: expected a folder, got a file")
-    place = next(p for p in (out, *out.parents) if p.exists())  # where the folder would be made
+        raise ManifestError(f"{option} {out}: expected a folder, got a file")
+    _check_writable(out, f"{option} {out}: expected a folder {tool} can write to")
+
+
+def check_out_file(out: Path, tool: str, option: str) -> None:
+    """``option``: a file ``tool`` can write (replacing one there), checked before the work as
+    ``check_out_folder`` is; nothing is made here."""
+    if out.is_dir():
+        raise ManifestError(f"{option} {out}: expected a file name, got a folder")
+    _check_writable(out.parent, f"{option} {out}: expected a place {tool} can write to")
+
+
+def _check_writable(folder: Path, expected: str) -> None:
+    place = next(p for p in (folder, *folder.parents) if p.exists())  # where the folder would be made
     try:
         if not place.is_dir():
             raise NotADirectoryError(20, f"{place} is a file")
         tempfile.TemporaryFile(dir=place).close()
     except OSError as exc:
-        raise ManifestError(f"--out {out}: expected a folder {tool} can write to ({exc.strerror or exc})") from exc
+        raise ManifestError(f"{expected} ({exc.strerror or exc})") from exc
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
