@@ -210,15 +210,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from clfpipe.contract.manifest import check_out_folder
-    from clfpipe.serve.bench import check_sweep, load_images, sweep, write_results
+    from clfpipe.serve.bench import check_amounts, check_sweep, load_images, sample_evenly, sweep, write_results
     from clfpipe.serve.client import expand_inputs, resolve_endpoint
 
     url, protocol = resolve_endpoint(args.url, args.protocol, args.state_dir)
     amounts = {"concurrencies": _levels(args.concurrency), "batch": args.batch, "requests": args.requests,
                "seconds": args.seconds, "window_s": args.window, "max_windows": args.max_windows}
     check_sweep(protocol, **amounts)
+    check_amounts({"--max-images": args.max_images})
     check_out_folder(args.out, "bench")  # before minutes of measuring, not after
-    images = load_images(expand_inputs(args.images))
+    files = expand_inputs(args.images)
+    chosen = sample_evenly(files, args.max_images)  # each is checked, then held in memory, before the first request
+    if len(chosen) < len(files):
+        log.info("bench: sending %d of the %d images, spread evenly over them (--max-images)", len(chosen), len(files))
+    images = load_images(chosen)
     levels = sweep(url, args.model, images, protocol=protocol, **amounts)
     paths = write_results(levels, args.out, args.model)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -433,6 +438,9 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-windows", type=int, default=10, help="windows per level before giving up on stability")
     p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--images", nargs="+", required=True, metavar="IMAGE_OR_DIR", help="image files or folders to send")
+    p.add_argument("--max-images", type=int, default=512,
+                   help="send at most this many of them, spread evenly over the list: each is decoded to check it and "
+                        "held in memory first")
     p.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.csv, bench.png")
     p.set_defaults(func=_cmd_bench)
 

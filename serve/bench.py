@@ -88,6 +88,14 @@ def _stats(client, protocol: str, model: str) -> dict[str, float]:
             "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
 
 
+def sample_evenly(paths: Sequence[Path], most: int) -> list[Path]:
+    """At most ``most`` of paths, spread evenly over them in their order (every class of a sorted
+    folder has its share), the same ones every run."""
+    if len(paths) <= most:
+        return list(paths)
+    return [paths[i * len(paths) // most] for i in range(most)]
+
+
 def load_images(paths: Sequence[Path]) -> list[bytes]:
     """The encoded images a sweep sends, each first checked as training and the server read it
     (``image_problem``): with a bad one among them, its requests would fail and the figures would
@@ -213,7 +221,7 @@ def stable_level(url: str, protocol: str, model: str, images: Sequence[bytes], *
 
 # option -> (least, most): nan passed "at least" and then measured forever, as inf would
 AMOUNTS = {"--requests": (1, 10_000_000), "--seconds": (1e-3, 3600.0), "--window": (1e-3, 600.0),
-           "--batch": (1, MAX_BATCH_SIZE), "--max-windows": (3, 1000)}
+           "--batch": (1, MAX_BATCH_SIZE), "--max-windows": (3, 1000), "--max-images": (1, 1_000_000)}
 
 
 def check_amounts(values: dict[str, float | None]) -> None:

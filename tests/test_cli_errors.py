@@ -186,6 +186,7 @@ def test_a_malformed_url_is_one_line_before_any_client_is_made(tiny_data, capsys
     (["--window", "1e9"], "--window: expected 0.001 to 600.0, got 1000000000.0"),
     (["--requests", "0"], "--requests: expected 1 to 10000000, got 0"),
     (["--batch", "5000"], "--batch: expected 1 to 4096, got 5000"),
+    (["--max-images", "0"], "--max-images: expected 1 to 1000000, got 0"),
 ])
 def test_bench_amounts_are_finite_and_bounded_before_any_request(tiny_data, tmp_path, capsys, flags, expected):
     image = next((tiny_data / "valid" / "vertical").glob("*.jpg"))
@@ -201,6 +202,21 @@ def test_bench_out_is_checked_before_the_sweep(tiny_data, tmp_path, capsys):
     argv = ["bench", "--url", "127.0.0.1:1", "--images", str(image), "--out"]
     _one_line_error(capsys, [*argv, str(tmp_path / "file")], f"--out {tmp_path / 'file'}: expected a folder, got a file")
     _one_line_error(capsys, [*argv, str(tmp_path / "file" / "sub")], f"--out {tmp_path / 'file' / 'sub'}: expected a folder bench can write to")
+
+
+def test_bench_sends_an_even_sample_of_a_big_folder():
+    """bench decoded every image of the folder to check it and held them all in memory before the
+    first request: minutes and gigabytes for a whole validation set."""
+    from pathlib import Path
+
+    from clfpipe.serve.bench import sample_evenly
+
+    files = [Path(f"{c}/{i}.jpg") for c in "abcd" for i in range(250)]
+    chosen = sample_evenly(files, 8)
+    assert chosen == [Path("a/0.jpg"), Path("a/125.jpg"), Path("b/0.jpg"), Path("b/125.jpg"), Path("c/0.jpg"),
+                      Path("c/125.jpg"), Path("d/0.jpg"), Path("d/125.jpg")]
+    assert sample_evenly(files, 1000) == files and sample_evenly(files, 5000) == files
+    assert len(set(sample_evenly(files, 999))) == 999
 
 
 def test_top_k_below_one_is_an_error():

@@ -131,7 +131,8 @@ def test_batches_form_under_concurrency(trained_run, server):
 def test_bench_command_writes_csv_json_png(trained_run, server, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--url", server.grpc_url, "--protocol", "grpc", "--concurrency", "1,4", "--requests", "8",
-                 "--images", str(_valid(trained_run).files[0].parent), "--out", str(out)]) == 0
+                 "--images", str(_valid(trained_run).files[0].parent), "--max-images", "6", "--out", str(out)]) == 0
+    assert "bench: sending 6 of the 30 images, spread evenly over them" in capsys.readouterr().err
     report = json.loads((out / "bench.json").read_text())
     assert [l["concurrency"] for l in report["levels"]] == [1, 4]
     for level in report["levels"]:
