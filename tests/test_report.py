@@ -1,3 +1,4 @@
+import logging
 import re
 
 import numpy as np
@@ -222,3 +223,35 @@ def test_class_names_dejavu_lacks_are_drawn_from_an_installed_font_that_has_them
         confusion_png(np.array([[3, 1], [0, 4]]), ["猫", "café"], tmp_path / "m.png", "plain predictions, no TTA")
     assert not [w for w in caught if "missing from font" in str(w.message)]
     assert "Failed to find font weight" not in caplog.text
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_class_name_no_font_has_is_one_warning_not_matplotlibs_per_glyph(tmp_path):
+    import warnings
+
+    from clfpipe.train.report import undrawable
+
+    assert undrawable("abc café") == ""
+    ghost = "\U000f0001"  # a private-use code point: no font has it
+    assert undrawable(f"x{ghost}y{ghost}") == ghost
+    kept, logger = _Kept(), logging.getLogger("clfpipe")  # the CLI stops its records at this logger
+    logger.addHandler(kept)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            write_report(tmp_path / "report", files=_images(tmp_path), labels=LABELS, probs=PROBS,
+                         classes=["a", f"b{ghost}", "c"], k=4)
+    finally:
+        logger.removeHandler(kept)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    assert [m for m in kept.messages if "no font here has" in m] == [
+        f"report: no font here has {ghost!r} (in class names): the PNGs draw them as boxes (install one that has them, "
+        "e.g. Debian's fonts-noto-cjk)"]

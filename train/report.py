@@ -11,6 +11,7 @@ import html
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clfpipe.contract.preprocess import load_image
+
+log = logging.getLogger(__name__)
 
 KINDS = ("most_correct", "most_incorrect", "most_uncertain")
 
@@ -124,6 +127,12 @@ def _fallbacks(text: str) -> list[str]:
     return found
 
 
+def undrawable(text: str) -> str:
+    """The characters of text that no font here has (each drawn as a box), in order, once each."""
+    covered = _charmap(_dejavu()).union(*(_charmap(path) for path in _installed_fonts()))
+    return "".join(dict.fromkeys(c for c in text if not c.isspace() and ord(c) not in covered))
+
+
 def _font_file(text: str) -> str:
     """DejaVu Sans, the font matplotlib ships and draws the report's plots with, where it has every
     character of text; else an installed font that has them all. Pillow's default (Aileron) has no
@@ -208,7 +217,9 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: Path, predic
     layout = matrix_layout(len(classes))
     families = ["DejaVu Sans", *_fallbacks("".join(classes))]
     # matplotlib draws each glyph from the first family that has it
-    with plt.rc_context({"font.family": families}), _quiet_font_weights():
+    with plt.rc_context({"font.family": families}), _quiet_font_weights(), warnings.catch_warnings():
+        # a glyph no font has: write_report says so once, not matplotlib once per character and use
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
         _draw_matrix(plt, matrix, classes, layout, path, predictions)
 
 
@@ -346,6 +357,9 @@ def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, pr
                  losses: Sequence[LossPoint] = ()) -> Path:
     """Write the PNGs and index.html into out_dir; returns the index path."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if missing := undrawable("".join(classes)):
+        log.warning("report: no font here has %r (in class names): the PNGs draw them as boxes (install one that has "
+                    "them, e.g. Debian's fonts-noto-cjk)", missing[:20])
     predicted = probs.argmax(1)
     matrix = confusion_matrix(labels, predicted, len(classes))
     confusion_png(matrix, classes, out_dir / "confusion_matrix.png", predictions)
