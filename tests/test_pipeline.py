@@ -85,6 +85,10 @@ def test_lr_find_command_restores_the_run(run_copy, capsys):
     assert {line.split()[0] for line in out.strip().splitlines()[-3:]} == {"valley", "steep", "minimum"}
     assert (run_copy / "lr_find_stage0.json").is_file() and (run_copy / "lr_find_stage0.png").is_file()
     assert (run_copy / "model.pt").read_bytes() == before
+    stages = RunDir(run_copy).read().recipe.stages
+    assert main(["lr-find", "--run", str(run_copy), "--stage", str(len(stages))]) == 2
+    assert capsys.readouterr().err == (f"clfpipe: error: --stage: expected one of the run's stages, 0 to {len(stages) - 1} ("
+                                       + ", ".join(f"{i} {s.name}" for i, s in enumerate(stages)) + f"), got {len(stages)}\n")
 
 
 def test_lr_find_sweeps_from_the_weights_the_stage_started_from(run_copy):

@@ -416,7 +416,9 @@ def lr_find_for_run(run_dir: Path, stage_index: int, data_dir: Path | None = Non
     manifest = run.read()
     recipe = manifest.recipe
     if not 0 <= stage_index < len(recipe.stages):
-        raise RecipeError(f"--stage: expected 0..{len(recipe.stages) - 1}, got {stage_index}")
+        n = len(recipe.stages)
+        raise RecipeError(f"--stage: expected one of the run's stages, {'0' if n == 1 else f'0 to {n - 1}'} "
+                          f"({', '.join(f'{i} {s.name}' for i, s in enumerate(recipe.stages))}), got {stage_index}")
     data = Path(data_dir) if data_dir else run.data_dir(manifest)
     try:
         train_split, valid_split = (scan_data(data, split, recipe.data.labels_csv, tuple(manifest.classes))
