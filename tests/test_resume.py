@@ -46,7 +46,7 @@ def _rows(run):
         return list(csv.DictReader(fh))
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     data = tmp_path / "data"
     write_demo_dataset(data, spec=DemoSpec(train_per_class=8, valid_per_class=2, image_size=48))
     recipe_path = tmp_path / "recipe.toml"
@@ -66,6 +66,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert not RunDir(run).exists(), "a killed run must not look complete"
     assert main(["export", "onnx", "--run", str(run)]) == 2  # nothing to export yet
+    assert main(["train", "--data", str(data), "--run", str(run)]) == 2
+    assert f"{run} already holds an unfinished run: expected a new run directory (or --resume {run} to continue it)" in \
+        capsys.readouterr().err
 
     assert main(["train", "--resume", str(run)]) == 0
     manifest = RunDir(run).read()
@@ -79,6 +82,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     b = torch.load(reference / "model.pt", weights_only=True)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert manifest.stage("train")["stage_lrs"] == RunDir(reference).read().stage("train")["stage_lrs"]
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--run", str(run)]) == 2  # "--resume" would have nothing to continue
+    assert capsys.readouterr().err == f"clfpipe: error: {run} already holds a finished run: expected a new run directory\n"
 
 
 def test_resume_refuses_finished_or_empty_runs(tmp_path, capsys):

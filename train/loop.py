@@ -237,8 +237,11 @@ def prepare_run(data_dir: Path, run_dir: Path, recipe: Recipe, held: contextlib.
 
 
 def _check_new(run_dir: Path) -> None:
-    if RunDir(run_dir).exists() or (run_dir / STATE_FILE).exists():
-        raise ManifestError(f"{run_dir} already holds a run: expected a new run directory (or --resume {run_dir})")
+    if RunDir(run_dir).exists():  # --resume has nothing to continue there
+        raise ManifestError(f"{run_dir} already holds a finished run: expected a new run directory")
+    if (run_dir / STATE_FILE).exists():
+        raise ManifestError(f"{run_dir} already holds an unfinished run: expected a new run directory "
+                            f"(or --resume {run_dir} to continue it)")
 
 
 def load_state(run_dir: Path) -> tuple[Recipe, TrainState]:
