@@ -263,6 +263,11 @@ def test_export_data_with_other_classes_is_one_line_about_data(run_copy, tmp_pat
     _one_line_error(capsys, ["export", "onnx", "--run", str(run_copy), "--precision", "fp32", "--data", str(other)],
                     "expected class folders ['checker', 'horizontal', 'vertical'], got ['checker', 'dog', 'horizontal'] "
                     "(--data: expected a folder with the run's classes)")
+    # nothing left to export: the folder named is checked all the same (it was "exported already", unsaid)
+    assert main(["-q", "export", "onnx", "--run", str(run_copy)]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["export", "onnx", "--run", str(run_copy), "--data", str(other)],
+                    "(--data: expected a folder with the run's classes)")
 
 
 def test_repo_out_naming_a_folder_of_other_files_leaves_it_as_it_was(run_copy, tmp_path, capsys):
