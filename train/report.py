@@ -129,8 +129,10 @@ def _fallbacks(text: str) -> list[str]:
 
 def undrawable(text: str) -> str:
     """The characters of text that no font here has (each drawn as a box), in order, once each."""
-    covered = _charmap(_dejavu()).union(*(_charmap(path) for path in _installed_fonts()))
-    return "".join(dict.fromkeys(c for c in text if not c.isspace() and ord(c) not in covered))
+    missing = {ord(c) for c in text if not c.isspace()} - _charmap(_dejavu())
+    for path in _installed_fonts() if missing else ():  # the other fonts are read only for what DejaVu lacks
+        missing -= _charmap(path)
+    return "".join(dict.fromkeys(c for c in text if ord(c) in missing))
 
 
 def _font_file(text: str) -> str:
