@@ -199,7 +199,7 @@ def reference_pixels(files: list[Path], manifest: Manifest, decode: str = "pil")
 
 
 def _probabilities(model: Classifier, manifest: Manifest, pixels: np.ndarray) -> np.ndarray:
-    logits = torch_logits(model, normalize(pixels, manifest.preprocess))
+    logits = torch_logits(model, pixels, prepare=lambda chunk: normalize(chunk, manifest.preprocess))
     return probabilities(logits, manifest.recipe.multi_label)
 
 

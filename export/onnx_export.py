@@ -110,7 +110,7 @@ def check_variant(path: Path, model: Classifier, manifest: Manifest, variant: Va
     """ONNX Runtime on `path` against PyTorch fp32 on the split (pixels: the split's, if already loaded)."""
     pixels = load_pixels(split.files, manifest.preprocess) if pixels is None else pixels
     reference = reference_outputs(model, manifest, variant, pixels)
-    test = ort.run_graph(ort.make_session(path), variant.input_form.prepare(pixels, manifest.preprocess))
+    test = ort.run_graph(ort.make_session(path), pixels, prepare=lambda chunk: variant.input_form.prepare(chunk, manifest.preprocess))
     return gate_variant(variant, manifest, reference=reference, test=test, labels=np.asarray(split.labels))
 
 

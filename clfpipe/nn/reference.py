@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,13 +29,17 @@ def files_to_batch(files: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
 
 
 @torch.inference_mode()
-def torch_logits(model: torch.nn.Module, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def torch_logits(model: torch.nn.Module, batch: np.ndarray, batch_size: int = 64,
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The model's outputs for a batch, in chunks; `prepare` turns each chunk into the model's input
+    (uint8 pixels into float32: 4x the bytes, one chunk at a time rather than the whole set)."""
     model.eval()
-    outs = [model(torch.from_numpy(batch[i : i + batch_size])).float().numpy() for i in range(0, len(batch), batch_size)]
+    prepare = prepare or (lambda chunk: chunk)
+    outs = [model(torch.from_numpy(prepare(batch[i : i + batch_size]))).float().numpy() for i in range(0, len(batch), batch_size)]
     return np.concatenate(outs)
 
 
 def reference_outputs(model: Classifier, manifest: Manifest, variant: Variant, pixels: np.ndarray) -> np.ndarray:
     """PyTorch fp32 through the variant's folded graph, on the spec's uint8 pixels."""
     folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label)
-    return torch_logits(folded, variant.input_form.prepare(pixels, manifest.preprocess))
+    return torch_logits(folded, pixels, prepare=lambda chunk: variant.input_form.prepare(chunk, manifest.preprocess))

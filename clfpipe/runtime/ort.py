@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -33,10 +33,14 @@ def make_session(path: str | Path, intra_op_threads: int = 0, providers: tuple[s
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
-def run_graph(session: ort.InferenceSession, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The graph's one output (logits, or probs with TTA folded in) for a batch, in chunks."""
+def run_graph(session: ort.InferenceSession, batch: np.ndarray, batch_size: int = 64,
+              prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The graph's one output (logits, or probs with TTA folded in) for a batch, in chunks; `prepare`
+    turns each chunk into the graph's input (one chunk's float32 copy at a time, not the whole set's)."""
     output = session.get_outputs()[0].name
-    outs = [session.run([output], {tensors.INPUT: batch[i : i + batch_size]})[0] for i in range(0, len(batch), batch_size)]
+    prepare = prepare or (lambda chunk: chunk)
+    outs = [session.run([output], {tensors.INPUT: prepare(batch[i : i + batch_size])})[0]
+            for i in range(0, len(batch), batch_size)]
     return np.concatenate(outs)
 
 

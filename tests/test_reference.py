@@ -1,0 +1,61 @@
+"""The gates' runners turn uint8 pixels into a graph's float32 input a chunk at a time: the whole
+validation set's float32 copy (600 KB an image at 224) made a big folder's export run out of memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from clfpipe.contract.preprocess import PreprocessSpec, normalize
+from clfpipe.nn.reference import torch_logits
+from clfpipe.runtime.ort import make_session, run_graph
+
+SPEC = PreprocessSpec(resize=32, crop=32)
+N, BATCH = 256, 32
+
+
+def _pixels() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
+
+
+def _peak_bytes(fn) -> int:
+    """numpy's allocations (tracemalloc sees them) at their peak while fn runs; torch's are not counted."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_torch_logits_prepares_each_chunk_as_the_whole_batch_would_be():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).eval()
+    pixels, seen = _pixels(), []
+
+    def prepare(chunk: np.ndarray) -> np.ndarray:
+        seen.append(len(chunk))
+        return normalize(chunk, SPEC)
+
+    whole = torch_logits(model, normalize(pixels, SPEC), batch_size=BATCH)
+    np.testing.assert_array_equal(torch_logits(model, pixels, batch_size=BATCH, prepare=prepare), whole)
+    assert seen == [BATCH] * (N // BATCH)
+    float_copy = normalize(pixels, SPEC).nbytes
+    assert _peak_bytes(lambda: torch_logits(model, pixels, batch_size=BATCH, prepare=prepare)) < float_copy / 2
+
+
+def test_run_graph_prepares_each_chunk(tmp_path):
+    node = helper.make_node("ReduceMean", ["input"], ["logits"], axes=[2, 3], keepdims=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])])
+    path = tmp_path / "mean.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    session, pixels = make_session(path), _pixels()
+    prepare = lambda chunk: normalize(chunk, SPEC)  # noqa: E731
+    whole = run_graph(session, normalize(pixels, SPEC), batch_size=BATCH)
+    np.testing.assert_allclose(run_graph(session, pixels, batch_size=BATCH, prepare=prepare), whole, rtol=1e-6)
+    np.testing.assert_allclose(whole, normalize(pixels, SPEC).mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
+    assert _peak_bytes(lambda: run_graph(session, pixels, batch_size=BATCH, prepare=prepare)) < normalize(pixels, SPEC).nbytes / 2
