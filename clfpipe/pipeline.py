@@ -91,9 +91,9 @@ def export_served(run_dir: Path, data_dir: Path | None = None) -> list[Variant]:
     missing = missing_exports(run_dir)
     if missing:
         export_variants(run_dir, missing, data_dir)
-    elif data_dir is not None:  # unused now, but a folder the user named is checked all the same (it went unsaid)
-        validation_split(RunDir(run_dir), RunDir(run_dir).read(), data_dir)
     manifest = RunDir(run_dir).read()
+    if not missing and data_dir is not None:  # unused now, but a folder the user named is checked all the same (it went unsaid)
+        validation_split(RunDir(run_dir), manifest, data_dir)
     serve = manifest.recipe.serve
     on_gpu = serve.engine == "auto" and torch.cuda.is_available() and serve.precision in ENGINES["torch"].precisions
     if serve.engine in ("aoti", "torch") or on_gpu:

@@ -129,6 +129,8 @@ def test_the_loss_plot_shows_every_stage_name_clear_of_the_losses_and_the_legend
     rng = np.random.default_rng(0)
     points = [LossPoint(name, e + 1, float(rng.uniform(0.2, 1.6)), float(rng.uniform(0.2, 1.6)))
               for name, n in zip(names, epochs) for e in range(n)]
+    import matplotlib.pyplot as plt
+
     fig = loss_figure(points)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -143,12 +145,6 @@ def test_the_loss_plot_shows_every_stage_name_clear_of_the_losses_and_the_legend
         assert not label.overlaps(legend), label
         assert not ((markers[:, 0] >= label.x0) & (markers[:, 0] <= label.x1) & (markers[:, 1] >= label.y0 - 4)).any()
     assert not legend.overlaps(box)  # the legend is outside the axes: no loss is drawn under it
-    _plt_close(fig)
-
-
-def _plt_close(fig) -> None:
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
 
 

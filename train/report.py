@@ -112,26 +112,32 @@ def _family(path: str) -> str:
     return font_manager.FontProperties(fname=path).get_name()
 
 
-def _fallbacks(text: str) -> list[str]:
-    """Families of installed fonts that have the characters of text DejaVu Sans lacks (a class folder
-    named in Chinese or Japanese), each adding some."""
-    missing = {ord(c) for c in text if not c.isspace()} - _charmap(_dejavu())
-    found = []
-    for path in _installed_fonts():
-        if not missing:
-            break
-        have = missing & _charmap(path)
-        if have:
-            found.append(_family(path))
+def _code_points(text: str) -> set[int]:
+    return {ord(c) for c in text if not c.isspace()}
+
+
+@functools.lru_cache(maxsize=None)
+def _coverage(text: str) -> tuple[tuple[str, ...], frozenset[int]]:
+    """For the characters of text DejaVu Sans lacks (a class folder named in Chinese or Japanese):
+    the installed font files that have some of them, each adding some, and what none has. The other
+    fonts are read only when DejaVu lacks something."""
+    missing = _code_points(text) - _charmap(_dejavu())
+    adding = []
+    for path in _installed_fonts() if missing else ():
+        if have := missing & _charmap(path):
+            adding.append(path)
             missing -= have
-    return found
+    return tuple(adding), frozenset(missing)
+
+
+def _fallbacks(text: str) -> list[str]:
+    """Families matplotlib falls back to, after DejaVu Sans, to draw text."""
+    return [_family(path) for path in _coverage(text)[0]]
 
 
 def undrawable(text: str) -> str:
     """The characters of text that no font here has (each drawn as a box), in order, once each."""
-    missing = {ord(c) for c in text if not c.isspace()} - _charmap(_dejavu())
-    for path in _installed_fonts() if missing else ():  # the other fonts are read only for what DejaVu lacks
-        missing -= _charmap(path)
+    missing = _coverage(text)[1]
     return "".join(dict.fromkeys(c for c in text if ord(c) in missing))
 
 
@@ -139,7 +145,7 @@ def _font_file(text: str) -> str:
     """DejaVu Sans, the font matplotlib ships and draws the report's plots with, where it has every
     character of text; else an installed font that has them all. Pillow's default (Aileron) has no
     glyph for 'ü' or 'é', and DejaVu none for '猫': such names were drawn as boxes."""
-    chars = {ord(c) for c in text if not c.isspace()}
+    chars = _code_points(text)
     if chars <= _charmap(_dejavu()):
         return _dejavu()
     return next((path for path in _installed_fonts() if chars <= _charmap(path)), _dejavu())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,4 +43,4 @@ def torch_logits(model: torch.nn.Module, batch: np.ndarray, batch_size: int = 64
 def reference_outputs(model: Classifier, manifest: Manifest, variant: Variant, pixels: np.ndarray) -> np.ndarray:
     """PyTorch fp32 through the variant's folded graph, on the spec's uint8 pixels."""
     folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label)
-    return torch_logits(folded, pixels, prepare=lambda chunk: variant.input_form.prepare(chunk, manifest.preprocess))
+    return torch_logits(folded, pixels, prepare=functools.partial(variant.input_form.prepare, spec=manifest.preprocess))
