@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import DECODE_GATES, ENGINES, SERVED, Gate, Variant, served_variants
+from clfpipe.contract.engines import DECODE_GATES, ENGINES, FLOAT_NCHW, SERVED, Gate, Variant, served_variants
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.integrity import recorded_hashes
 from clfpipe.contract.lock import run_lock
 from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir, check_out_folder
-from clfpipe.contract.preprocess import load_pixels, normalize
+from clfpipe.contract.preprocess import load_pixels
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import check_seed, write_demo_dataset
@@ -199,7 +199,7 @@ def reference_pixels(files: list[Path], manifest: Manifest, decode: str = "pil")
 
 
 def _probabilities(model: Classifier, manifest: Manifest, pixels: np.ndarray) -> np.ndarray:
-    logits = torch_logits(model, pixels, prepare=lambda chunk: normalize(chunk, manifest.preprocess))
+    logits = torch_logits(model, pixels, prepare=FLOAT_NCHW.preparer(manifest.preprocess))
     return probabilities(logits, manifest.recipe.multi_label)
 
 

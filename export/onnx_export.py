@@ -9,7 +9,6 @@ must pass; otherwise the export fails with the figures and the manifest stays as
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -111,7 +110,7 @@ def check_variant(path: Path, model: Classifier, manifest: Manifest, variant: Va
     """ONNX Runtime on `path` against PyTorch fp32 on the split (pixels: the split's, if already loaded)."""
     pixels = load_pixels(split.files, manifest.preprocess) if pixels is None else pixels
     reference = reference_outputs(model, manifest, variant, pixels)
-    test = ort.run_graph(ort.make_session(path), pixels, prepare=functools.partial(variant.input_form.prepare, spec=manifest.preprocess))
+    test = ort.run_graph(ort.make_session(path), pixels, prepare=variant.input_form.preparer(manifest.preprocess))
     return gate_variant(variant, manifest, reference=reference, test=test, labels=np.asarray(split.labels))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from onnxruntime import InferenceSession
 
 from clfpipe.contract.dataset import Split, scan_data
-from clfpipe.contract.engines import Variant
+from clfpipe.contract.engines import Prepare, Variant
 from clfpipe.contract.errors import DataError, ExportError, ManifestError
 from clfpipe.contract.gates import GateResult
 from clfpipe.contract.integrity import recorded_hashes, tree_problems
@@ -72,21 +72,23 @@ def repository_problems(run: RunDir, manifest: Manifest) -> dict[str, list[str] 
 
 
 Measured = tuple[str, np.ndarray, float | None]  # runtime, outputs, seconds per call on the profile batch
-# run, manifest, artifact name, its file (checked against its sha256 once, by the caller), inputs, profile batch
-Runner = Callable[[RunDir, Manifest, str, Path, np.ndarray, np.ndarray], list[Measured]]
+# run, manifest, artifact name, its file (checked against its sha256 once, by the caller), the spec's
+# uint8 pixels, what turns a chunk of them into the artifact's input (``in_chunks``), profile batch
+Runner = Callable[[RunDir, Manifest, str, Path, np.ndarray, Prepare, np.ndarray], list[Measured]]
 
 
-def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs: np.ndarray,
+def _onnx_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, pixels: np.ndarray, prepare: Prepare,
                   probe: np.ndarray) -> list[Measured]:
     """Every ONNX Runtime device here; the profile is the CPU provider's (the first)."""
     found = []
     for i, (runtime, providers) in enumerate(ort.providers_here()):
         session = ort.make_session(path, providers=providers)
-        found.append((runtime, ort.run_graph(session, inputs), _onnx_seconds(session, probe) if i == 0 else None))
+        found.append((runtime, ort.run_graph(session, pixels, prepare=prepare),
+                      _onnx_seconds(session, probe) if i == 0 else None))
     return found
 
 
-def _trt_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs: np.ndarray,
+def _trt_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, pixels: np.ndarray, prepare: Prepare,
                  probe: np.ndarray) -> list[Measured]:
     ok, why = tensorrt.trt_status()
     if not ok:
@@ -94,10 +96,10 @@ def _trt_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs:
         return []
     entry = manifest.artifact(name)
     engine = tensorrt.load_engine(path, entry.get("platform", {}), run.path, entry.get("source", "onnx"))
-    return [("tensorrt", tensorrt.run_engine(engine, inputs, entry["profile"]["max"]), None)]
+    return [("tensorrt", tensorrt.run_engine(engine, pixels, entry["profile"]["max"], prepare), None)]
 
 
-def _torch_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, inputs: np.ndarray,
+def _torch_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, pixels: np.ndarray, prepare: Prepare,
                    probe: np.ndarray) -> list[Measured]:
     """A torch artifact on this host's device: an AOTInductor package in a child process (loading
     one has crashed a process), the exported program in this one; outputs and profile from one load."""
@@ -106,12 +108,13 @@ def _torch_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, input
     engine = Variant.from_dict(manifest.artifact(name)["variant"]).engine
     device = torch_engine.device_here()
     if engine == "aoti":
-        outputs, why, seconds = torch_engine.run_in_child(engine, path, inputs, probe)
+        outputs, why, seconds = torch_engine.run_in_child(engine, path, pixels, probe, prepare=prepare)
         if outputs is None:
             raise ExportError(f"{name}: {why}; export it again here with 'clfpipe export pt2 --run {run.path}'")
     else:
         runner = torch_engine.load(engine, path)
-        outputs, seconds = torch_engine.run_batches(runner, inputs), torch_engine.seconds_per_batch(runner, probe)
+        outputs = torch_engine.run_batches(runner, pixels, prepare=prepare)
+        seconds = torch_engine.seconds_per_batch(runner, probe)
     return [(f"{engine}-{device.type}", outputs, seconds)]
 
 
@@ -171,10 +174,10 @@ def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
             unreadable[name] = str(exc)
             continue
         variant = Variant.from_dict(entry["variant"])
-        inputs = variant.input_form.prepare(pixels, manifest.preprocess)
+        prepare = variant.input_form.preparer(manifest.preprocess)
         reference = reference_outputs(model, manifest, variant, pixels)
-        probe = np.resize(inputs, (batch, *inputs.shape[1:]))
-        for runtime, out, seconds in RUNNERS[variant.engine](run, manifest, name, path, inputs, probe):
+        probe = prepare(np.resize(pixels[:batch], (batch, *pixels.shape[1:])))  # resize copies what it is given
+        for runtime, out, seconds in RUNNERS[variant.engine](run, manifest, name, path, pixels, prepare, probe):
             result = gate_variant(variant, manifest, reference=reference, test=out, labels=labels)
             rows.append(Row(name, runtime, result, seconds))
     if not artifacts:

@@ -190,3 +190,29 @@ def test_a_float_variants_gate_never_holds_the_whole_sets_float32_copy(trained_r
         tracemalloc.stop()
     assert result.passed and result.images == 540
     assert peak < normalize(pixels, manifest.preprocess).nbytes / 2
+
+
+def test_verify_never_holds_the_whole_sets_float32_copy(run_copy, tmp_path):
+    """verify made each float variant's input for every image at once (its runners took whole
+    inputs): 600 KB an image at 224, the rest of the gates' memory bound undone."""
+    import tracemalloc
+
+    from clfpipe.export.verify import verify_run
+
+    manifest = RunDir(run_copy).read()
+    valid = RunDir(run_copy).data_dir(manifest) / "valid"
+    images = tmp_path / "valid"
+    for copy in range(6):  # 540 images, by links: the set's float32 copy (27 MB) outweighs a chunk's
+        for path in valid.glob("*/*.jpg"):
+            (images / path.parent.name).mkdir(parents=True, exist_ok=True)
+            (images / path.parent.name / f"{copy}-{path.name}").symlink_to(path)
+    pixels = load_pixels(sorted(images.glob("*/*.jpg")), manifest.preprocess)
+    tracemalloc.start()
+    try:
+        verification = verify_run(run_copy, images)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verification.passed and verification.images == 540
+    assert "onnx" in {r.artifact for r in verification.rows}  # the float32-input variant
+    assert peak < pixels.nbytes + normalize(pixels, manifest.preprocess).nbytes / 2

@@ -1,5 +1,5 @@
-"""The gates' runners turn uint8 pixels into a graph's float32 input a chunk at a time: the whole
-validation set's float32 copy (600 KB an image at 224) made a big folder's export run out of memory."""
+"""The gates' and verify's runners turn uint8 pixels into a graph's float32 input a chunk at a time: the
+whole validation set's float32 copy (600 KB an image at 224) made a big folder's export run out of memory."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
+from PIL import Image
 
-from clfpipe.contract.preprocess import PreprocessSpec, normalize
+from clfpipe.contract.engines import FLOAT_NCHW, in_chunks
+from clfpipe.contract.preprocess import PreprocessSpec, load_pixels, normalize
 from clfpipe.nn.reference import torch_logits
 from clfpipe.runtime.ort import make_session, run_graph
+from clfpipe.runtime.torch_engine import save_prepared
 
 SPEC = PreprocessSpec(resize=32, crop=32)
 N, BATCH = 256, 32
@@ -59,3 +62,37 @@ def test_run_graph_prepares_each_chunk(tmp_path):
     np.testing.assert_allclose(run_graph(session, pixels, batch_size=BATCH, prepare=prepare), whole, rtol=1e-6)
     np.testing.assert_allclose(whole, normalize(pixels, SPEC).mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
     assert _peak_bytes(lambda: run_graph(session, pixels, batch_size=BATCH, prepare=prepare)) < normalize(pixels, SPEC).nbytes / 2
+
+
+def test_in_chunks_prepares_and_runs_each_chunk_once():
+    pixels, seen = _pixels()[:7], []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        seen.append(x.dtype)
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+    out = in_chunks(run, pixels, size=3, prepare=lambda chunk: chunk.astype(np.float64))
+    assert seen == [np.float64] * 3  # 3 + 3 + 1 images
+    np.testing.assert_array_equal(out, pixels.reshape(7, -1).sum(axis=1, keepdims=True))
+
+
+def test_the_child_processs_input_is_written_a_chunk_at_a_time(tmp_path):
+    """run_in_child hands the torch engines' child its whole input as a file: it was np.save of
+    the whole prepared set, which a float variant's verify made in memory first."""
+    pixels = np.concatenate([_pixels()] * 4)  # 16 chunks: one chunk's float32 input and temporaries are ~2.4 MB
+    prepare = FLOAT_NCHW.preparer(SPEC)
+    save_prepared(tmp_path / "in.npy", pixels, prepare)
+    np.testing.assert_array_equal(np.load(tmp_path / "in.npy"), normalize(pixels, SPEC))
+    peak = _peak_bytes(lambda: save_prepared(tmp_path / "again.npy", pixels, prepare))
+    assert peak < normalize(pixels, SPEC).nbytes / 2
+
+
+def test_load_pixels_holds_each_image_once(tmp_path):
+    """It stacked a list of the decoded images at the end: every image twice at the peak."""
+    files = []
+    for i, image in enumerate(_pixels()):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(files[-1])
+    pixels = load_pixels(files, SPEC)
+    np.testing.assert_array_equal(pixels, _pixels())  # 32 px: resize and crop leave them as they are
+    assert _peak_bytes(lambda: load_pixels(files, SPEC)) < 1.25 * pixels.nbytes

@@ -246,8 +246,12 @@ def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def load_pixels(files: Sequence[str | Path], spec: PreprocessSpec) -> np.ndarray:
-    """Files -> uint8 (N, crop, crop, 3): the spec's resize and crop, before normalisation."""
-    return np.stack([resize_crop(load_image(f), spec) for f in files])
+    """Files -> uint8 (N, crop, crop, 3): the spec's resize and crop, before normalisation. Filled in
+    place: a list of images stacked at the end held every image twice (3 GB for 10,000 at 224)."""
+    out = np.empty((len(files), spec.crop, spec.crop, 3), dtype=np.uint8)
+    for i, path in enumerate(files):
+        out[i] = resize_crop(load_image(path), spec)
+    return out
 
 
 def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

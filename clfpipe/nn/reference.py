@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from clfpipe.contract.engines import Variant
+from clfpipe.contract.engines import CHUNK, Prepare, Variant, in_chunks
 from clfpipe.contract.manifest import CHECKPOINT, Manifest, RunDir
 from clfpipe.contract.preprocess import PreprocessSpec, load_pixels, normalize
 from clfpipe.nn.folded import Folded
@@ -30,17 +29,15 @@ def files_to_batch(files: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
 
 
 @torch.inference_mode()
-def torch_logits(model: torch.nn.Module, batch: np.ndarray, batch_size: int = 64,
-                 prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def torch_logits(model: torch.nn.Module, batch: np.ndarray, batch_size: int = CHUNK,
+                 prepare: Prepare | None = None) -> np.ndarray:
     """The model's outputs for a batch, in chunks; `prepare` turns each chunk into the model's input
-    (uint8 pixels into float32: 4x the bytes, one chunk at a time rather than the whole set)."""
+    (``in_chunks``)."""
     model.eval()
-    prepare = prepare or (lambda chunk: chunk)
-    outs = [model(torch.from_numpy(prepare(batch[i : i + batch_size]))).float().numpy() for i in range(0, len(batch), batch_size)]
-    return np.concatenate(outs)
+    return in_chunks(lambda x: model(torch.from_numpy(x)).float().numpy(), batch, batch_size, prepare)
 
 
 def reference_outputs(model: Classifier, manifest: Manifest, variant: Variant, pixels: np.ndarray) -> np.ndarray:
     """PyTorch fp32 through the variant's folded graph, on the spec's uint8 pixels."""
     folded = Folded(model, manifest.preprocess, variant, manifest.recipe.multi_label)
-    return torch_logits(folded, pixels, prepare=functools.partial(variant.input_form.prepare, spec=manifest.preprocess))
+    return torch_logits(folded, pixels, prepare=variant.input_form.preparer(manifest.preprocess))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from clfpipe.contract import tensors
+from clfpipe.contract.engines import CHUNK, Prepare, in_chunks
 from clfpipe.contract.probabilities import activate
 
 CPU = ("CPUExecutionProvider",)
@@ -33,15 +34,12 @@ def make_session(path: str | Path, intra_op_threads: int = 0, providers: tuple[s
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
-def run_graph(session: ort.InferenceSession, batch: np.ndarray, batch_size: int = 64,
-              prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def run_graph(session: ort.InferenceSession, batch: np.ndarray, batch_size: int = CHUNK,
+              prepare: Prepare | None = None) -> np.ndarray:
     """The graph's one output (logits, or probs with TTA folded in) for a batch, in chunks; `prepare`
-    turns each chunk into the graph's input (one chunk's float32 copy at a time, not the whole set's)."""
+    turns each chunk into the graph's input (``in_chunks``)."""
     output = session.get_outputs()[0].name
-    prepare = prepare or (lambda chunk: chunk)
-    outs = [session.run([output], {tensors.INPUT: prepare(batch[i : i + batch_size])})[0]
-            for i in range(0, len(batch), batch_size)]
-    return np.concatenate(outs)
+    return in_chunks(lambda x: session.run([output], {tensors.INPUT: x})[0], batch, batch_size, prepare)
 
 
 class OnnxProbabilities:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from clfpipe.contract import tensors
+from clfpipe.contract.engines import Prepare, in_chunks
 from clfpipe.contract.errors import ExportError
 
 
@@ -62,12 +63,9 @@ def load_engine(path: Path, recorded_platform: dict[str, str], run_dir: Path, so
     return engine
 
 
-def run_engine(engine: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+def run_engine(engine: Any, inputs: np.ndarray, batch_size: int, prepare: Prepare | None = None) -> np.ndarray:
+    """The engine's one output for `inputs` in batches up to its profile's largest (``in_chunks``)."""
     from polygraphy.backend.trt import TrtRunner
 
-    outs = []
     with TrtRunner(engine) as runner:
-        for i in range(0, len(inputs), batch_size):
-            result = runner.infer({tensors.INPUT: inputs[i : i + batch_size]})
-            outs.append(np.asarray(next(iter(result.values()))))
-    return np.concatenate(outs)
+        return in_chunks(lambda x: next(iter(runner.infer({tensors.INPUT: x}).values())), inputs, batch_size, prepare)

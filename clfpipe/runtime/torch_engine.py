@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from clfpipe.contract.engines import CHUNK, Prepare, in_chunks
 from clfpipe.contract.probabilities import activate
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -59,8 +60,20 @@ def load(engine: str, path: Path, device: torch.device | None = None) -> Runner:
     return run
 
 
-def run_batches(runner: Runner, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return np.concatenate([runner(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+def run_batches(runner: Runner, inputs: np.ndarray, batch_size: int = CHUNK, prepare: Prepare | None = None) -> np.ndarray:
+    return in_chunks(runner, inputs, batch_size, prepare)
+
+
+def save_prepared(path: Path, pixels: np.ndarray, prepare: Prepare | None) -> None:
+    """`pixels` prepared into an .npy file a chunk at a time, through a memory map: the child's
+    whole input is never in this process's memory at once."""
+    prepare = prepare or (lambda chunk: chunk)
+    first = prepare(pixels[:1])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=first.dtype, shape=(len(pixels), *first.shape[1:]))
+    for i in range(0, len(pixels), CHUNK):
+        out[i : i + CHUNK] = prepare(pixels[i : i + CHUNK])
+    out.flush()
+    del out
 
 
 def seconds_per_batch(runner: Runner, batch: np.ndarray, rounds: int = 5) -> float:
@@ -86,12 +99,12 @@ def profile_in_child(engine: str, path: Path, batch: np.ndarray, timeout: float 
 
 
 def run_in_child(engine: str, path: Path, inputs: np.ndarray, profile: np.ndarray | None,
-                 timeout: float = 600.0) -> tuple[np.ndarray | None, str, float | None]:
-    """One child process loads the artifact, runs `inputs` and, given a `profile` batch, times it:
-    (outputs, "", seconds per call or None) or (None, why it failed, None)."""
+                 timeout: float = 600.0, prepare: Prepare | None = None) -> tuple[np.ndarray | None, str, float | None]:
+    """One child process loads the artifact, runs `inputs` (each chunk through `prepare` first) and,
+    given a `profile` batch, times it: (outputs, "", seconds per call or None) or (None, why it failed, None)."""
     with tempfile.TemporaryDirectory() as tmp:
         given, out, timing = Path(tmp) / "inputs.npy", Path(tmp) / "outputs.npy", Path(tmp) / "timing.json"
-        np.save(given, inputs)
+        save_prepared(given, inputs, prepare)
         args = [sys.executable, "-m", "clfpipe.runtime.torch_engine", engine, str(path), str(given), str(out)]
         if profile is not None:
             np.save(Path(tmp) / "profile.npy", profile)
@@ -139,7 +152,8 @@ class TorchProbabilities:
 def _child(argv: list[str]) -> int:
     engine, path, given, out, *profile = argv
     runner = load(engine, Path(path))
-    np.save(out, run_batches(runner, np.load(given)))
+    # mapped, and copied a chunk at a time (torch takes no read-only array)
+    np.save(out, run_batches(runner, np.load(given, mmap_mode="r"), prepare=np.array))
     if profile:
         batch, timing = profile
         Path(timing).write_text(json.dumps({"seconds_per_batch": seconds_per_batch(runner, np.load(batch))}))
