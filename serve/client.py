@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clfpipe.contract import tensors
-from clfpipe.contract.dataset import IMAGE_SUFFIXES
+from clfpipe.contract.dataset import image_files
 from clfpipe.contract.errors import ServeError, first_line
 from clfpipe.contract.metrics import tagged
 from clfpipe.serve.server import default_state_dir, is_our_server, read_info
@@ -83,7 +83,7 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += image_files(path)
         elif path.is_file():
             files.append(path)
         else:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clfpipe.cli import main
+from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.manifest import RunDir
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 
@@ -34,16 +35,20 @@ def test_missing_data_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_class_folder_with_no_images(tiny_data, tmp_path, capsys):
+def test_a_class_folders_subfolders_are_read_and_hidden_files_are_not(tiny_data, tmp_path, capsys):
+    """Images in a class folder's subfolders were dropped unsaid (torchvision's ImageFolder and
+    fastai read them), and macOS's ._name.jpg resource forks stopped a run as unusable images."""
     folder = tiny_data / "train" / "checker"
     (folder / "2019").mkdir()
-    for f in folder.glob("*.jpg"):
-        f.rename(folder / "2019" / f.name)
-    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
-    assert err.endswith("; 3 in its subfolders, which are not read: move them up into it)")  # it said only 'no images'
+    moved = [f.rename(folder / "2019" / f.name) for f in sorted(folder.glob("*.jpg"))[:2]]
+    (folder / "._copy.jpg").write_bytes(b"\0\5\26\7Mac OS X")
+    split = scan_split(tiny_data, "train")
+    assert set(moved) <= set(split.files) and len(split) == 9 and split.classes == ("checker", "horizontal", "vertical")
     shutil.rmtree(folder / "2019")
-    err = _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
-    assert "subfolders" not in err
+    for f in folder.glob("*.jpg"):
+        f.unlink()
+    _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_image_file_is_named(tiny_data, tmp_path, capsys):

@@ -27,7 +27,8 @@ def data(tmp_path):
 
 
 def _spoil(data):
-    """Three unusable files (one only a whole decode finds) and three that are not read."""
+    """Three unusable files (one only a whole decode finds), two that are not read, one outside the
+    class folders, hidden ones (not counted) and an image in a class folder's subfolder (read)."""
     whole = next((data / "train" / "vertical").glob("*.jpg")).read_bytes()
     bad = {
         data / "train" / "vertical" / "cut.jpg": whole[: len(whole) // 2],
@@ -41,6 +42,10 @@ def _spoil(data):
     (data / "valid" / "vertical" / "scan.tiff").write_bytes(b"II*\0")
     (data / "valid" / "vertical" / "more").mkdir()
     (data / "valid" / "vertical" / "more" / "nested.jpg").write_bytes(whole)
+    (data / "train" / "loose.jpg").write_bytes(whole)
+    (data / "train" / "checker" / "._resource.jpg").write_bytes(b"\0\5\26\7Mac OS X")  # macOS's copy of a resource fork
+    (data / "train" / ".ipynb_checkpoints").mkdir()  # Jupyter's: no class
+    (data / "train" / ".ipynb_checkpoints" / "copy.jpg").write_bytes(whole)
     return sorted(bad)
 
 
@@ -57,8 +62,9 @@ def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_pat
     listed = sorted(line.split("\t")[0] for line in out.splitlines())
     assert listed == [str(p) for p in bad]
     assert "image file is truncated" in out and "image too elongated" in out and "not an image" in out
-    # .DS_Store: hidden, not counted
-    assert "3 unusable; not read as images: 1 .jpg not directly in a class folder, 1 .tiff, 1 .txt" in err
+    # hidden files and folders (.DS_Store, ._resource.jpg, .ipynb_checkpoints): not read, not counted
+    assert "3 unusable; not read as images: 1 .jpg not in a class folder, 1 .tiff, 1 .txt" in err
+    assert check_data(data).images == 3 * 3 + 3 * 2 + 3 + 1  # the demo's, the bad ones and more/nested.jpg
 
     inside = data / "train" / "rejected"
     assert main(["data", "check", str(data), "--move-to", str(inside)]) == 2  # would be read again there

@@ -39,14 +39,17 @@ class Split:
         return bool(self.labels) and isinstance(self.labels[0], tuple)
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def hidden(path: Path, root: Path) -> bool:
+    """A dot-file or anything in a dot-folder under root: macOS's ._name.jpg resource forks,
+    .ipynb_checkpoints, .git; fastai's get_files leaves them out too."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _deeper_hint(folder: Path) -> str:
-    """Images in a class folder's subfolders are not read: say so where they are all it has."""
-    deeper = sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return f"; {deeper} in its subfolders, which are not read: move them up into it" if deeper else ""
+def image_files(folder: Path) -> list[Path]:
+    """The images under `folder`, its subfolders too (as torchvision's ImageFolder and fastai's
+    get_image_files read a class folder), sorted, hidden ones left out."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not hidden(p, folder) and p.is_file())
 
 
 def header_problem(path: Path) -> str | None:
@@ -127,7 +130,7 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     """Read DATA/<split>/<class>/...; classes default to the sorted folder names. Given classes, the
     folders are those classes, or with ``some_classes`` any of them (a sample to check a model on)."""
     root = split_folder(data_dir, split, "<class>/*.jpg")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not hidden(p, root))  # .ipynb_checkpoints is no class
     if classes is None:
         classes = tuple(found)
         if len(classes) < 2:
@@ -141,10 +144,9 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     for index, name in enumerate(classes):
         if name not in found:
             continue  # some_classes: a class this sample lacks
-        images = list_images(root / name)
+        images = image_files(root / name)
         if not images:
-            raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)}"
-                            f"{_deeper_hint(root / name)})")
+            raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
         files.extend(images)
         labels.extend([index] * len(images))
     if verify:
@@ -196,7 +198,7 @@ def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[
     """DATA/<split>/*.jpg with tags from DATA/<labels_csv>; classes default to the sorted tags."""
     root = split_folder(data_dir, split, "*.jpg, tags in a CSV")
     tags = read_tags(Path(data_dir) / labels_csv)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if not files:
         raise DataError(f"no images in {root} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
     missing = [f.name for f in files if f.stem not in tags]
@@ -267,11 +269,10 @@ def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for root in roots:
         for path in root.rglob("*"):
-            hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-            if path.is_file() and path not in read and not hidden:
+            if path.is_file() and path not in read and not hidden(path, root):
                 suffix = path.suffix.lower() or "(none)"
                 if suffix in IMAGE_SUFFIXES:  # an image where the class-folder layout does not look
-                    suffix += " not directly in a class folder"
+                    suffix += " not in a class folder"
                 counts[suffix] = counts.get(suffix, 0) + 1
     return dict(sorted(counts.items()))
 
