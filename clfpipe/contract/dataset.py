@@ -113,7 +113,22 @@ def split_folder(data_dir: Path, split: str, layout: str) -> Path:
         if (Path(data_dir) / name).is_dir():
             return Path(data_dir) / name
     wanted = " or ".join(f"'{n}'" for n in names)
-    raise DataError(f"expected a {wanted} folder in {data_dir} (layout {names[0]}/{layout}), got none")
+    raise DataError(f"expected a {wanted} folder in {data_dir} (layout {names[0]}/{layout}), got none"
+                    f"{_split_hint(Path(data_dir), split)}")
+
+
+def _split_hint(data_dir: Path, split: str) -> str:
+    """Where DATA has no validation folder, or only class folders, the command that makes one."""
+    if split == "valid" and (data_dir / "train").is_dir():
+        return f"; to hold out part of train/ for it: clfpipe data split {data_dir / 'train'} NEW_FOLDER{_labels_option(data_dir)}"
+    if split == "train" and any(p.is_dir() and not hidden(p, data_dir) for p in data_dir.iterdir()):
+        return f"; to split class folders into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER"
+    return ""
+
+
+def _labels_option(data_dir: Path) -> str:
+    tables = sorted(p for p in Path(data_dir).glob("*.csv") if p.is_file())
+    return f" --labels-csv {tables[0]}" if tables else ""
 
 
 def _labels_hint(data_dir: Path) -> str:

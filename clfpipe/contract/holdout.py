@@ -1,0 +1,136 @@
+"""``clfpipe data split``: a folder of class folders (or of tagged images) into the train/ and valid/
+layout every other command reads, holding out a fraction of each class for validation, as
+fastai's ``valid_pct`` does (stratified here: every class keeps its share in both splits).
+
+The source is never changed: files are hard-linked into the new folder (copied where the two lie
+on different file systems), and the new folder appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clfpipe.contract.dataset import SPLIT_FOLDERS, hidden, image_files, read_tags
+from clfpipe.contract.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# link errors that mean "not here", not "broken": another file system, or one without hard links
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@dataclass(frozen=True)
+class HoldoutResult:
+    train: int
+    valid: int
+    classes: int  # class folders (single-label) or 0 (tagged images)
+    copied: int  # files copied where a hard link could not be made
+    outside: int  # images directly in the source, in no class folder: left out
+
+
+def valid_count(n: int, pct: float) -> int:
+    """Images of a class of `n` that go to valid: `pct` of them rounded, and at least one in each split."""
+    return min(max(1, round(pct * n)), n - 1)
+
+
+def check_pct(pct: float) -> None:
+    if not 0 < pct < 1:  # nan fails this too
+        raise DataError(f"--valid-pct: expected a fraction between 0 and 1 (0.2 holds out a fifth), got {pct}")
+
+
+def holdout(files: Sequence[Path], pct: float, rng: np.random.Generator) -> tuple[list[Path], list[Path]]:
+    """(train, valid): a random `valid_count` of `files` to valid, each list in the files' order."""
+    chosen = set(rng.permutation(len(files))[: valid_count(len(files), pct)].tolist())
+    return [f for i, f in enumerate(files) if i not in chosen], [f for i, f in enumerate(files) if i in chosen]
+
+
+def _groups(src: Path, labels_csv: Path | None) -> tuple[dict[str, list[Path]], int]:
+    """{class folder name (or "" for tagged images): its images}, and how many images lie outside them."""
+    if labels_csv is not None:
+        tags = read_tags(labels_csv)  # a table that will not read is refused before anything is written
+        files = image_files(src)
+        if len(files) < 2:
+            raise DataError(f"expected at least 2 images in {src} to split, got {len(files)}")
+        untagged = [f for f in files if f.stem not in tags]
+        if untagged:
+            raise DataError(f"{labels_csv.name} has no tags for {len(untagged)} image(s) in {src}, e.g. {untagged[0].name}")
+        return {"": files}, 0
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and not hidden(p, src))
+    groups = {p.name: image_files(p) for p in folders}
+    groups = {name: files for name, files in groups.items() if files}
+    if len(groups) < 2:
+        tagged = "; tagged images (multi-label): give their table with --labels-csv" if image_files(src) else ""
+        raise DataError(f"expected at least 2 class folders with images in {src} (<class>/*.jpg), got {len(groups)}{tagged}")
+    small = [name for name, files in groups.items() if len(files) < 2]
+    if small:
+        raise DataError(f"class folder {src / small[0]}: expected at least 2 images to hold one out, got 1")
+    outside = sum(1 for p in image_files(src) if p.parent == src)
+    return groups, outside
+
+
+def _place(source: Path, target: Path) -> bool:
+    """Hard-link `source` at `target`, or copy it where no link can be made; True if copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+    shutil.copy2(source, target)
+    return True
+
+
+def _check_places(src: Path, out: Path) -> None:
+    if not src.is_dir():
+        raise DataError(f"data folder not found: {src}")
+    taken = [n for names in SPLIT_FOLDERS.values() for n in names if (src / n).is_dir()]
+    if "train" in taken:
+        raise DataError(f"{src} holds a train/ folder: expected class folders to split (to hold out part of "
+                        f"train/, split {src / 'train'})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: expected a new or empty folder to write train/ and valid/ into, got "
+                        + ("a file" if not out.is_dir() else "one with files in it"))
+    resolved = out.resolve()
+    if resolved == src.resolve() or src.resolve() in resolved.parents:
+        raise DataError(f"{out}: expected a folder outside {src} (its images would be read as a class)")
+
+
+def split_dataset(src: Path, out: Path, pct: float, seed: int = 0, labels_csv: Path | None = None) -> HoldoutResult:
+    """SRC/<class>/... (or SRC/*.jpg tagged in the table `labels_csv`, copied to OUT) into OUT/train
+    and OUT/valid, `pct` of each class in valid, chosen by `seed`; each file at its path under its
+    class folder (under SRC for tagged images)."""
+    src, out = Path(src), Path(out)
+    check_pct(pct)
+    _check_places(src, out)
+    groups, outside = _groups(src, labels_csv)
+    rng = np.random.default_rng(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    counts, copied = {"train": 0, "valid": 0}, 0
+    try:
+        for name, files in groups.items():
+            for split, chosen in zip(("train", "valid"), holdout(files, pct, rng)):
+                for path in chosen:
+                    copied += _place(path, staging / split / path.relative_to(src))
+                counts[split] += len(chosen)
+        if labels_csv is not None:
+            shutil.copy2(labels_csv, staging / labels_csv.name)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the data from other users
+        staging.rename(out)
+    except OSError as exc:
+        raise DataError(f"data split: cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already where the rename took it
+    return HoldoutResult(counts["train"], counts["valid"], 0 if labels_csv is not None else len(groups), copied, outside)

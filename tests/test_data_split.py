@@ -1,0 +1,176 @@
+"""`clfpipe data split`: a folder of class folders into train/ and valid/ (fastai's valid_pct, per
+class), by hard links; the source untouched, the new folder whole or absent."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from clfpipe.cli import main
+from clfpipe.contract import holdout
+from clfpipe.contract.dataset import image_files, scan_data, scan_split
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.holdout import check_pct, split_dataset, valid_count
+from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
+
+
+@pytest.fixture
+def flat(tmp_path):
+    """Class folders without train/ and valid/: the demo's train split, a subfolder and a hidden file in it."""
+    demo = tmp_path / "demo"
+    write_demo_dataset(demo, spec=DemoSpec(train_per_class=10, valid_per_class=1, image_size=32))
+    src = tmp_path / "flat"
+    shutil.copytree(demo / "train", src)
+    (src / "checker" / "2019").mkdir()
+    next((src / "checker").glob("*.jpg")).rename(src / "checker" / "2019" / "old.jpg")
+    (src / "checker" / "._old.jpg").write_bytes(b"\0\5\26\7")
+    return src
+
+
+@pytest.mark.parametrize("n, pct, expected", [(10, 0.2, 2), (5, 0.2, 1), (2, 0.9, 1), (3, 0.01, 1), (100, 0.25, 25), (7, 0.5, 4)])
+def test_valid_count_rounds_and_leaves_one_image_in_each_split(n, pct, expected):
+    assert valid_count(n, pct) == expected
+
+
+def test_each_class_is_split_by_its_share_and_every_image_lands_once(flat, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in flat.rglob("*") if p.is_file()}
+    out = tmp_path / "split"
+    assert main(["data", "split", str(flat), str(out), "--valid-pct", "0.3", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 21 train and 9 valid images of 3 classes to {out} (hard links)"
+    train, valid = scan_split(out, "train"), scan_split(out, "valid", ("checker", "horizontal", "vertical"))
+    assert [np.bincount(s.labels).tolist() for s in (train, valid)] == [[7, 7, 7], [3, 3, 3]]
+    placed = sorted(p.relative_to(out / s).as_posix() for s in ("train", "valid") for p in image_files(out / s))
+    assert placed == sorted(p.relative_to(flat).as_posix() for p in image_files(flat))  # the subfolder's image too
+    assert {p: p.read_bytes() for p in flat.rglob("*") if p.is_file()} == before
+    assert all(p.stat().st_nlink == 2 for p in image_files(out))  # links, not copies
+    again = tmp_path / "again"
+    split_dataset(flat, again, 0.3, seed=1)
+    assert sorted(p.relative_to(again) for p in image_files(again)) == sorted(p.relative_to(out) for p in image_files(out))
+
+
+def test_files_are_copied_where_no_hard_link_can_be_made(flat, tmp_path, monkeypatch):
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(holdout.os, "link", cross_device)
+    result = split_dataset(flat, tmp_path / "split", 0.2)
+    assert result.copied == result.train + result.valid == 30
+    assert all(p.stat().st_nlink == 1 for p in image_files(tmp_path / "split"))
+
+
+def test_an_interrupted_split_leaves_nothing(flat, tmp_path, monkeypatch):
+    placed = []
+
+    def place_then_stop(source, target):
+        placed.append(target)
+        if len(placed) == 5:
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(holdout, "_place", place_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        split_dataset(flat, tmp_path / "split", 0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "flat"]
+
+
+def test_multi_label_images_are_split_with_their_table(tmp_path):
+    demo = tmp_path / "ml"
+    write_demo_multilabel(demo, seed=0)
+    result = split_dataset(demo / "train", tmp_path / "split", 0.25, labels_csv=demo / "labels.csv")
+    train = scan_data(tmp_path / "split", "train", "labels.csv", verify=False)
+    valid = scan_data(tmp_path / "split", "valid", "labels.csv", train.classes, verify=False)
+    assert (len(train), len(valid)) == (result.train, result.valid) and result.valid == round(0.25 * len(image_files(demo / "train")))
+
+
+@given(pct=st.floats(allow_nan=True, allow_infinity=True))
+def test_any_fraction_is_taken_or_refused_in_one_error(pct):
+    try:
+        check_pct(pct)
+    except DataError as exc:
+        assert not 0 < pct < 1 and str(exc).startswith("--valid-pct: expected a fraction between 0 and 1")
+    else:
+        assert 0 < pct < 1 and valid_count(2, pct) == 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--valid-pct", "0"], "--valid-pct: expected a fraction between 0 and 1 (0.2 holds out a fifth), got 0.0"),
+    (["--valid-pct", "1.5"], "got 1.5"),
+    (["--valid-pct", "nan"], "got nan"),
+])
+def test_bad_fractions_are_refused(flat, tmp_path, capsys, args, expected):
+    assert main(["data", "split", str(flat), str(tmp_path / "split"), *args]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "split").exists()
+
+
+def test_folders_it_cannot_split_are_refused_before_anything_is_written(flat, tmp_path, capsys):
+    def refused(src: Path, out: Path, expected: str, *more: str) -> None:
+        assert main(["data", "split", str(src), str(out), *more]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept.txt").write_text("mine")
+    refused(flat, tmp_path / "full", "expected a new or empty folder to write train/ and valid/ into, got one with files in it")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["kept.txt"]
+    refused(flat, flat / "split", f"expected a folder outside {flat}")
+    refused(tmp_path / "demo", tmp_path / "split", "holds a train/ folder: expected class folders to split (to hold out "
+            f"part of train/, split {tmp_path / 'demo' / 'train'})")
+    refused(tmp_path / "nope", tmp_path / "split", "data folder not found")
+    for f in (flat / "vertical").glob("*.jpg"):
+        f.unlink()
+    (flat / "vertical" / "only.jpg").write_bytes(b"one")
+    refused(flat, tmp_path / "split", "class folder " + str(flat / "vertical") + ": expected at least 2 images to hold one out, got 1")
+    refused(flat / "horizontal", tmp_path / "split", "expected at least 2 class folders with images in "
+            f"{flat / 'horizontal'} (<class>/*.jpg), got 0; tagged images (multi-label): give their table with --labels-csv")
+    assert not (tmp_path / "split").exists() and not list(tmp_path.glob(".split.*"))
+
+
+def test_train_names_the_split_command_where_a_split_is_missing(flat, tmp_path, capsys):
+    assert main(["train", "--data", str(flat), "--run", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"; to split class folders into train/ and valid/: clfpipe data split {flat} NEW_FOLDER")
+    shutil.rmtree(tmp_path / "demo" / "valid")
+    assert main(["train", "--data", str(tmp_path / "demo"), "--run", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"; to hold out part of train/ for it: clfpipe data split {tmp_path / 'demo' / 'train'} NEW_FOLDER")
+    assert not (tmp_path / "run").exists()
+
+
+NAMES = st.text(string.ascii_letters + string.digits + "._- é猫", min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.dictionaries(NAMES, st.lists(st.tuples(NAMES, st.sampled_from([".jpg", ".jpg", ".PNG", ".txt", ""])),
+                                            min_size=1, max_size=6), min_size=2, max_size=4),
+       loose=st.integers(0, 2),
+       pct=st.floats(0.01, 0.99),
+       seed=st.integers(0, 2**32 - 1))
+def test_any_folder_is_split_whole_or_refused_in_one_error(tmp_path_factory, tree, loose, pct, seed):
+    root = tmp_path_factory.mktemp("prop")
+    src = root / "src"
+    src.mkdir()
+    for folder, files in tree.items():
+        (src / folder).mkdir(exist_ok=True)
+        for stem, suffix in files:
+            (src / folder / f"{stem}{suffix}").write_bytes(b"x")
+    for i in range(loose):
+        (src / f"loose{i}.jpg").write_bytes(b"x")
+    try:
+        result = split_dataset(src, root / "out", pct, seed)
+    except DataError as exc:
+        event(str(exc).split(":")[0][:30])
+        assert not (root / "out").exists() and [p.name for p in root.iterdir()] == ["src"]
+        return
+    event("split")
+    assert 0 < pct < 1 and not math.isnan(pct)
+    classes = [p.name for p in sorted(src.iterdir()) if p.is_dir() and not p.name.startswith(".") and image_files(p)]
+    assert result.classes == len(classes) and result.outside == loose
+    assert result.train + result.valid == sum(len(image_files(src / c)) for c in classes)
+    train = scan_split(root / "out", "train", verify=False)
+    assert train.classes == tuple(classes) and len(train) == result.train
+    assert len(scan_split(root / "out", "valid", train.classes, verify=False)) == result.valid
