@@ -68,4 +68,5 @@ def run_engine(engine: Any, inputs: np.ndarray, batch_size: int, prepare: Prepar
     from polygraphy.backend.trt import TrtRunner
 
     with TrtRunner(engine) as runner:
-        return in_chunks(lambda x: next(iter(runner.infer({tensors.INPUT: x}).values())), inputs, batch_size, prepare)
+        # copied: TrtRunner's outputs are views of host buffers it reuses, so the next call overwrote them
+        return in_chunks(lambda x: np.array(next(iter(runner.infer({tensors.INPUT: x}).values()))), inputs, batch_size, prepare)
