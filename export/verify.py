@@ -96,7 +96,8 @@ def _trt_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, pixels:
         return []
     entry = manifest.artifact(name)
     engine = tensorrt.load_engine(path, entry.get("platform", {}), run.path, entry.get("source", "onnx"))
-    return [("tensorrt", tensorrt.run_engine(engine, pixels, entry["profile"]["max"], prepare), None)]
+    profile = entry["profile"]
+    return [("tensorrt", tensorrt.run_engine(engine, pixels, profile["max"], prepare, profile["min"]), None)]
 
 
 def _torch_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, pixels: np.ndarray, prepare: Prepare,

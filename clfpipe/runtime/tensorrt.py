@@ -63,10 +63,16 @@ def load_engine(path: Path, recorded_platform: dict[str, str], run_dir: Path, so
     return engine
 
 
-def run_engine(engine: Any, inputs: np.ndarray, batch_size: int, prepare: Prepare | None = None) -> np.ndarray:
-    """The engine's one output for `inputs` in batches up to its profile's largest (``in_chunks``)."""
+def run_engine(engine: Any, inputs: np.ndarray, batch_size: int, prepare: Prepare | None = None,
+               min_batch: int = 1) -> np.ndarray:
+    """The engine's one output for `inputs` in batches within its profile, `min_batch` to `batch_size`
+    (``in_chunks``): a last chunk below the profile's least is padded with repeats, their outputs dropped."""
     from polygraphy.backend.trt import TrtRunner
 
     with TrtRunner(engine) as runner:
-        # copied: TrtRunner's outputs are views of host buffers it reuses, so the next call overwrote them
-        return in_chunks(lambda x: np.array(next(iter(runner.infer({tensors.INPUT: x}).values()))), inputs, batch_size, prepare)
+        def run(x: np.ndarray) -> np.ndarray:
+            padded = x if len(x) >= min_batch else np.resize(x, (min_batch, *x.shape[1:]))
+            # copied: TrtRunner's outputs are views of host buffers it reuses, so the next call overwrote them
+            return np.array(next(iter(runner.infer({tensors.INPUT: padded}).values()))[: len(x)])
+
+        return in_chunks(run, inputs, batch_size, prepare)
