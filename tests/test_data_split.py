@@ -139,6 +139,13 @@ def test_train_names_the_split_command_where_a_split_is_missing(flat, tmp_path, 
     assert main(["train", "--data", str(tmp_path / "demo"), "--run", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"; to hold out part of train/ for it: clfpipe data split {tmp_path / 'demo' / 'train'} NEW_FOLDER")
     assert not (tmp_path / "run").exists()
+    tagged = tmp_path / "tagged"
+    write_demo_multilabel(tmp_path / "ml", seed=0)
+    shutil.copytree(tmp_path / "ml" / "train", tagged)
+    shutil.copy(tmp_path / "ml" / "labels.csv", tagged)
+    assert main(["train", "--data", str(tagged), "--run", str(tmp_path / "run"), "--set", "data.labels_csv=labels.csv"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"; to split tagged images into train/ and valid/: clfpipe data split {tagged} NEW_FOLDER --labels-csv {tagged / 'labels.csv'}")
 
 
 NAMES = st.text(string.ascii_letters + string.digits + "._- é猫", min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))

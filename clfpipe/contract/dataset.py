@@ -121,8 +121,12 @@ def _split_hint(data_dir: Path, split: str) -> str:
     """Where DATA has no validation folder, or only class folders, the command that makes one."""
     if split == "valid" and (data_dir / "train").is_dir():
         return f"; to hold out part of train/ for it: clfpipe data split {data_dir / 'train'} NEW_FOLDER{_labels_option(data_dir)}"
-    if split == "train" and any(p.is_dir() and not hidden(p, data_dir) for p in data_dir.iterdir()):
+    if split != "train":
+        return ""
+    if any(p.is_dir() and not hidden(p, data_dir) for p in data_dir.iterdir()):
         return f"; to split class folders into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER"
+    if _labels_option(data_dir) and any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in data_dir.iterdir()):
+        return f"; to split tagged images into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{_labels_option(data_dir)}"
     return ""
 
 
