@@ -127,7 +127,10 @@ def test_folders_it_cannot_split_are_refused_before_anything_is_written(flat, tm
         f.unlink()
     (flat / "vertical" / "only.jpg").write_bytes(b"one")
     refused(flat, tmp_path / "split", "class folder " + str(flat / "vertical") + ": expected at least 2 images to hold one out, got 1")
-    refused(flat / "horizontal", tmp_path / "split", "expected at least 2 class folders with images in "
+    (flat / "empty").mkdir()
+    refused(flat, tmp_path / "split", f"class folder has no images: {flat / 'empty'}")
+    (flat / "empty").rmdir()
+    refused(flat / "horizontal", tmp_path / "split", "expected at least 2 class folders in "
             f"{flat / 'horizontal'} (<class>/*.jpg), got 0; tagged images (multi-label): give their table with --labels-csv")
     assert not (tmp_path / "split").exists() and not list(tmp_path.glob(".split.*"))
 
@@ -152,7 +155,7 @@ NAMES = st.text(string.ascii_letters + string.digits + "._- é猫", min_size=1, 
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=st.dictionaries(NAMES, st.lists(st.tuples(NAMES, st.sampled_from([".jpg", ".jpg", ".PNG", ".txt", ""])),
+@given(tree=st.dictionaries(NAMES, st.lists(st.tuples(NAMES, st.sampled_from([".jpg", ".jpg", ".jpg", ".PNG", ".txt", ""])),
                                             min_size=1, max_size=6), min_size=2, max_size=4),
        loose=st.integers(0, 2),
        pct=st.floats(0.01, 0.99),
@@ -175,7 +178,8 @@ def test_any_folder_is_split_whole_or_refused_in_one_error(tmp_path_factory, tre
         return
     event("split")
     assert 0 < pct < 1 and not math.isnan(pct)
-    classes = [p.name for p in sorted(src.iterdir()) if p.is_dir() and not p.name.startswith(".") and image_files(p)]
+    classes = [p.name for p in sorted(src.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    assert all(image_files(src / c) for c in classes)
     assert result.classes == len(classes) and result.outside == loose
     assert result.train + result.valid == sum(len(image_files(src / c)) for c in classes)
     train = scan_split(root / "out", "train", verify=False)

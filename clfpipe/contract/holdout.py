@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clfpipe.contract.dataset import SPLIT_FOLDERS, hidden, image_files, read_tags
+from clfpipe.contract.dataset import IMAGE_SUFFIXES, SPLIT_FOLDERS, hidden, image_files, read_tags
 from clfpipe.contract.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,16 @@ def _groups(src: Path, labels_csv: Path | None) -> tuple[dict[str, list[Path]], 
         return {"": files}, 0
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not hidden(p, src))
     groups = {p.name: image_files(p) for p in folders}
-    groups = {name: files for name, files in groups.items() if files}
     if len(groups) < 2:
         tagged = "; tagged images (multi-label): give their table with --labels-csv" if image_files(src) else ""
-        raise DataError(f"expected at least 2 class folders with images in {src} (<class>/*.jpg), got {len(groups)}{tagged}")
+        raise DataError(f"expected at least 2 class folders in {src} (<class>/*.jpg), got {len(groups)}{tagged}")
+    empty = [name for name, files in groups.items() if not files]
+    if empty:  # as train refuses one: a class left out unsaid would shrink the model's classes
+        raise DataError(f"class folder has no images: {src / empty[0]} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
     small = [name for name, files in groups.items() if len(files) < 2]
     if small:
         raise DataError(f"class folder {src / small[0]}: expected at least 2 images to hold one out, got 1")
-    outside = sum(1 for p in image_files(src) if p.parent == src)
+    outside = sum(1 for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not hidden(p, src) and p.is_file())
     return groups, outside
 
 
