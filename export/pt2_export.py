@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clfpipe.contract import tensors
-from clfpipe.contract.engines import ENGINES, Variant
+from clfpipe.contract.engines import ENGINES, Variant, in_chunks
 from clfpipe.contract.errors import ExportError
 from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, library_versions
@@ -27,7 +27,7 @@ from clfpipe.contract.preprocess import load_pixels
 from clfpipe.export.onnx_export import gate_variant, validation_split
 from clfpipe.nn.folded import Folded, example_input
 from clfpipe.nn.reference import load_run_model, reference_outputs
-from clfpipe.runtime.torch_engine import device_here, load, load_check, run_batches
+from clfpipe.runtime.torch_engine import device_here, load, load_check
 
 log = logging.getLogger(__name__)
 PT2_VERSIONS = ("torch", "torchvision")
@@ -54,7 +54,7 @@ def _program_only(program: torch.export.ExportedProgram, variant: Variant, run_d
     kept = variant.on("torch")
     staging = _staging(run_dir, kept)
     torch.export.save(program, str(staging))
-    return kept, staging, run_batches(load("torch", staging), inputs)
+    return kept, staging, in_chunks(load("torch", staging), inputs)
 
 
 def _aoti_or_program(program: torch.export.ExportedProgram, variant: Variant, run_dir: Path,

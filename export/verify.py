@@ -17,7 +17,7 @@ import numpy as np
 from onnxruntime import InferenceSession
 
 from clfpipe.contract.dataset import Split, scan_data
-from clfpipe.contract.engines import Prepare, Variant
+from clfpipe.contract.engines import Prepare, Variant, in_chunks
 from clfpipe.contract.errors import DataError, ExportError, ManifestError
 from clfpipe.contract.gates import GateResult
 from clfpipe.contract.integrity import recorded_hashes, tree_problems
@@ -114,7 +114,7 @@ def _torch_outputs(run: RunDir, manifest: Manifest, name: str, path: Path, pixel
             raise ExportError(f"{name}: {why}; export it again here with 'clfpipe export pt2 --run {run.path}'")
     else:
         runner = torch_engine.load(engine, path)
-        outputs = torch_engine.run_batches(runner, pixels, prepare=prepare)
+        outputs = in_chunks(runner, pixels, prepare=prepare)
         seconds = torch_engine.seconds_per_batch(runner, probe)
     return [(f"{engine}-{device.type}", outputs, seconds)]
 

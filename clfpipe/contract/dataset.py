@@ -45,11 +45,27 @@ def hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _is_image(path: Path, root: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not hidden(path, root) and path.is_file()
+
+
 def image_files(folder: Path) -> list[Path]:
     """The images under `folder`, its subfolders too (as torchvision's ImageFolder and fastai's
     get_image_files read a class folder), sorted, hidden ones left out."""
-    return sorted(p for p in Path(folder).rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not hidden(p, folder) and p.is_file())
+    return sorted(p for p in Path(folder).rglob("*") if _is_image(p, folder))
+
+
+def loose_images(folder: Path) -> int:
+    """Images directly in `folder` (not in a subfolder), hidden ones left out."""
+    return sum(1 for p in Path(folder).iterdir() if _is_image(p, folder))
+
+
+def class_images(folder: Path) -> list[Path]:
+    """A class folder's ``image_files``; DataError where it has none (no class is left out unsaid)."""
+    images = image_files(folder)
+    if not images:
+        raise DataError(f"class folder has no images: {folder} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    return images
 
 
 def header_problem(path: Path) -> str | None:
@@ -125,8 +141,9 @@ def _split_hint(data_dir: Path, split: str) -> str:
         return ""
     if any(p.is_dir() and not hidden(p, data_dir) for p in data_dir.iterdir()):
         return f"; to split class folders into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER"
-    if _labels_option(data_dir) and any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in data_dir.iterdir()):
-        return f"; to split tagged images into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{_labels_option(data_dir)}"
+    labels = _labels_option(data_dir)
+    if labels and loose_images(data_dir):
+        return f"; to split tagged images into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{labels}"
     return ""
 
 
@@ -163,9 +180,7 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     for index, name in enumerate(classes):
         if name not in found:
             continue  # some_classes: a class this sample lacks
-        images = image_files(root / name)
-        if not images:
-            raise DataError(f"class folder has no images: {root / name} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+        images = class_images(root / name)
         files.extend(images)
         labels.extend([index] * len(images))
     if verify:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -73,13 +73,24 @@ Prepare = Callable[[np.ndarray], np.ndarray]
 CHUNK = 64  # images a runner takes at once where a whole set is run
 
 
+def unchanged(chunk: np.ndarray) -> np.ndarray:
+    return chunk
+
+
+def chunks(batch: np.ndarray, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, view) of `batch`, `size` images at a time. Callers prepare each view where they use it,
+    so a set's float32 input (4x its uint8 pixels, 600 KB an image at 224) exists one chunk at a time
+    (a prepared chunk held here would live on beside the next one)."""
+    for start in range(0, len(batch), size):
+        yield start, batch[start : start + size]
+
+
 def in_chunks(run: Callable[[np.ndarray], Any], batch: np.ndarray, size: int = CHUNK,
               prepare: Prepare | None = None) -> np.ndarray:
-    """`run` over `batch` `size` images at a time, its outputs concatenated; `prepare` turns each
-    chunk into the runner's input first. Every runner that takes a whole set goes through here, so
-    a set's float32 input (4x its uint8 pixels, 600 KB an image at 224) never exists whole."""
-    prepare = prepare or (lambda chunk: chunk)
-    return np.concatenate([np.asarray(run(prepare(batch[i : i + size]))) for i in range(0, len(batch), size)])
+    """`run` over `batch`'s ``chunks``, each through `prepare` first, its outputs concatenated: every
+    runner that takes a whole set goes through here."""
+    prepare = prepare or unchanged
+    return np.concatenate([np.asarray(run(prepare(chunk))) for _, chunk in chunks(batch, size)])
 
 
 FLOAT_NCHW = InputForm("float32", "NCHW")  # normalised, as the PyTorch model takes it

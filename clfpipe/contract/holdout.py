@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clfpipe.contract.dataset import IMAGE_SUFFIXES, SPLIT_FOLDERS, hidden, image_files, read_tags
+from clfpipe.contract.dataset import class_images, hidden, image_files, loose_images, read_tags
 from clfpipe.contract.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,18 +65,14 @@ def _groups(src: Path, labels_csv: Path | None) -> tuple[dict[str, list[Path]], 
             raise DataError(f"{labels_csv.name} has no tags for {len(untagged)} image(s) in {src}, e.g. {untagged[0].name}")
         return {"": files}, 0
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not hidden(p, src))
-    groups = {p.name: image_files(p) for p in folders}
-    if len(groups) < 2:
+    if len(folders) < 2:
         tagged = "; tagged images (multi-label): give their table with --labels-csv" if image_files(src) else ""
-        raise DataError(f"expected at least 2 class folders in {src} (<class>/*.jpg), got {len(groups)}{tagged}")
-    empty = [name for name, files in groups.items() if not files]
-    if empty:  # as train refuses one: a class left out unsaid would shrink the model's classes
-        raise DataError(f"class folder has no images: {src / empty[0]} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"expected at least 2 class folders in {src} (<class>/*.jpg), got {len(folders)}{tagged}")
+    groups = {p.name: class_images(p) for p in folders}  # an empty one refused, as train refuses it
     small = [name for name, files in groups.items() if len(files) < 2]
     if small:
         raise DataError(f"class folder {src / small[0]}: expected at least 2 images to hold one out, got 1")
-    outside = sum(1 for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not hidden(p, src) and p.is_file())
-    return groups, outside
+    return groups, loose_images(src)
 
 
 def _place(source: Path, target: Path) -> bool:
@@ -95,8 +91,7 @@ def _place(source: Path, target: Path) -> bool:
 def _check_places(src: Path, out: Path) -> None:
     if not src.is_dir():
         raise DataError(f"data folder not found: {src}")
-    taken = [n for names in SPLIT_FOLDERS.values() for n in names if (src / n).is_dir()]
-    if "train" in taken:
+    if (src / "train").is_dir():
         raise DataError(f"{src} holds a train/ folder: expected class folders to split (to hold out part of "
                         f"train/, split {src / 'train'})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

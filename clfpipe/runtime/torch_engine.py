@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from clfpipe.contract.engines import CHUNK, Prepare, in_chunks
+from clfpipe.contract.engines import Prepare, chunks, in_chunks, unchanged
 from clfpipe.contract.probabilities import activate
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -60,20 +60,15 @@ def load(engine: str, path: Path, device: torch.device | None = None) -> Runner:
     return run
 
 
-def run_batches(runner: Runner, inputs: np.ndarray, batch_size: int = CHUNK, prepare: Prepare | None = None) -> np.ndarray:
-    return in_chunks(runner, inputs, batch_size, prepare)
-
-
 def save_prepared(path: Path, pixels: np.ndarray, prepare: Prepare | None) -> None:
     """`pixels` prepared into an .npy file a chunk at a time, through a memory map: the child's
     whole input is never in this process's memory at once."""
-    prepare = prepare or (lambda chunk: chunk)
-    first = prepare(pixels[:1])
+    prepare = prepare or unchanged
+    first = prepare(pixels[:1])  # the prepared form's dtype and shape
     out = np.lib.format.open_memmap(path, mode="w+", dtype=first.dtype, shape=(len(pixels), *first.shape[1:]))
-    for i in range(0, len(pixels), CHUNK):
-        out[i : i + CHUNK] = prepare(pixels[i : i + CHUNK])
+    for start, chunk in chunks(pixels):
+        out[start : start + len(chunk)] = prepare(chunk)
     out.flush()
-    del out
 
 
 def seconds_per_batch(runner: Runner, batch: np.ndarray, rounds: int = 5) -> float:
@@ -153,7 +148,7 @@ def _child(argv: list[str]) -> int:
     engine, path, given, out, *profile = argv
     runner = load(engine, Path(path))
     # mapped, and copied a chunk at a time (torch takes no read-only array)
-    np.save(out, run_batches(runner, np.load(given, mmap_mode="r"), prepare=np.array))
+    np.save(out, in_chunks(runner, np.load(given, mmap_mode="r"), prepare=np.array))
     if profile:
         batch, timing = profile
         Path(timing).write_text(json.dumps({"seconds_per_batch": seconds_per_batch(runner, np.load(batch))}))
