@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clfpipe.cli import main
-from clfpipe.contract.dataset import scan_split
+from clfpipe.contract.dataset import image_files, scan_split
 from clfpipe.contract.manifest import RunDir
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 
@@ -49,6 +49,22 @@ def test_a_class_folders_subfolders_are_read_and_hidden_files_are_not(tiny_data,
         f.unlink()
     _one_line_error(capsys, ["train", "--data", str(tiny_data), "--run", str(tmp_path / "run")], "class folder has no images")
     assert not (tmp_path / "run").exists()
+
+
+def test_symlinked_subfolders_are_read_once_and_a_loop_ends(tiny_data, tmp_path):
+    """A class folder's symlinked subfolder is read as ImageFolder reads it (os.walk followlinks),
+    and a link back up the tree is walked once instead of forever."""
+    folder = tiny_data / "train" / "checker"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = [f.rename(elsewhere / f.name) for f in sorted(folder.glob("*.jpg"))[:2]]
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(folder, target_is_directory=True)  # checker/linked/up -> checker
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    files = image_files(folder)
+    assert [f.relative_to(folder).as_posix() for f in files if f.parent != folder] == [f"linked/{m.name}" for m in moved]
+    assert len(files) == len(set(f.resolve() for f in files)) == 3
+    assert len(scan_split(tiny_data, "train")) == 9
 
 
 def test_corrupt_image_file_is_named(tiny_data, tmp_path, capsys):

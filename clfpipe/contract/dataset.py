@@ -9,7 +9,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
@@ -49,10 +49,25 @@ def _is_image(path: Path, root: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not hidden(path, root) and path.is_file()
 
 
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Every file under `folder`, hidden ones left out, through symlinked folders too (as
+    torchvision's ImageFolder and fastai walk, ``followlinks=True``) but each folder once, so a
+    link to a folder above it ends rather than loops. Paths stay under `folder` (not resolved)."""
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(top) / name for name in files if not name.startswith("."))
+
+
 def image_files(folder: Path) -> list[Path]:
     """The images under `folder`, its subfolders too (as torchvision's ImageFolder and fastai's
     get_image_files read a class folder), sorted, hidden ones left out."""
-    return sorted(p for p in Path(folder).rglob("*") if _is_image(p, folder))
+    return sorted(p for p in walk_files(folder) if _is_image(p, folder))
 
 
 def loose_images(folder: Path) -> int:
@@ -302,8 +317,8 @@ def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:
     """Files under ``roots`` that the layout does not read, by suffix; hidden ones (.DS_Store) left out."""
     counts: dict[str, int] = {}
     for root in roots:
-        for path in root.rglob("*"):
-            if path.is_file() and path not in read and not hidden(path, root):
+        for path in walk_files(root):
+            if path.is_file() and path not in read:
                 suffix = path.suffix.lower() or "(none)"
                 if suffix in IMAGE_SUFFIXES:  # an image where the class-folder layout does not look
                     suffix += " not in a class folder"
