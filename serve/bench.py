@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -86,6 +86,20 @@ def _stats(client, protocol: str, model: str) -> dict[str, float]:
     return {"inference_count": float(stats.get("inference_count", 0)), "execution_count": float(stats.get("execution_count", 0)),
             "success": count("success"), "queue_ns": ns("queue"), "compute_input_ns": ns("compute_input"),
             "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
+
+
+def settled_stats(read: Callable[[], dict[str, dict]], before: dict[str, dict], images: int,
+                  timeout: float = 2.0) -> dict[str, dict]:
+    """The statistics once every model counts the `images` answered since `before`: Triton records
+    a step's figures after its response has gone out, so a read at once missed the last few (61 of
+    64 under load). Past `timeout`, what is there."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        after = read()
+        if all(after[m]["inference_count"] - before[m]["inference_count"] >= images for m in after) \
+                or time.perf_counter() > deadline:
+            return after
+        time.sleep(0.01)
 
 
 def sample_evenly(paths: Sequence[Path], most: int) -> list[Path]:
@@ -174,7 +188,7 @@ def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, con
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    after = {m: _stats(monitor, protocol, m) for m in models}
+    after = settled_stats(lambda: {m: _stats(monitor, protocol, m) for m in models}, before, len(latencies) * batch)
     if not latencies:
         raise ServeError(f"bench: every request to {model!r} failed at concurrency {concurrency} ({errors[0]} errors; "
                          f"the first: {errors[1]})")

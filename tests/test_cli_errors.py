@@ -225,6 +225,20 @@ def test_bench_out_is_checked_before_the_sweep(tiny_data, tmp_path, capsys):
     _one_line_error(capsys, [*argv, str(tmp_path / "file" / "sub")], f"--out {tmp_path / 'file' / 'sub'}: expected a folder bench can write to")
 
 
+def test_bench_reads_the_statistics_once_they_count_every_answer():
+    """Triton records a step's statistics after its response has gone out: a read at once counted
+    61 of 64 answered images under load. The read is repeated until each model counts them all."""
+    from clfpipe.serve.bench import settled_stats
+
+    before = {"classifier": {"inference_count": 10.0}, "backbone": {"inference_count": 4.0}}
+    reads = iter([{"classifier": {"inference_count": 74.0}, "backbone": {"inference_count": 61.0}},
+                  {"classifier": {"inference_count": 74.0}, "backbone": {"inference_count": 66.0}},
+                  {"classifier": {"inference_count": 74.0}, "backbone": {"inference_count": 68.0}}])
+    assert settled_stats(lambda: next(reads), before, 64)["backbone"]["inference_count"] == 68.0
+    lagging = {"classifier": {"inference_count": 70.0}, "backbone": {"inference_count": 60.0}}
+    assert settled_stats(lambda: lagging, before, 64, timeout=0.05) is lagging  # never settles: what is there
+
+
 def test_bench_sends_an_even_sample_of_a_big_folder():
     """bench decoded every image of the folder to check it and held them all in memory before the
     first request: minutes and gigabytes for a whole validation set."""
