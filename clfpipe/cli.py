@@ -120,7 +120,14 @@ def _cmd_export_trt(args: argparse.Namespace) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from clfpipe.export.verify import format_table, verify_run
 
-    verification = verify_run(args.run, args.images)
+    if not args.served and (args.url or args.protocol or args.state_dir):
+        raise ClfpipeError("--url, --protocol and --state-dir name the server that --served checks: expected --served with them")
+    if args.served:
+        from clfpipe.pipeline import verify_with_server
+
+        verification = verify_with_server(args.run, args.images, args.url, args.protocol, args.state_dir)
+    else:
+        verification = verify_run(args.run, args.images)
     print(format_table(verification))
     return 0 if verification.passed else 1
 
@@ -289,12 +296,16 @@ def _add_port_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port")
 
 
-def _add_client_args(p: argparse.ArgumentParser) -> None:
+def _add_endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="HOST:PORT of a Triton server (default: the one 'clfpipe serve up' recorded)")
     p.add_argument("--protocol", choices=["http", "grpc"],
                    help="http or grpc (default: http, or grpc when --url is the recorded gRPC port)")
-    p.add_argument("--model", default="classifier", help="served model: classifier or classifier_tta")
     p.add_argument("--state-dir", type=Path, help=STATE_HELP)
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    _add_endpoint_args(p)
+    p.add_argument("--model", default="classifier", help="served model: classifier or classifier_tta")
 
 
 def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -378,6 +389,9 @@ def _add_export_commands(sub: argparse._SubParsersAction) -> None:
     p = _sub(sub, "verify", "every exported variant on every runtime here against PyTorch fp32")
     p.add_argument("--run", type=Path, required=True, help="a run directory with exported variants")
     p.add_argument("--images", type=Path, help="a folder laid out like DATA/valid, with some or all of the run's classes (default: the validation set)")
+    p.add_argument("--served", action="store_true",
+                   help="also the running server: its classifier and classifier_tta against PyTorch fp32 on the same images")
+    _add_endpoint_args(p)
     p.set_defaults(func=_cmd_verify)
 
 

@@ -31,7 +31,7 @@ from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import check_seed, write_demo_dataset
 from clfpipe.export.onnx_export import export_variants, validation_split
 from clfpipe.export.pt2_export import export_pt2
-from clfpipe.export.verify import profile, profile_batch_size
+from clfpipe.export.verify import Row, Verification, images_split, profile, profile_batch_size, verify_run
 from clfpipe.nn.models import Classifier
 from clfpipe.nn.reference import load_run_model, torch_logits
 from clfpipe.serve.client import Classifier as Client
@@ -203,59 +203,111 @@ def _probabilities(model: Classifier, manifest: Manifest, pixels: np.ndarray) ->
     return probabilities(logits, manifest.recipe.multi_label)
 
 
-def _tta_reference(model: Classifier, manifest: Manifest, files: list[Path]) -> np.ndarray:
-    split = Split(tuple(files), tuple(0 for _ in files), tuple(manifest.classes))
+def _tta_reference(model: Classifier, manifest: Manifest, split: Split) -> np.ndarray:
     return deterministic_tta(model, split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
 
 
-def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> np.ndarray:
-    """The files' labels from the run's validation split (the same file by any path)."""
+def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> Split:
+    """The files with their labels from the run's validation split (the same file by any path)."""
     split = validation_split(run, manifest, None, option=None)
     by_file = {Path(f).resolve(): label for f, label in zip(split.files, split.labels)}
     keys = [Path(f).resolve() for f in files]
     missing = [str(f) for f, k in zip(files, keys) if k not in by_file]
     if missing:
         raise ServeError(f"{missing[0]}: expected a file of the run's validation split {run.data_dir(manifest) / 'valid'}")
-    return np.asarray([by_file[k] for k in keys])
+    return Split(tuple(files), tuple(by_file[k] for k in keys), split.classes)
 
 
-def _judge(run: RunDir, manifest: Manifest, files: list[Path], expected: np.ndarray, test: np.ndarray,
-           gate: Gate | None) -> GateResult:
+def _labelled(run: RunDir, manifest: Manifest, images: list[Path] | Split) -> Split:
+    return images if isinstance(images, Split) else _truth(run, manifest, images)
+
+
+def _judge(manifest: Manifest, split: Split, expected: np.ndarray, test: np.ndarray, gate: Gate | None) -> GateResult:
     """Probabilities against PyTorch fp32's by `gate` (default: the serving precision's)."""
     probs_out = Variant(manifest.recipe.serve.precision, fold_preprocess=True, fold_tta=True)  # outputs are probabilities
-    return judge(probs_out, expected, test, _truth(run, manifest, files), multi_label=manifest.recipe.multi_label,
+    return judge(probs_out, expected, test, np.asarray(split.labels), multi_label=manifest.recipe.multi_label,
                  rtol=manifest.recipe.export.rtol, atol=manifest.recipe.export.atol, gate=gate)
 
 
-def served_agreement(run_dir: Path, client: Client, files: list[Path], decode: str = "pil") -> GateResult:
+def _served(client: Client, split: Split) -> np.ndarray:
+    return client.probabilities([Path(f).read_bytes() for f in split.files], [str(f) for f in split.files])
+
+
+def served_agreement(run_dir: Path, client: Client, images: list[Path] | Split, decode: str = "pil") -> GateResult:
     """Triton's probabilities vs PyTorch fp32's on the same pixels (those of the server's decoder),
-    by the serving precision's gate: the served engine's answers, with the decoder held equal."""
+    by the serving precision's gate: the served engine's answers, with the decoder held equal.
+    `images`: files of the run's validation split, or a labelled Split."""
     run = RunDir(run_dir)
     manifest = run.read()
-    expected = _probabilities(load_run_model(run, manifest), manifest, reference_pixels(files, manifest, decode))
-    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
-    return _judge(run, manifest, files, expected, served, None)
+    split = _labelled(run, manifest, images)
+    pixels = reference_pixels(list(split.files), manifest, decode)
+    expected = _probabilities(load_run_model(run, manifest), manifest, pixels)
+    return _judge(manifest, split, expected, _served(client, split), None)
 
 
-def decoder_agreement(run_dir: Path, files: list[Path], decode: str) -> GateResult:
+def decoder_agreement(run_dir: Path, images: list[Path] | Split, decode: str) -> GateResult:
     """PyTorch fp32 on the decoder's pixels vs on Pillow's (training evaluation's), by the
     decoder's gate (``DECODE_GATES``): what decoding on the GPU changes."""
     run = RunDir(run_dir)
     manifest = run.read()
+    split = _labelled(run, manifest, images)
     model = load_run_model(run, manifest)
-    pil = _probabilities(model, manifest, reference_pixels(files, manifest, "pil"))
-    decoded = _probabilities(model, manifest, reference_pixels(files, manifest, decode))
-    return _judge(run, manifest, files, pil, decoded, DECODE_GATES[decode])
+    pil = _probabilities(model, manifest, reference_pixels(list(split.files), manifest, "pil"))
+    decoded = _probabilities(model, manifest, reference_pixels(list(split.files), manifest, decode))
+    return _judge(manifest, split, pil, decoded, DECODE_GATES[decode])
 
 
-def served_tta_agreement(run_dir: Path, client: Client, files: list[Path], decode: str = "pil") -> GateResult:
+def served_tta_agreement(run_dir: Path, client: Client, images: list[Path] | Split, decode: str = "pil") -> GateResult:
     """Triton's classifier_tta against the training side's deterministic TTA on the same files
     (Pillow's pixels: with another decoder, judged by its gate)."""
     run = RunDir(run_dir)
     manifest = run.read()
-    expected = _tta_reference(load_run_model(run, manifest), manifest, files)
-    served = client.probabilities([f.read_bytes() for f in files], [str(f) for f in files])
-    return _judge(run, manifest, files, expected, served, DECODE_GATES[decode])
+    split = _labelled(run, manifest, images)
+    expected = _tta_reference(load_run_model(run, manifest), manifest, split)
+    return _judge(manifest, split, expected, _served(client, split), DECODE_GATES[decode])
+
+
+def served_decode(client: Client) -> str:
+    """The decoder behind the served ensemble: its first step's ``decode`` parameter (the
+    preprocess model's, or the fused GPU step's); 'pil' where it names none."""
+    config = client.config(client.model)
+    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    source = client.config(steps[0]["model_name"]) if steps else config
+    decode = source.get("parameters", {}).get("decode", {}).get("string_value", "pil")
+    if decode not in DECODE_GATES:
+        raise ServeError(f"the server at {client.url} decodes with {decode!r}: expected one of {', '.join(DECODE_GATES)}")
+    return decode
+
+
+def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: str | None = None,
+                state_dir: Path | None = None) -> list[Row]:
+    """The running server (``url``, else the one 'serve up' recorded) against PyTorch fp32 on
+    `split`: ``classifier`` on the server decoder's pixels, ``classifier_tta`` where it is served,
+    and, with a decoder other than Pillow, what that decoder changes; a row each, as verify's."""
+    client = Client(url, protocol, "classifier", state_dir=state_dir)
+    manifest = RunDir(run_dir).read()
+    if client.classes != list(manifest.classes):
+        raise ServeError(f"the server at {client.url} serves classes {client.classes}, expected this run's "
+                         f"{list(manifest.classes)}: is it serving another run?")
+    decode = served_decode(client)
+    log.info("verify: the server at %s over %s (decode: %s)", client.url, client.protocol, decode)
+    runtime = f"triton-{client.protocol}"
+    rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode))]
+    if client.serves("classifier_tta"):
+        tta = Client(client.url, client.protocol, "classifier_tta", state_dir=state_dir)
+        rows.append(Row("served classifier_tta", runtime, served_tta_agreement(run_dir, tta, split, decode)))
+    if decode != "pil":
+        rows.append(Row(f"{decode} vs Pillow pixels", "torch", decoder_agreement(run_dir, split, decode)))
+    return rows
+
+
+def verify_with_server(run_dir: Path, images: Path | None = None, url: str | None = None, protocol: str | None = None,
+                       state_dir: Path | None = None) -> Verification:
+    """``clfpipe verify --served``: the running server's rows first (it may be unreachable: said
+    before minutes of checking variants), then every exported variant's."""
+    run = RunDir(run_dir)
+    split = images_split(run, run.read(), images)
+    return verify_run(run_dir, images, served=served_rows(run_dir, split, url, protocol, state_dir))
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:

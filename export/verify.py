@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from onnxruntime import InferenceSession
@@ -158,13 +158,15 @@ def images_split(run: RunDir, manifest: Manifest, images: Path | None) -> Split:
     return scan_data(images.parent, images.name, manifest.recipe.data.labels_csv, tuple(manifest.classes), some_classes=True)
 
 
-def verify_run(run_dir: Path, images: Path | None = None) -> Verification:
+def verify_run(run_dir: Path, images: Path | None = None, served: Sequence[Row] = ()) -> Verification:
+    """Every exported variant on every runtime here against PyTorch fp32 on the validation set (or
+    `images`), after `served`: rows the caller measured of a running server on the same images."""
     run = RunDir(run_dir)
     manifest = run.read()
     model = load_run_model(run, manifest)
     split = images_split(run, manifest, images)
     pixels, labels = load_pixels(split.files, manifest.preprocess), np.asarray(split.labels)
-    rows: list[Row] = []
+    rows: list[Row] = list(served)
     unreadable: dict[str, str] = {}
     artifacts = [(name, entry) for name, entry in sorted(manifest.data["artifacts"].items()) if "variant" in entry]
     batch = profile_batch_size(manifest)

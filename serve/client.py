@@ -277,6 +277,20 @@ class Classifier:
     def _model_config(self, client: Any) -> dict[str, Any]:
         return model_config(client, self.protocol, self.model)
 
+    def config(self, model: str) -> dict[str, Any]:
+        """Another model's config on the first server, as JSON (``model_config``)."""
+        try:
+            return model_config(self._clients[0], self.protocol, model)
+        except InferenceServerException as exc:
+            raise server_error(exc, self.urls[0], self.protocol, model) from exc
+
+    def serves(self, model: str) -> bool:
+        """Whether the first server has `model` loaded and ready."""
+        try:
+            return bool(self._clients[0].is_model_ready(model))
+        except InferenceServerException:
+            return False
+
     def _error(self, exc: InferenceServerException) -> ServeError:
         return server_error(exc, self.url, self.protocol, self.model)
 

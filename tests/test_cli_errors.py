@@ -225,6 +225,11 @@ def test_bench_out_is_checked_before_the_sweep(tiny_data, tmp_path, capsys):
     _one_line_error(capsys, [*argv, str(tmp_path / "file" / "sub")], f"--out {tmp_path / 'file' / 'sub'}: expected a folder bench can write to")
 
 
+def test_verify_takes_a_server_only_with_served(tmp_path, capsys):
+    for flags in (["--url", "127.0.0.1:8000"], ["--protocol", "grpc"], ["--state-dir", str(tmp_path)]):
+        _one_line_error(capsys, ["verify", "--run", str(tmp_path), *flags], "expected --served with them")
+
+
 def test_bench_reads_the_statistics_once_they_count_every_answer():
     """Triton records a step's statistics after its response has gone out: a read at once counted
     61 of 64 answered images under load. The read is repeated until each model counts them all."""

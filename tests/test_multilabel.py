@@ -184,3 +184,26 @@ def test_the_gate_names_the_runs_metric():
     assert multi.metric == "f2" and "f2 drop <= 0.01" in multi.rule and ", f2 " in multi.summary()
     single = judge(Variant("int8"), logits, logits, np.array([0, 1, 0]), multi_label=False, rtol=1e-3, atol=1e-3)
     assert single.metric == "accuracy" and "accuracy drop <= 0.01" in single.rule
+
+
+@pytest.mark.slow
+def test_a_served_multilabel_run_verifies_against_its_sigmoids(tmp_path, capsys):
+    """`verify --served` on a multi-label run: the served TTA ensemble was compared with a softmax of
+    the TTA views (the reference took every image for class 0 of a single-label split), 0.55 apart."""
+    from clfpipe.cli import main
+    from clfpipe.contract.recipe import load_recipe
+    from clfpipe.pipeline import run_pipeline
+    from clfpipe.serve.server import Ports, start_server, stop_server
+
+    write_demo_multilabel(tmp_path / "data", train=96, valid=24, image_size=48)
+    recipe = load_recipe("demo", [f"data.labels_csv={LABELS_CSV}", "data.batch_size=16", "stages.*.size=32",
+                                  "stages.*.epochs=1", "stages.*.cycle_mult=1", "evaluate.report=false"])
+    repo = run_pipeline(tmp_path / "data", tmp_path / "run", recipe)
+    start_server(repo, tmp_path / "state", ports=Ports.free(), supervise=False)
+    try:
+        assert main(["verify", "--run", str(tmp_path / "run"), "--served", "--state-dir", str(tmp_path / "state")]) == 0
+    finally:
+        stop_server(tmp_path / "state")
+    served = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("served ")]
+    assert [row[:3] for row in served] == [["served", "classifier", "triton-http"], ["served", "classifier_tta", "triton-http"]]
+    assert all("pass" in row and float(row[6]) < 1e-4 for row in served)  # max |diff| of the probabilities

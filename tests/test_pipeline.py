@@ -177,6 +177,34 @@ def test_triton_matches_pytorch(trained_run, server, protocol):
     assert labels == [manifest.classes[i] for i in reference.argmax(1)]
 
 
+def test_verify_served_checks_the_running_server_against_this_runs_pytorch(run_copy, server, server_state, capsys):
+    """`verify --served` puts the server's answers beside the variants, judged against the run's
+    own PyTorch model: a user's run had no command that checked what Triton serves."""
+    args = ["verify", "--run", str(run_copy), "--served", "--state-dir", str(server_state)]
+    assert main([*args, "--protocol", "grpc"]) == 0
+    served = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("served ")]
+    assert [row[:3] for row in served] == [["served", "classifier", "triton-grpc"], ["served", "classifier_tta", "triton-grpc"]]
+    assert all(row[3] == "1.0000" and "pass" in row for row in served)
+    report = json.loads((run_copy / "verify.json").read_text())
+    assert [r["artifact"] for r in report["results"][:2]] == ["served classifier", "served classifier_tta"]
+    assert report["results"][0]["images"] == 90
+
+    run = RunDir(run_copy)  # the same server against a run whose head weights differ: its rows fail
+    manifest = run.read()
+    state = torch.load(run_copy / "model.pt", weights_only=True)
+    torch.manual_seed(0)
+    torch.save({k: v + 0.5 * torch.randn_like(v) if k.startswith("head.") and k.endswith("weight") else v
+                for k, v in state.items()}, run_copy / "model.pt")
+    run.write(manifest.with_artifact("checkpoint", run_copy, run_copy / "model.pt", stage="train",
+                                     versions=manifest.artifact("checkpoint")["versions"]))
+    assert main(args) == 1
+    served = [line for line in capsys.readouterr().out.splitlines() if line.startswith("served ")]
+    assert len(served) == 2 and all("FAIL" in line for line in served)
+
+    assert main([*args[:-2], "--url", f"127.0.0.1:{free_port()}"]) == 2
+    assert "cannot reach Triton" in capsys.readouterr().err
+
+
 def test_cli_predict_json(trained_run, server, capsys):
     valid_dir = _valid(trained_run).files[0].parent
     assert main(["predict", "--url", server.grpc_url, "--protocol", "grpc", "--json", "--top-k", "2", str(valid_dir)]) == 0
