@@ -65,3 +65,27 @@ def test_bad_bytes_say_what_is_wrong():
         decode_image(jpeg.getvalue()[:200])  # truncated
     with pytest.raises(ValueError, match="image too large"):
         decode_image(_png(np.zeros((100, 100), np.uint8)), max_pixels=5000)
+
+
+def test_exif_orientation_is_left_as_stored_on_every_decoder(tmp_path):
+    """A JPEG tagged 'rotate 90' (EXIF orientation 6, as phones write) decodes as stored, wider
+    than tall, by training's loader, the server's bytes path and torchvision's decoder (the nvJPEG
+    path's, on the CPU here): were one of them to turn it, a model would be served images turned
+    otherwise than it was trained on."""
+    from clfpipe.contract.preprocess import decode_to_pixels, load_image, load_pixels
+    from clfpipe.runtime.nvjpeg import DevicePreprocessor
+
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:, :24] = 255  # left half white: a 90-degree turn would put it on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    assert Image.open(path).getexif()[0x0112] == 6
+    assert load_image(path).size == (48, 32)
+    spec = PreprocessSpec(resize=32, crop=32)
+    pixels = load_pixels([path], spec)[0]
+    np.testing.assert_array_equal(decode_to_pixels(np.array([path.read_bytes()], dtype=object), spec)[0], pixels)
+    assert pixels[:, :8].mean() > 200 and pixels[:, -8:].mean() < 50  # the white half still on the left
+    device = DevicePreprocessor(spec, "cpu").batch([np.array([[path.read_bytes()]], dtype=object)])[0]
+    assert device[0, :, :8].mean() > 200 and device[0, :, -8:].mean() < 50
