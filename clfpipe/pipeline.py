@@ -291,6 +291,9 @@ def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: s
                          f"{list(manifest.classes)}: is it serving another run?")
     decode = served_decode(client)
     log.info("verify: the server at %s over %s (decode: %s)", client.url, client.protocol, decode)
+    if decode == "nvjpeg" and not torch.cuda.is_available():
+        log.warning("verify: the server decodes with nvJPEG and this host has no CUDA: the reference decodes with "
+                    "torchvision's CPU decoder, whose pixels may differ by a few levels (run verify on the server's host)")
     runtime = f"triton-{client.protocol}"
     rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode))]
     if client.serves("classifier_tta"):
