@@ -13,6 +13,7 @@ import torch
 import clfpipe.pipeline as pipeline
 import clfpipe.runtime.torch_engine as torch_engine
 from clfpipe.cli import main
+from clfpipe.contract.dataset import Split
 from clfpipe.contract.engines import Variant
 from clfpipe.contract.errors import ExportError, ServeError
 from clfpipe.contract.manifest import RunDir
@@ -99,7 +100,7 @@ def test_the_child_process_check_reports_a_crash(tmp_path):
     assert outputs is None and why.startswith("loading it failed (exit 1)")
 
 
-def test_the_fused_decode_step_serves_image_bytes_on_the_engines_device(pt2_run, tmp_path):
+def test_the_fused_decode_step_serves_image_bytes_on_the_engines_device(pt2_run, tmp_path, caplog):
     """decode=nvjpeg with the torch engine: one step decodes and runs the exported program (on this
     CPU, torchvision's decoder stands in for nvJPEG); a bad image fails its own request only."""
     export_pt2(pt2_run, data_dir=RunDir(pt2_run).data_dir(RunDir(pt2_run).read()), aoti=False)
@@ -116,6 +117,12 @@ def test_the_fused_decode_step_serves_image_bytes_on_the_engines_device(pt2_run,
         assert agreement.passed and agreement.top1_agreement == 1.0, agreement.summary()
         decoded = pipeline.decoder_agreement(pt2_run, valid, "nvjpeg")
         assert decoded.passed and decoded.images == 24, decoded.summary()  # on this CPU the same libjpeg-turbo: equal
+        classes = RunDir(pt2_run).read().classes
+        split = Split(tuple(valid), tuple(classes.index(f.parent.name) for f in valid), tuple(classes))
+        rows = pipeline.served_rows(pt2_run, split, info.grpc_url, "grpc")  # what verify --served reads of this server
+        assert [r.artifact for r in rows][::len(rows) - 1] == ["served classifier", "nvjpeg vs Pillow pixels"]
+        assert all(r.result.passed and r.result.images == 24 for r in rows)
+        assert ("the server decodes with nvJPEG and this host has no CUDA" in caplog.text) != torch.cuda.is_available()
         with pytest.raises(ServeError, match="not an image"):
             client.probabilities([valid[0].read_bytes(), b"junk"])
         assert client.probabilities([valid[1].read_bytes()]).shape == (1, len(RunDir(pt2_run).read().classes))
