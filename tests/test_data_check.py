@@ -135,3 +135,53 @@ def _mutated(fmt: str, flips: list[tuple[int, int]], cut: int) -> bytes:
     for position, value in flips:
         data[position % len(data)] = value
     return bytes(data[:cut])
+
+
+def _reachable_images(folder):
+    """The oracle: every non-hidden image file reachable from folder, following folder links, by
+    resolved path (a breadth-first walk over real folders, each once)."""
+    from pathlib import Path
+
+    from clfpipe.contract.dataset import IMAGE_SUFFIXES
+
+    seen, queue, found = set(), [Path(folder).resolve()], set()
+    while queue:
+        here = queue.pop()
+        if here in seen:
+            continue
+        seen.add(here)
+        for entry in here.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                queue.append(entry.resolve())
+            elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+                found.add(entry.resolve())
+    return found
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(folders=st.lists(st.integers(0, 6), min_size=1, max_size=8),
+       files=st.lists(st.tuples(st.integers(0, 8), st.sampled_from(["a.jpg", "b.PNG", ".c.jpg", "d.txt"])), max_size=12),
+       links=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8), st.booleans()), max_size=5))
+def test_any_tree_of_folders_and_links_is_walked_to_an_end_each_image_once(tmp_path_factory, folders, files, links):
+    """Random trees with links between folders (up the tree too, so loops), dangling links and
+    hidden names: the walk ends, stays under the folder, and lists each reachable image once."""
+    from clfpipe.contract.dataset import image_files
+
+    root = tmp_path_factory.mktemp("walk") / "class"
+    dirs = [root, root.parent / "elsewhere"]  # links may lead out of the class folder, and back
+    for d in dirs:
+        d.mkdir()
+    for parent in folders:  # each new folder under an earlier one
+        dirs.append(dirs[min(parent, len(dirs) - 1)] / f"f{len(dirs)}")
+        dirs[-1].mkdir()
+    for where, name in files:
+        (dirs[where % len(dirs)] / name).write_bytes(b"x")
+    for i, (where, target, dangling) in enumerate(links):
+        goal = dirs[target % len(dirs)] if not dangling else root.parent / "gone"
+        (dirs[where % len(dirs)] / f"link{i}").symlink_to(goal, target_is_directory=True)
+    found = image_files(root)
+    assert all(str(f).startswith(str(root) + "/") and not f.name.startswith(".") for f in found)
+    assert len(found) == len({f.resolve() for f in found})
+    assert {f.resolve() for f in found} == _reachable_images(root)
