@@ -279,11 +279,20 @@ def served_decode(client: Client) -> str:
     return decode
 
 
+def _probe_batch(split: Split, size: int) -> np.ndarray:
+    """`size` encoded images for a served row's profile, repeated where the split has fewer (as
+    verify's profile batch is): a round trip through Triton, beside the engines' in-process figures."""
+    files = [split.files[i % len(split.files)] for i in range(size)]
+    return np.array([Path(f).read_bytes() for f in files], dtype=object)
+
+
 def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: str | None = None,
                 state_dir: Path | None = None) -> list[Row]:
     """The running server (``url``, else the one 'serve up' recorded) against PyTorch fp32 on
     `split`: ``classifier`` on the server decoder's pixels, ``classifier_tta`` where it is served,
     and, with a decoder other than Pillow, what that decoder changes; a row each, as verify's."""
+    from clfpipe.runtime.torch_engine import seconds_per_batch
+
     client = Client(url, protocol, "classifier", state_dir=state_dir)
     manifest = RunDir(run_dir).read()
     if client.classes != list(manifest.classes):
@@ -295,10 +304,13 @@ def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: s
         log.warning("verify: the server decodes with nvJPEG and this host has no CUDA: the reference decodes with "
                     "torchvision's CPU decoder, whose pixels may differ by a few levels (run verify on the server's host)")
     runtime = f"triton-{client.protocol}"
-    rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode))]
+    probe = _probe_batch(split, profile_batch_size(manifest))
+    rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode),
+                seconds_per_batch(client.probabilities, probe))]
     if client.serves("classifier_tta"):
         tta = Client(client.url, client.protocol, "classifier_tta", state_dir=state_dir)
-        rows.append(Row("served classifier_tta", runtime, served_tta_agreement(run_dir, tta, split, decode)))
+        rows.append(Row("served classifier_tta", runtime, served_tta_agreement(run_dir, tta, split, decode),
+                        seconds_per_batch(tta.probabilities, probe)))
     if decode != "pil":
         rows.append(Row(f"{decode} vs Pillow pixels", "torch", decoder_agreement(run_dir, split, decode)))
     return rows

@@ -184,10 +184,10 @@ def test_verify_served_checks_the_running_server_against_this_runs_pytorch(run_c
     assert main([*args, "--protocol", "grpc"]) == 0
     served = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("served ")]
     assert [row[:3] for row in served] == [["served", "classifier", "triton-grpc"], ["served", "classifier_tta", "triton-grpc"]]
-    assert all(row[3] == "1.0000" and "pass" in row for row in served)
+    assert all(row[3] == "1.0000" and float(row[8]) > 0 and "pass" in row for row in served)  # agreement, ms/batch
     report = json.loads((run_copy / "verify.json").read_text())
     assert [r["artifact"] for r in report["results"][:2]] == ["served classifier", "served classifier_tta"]
-    assert report["results"][0]["images"] == 90
+    assert report["results"][0]["images"] == 90 and report["results"][0]["seconds_per_batch"] > 0
 
     run = RunDir(run_copy)  # the same server against a run whose head weights differ: its rows fail
     manifest = run.read()
