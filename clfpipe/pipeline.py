@@ -22,7 +22,6 @@ from clfpipe.contract.dataset import Split, scan_split
 from clfpipe.contract.engines import DECODE_GATES, ENGINES, FLOAT_NCHW, SERVED, Gate, Variant, served_variants
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
-from clfpipe.contract.integrity import recorded_hashes
 from clfpipe.contract.lock import run_lock
 from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir, check_out_folder
 from clfpipe.contract.preprocess import load_pixels
@@ -287,10 +286,11 @@ def _probe_batch(split: Split, size: int) -> np.ndarray:
 
 
 def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: str | None = None,
-                state_dir: Path | None = None) -> list[Row]:
+                state_dir: Path | None = None, profile: bool = True) -> list[Row]:
     """The running server (``url``, else the one 'serve up' recorded) against PyTorch fp32 on
     `split`: ``classifier`` on the server decoder's pixels, ``classifier_tta`` where it is served,
-    and, with a decoder other than Pillow, what that decoder changes; a row each, as verify's."""
+    and, with a decoder other than Pillow, what that decoder changes; a row each, as verify's, with
+    the served ones' ms/batch unless not `profile`."""
     from clfpipe.runtime.torch_engine import seconds_per_batch
 
     client = Client(url, protocol, "classifier", state_dir=state_dir)
@@ -299,18 +299,20 @@ def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: s
         raise ServeError(f"the server at {client.url} serves classes {client.classes}, expected this run's "
                          f"{list(manifest.classes)}: is it serving another run?")
     decode = served_decode(client)
-    log.info("verify: the server at %s over %s (decode: %s)", client.url, client.protocol, decode)
+    log.info("served: %s over %s, decoding with %s", client.url, client.protocol, decode)
     if decode == "nvjpeg" and not torch.cuda.is_available():
-        log.warning("verify: the server decodes with nvJPEG and this host has no CUDA: the reference decodes with "
+        log.warning("served: the server decodes with nvJPEG and this host has no CUDA: the reference decodes with "
                     "torchvision's CPU decoder, whose pixels may differ by a few levels (run verify on the server's host)")
     runtime = f"triton-{client.protocol}"
     probe = _probe_batch(split, profile_batch_size(manifest))
-    rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode),
-                seconds_per_batch(client.probabilities, probe))]
+
+    def timed(served: Client) -> float | None:
+        return seconds_per_batch(served.probabilities, probe) if profile else None
+
+    rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode), timed(client))]
     if client.serves("classifier_tta"):
         tta = Client(client.url, client.protocol, "classifier_tta", state_dir=state_dir)
-        rows.append(Row("served classifier_tta", runtime, served_tta_agreement(run_dir, tta, split, decode),
-                        seconds_per_batch(tta.probabilities, probe)))
+        rows.append(Row("served classifier_tta", runtime, served_tta_agreement(run_dir, tta, split, decode), timed(tta)))
     if decode != "pil":
         rows.append(Row(f"{decode} vs Pillow pixels", "torch", decoder_agreement(run_dir, split, decode)))
     return rows
@@ -332,23 +334,18 @@ def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
     return picked
 
 
-def _predict_and_check(info, run_dir: Path, valid: Split, decode: str) -> None:
+def _predict_and_check(info, run_dir: Path, valid: Split) -> None:
+    """A few predictions over each protocol, then ``served_rows`` (what ``verify --served`` checks):
+    the demo fails on the first row outside its gate."""
     for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
         client = Client(url, protocol)
         log.info("\npredict over %s (%s):", protocol, url)
         for p in client.predict(_sample(list(valid.files), list(valid.labels), 2), top_k=1):
             log.info("  %-28s -> %-11s %.3f", Path(p.file).parent.name + "/" + Path(p.file).name, p.label, p.prob)
-        agreement = served_agreement(run_dir, client, list(valid.files), decode)
-        log.info("  Triton (%s) vs PyTorch probabilities on %s", protocol, agreement.summary())
-        if not agreement.passed:
-            raise ServeError(f"Triton over {protocol} disagrees with PyTorch: {agreement.summary()}")
-    if decode != "pil":
-        decoded = decoder_agreement(run_dir, list(valid.files), decode)
-        log.info("\nPyTorch on %s's pixels vs on Pillow's: %s", decode, decoded.summary())
-        if not decoded.passed:
-            raise ServeError(f"decoding with {decode} changes the answers beyond its gate: {decoded.summary()}")
-    tta = served_tta_agreement(run_dir, Client(info.http_url, "http", "classifier_tta"), list(valid.files), decode)
-    log.info("\nclassifier_tta (http) vs the training side's deterministic TTA on %s", tta.summary())
+        for row in served_rows(run_dir, valid, url, protocol, profile=False):
+            log.info("  %s vs PyTorch fp32: %s", row.artifact, row.result.summary())
+            if not row.result.passed:
+                raise ServeError(f"{row.artifact} over {protocol} disagrees with PyTorch: {row.result.summary()}")
 
 
 def _clear_demo_run(run_dir: Path) -> None:
@@ -381,7 +378,7 @@ def run_demo(workdir: Path, recipe: Recipe, ports: Ports = Ports(), seed: int = 
         log.info("serve: tritonserver pid %d ready, http %s, grpc %s", info.pid, info.http_url, info.grpc_url)
     try:
         with timer.stage("predict"):
-            _predict_and_check(info, run_dir, valid, (recorded_hashes(repo) or {}).get("decode", "pil"))
+            _predict_and_check(info, run_dir, valid)
     finally:
         with timer.stage("serve down"):
             stop_server(state_dir)
