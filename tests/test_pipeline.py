@@ -16,7 +16,7 @@ from clfpipe.cli import main
 from clfpipe.contract.dataset import scan_split
 from clfpipe.contract.engines import Variant
 from clfpipe.contract.errors import ExportError, ManifestError, ServeError
-from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.manifest import Manifest, RunDir
 from clfpipe.contract.probabilities import softmax
 from clfpipe.contract.recipe import ModelConfig
 from clfpipe.export.onnx_export import check_variant, export_onnx, write_onnx
@@ -203,6 +203,10 @@ def test_verify_served_checks_the_running_server_against_this_runs_pytorch(run_c
 
     assert main([*args[:-2], "--url", f"127.0.0.1:{free_port()}"]) == 2
     assert "cannot reach Triton" in capsys.readouterr().err
+    data = run.read().data  # a run whose classes are not the served ones: refused before any check
+    run.write(Manifest({**data, "classes": data["classes"][::-1]}))
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith("is it serving another run?")
 
 
 def test_cli_predict_json(trained_run, server, capsys):
