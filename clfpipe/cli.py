@@ -386,7 +386,7 @@ def _add_export_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="largest batch of the optimization profile")
     p.set_defaults(func=_cmd_export_trt)
 
-    p = _sub(sub, "verify", "every exported variant on every runtime here against PyTorch fp32")
+    p = _sub(sub, "verify", "every exported variant on every runtime here (and with --served the running server) against PyTorch fp32")
     p.add_argument("--run", type=Path, required=True, help="a run directory with exported variants")
     p.add_argument("--images", type=Path, help="a folder laid out like DATA/valid, with some or all of the run's classes (default: the validation set)")
     p.add_argument("--served", action="store_true",
