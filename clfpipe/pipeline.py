@@ -13,18 +13,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import DECODE_GATES, ENGINES, FLOAT_NCHW, SERVED, Gate, Variant, served_variants
+from clfpipe.contract.engines import CHUNK, DECODE_GATES, ENGINES, FLOAT_NCHW, SERVED, Gate, Variant, served_variants
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.lock import run_lock
 from clfpipe.contract.manifest import MANIFEST_NAME, Manifest, RunDir, check_out_folder
-from clfpipe.contract.preprocess import load_pixels
+from clfpipe.contract.preprocess import load_image, load_pixels
 from clfpipe.contract.probabilities import probabilities
 from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import check_seed, write_demo_dataset
@@ -266,6 +266,21 @@ def served_tta_agreement(run_dir: Path, client: Client, images: list[Path] | Spl
     return _judge(manifest, split, expected, _served(client, split), DECODE_GATES[decode])
 
 
+def served_pixels_agreement(run_dir: Path, client: Client, split: Split, tta: bool = False) -> GateResult:
+    """The client's ``_pixels`` ensemble given Pillow's decoded images (what a client that has
+    pixels sends; the server resizes and crops them) vs PyTorch fp32 on the same, plain or with the
+    deterministic TTA; decoded a chunk at a time (full-size images, not the spec's crops)."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    model = load_run_model(run, manifest)
+    files = list(split.files)
+    expected = (_tta_reference(model, manifest, split) if tta
+                else _probabilities(model, manifest, reference_pixels(files, manifest, "pil")))
+    served = np.concatenate([client.pixel_probabilities([np.asarray(load_image(f)) for f in files[start:start + CHUNK]])
+                             for start in range(0, len(files), CHUNK)])
+    return _judge(manifest, split, expected, served, None)
+
+
 def served_decode(client: Client) -> str:
     """The decoder behind the served ensemble: its first step's ``decode`` parameter (the
     preprocess model's, or the fused GPU step's); 'pil' where it names none."""
@@ -278,19 +293,19 @@ def served_decode(client: Client) -> str:
     return decode
 
 
-def _probe_batch(split: Split, size: int) -> np.ndarray:
-    """`size` encoded images for a served row's profile, repeated where the split has fewer (as
-    verify's profile batch is): a round trip through Triton, beside the engines' in-process figures."""
-    files = [split.files[i % len(split.files)] for i in range(size)]
-    return np.array([Path(f).read_bytes() for f in files], dtype=object)
+def _probe_files(split: Split, size: int) -> list[Path]:
+    """`size` files for a served row's profile, repeated where the split has fewer (as verify's
+    profile batch is): a round trip through Triton, beside the engines' in-process figures."""
+    return [Path(split.files[i % len(split.files)]) for i in range(size)]
 
 
 def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: str | None = None,
                 state_dir: Path | None = None, profile: bool = True) -> list[Row]:
     """The running server (``url``, else the one 'serve up' recorded) against PyTorch fp32 on
-    `split`: ``classifier`` on the server decoder's pixels, ``classifier_tta`` where it is served,
-    and, with a decoder other than Pillow, what that decoder changes; a row each, as verify's, with
-    the served ones' ms/batch unless not `profile`."""
+    `split`, a row each as verify's, named by the served model: ``classifier`` on the server
+    decoder's pixels, ``classifier_tta``, and their ``_pixels`` ensembles given decoded images,
+    each where it is served; with a decoder other than Pillow, what that decoder changes. The
+    image ensembles' rows carry their ms/batch unless not `profile`."""
     from clfpipe.runtime.torch_engine import seconds_per_batch
 
     client = Client(url, protocol, "classifier", state_dir=state_dir)
@@ -304,17 +319,25 @@ def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: s
         log.warning("served: the server decodes with nvJPEG and this host has no CUDA: the reference decodes with "
                     "torchvision's CPU decoder, whose pixels may differ by a few levels (run verify on the server's host)")
     runtime = f"triton-{client.protocol}"
-    probe = _probe_batch(split, profile_batch_size(manifest))
+    probe = _probe_files(split, profile_batch_size(manifest)) if profile else []
+    encoded = [f.read_bytes() for f in probe]
+    decoded = [np.asarray(load_image(f)) for f in probe]
 
-    def timed(served: Client) -> float | None:
-        return seconds_per_batch(served.probabilities, probe) if profile else None
+    def timed(send: Callable[[list], np.ndarray], batch: list) -> float | None:
+        return seconds_per_batch(send, batch) if profile else None
 
-    rows = [Row("served classifier", runtime, served_agreement(run_dir, client, split, decode), timed(client))]
+    rows = [Row(client.model, runtime, served_agreement(run_dir, client, split, decode), timed(client.probabilities, encoded))]
+    if client.serves(f"{client.model}_pixels"):
+        rows.append(Row(f"{client.model}_pixels", runtime, served_pixels_agreement(run_dir, client, split),
+                        timed(client.pixel_probabilities, decoded)))
     if client.serves("classifier_tta"):
         tta = Client(client.url, client.protocol, "classifier_tta", state_dir=state_dir)
-        rows.append(Row("served classifier_tta", runtime, served_tta_agreement(run_dir, tta, split, decode), timed(tta)))
+        rows.append(Row(tta.model, runtime, served_tta_agreement(run_dir, tta, split, decode), timed(tta.probabilities, encoded)))
+        if tta.serves(f"{tta.model}_pixels"):
+            rows.append(Row(f"{tta.model}_pixels", runtime, served_pixels_agreement(run_dir, tta, split, tta=True),
+                            timed(tta.pixel_probabilities, decoded)))
     if decode != "pil":
-        rows.append(Row(f"{decode} vs Pillow pixels", "torch", decoder_agreement(run_dir, split, decode)))
+        rows.append(Row(f"{decode} vs Pillow", "torch", decoder_agreement(run_dir, split, decode)))
     return rows
 
 

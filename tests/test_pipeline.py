@@ -177,16 +177,21 @@ def test_triton_matches_pytorch(trained_run, server, protocol):
     assert labels == [manifest.classes[i] for i in reference.argmax(1)]
 
 
+def _served_rows(out: str) -> list[list[str]]:
+    """verify's table rows of the server (runtime triton-http or triton-grpc), split into columns."""
+    return [row for row in (line.split() for line in out.splitlines()) if len(row) > 1 and row[1].startswith("triton-")]
+
+
 def test_verify_served_checks_the_running_server_against_this_runs_pytorch(run_copy, server, server_state, capsys):
     """`verify --served` puts the server's answers beside the variants, judged against the run's
     own PyTorch model: a user's run had no command that checked what Triton serves."""
     args = ["verify", "--run", str(run_copy), "--served", "--state-dir", str(server_state)]
     assert main([*args, "--protocol", "grpc"]) == 0
-    served = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("served ")]
-    assert [row[:3] for row in served] == [["served", "classifier", "triton-grpc"], ["served", "classifier_tta", "triton-grpc"]]
-    assert all(row[3] == "1.0000" and float(row[8]) > 0 and "pass" in row for row in served)  # agreement, ms/batch
+    served = _served_rows(capsys.readouterr().out)
+    assert [row[:2] for row in served] == [[name, "triton-grpc"] for name in ["classifier", "classifier_pixels", "classifier_tta", "classifier_tta_pixels"]]
+    assert all(row[2] == "1.0000" and float(row[7]) > 0 and "pass" in row for row in served)  # agreement, ms/batch
     report = json.loads((run_copy / "verify.json").read_text())
-    assert [r["artifact"] for r in report["results"][:2]] == ["served classifier", "served classifier_tta"]
+    assert [r["artifact"] for r in report["results"][:4]] == ["classifier", "classifier_pixels", "classifier_tta", "classifier_tta_pixels"]
     assert report["results"][0]["images"] == 90 and report["results"][0]["seconds_per_batch"] > 0
 
     run = RunDir(run_copy)  # the same server against a run whose head weights differ: its rows fail
@@ -198,8 +203,8 @@ def test_verify_served_checks_the_running_server_against_this_runs_pytorch(run_c
     run.write(manifest.with_artifact("checkpoint", run_copy, run_copy / "model.pt", stage="train",
                                      versions=manifest.artifact("checkpoint")["versions"]))
     assert main(args) == 1
-    served = [line for line in capsys.readouterr().out.splitlines() if line.startswith("served ")]
-    assert len(served) == 2 and all("FAIL" in line for line in served)
+    served = _served_rows(capsys.readouterr().out)
+    assert len(served) == 4 and all("FAIL" in row for row in served)
 
     assert main([*args[:-2], "--url", f"127.0.0.1:{free_port()}"]) == 2
     assert "cannot reach Triton" in capsys.readouterr().err
