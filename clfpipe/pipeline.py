@@ -7,6 +7,7 @@ in turn and reads the manifest between them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from clfpipe.contract.dataset import Split, scan_split
-from clfpipe.contract.engines import CHUNK, DECODE_GATES, ENGINES, FLOAT_NCHW, SERVED, Gate, Variant, served_variants
+from clfpipe.contract.engines import DECODE_GATES, ENGINES, FLOAT_NCHW, SERVED, Gate, Variant, chunks, served_variants
 from clfpipe.contract.errors import ManifestError, ServeError
 from clfpipe.contract.gates import GateResult, judge
 from clfpipe.contract.lock import run_lock
@@ -30,7 +31,7 @@ from clfpipe.contract.recipe import Recipe
 from clfpipe.demo_data import check_seed, write_demo_dataset
 from clfpipe.export.onnx_export import export_variants, validation_split
 from clfpipe.export.pt2_export import export_pt2
-from clfpipe.export.verify import Row, Verification, images_split, profile, profile_batch_size, verify_run
+from clfpipe.export.verify import Row, Verification, profile, profile_batch_size, verify_run
 from clfpipe.nn.models import Classifier
 from clfpipe.nn.reference import load_run_model, torch_logits
 from clfpipe.serve.client import Classifier as Client
@@ -202,10 +203,6 @@ def _probabilities(model: Classifier, manifest: Manifest, pixels: np.ndarray) ->
     return probabilities(logits, manifest.recipe.multi_label)
 
 
-def _tta_reference(model: Classifier, manifest: Manifest, split: Split) -> np.ndarray:
-    return deterministic_tta(model, split, spec=manifest.preprocess, batch_size=32, device=torch.device("cpu"))
-
-
 def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> Split:
     """The files with their labels from the run's validation split (the same file by any path)."""
     split = validation_split(run, manifest, None, option=None)
@@ -217,68 +214,82 @@ def _truth(run: RunDir, manifest: Manifest, files: list[Path]) -> Split:
     return Split(tuple(files), tuple(by_file[k] for k in keys), split.classes)
 
 
-def _labelled(run: RunDir, manifest: Manifest, images: list[Path] | Split) -> Split:
-    return images if isinstance(images, Split) else _truth(run, manifest, images)
+class Reference:
+    """PyTorch fp32's probabilities on one labelled split, each kind computed once, when first
+    asked for: on a decoder's pixels (``on``) and with the deterministic TTA views (``tta``). Every
+    served check judges against one of these; several checks of one server share them.
 
+    `images`: a labelled Split, or files of the run's validation split (labelled from it)."""
 
-def _judge(manifest: Manifest, split: Split, expected: np.ndarray, test: np.ndarray, gate: Gate | None) -> GateResult:
-    """Probabilities against PyTorch fp32's by `gate` (default: the serving precision's)."""
-    probs_out = Variant(manifest.recipe.serve.precision, fold_preprocess=True, fold_tta=True)  # outputs are probabilities
-    return judge(probs_out, expected, test, np.asarray(split.labels), multi_label=manifest.recipe.multi_label,
-                 rtol=manifest.recipe.export.rtol, atol=manifest.recipe.export.atol, gate=gate)
+    def __init__(self, run_dir: Path, images: list[Path] | Split) -> None:
+        run = RunDir(run_dir)
+        self.manifest = run.read()
+        self.split = images if isinstance(images, Split) else _truth(run, self.manifest, images)
+        self.model = load_run_model(run, self.manifest)
+        self._on: dict[str, np.ndarray] = {}
+
+    def on(self, decode: str) -> np.ndarray:
+        """On the pixels of `decode` ('pil', or the server's nvJPEG: ``reference_pixels``)."""
+        if decode not in self._on:
+            pixels = reference_pixels(list(self.split.files), self.manifest, decode)
+            self._on[decode] = _probabilities(self.model, self.manifest, pixels)
+        return self._on[decode]
+
+    @functools.cached_property
+    def tta(self) -> np.ndarray:
+        """The training side's deterministic TTA (Pillow's pixels), with the split's own labels
+        choosing the activation (a multi-label run's sigmoids)."""
+        return deterministic_tta(self.model, self.split, spec=self.manifest.preprocess, batch_size=32,
+                                 device=torch.device("cpu"))
+
+    def judge(self, expected: np.ndarray, test: np.ndarray, gate: Gate | None) -> GateResult:
+        """Probabilities against `expected` by `gate` (default: the serving precision's)."""
+        probs_out = Variant(self.manifest.recipe.serve.precision, fold_preprocess=True, fold_tta=True)  # probabilities
+        return judge(probs_out, expected, test, np.asarray(self.split.labels), multi_label=self.manifest.recipe.multi_label,
+                     rtol=self.manifest.recipe.export.rtol, atol=self.manifest.recipe.export.atol, gate=gate)
 
 
 def _served(client: Client, split: Split) -> np.ndarray:
-    return client.probabilities([Path(f).read_bytes() for f in split.files], [str(f) for f in split.files])
+    """The client's model on the split's encoded files, read a chunk at a time."""
+    return np.concatenate([client.probabilities([Path(f).read_bytes() for f in part], [str(f) for f in part])
+                           for _, part in chunks(list(split.files))])
+
+
+def _served_pixels(client: Client, split: Split) -> np.ndarray:
+    """The client's ``_pixels`` ensemble on Pillow's decoded images (what a client that has pixels
+    sends; the server resizes and crops them), full-size, decoded a chunk at a time."""
+    return np.concatenate([client.pixel_probabilities([np.asarray(load_image(f)) for f in part])
+                           for _, part in chunks(list(split.files))])
+
+
+def _classifier_check(ref: Reference, client: Client, decode: str) -> GateResult:
+    return ref.judge(ref.on(decode), _served(client, ref.split), None)
+
+
+def _tta_check(ref: Reference, client: Client, decode: str) -> GateResult:
+    return ref.judge(ref.tta, _served(client, ref.split), DECODE_GATES[decode])
+
+
+def _decoder_check(ref: Reference, decode: str) -> GateResult:
+    return ref.judge(ref.on("pil"), ref.on(decode), DECODE_GATES[decode])
 
 
 def served_agreement(run_dir: Path, client: Client, images: list[Path] | Split, decode: str = "pil") -> GateResult:
     """Triton's probabilities vs PyTorch fp32's on the same pixels (those of the server's decoder),
-    by the serving precision's gate: the served engine's answers, with the decoder held equal.
-    `images`: files of the run's validation split, or a labelled Split."""
-    run = RunDir(run_dir)
-    manifest = run.read()
-    split = _labelled(run, manifest, images)
-    pixels = reference_pixels(list(split.files), manifest, decode)
-    expected = _probabilities(load_run_model(run, manifest), manifest, pixels)
-    return _judge(manifest, split, expected, _served(client, split), None)
+    by the serving precision's gate: the served engine's answers, with the decoder held equal."""
+    return _classifier_check(Reference(run_dir, images), client, decode)
 
 
 def decoder_agreement(run_dir: Path, images: list[Path] | Split, decode: str) -> GateResult:
     """PyTorch fp32 on the decoder's pixels vs on Pillow's (training evaluation's), by the
     decoder's gate (``DECODE_GATES``): what decoding on the GPU changes."""
-    run = RunDir(run_dir)
-    manifest = run.read()
-    split = _labelled(run, manifest, images)
-    model = load_run_model(run, manifest)
-    pil = _probabilities(model, manifest, reference_pixels(list(split.files), manifest, "pil"))
-    decoded = _probabilities(model, manifest, reference_pixels(list(split.files), manifest, decode))
-    return _judge(manifest, split, pil, decoded, DECODE_GATES[decode])
+    return _decoder_check(Reference(run_dir, images), decode)
 
 
 def served_tta_agreement(run_dir: Path, client: Client, images: list[Path] | Split, decode: str = "pil") -> GateResult:
     """Triton's classifier_tta against the training side's deterministic TTA on the same files
     (Pillow's pixels: with another decoder, judged by its gate)."""
-    run = RunDir(run_dir)
-    manifest = run.read()
-    split = _labelled(run, manifest, images)
-    expected = _tta_reference(load_run_model(run, manifest), manifest, split)
-    return _judge(manifest, split, expected, _served(client, split), DECODE_GATES[decode])
-
-
-def served_pixels_agreement(run_dir: Path, client: Client, split: Split, tta: bool = False) -> GateResult:
-    """The client's ``_pixels`` ensemble given Pillow's decoded images (what a client that has
-    pixels sends; the server resizes and crops them) vs PyTorch fp32 on the same, plain or with the
-    deterministic TTA; decoded a chunk at a time (full-size images, not the spec's crops)."""
-    run = RunDir(run_dir)
-    manifest = run.read()
-    model = load_run_model(run, manifest)
-    files = list(split.files)
-    expected = (_tta_reference(model, manifest, split) if tta
-                else _probabilities(model, manifest, reference_pixels(files, manifest, "pil")))
-    served = np.concatenate([client.pixel_probabilities([np.asarray(load_image(f)) for f in files[start:start + CHUNK]])
-                             for start in range(0, len(files), CHUNK)])
-    return _judge(manifest, split, expected, served, None)
+    return _tta_check(Reference(run_dir, images), client, decode)
 
 
 def served_decode(client: Client) -> str:
@@ -299,55 +310,52 @@ def _probe_files(split: Split, size: int) -> list[Path]:
     return [Path(split.files[i % len(split.files)]) for i in range(size)]
 
 
-def served_rows(run_dir: Path, split: Split, url: str | None = None, protocol: str | None = None,
-                state_dir: Path | None = None, profile: bool = True) -> list[Row]:
-    """The running server (``url``, else the one 'serve up' recorded) against PyTorch fp32 on
-    `split`, a row each as verify's, named by the served model: ``classifier`` on the server
-    decoder's pixels, ``classifier_tta``, and their ``_pixels`` ensembles given decoded images,
-    each where it is served; with a decoder other than Pillow, what that decoder changes. The
-    image ensembles' rows carry their ms/batch unless not `profile`."""
+def served_rows(ref: Reference, url: str | None = None, protocol: str | None = None, state_dir: Path | None = None,
+                profile: bool = True) -> list[Row]:
+    """The running server (``url``, else the one 'serve up' recorded) against `ref`, a row each as
+    verify's, named by the served model: ``classifier`` on the server decoder's pixels,
+    ``classifier_tta``, and their ``_pixels`` ensembles given decoded images, each where it is
+    served; with a decoder other than Pillow, what that decoder changes. The served rows carry
+    their ms/batch unless not `profile`."""
     from clfpipe.runtime.torch_engine import seconds_per_batch
 
     client = Client(url, protocol, "classifier", state_dir=state_dir)
-    manifest = RunDir(run_dir).read()
-    if client.classes != list(manifest.classes):
+    if client.classes != list(ref.manifest.classes):
         raise ServeError(f"the server at {client.url} serves classes {client.classes}, expected this run's "
-                         f"{list(manifest.classes)}: is it serving another run?")
+                         f"{list(ref.manifest.classes)}: is it serving another run?")
     decode = served_decode(client)
     log.info("served: %s over %s, decoding with %s", client.url, client.protocol, decode)
     if decode == "nvjpeg" and not torch.cuda.is_available():
         log.warning("served: the server decodes with nvJPEG and this host has no CUDA: the reference decodes with "
                     "torchvision's CPU decoder, whose pixels may differ by a few levels (run verify on the server's host)")
     runtime = f"triton-{client.protocol}"
-    probe = _probe_files(split, profile_batch_size(manifest)) if profile else []
+    probe = _probe_files(ref.split, profile_batch_size(ref.manifest)) if profile else []
     encoded = [f.read_bytes() for f in probe]
     decoded = [np.asarray(load_image(f)) for f in probe]
 
     def timed(send: Callable[[list], np.ndarray], batch: list) -> float | None:
         return seconds_per_batch(send, batch) if profile else None
 
-    rows = [Row(client.model, runtime, served_agreement(run_dir, client, split, decode), timed(client.probabilities, encoded))]
+    rows = [Row(client.model, runtime, _classifier_check(ref, client, decode), timed(client.probabilities, encoded))]
     if client.serves(f"{client.model}_pixels"):
-        rows.append(Row(f"{client.model}_pixels", runtime, served_pixels_agreement(run_dir, client, split),
+        rows.append(Row(f"{client.model}_pixels", runtime, ref.judge(ref.on("pil"), _served_pixels(client, ref.split), None),
                         timed(client.pixel_probabilities, decoded)))
     if client.serves("classifier_tta"):
         tta = Client(client.url, client.protocol, "classifier_tta", state_dir=state_dir)
-        rows.append(Row(tta.model, runtime, served_tta_agreement(run_dir, tta, split, decode), timed(tta.probabilities, encoded)))
+        rows.append(Row(tta.model, runtime, _tta_check(ref, tta, decode), timed(tta.probabilities, encoded)))
         if tta.serves(f"{tta.model}_pixels"):
-            rows.append(Row(f"{tta.model}_pixels", runtime, served_pixels_agreement(run_dir, tta, split, tta=True),
+            rows.append(Row(f"{tta.model}_pixels", runtime, ref.judge(ref.tta, _served_pixels(tta, ref.split), None),
                             timed(tta.pixel_probabilities, decoded)))
     if decode != "pil":
-        rows.append(Row(f"{decode} vs Pillow", "torch", decoder_agreement(run_dir, split, decode)))
+        rows.append(Row(f"{decode} vs Pillow", "torch", _decoder_check(ref, decode)))
     return rows
 
 
 def verify_with_server(run_dir: Path, images: Path | None = None, url: str | None = None, protocol: str | None = None,
                        state_dir: Path | None = None) -> Verification:
-    """``clfpipe verify --served``: the running server's rows first (it may be unreachable: said
-    before minutes of checking variants), then every exported variant's."""
-    run = RunDir(run_dir)
-    split = images_split(run, run.read(), images)
-    return verify_run(run_dir, images, served=served_rows(run_dir, split, url, protocol, state_dir))
+    """``clfpipe verify --served``: the running server's rows first, on verify's own split (it may
+    be unreachable: said before minutes of checking variants), then every exported variant's."""
+    return verify_run(run_dir, images, served=lambda split: served_rows(Reference(run_dir, split), url, protocol, state_dir))
 
 
 def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
@@ -360,12 +368,13 @@ def _sample(files: list[Path], labels: list[int], per_class: int) -> list[Path]:
 def _predict_and_check(info, run_dir: Path, valid: Split) -> None:
     """A few predictions over each protocol, then ``served_rows`` (what ``verify --served`` checks):
     the demo fails on the first row outside its gate."""
+    reference = Reference(run_dir, valid)  # PyTorch's side computed once for both protocols
     for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
         client = Client(url, protocol)
         log.info("\npredict over %s (%s):", protocol, url)
         for p in client.predict(_sample(list(valid.files), list(valid.labels), 2), top_k=1):
             log.info("  %-28s -> %-11s %.3f", Path(p.file).parent.name + "/" + Path(p.file).name, p.label, p.prob)
-        for row in served_rows(run_dir, valid, url, protocol, profile=False):
+        for row in served_rows(reference, url, protocol, profile=False):
             log.info("  %s vs PyTorch fp32: %s", row.artifact, row.result.summary())
             if not row.result.passed:
                 raise ServeError(f"{row.artifact} over {protocol} disagrees with PyTorch: {row.result.summary()}")

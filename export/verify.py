@@ -158,15 +158,17 @@ def images_split(run: RunDir, manifest: Manifest, images: Path | None) -> Split:
     return scan_data(images.parent, images.name, manifest.recipe.data.labels_csv, tuple(manifest.classes), some_classes=True)
 
 
-def verify_run(run_dir: Path, images: Path | None = None, served: Sequence[Row] = ()) -> Verification:
+def verify_run(run_dir: Path, images: Path | None = None,
+               served: Callable[[Split], Sequence[Row]] | None = None) -> Verification:
     """Every exported variant on every runtime here against PyTorch fp32 on the validation set (or
-    `images`), after `served`: rows the caller measured of a running server on the same images."""
+    `images`), after `served`'s rows: what the caller measures of a running server on the same
+    split, before any variant is run (a server that cannot answer is said at once)."""
     run = RunDir(run_dir)
     manifest = run.read()
-    model = load_run_model(run, manifest)
     split = images_split(run, manifest, images)
+    rows: list[Row] = list(served(split)) if served is not None else []
+    model = load_run_model(run, manifest)
     pixels, labels = load_pixels(split.files, manifest.preprocess), np.asarray(split.labels)
-    rows: list[Row] = list(served)
     unreadable: dict[str, str] = {}
     artifacts = [(name, entry) for name, entry in sorted(manifest.data["artifacts"].items()) if "variant" in entry]
     batch = profile_batch_size(manifest)

@@ -119,7 +119,7 @@ def test_the_fused_decode_step_serves_image_bytes_on_the_engines_device(pt2_run,
         assert decoded.passed and decoded.images == 24, decoded.summary()  # on this CPU the same libjpeg-turbo: equal
         classes = RunDir(pt2_run).read().classes
         split = Split(tuple(valid), tuple(classes.index(f.parent.name) for f in valid), tuple(classes))
-        rows = pipeline.served_rows(pt2_run, split, info.grpc_url, "grpc")  # what verify --served reads of this server
+        rows = pipeline.served_rows(pipeline.Reference(pt2_run, split), info.grpc_url, "grpc")  # what verify --served reads
         names = [r.artifact for r in rows]
         assert names[:2] == ["classifier", "classifier_pixels"] and names[-1] == "nvjpeg vs Pillow"
         assert all(r.result.passed and r.result.images == 24 for r in rows)

@@ -77,10 +77,11 @@ def unchanged(chunk: np.ndarray) -> np.ndarray:
     return chunk
 
 
-def chunks(batch: np.ndarray, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, view) of `batch`, `size` images at a time. Callers prepare each view where they use it,
-    so a set's float32 input (4x its uint8 pixels, 600 KB an image at 224) exists one chunk at a time
-    (a prepared chunk held here would live on beside the next one)."""
+def chunks(batch: Any, size: int = CHUNK) -> Iterator[tuple[int, Any]]:
+    """(start, slice) of `batch` (an array, whose slices are views, or a list), `size` images at a
+    time. Callers prepare each slice where they use it, so a set's float32 input (4x its uint8
+    pixels, 600 KB an image at 224) exists one chunk at a time (a prepared chunk held here would
+    live on beside the next one)."""
     for start in range(0, len(batch), size):
         yield start, batch[start : start + size]
 
