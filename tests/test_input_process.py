@@ -117,8 +117,7 @@ def _workers_of(pid: int) -> list[int]:
     """The processes `pid` has started and not ended (any thread's), polled for up to 10 s while there are some."""
     deadline = time.monotonic() + 10
     while True:
-        found = [int(c) for name in glob.glob(f"/proc/{pid}/task/*/children") for c in Path(name).read_text().split()]
-        found = [c for c in found if _alive(c)]
+        found = [c for c in _children(pid) if _alive(c)]
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
@@ -217,12 +216,24 @@ def test_the_input_process_ends_itself_when_its_parent_is_killed(data):
         parent.kill()
 
 
+def _children(pid: int) -> list[int]:
+    """The children of each of pid's threads; a thread that ends while it is read has none."""
+    found = []
+    for name in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            found += [int(c) for c in Path(name).read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie, ended but not yet reaped by init, counts as ended)."""
+    """Whether pid runs (a zombie, ended but not yet reaped by init, counts as ended). A process that
+    ends between the open and the read of its stat raises ESRCH (ProcessLookupError), not ENOENT."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+    except OSError:
         return False
 
 
