@@ -73,8 +73,9 @@ def test_labels_follow_top_k_from_the_request_or_the_config(trained_run, server)
     name, prob = labels[0].decode().split(":")
     assert name == classes[int(probs.argmax())] and float(prob) == pytest.approx(probs.max(), abs=1e-6)
     assert len(_infer(server, "grpc", "classifier", "IMAGE", data, "BYTES", parameters={"top_k": 1}).as_numpy("LABELS")[0]) == 1
-    with pytest.raises(InferenceServerException, match="top_k: expected a positive integer"):
+    with pytest.raises(InferenceServerException, match="top_k: expected a positive integer") as refused:
         _infer(server, "http", "classifier", "IMAGE", data, "BYTES", parameters={"top_k": "many"})
+    assert refused.value.status() == INVALID_INPUT["http"]
 
 
 def test_predict_csv_writes_a_row_per_image_with_every_class(trained_run, server, tmp_path, capsys):
@@ -158,6 +159,10 @@ def test_bench_says_why_every_request_failed_and_bounds_its_clients(trained_run,
         sweep(url, "classifier", images, protocol=protocol, concurrencies=[1, 99999], requests=2)
 
 
+# A request the models refuse is the client's fault, as Triton's own checks of shape and dtype say:
+# not 500 / INTERNAL, which load balancers and retrying clients take for a failing server.
+INVALID_INPUT = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+
 BAD_INPUTS = {
     "not an image": (b"GIF? no, plain text", "not an image"),
     "truncated JPEG": (None, "not a decodable image"),
@@ -172,8 +177,9 @@ def test_bad_input_gets_a_clear_error_and_the_next_request_its_answer(trained_ru
     good = _valid(trained_run).files[0].read_bytes()
     payload, message = BAD_INPUTS[case]
     payload = good[: len(good) // 3] if payload is None else payload
-    with pytest.raises(InferenceServerException, match=message):
+    with pytest.raises(InferenceServerException, match=message) as refused:
         _infer(server, protocol, "classifier", "IMAGE", np.array([[payload]], dtype=np.object_), "BYTES")
+    assert refused.value.status() == INVALID_INPUT[protocol]
     probs = _infer(server, protocol, "classifier", "IMAGE", np.array([[good]], dtype=np.object_), "BYTES").as_numpy("PROBS")
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-5)
 

@@ -67,12 +67,14 @@ class TritonPythonModel:
         responses = []
         for request, p in zip(requests, self._probs(inputs)):
             if isinstance(p, ValueError):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(p))))
+                error = pb_utils.TritonError(str(p), pb_utils.TritonError.INVALID_ARG)  # the input's fault: HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             try:
                 k = requested_top_k(request.parameters(), self.top_k, tensors.TOP_K_PARAMETER)
             except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)  # the input's fault: HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             labels = pb_utils.Tensor(tensors.LABELS, top_k_labels(p, self.classes, k))
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(tensors.SCORES, p), labels]))

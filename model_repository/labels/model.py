@@ -25,7 +25,8 @@ class TritonPythonModel:
             try:
                 labels = top_k_labels(probs, self.classes, requested_top_k(request.parameters(), self.top_k))
             except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)  # the input's fault: HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, labels)]))
         return responses

@@ -46,7 +46,8 @@ class TritonPythonModel:
         for result in self.preprocessor.batch(images):
             if isinstance(result, ValueError):
                 # One bad request fails alone; the others in this dynamic batch still get answers.
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+                error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)  # the input's fault: HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, result)]))
         return responses

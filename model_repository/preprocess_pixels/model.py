@@ -23,7 +23,8 @@ class TritonPythonModel:
             try:
                 pixels = self.preprocessor(images)
             except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)  # the input's fault: HTTP 400
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, pixels)]))
         return responses
