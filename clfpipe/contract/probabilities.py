@@ -52,11 +52,19 @@ def top_k_labels(probs: np.ndarray, classes: Sequence[str], k: int) -> np.ndarra
 
 
 def requested_top_k(parameters_json: str, default: int, key: str = "top_k") -> int:
-    """k from the request's parameters ({"top_k": k}), else the configured default."""
-    params = json.loads(parameters_json or "{}")
+    """k from the request's parameters ({"top_k": k}), else the configured default. What a client
+    sent is a ValueError naming it, cut short: the message goes back to that client."""
+    params = json.loads(parameters_json or "{}")  # JSONDecodeError is a ValueError
+    if not isinstance(params, dict):
+        raise ValueError(f"request parameters: expected a JSON object, got {_shown(params)}")
     if key not in params:
         return default
     value = params[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+        raise ValueError(f"{key}: expected a positive integer, got {_shown(value)}")
     return value
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
