@@ -10,6 +10,8 @@ Prints one JSON object:
 
 - good_errors_outside_recovery: good requests that failed before the kill or after recovery (goal 0);
 - recovery_s: from the kill to the last failed good request (goal <= 10);
+- bad_outside_recovery_400: malformed requests outside the recovery window answered HTTP 400, the
+  client's fault (goal: all of `bad_outside_recovery`; in the window a 500 or a refused connection);
 - rss_growth: the server's and stubs' resident memory at the end of the first half over the same
   after warm-up, minus 1 (goal < 0.10); bad requests answered with an error count as answered.
 """
@@ -27,11 +29,13 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import tritonclient.http as httpclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
@@ -86,13 +90,13 @@ def load(url: str, images: list[bytes], bad: list[bytes], share_bad: float, conc
             start = time.time()
             try:
                 client.infer("classifier", [tensor])
-                ok = True
-            except Exception:  # noqa: BLE001 - any failure of a request is a failed request here
-                ok = False
+                ok, status = True, "200"
+            except Exception as exc:  # noqa: BLE001 - any failure of a request is a failed request here
+                ok, status = False, exc.status() if isinstance(exc, InferenceServerException) else type(exc).__name__
                 if not is_bad:
                     time.sleep(0.05)  # a server that is down refuses at once: do not spin
             with lock:
-                records.append((start, time.time(), is_bad, ok))
+                records.append((start, time.time(), is_bad, ok, str(status)))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     for t in threads:
@@ -147,10 +151,13 @@ def main() -> None:
     recovered_at = max((r[1] for r in after_kill), default=killed_at)
     outside = [r for r in good_failures if r[1] < killed_at or r[0] > recovered_at]
     good = [r for r in records if not r[2]]
+    bad_outside = [r for r in records if r[2] and (r[1] < killed_at or r[0] > recovered_at)]
     print(json.dumps({
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "minutes": args.minutes, "concurrency": args.concurrency,
         "requests": len(records), "good": len(good), "bad": len(records) - len(good),
         "bad_answered_with_error": sum(1 for r in records if r[2] and not r[3]),
+        "bad_outside_recovery": len(bad_outside), "bad_outside_recovery_400": sum(1 for r in bad_outside if r[4] == "400"),
+        "good_failed_status": dict(Counter(r[4] for r in good_failures)),
         "good_failed": len(good_failures), "good_errors_outside_recovery": len(outside),
         "killed": "preprocess stub" if victim else "none found", "restarts": len(restarts),
         "restart_log": [line.split(" ", 2)[1][:8] + " " + line.split(" ", 3)[3][:60] for line in supervisor_log.splitlines()
