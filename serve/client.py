@@ -170,8 +170,14 @@ def not_triton(url: str, protocol: str, exc: Exception) -> ServeError:
                       f"Pass the {protocol} port or --protocol {other}")
 
 
+# What Triton answers a request refused for its input (its own checks and the models' alike):
+# the file's fault, not the server's.
+REFUSED_STATUS = ("400", "StatusCode.INVALID_ARGUMENT")
+
+
 def server_error(exc: InferenceServerException, url: str, protocol: str, model: str) -> ServeError:
-    """One line for what Triton or the connection said: unreachable, unknown model, or the server's message."""
+    """One line for what Triton or the connection said: unreachable, unknown model, an input the
+    server refused, or the server's own failure."""
     text = exc.message() or str(exc)
     message = text.splitlines()[0] if text else "no message"
     lowered = message.lower()
@@ -181,6 +187,8 @@ def server_error(exc: InferenceServerException, url: str, protocol: str, model: 
         return ServeError(f"cannot reach Triton at {url} over {protocol}: {message}")
     if "unknown model" in lowered or "not found" in lowered:
         return ServeError(f"model {model!r} is not served at {url}: {message}")
+    if exc.status() in REFUSED_STATUS:
+        return ServeError(f"refused: {message}")
     return ServeError(f"server error: {message}")
 
 
