@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -46,10 +47,13 @@ def _png(array: np.ndarray) -> bytes:
 
 def _infer(server, protocol: str, model: str, name: str, data: np.ndarray, datatype: str, **kwargs):
     lib, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
-    client = lib.InferenceServerClient(url)
     tensor = lib.InferInput(name, list(data.shape), datatype)
     tensor.set_data_from_numpy(data)
-    return client.infer(model, [tensor], outputs=[lib.InferRequestedOutput("PROBS"), lib.InferRequestedOutput("LABELS")], **kwargs)
+    # closed in the thread that made it: the HTTP client's gevent pool, closed by the garbage collector in
+    # another thread, raised in its __del__ (PytestUnraisableExceptionWarning)
+    with contextlib.closing(lib.InferenceServerClient(url)) as client:
+        return client.infer(model, [tensor], outputs=[lib.InferRequestedOutput("PROBS"), lib.InferRequestedOutput("LABELS")],
+                            **kwargs)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
