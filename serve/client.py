@@ -227,8 +227,9 @@ class Classifier:
     url, the server ``clfpipe serve up`` recorded in ``state_dir``.
 
     ``url`` may name several servers ("a:8001,b:8001" or a list), say the pods behind a headless
-    Kubernetes Service: requests go round-robin over them, and one that cannot be reached is
-    skipped for the next (a gRPC connection otherwise stays on the one pod it first reached).
+    Kubernetes Service: requests go round-robin over them, and one that cannot be reached or fails
+    a request (not a refusal of the input) passes it to the next (a gRPC connection otherwise stays
+    on the one pod it first reached).
     """
 
     def __init__(self, url: str | Sequence[str] | None = None, protocol: str | None = None, model: str = "classifier",
@@ -311,20 +312,22 @@ class Classifier:
         return [tensor], [grpcclient.InferRequestedOutput(tensors.SCORES)]
 
     def _send(self, model: str, inputs: list, outputs: list) -> np.ndarray:
-        """One request to the next server in turn; a server that cannot be reached passes the request
-        to the next one, and when none can, it is a ServeError. The server's own refusals stay
-        InferenceServerExceptions for the caller to blame on an input."""
-        last: ServeError | None = None
+        """One request to the next server in turn. A server that cannot be reached, or that fails the
+        request itself (a dead stub's 500), passes it to the next one; a refusal of the input does not
+        (every server would refuse it). When every server failed, the last failure is raised: a
+        ServeError for an unreachable one, else Triton's InferenceServerException for the caller to
+        blame on an input."""
+        last: ServeError | InferenceServerException | None = None
         for _ in range(len(self._clients)):
             index, self._turn = self._turn, (self._turn + 1) % len(self._clients)
             self._client, self.url = self._clients[index], self.urls[index]
             try:
                 return self._client.infer(model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
             except InferenceServerException as exc:
-                error = self._error(exc)
-                if not is_unreachable(error):
+                if exc.status() in REFUSED_STATUS:
                     raise
-                last = error
+                error = self._error(exc)
+                last = error if is_unreachable(error) else exc
             except TRANSPORT_ERRORS as exc:
                 last = unreachable(self.url, self.protocol, exc)
         assert last is not None

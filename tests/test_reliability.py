@@ -224,7 +224,7 @@ def test_serve_up_refuses_numpy_2_in_the_stubs_python(tmp_path):
     assert check_stub_numpy(dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")).startswith("1.")
 
 
-def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_is_gone(trained_run, server, tmp_path):
+def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_fails_or_is_gone(trained_run, server, tmp_path):
     state = tmp_path / "second"
     second = start_server(trained_run / "model_repository", state, ports=_ports(), supervise=False)
     image = _image(trained_run)
@@ -235,6 +235,13 @@ def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_is_gone
             probs = client.probabilities([image])
             used.append(client.url)
         assert used == [server.grpc_url, second.grpc_url] * 2  # round-robin, one request each
+        with pytest.raises(ServeError, match="refused: .*not an image"):
+            client.probabilities([b"junk"])
+        assert client.url == server.grpc_url  # refused by its turn's server, not sent on to the next
+        os.kill(stub_pid(second.pid, "preprocess"), signal.SIGKILL)  # the second now fails every request (500)
+        time.sleep(0.5)
+        for _ in range(3):  # a request whose turn is the second's is answered by the first
+            assert (client.probabilities([image]) == probs).all() and client.url == server.grpc_url
         stop_server(state)
         for _ in range(3):  # the stopped one is skipped, the answers keep coming
             assert (client.probabilities([image]) == probs).all()
