@@ -40,7 +40,7 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import DemoSpec, write_demo_dataset
 from clfpipe.pipeline import repository_for_run
-from clfpipe.serve.client import encoded_batch
+from clfpipe.serve.client import REFUSED_STATUS, encoded_batch
 from clfpipe.serve.server import Ports, read_info, start_server, stop_server, stub_pid
 from clfpipe.train.loop import init_run
 
@@ -156,7 +156,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "minutes": args.minutes, "concurrency": args.concurrency,
         "requests": len(records), "good": len(good), "bad": len(records) - len(good),
         "bad_answered_with_error": sum(1 for r in records if r[2] and not r[3]),
-        "bad_outside_recovery": len(bad_outside), "bad_outside_recovery_400": sum(1 for r in bad_outside if r[4] == "400"),
+        "bad_outside_recovery": len(bad_outside), "bad_outside_recovery_400": sum(1 for r in bad_outside if r[4] in REFUSED_STATUS),
         "good_failed_status": dict(Counter(r[4] for r in good_failures)),
         "good_failed": len(good_failures), "good_errors_outside_recovery": len(outside),
         "killed": "preprocess stub" if victim else "none found", "restarts": len(restarts),

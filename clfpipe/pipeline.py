@@ -286,12 +286,6 @@ def decoder_agreement(run_dir: Path, images: list[Path] | Split, decode: str) ->
     return _decoder_check(Reference(run_dir, images), decode)
 
 
-def served_tta_agreement(run_dir: Path, client: Client, images: list[Path] | Split, decode: str = "pil") -> GateResult:
-    """Triton's classifier_tta against the training side's deterministic TTA on the same files
-    (Pillow's pixels: with another decoder, judged by its gate)."""
-    return _tta_check(Reference(run_dir, images), client, decode)
-
-
 def served_decode(client: Client) -> str:
     """The decoder behind the served ensemble: its first step's ``decode`` parameter (the
     preprocess model's, or the fused GPU step's); 'pil' where it names none."""
