@@ -6,6 +6,7 @@ protocol asked for); a URL given explicitly wins.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import http.client
 import io
@@ -222,7 +223,73 @@ def _chunks(sizes: Sequence[int], max_count: int) -> list[tuple[int, int]]:
     return ranges
 
 
-class Classifier:
+def split_urls(url: str | Sequence[str] | None) -> list[str | None]:
+    """``"a:8001,b:8001"``, a list, or None (the recorded server) -> the URLs to resolve."""
+    if url is None:
+        return [None]
+    urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ServeError("url: expected at least one HOST:PORT, got an empty list")
+    return urls
+
+
+def kept_servers(urls: Sequence[str], outcomes: Sequence[Served | ServeError]) -> tuple[list[int], Served]:
+    """Which servers a client keeps, from what asking each for its model config gave: of several, one
+    that cannot be reached is skipped (logged; requests skip it too) and only none answering is an
+    error; any other error is raised; all kept must serve the same classes."""
+    errors = [o for o in outcomes if isinstance(o, ServeError)]
+    for error in errors:
+        if len(urls) == 1 or not is_unreachable(error):
+            raise error
+    kept = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, Served)]
+    if not kept:
+        raise errors[0]
+    first, served = kept[0]
+    for i, other in kept[1:]:
+        if other.classes != served.classes:
+            raise ServeError(f"{urls[i]} serves classes {other.classes}, {urls[first]} serves {served.classes}: expected the same model")
+    for error in errors:
+        log.warning("%s: skipped, requests go to %s", error, ", ".join(urls[i] for i, _ in kept))
+    return [i for i, _ in kept], served
+
+
+class _Servers:
+    """Round-robin over the kept servers, shared by both clients: a request that one server cannot
+    take goes to the next."""
+
+    urls: list[str]
+    protocol: str
+    model: str
+    classes: list[str]
+    max_batch_size: int
+    threshold: float | None
+    _clients: list[Any]
+    _turn: int = 0
+
+    def _keep(self, clients: Sequence[Any], outcomes: Sequence[Served | ServeError]) -> None:
+        kept, served = kept_servers(self.urls, outcomes)
+        self.urls, self._clients = [self.urls[i] for i in kept], [clients[i] for i in kept]
+        self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
+
+    def _next(self) -> tuple[Any, str]:
+        index, self._turn = self._turn, (self._turn + 1) % len(self._clients)
+        return self._clients[index], self.urls[index]
+
+    def _passed_on(self, exc: Exception, url: str) -> ServeError | InferenceServerException:
+        """What a request one server failed leaves to report should no other server answer it. A
+        refusal of the input is raised at once: every server would refuse it."""
+        if isinstance(exc, InferenceServerException):
+            if exc.status() in REFUSED_STATUS:
+                raise exc
+            error = server_error(exc, url, self.protocol, self.model)
+            return error if is_unreachable(error) else exc
+        return unreachable(url, self.protocol, exc)
+
+    def _prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
+        return make_prediction(name, probs, self.classes, top_k, self.threshold)
+
+
+class Classifier(_Servers):
     """``Classifier(url, protocol, model).predict(paths, top_k)`` against a running Triton; with no
     url, the server ``clfpipe serve up`` recorded in ``state_dir``.
 
@@ -234,39 +301,21 @@ class Classifier:
 
     def __init__(self, url: str | Sequence[str] | None = None, protocol: str | None = None, model: str = "classifier",
                  timeout: float = 60.0, state_dir: Path | None = None) -> None:
-        urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url) if url else [None]
-        endpoints = [resolve_endpoint(u, protocol, state_dir) for u in urls]
+        endpoints = [resolve_endpoint(u, protocol, state_dir) for u in split_urls(url)]
         self.urls, self.protocol, self.model = [u for u, _ in endpoints], endpoints[0][1], model
         self._lib = httpclient if self.protocol == "http" else grpcclient
-        self._turn = 0
-        self._clients = self._connect_all(timeout)
-        self.url, self._client = self.urls[0], self._clients[0]
-
-    def _connect_all(self, timeout: float) -> list[Any]:
-        """A client for every server that answers now, all serving the same model (read from the
-        config: classes, batch, threshold); of several, one that is down is skipped, as it is per
-        request, and only none answering is an error. ``self.urls`` keeps the ones kept."""
-        clients, reachable, skipped = [], [], []
+        clients: list[Any] = []
+        outcomes: list[Served | ServeError] = []
         for u in self.urls:
+            client = None
             try:
                 client = self._connect(u, timeout)
+                outcomes.append(describe(self._model_config(client), self.model, u))
             except ServeError as exc:
-                if len(self.urls) == 1 or not is_unreachable(exc):
-                    raise
-                skipped.append(exc)
-                continue
-            served = describe(self._model_config(client), self.model, u)
-            if clients and served.classes != self.classes:
-                raise ServeError(f"{u} serves classes {served.classes}, {reachable[0]} serves {self.classes}: expected the same model")
-            self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
+                outcomes.append(exc)
             clients.append(client)
-            reachable.append(u)
-        if not clients:
-            raise skipped[0]
-        for exc in skipped:
-            log.warning("%s: skipped, requests go to %s", exc, ", ".join(reachable))
-        self.urls = reachable
-        return clients
+        self._keep(clients, outcomes)
+        self.url, self._client = self.urls[0], self._clients[0]
 
     def _connect(self, url: str, timeout: float) -> Any:
         try:
@@ -312,24 +361,16 @@ class Classifier:
         return [tensor], [grpcclient.InferRequestedOutput(tensors.SCORES)]
 
     def _send(self, model: str, inputs: list, outputs: list) -> np.ndarray:
-        """One request to the next server in turn. A server that cannot be reached, or that fails the
-        request itself (a dead stub's 500), passes it to the next one; a refusal of the input does not
-        (every server would refuse it). When every server failed, the last failure is raised: a
-        ServeError for an unreachable one, else Triton's InferenceServerException for the caller to
-        blame on an input."""
+        """One request to the next server in turn, passed on while servers fail it (``_passed_on``).
+        When every server failed, the last failure is raised: a ServeError for an unreachable one,
+        else Triton's InferenceServerException for the caller to blame on an input."""
         last: ServeError | InferenceServerException | None = None
         for _ in range(len(self._clients)):
-            index, self._turn = self._turn, (self._turn + 1) % len(self._clients)
-            self._client, self.url = self._clients[index], self.urls[index]
+            self._client, self.url = self._next()
             try:
                 return self._client.infer(model, inputs, outputs=outputs).as_numpy(tensors.SCORES)
-            except InferenceServerException as exc:
-                if exc.status() in REFUSED_STATUS:
-                    raise
-                error = self._error(exc)
-                last = error if is_unreachable(error) else exc
-            except TRANSPORT_ERRORS as exc:
-                last = unreachable(self.url, self.protocol, exc)
+            except (InferenceServerException, *TRANSPORT_ERRORS) as exc:
+                last = self._passed_on(exc, self.url)
         assert last is not None
         raise last
 
@@ -408,10 +449,6 @@ class Classifier:
                     out[i] = p
         return np.stack(out)  # type: ignore[arg-type]
 
-    def _prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
-        return make_prediction(name, probs, self.classes, top_k, self.threshold)
-
-
 def _blame(message: str, names: Sequence[str]) -> str:
     """Name the file the server complained about ('image 2 of 4: ...' -> the file's path)."""
     if len(names) == 1:
@@ -423,62 +460,110 @@ def _blame(message: str, names: Sequence[str]) -> str:
     return f"one of {len(names)} images ({names[0]} ...): {message}"
 
 
-class AsyncClassifier:
-    """The asyncio variant: ``await AsyncClassifier(url, protocol, model).predict(paths)``.
+class AsyncClassifier(_Servers):
+    """The asyncio variant: ``async with AsyncClassifier(url, protocol, model) as c: await c.predict(paths)``.
 
     Requests for many files go out concurrently (up to ``max_batch_size`` images each), so the
-    server's dynamic batcher sees them together.
+    server's dynamic batcher sees them together. ``url`` may name several servers, as for
+    ``Classifier``: the requests go round-robin over them and one that a server cannot take goes to
+    the next.
     """
 
-    def __init__(self, url: str | None = None, protocol: str | None = None, model: str = "classifier",
-                 state_dir: Path | None = None) -> None:
-        url, protocol = resolve_endpoint(url, protocol, state_dir)
-        self.url, self.protocol, self.model = url, protocol, model
-        if protocol == "http":
+    def __init__(self, url: str | Sequence[str] | None = None, protocol: str | None = None, model: str = "classifier",
+                 timeout: float = 60.0, state_dir: Path | None = None) -> None:
+        endpoints = [resolve_endpoint(u, protocol, state_dir) for u in split_urls(url)]
+        self.urls, self.protocol, self.model = [u for u, _ in endpoints], endpoints[0][1], model
+        self.timeout = timeout
+        self._clients = []  # made in the event loop that uses them (aiohttp's session belongs to one)
+        self.classes = []
+
+    def _aio(self) -> tuple[Any, tuple[type[BaseException], ...]]:
+        """tritonclient's asyncio module for the protocol, and what its transport raises below it."""
+        if self.protocol == "http":
+            import aiohttp
             import tritonclient.http.aio as aio
-        else:
-            import tritonclient.grpc.aio as aio
-        self._aio = aio
-        self._client = aio.InferenceServerClient(url)
-        self.classes: list[str] = []
-        self.max_batch_size = 1
-        self.threshold: float | None = None
+
+            return aio, (*TRANSPORT_ERRORS, aiohttp.ClientError, asyncio.TimeoutError)
+        import tritonclient.grpc.aio as aio
+
+        return aio, (*TRANSPORT_ERRORS, asyncio.TimeoutError)
+
+    async def _describe(self, client: Any, url: str) -> Served | ServeError:
+        try:
+            if self.protocol == "grpc":
+                config = (await client.get_model_config(self.model, as_json=True))["config"]
+            else:
+                config = await client.get_model_config(self.model)
+        except InferenceServerException as exc:
+            return server_error(exc, url, self.protocol, self.model)
+        except (ConnectionError, OSError) as exc:
+            return unreachable(url, self.protocol, exc)
+        except Exception as exc:  # not Triton's endpoint for this protocol
+            return not_triton(url, self.protocol, exc)
+        try:
+            return describe(config, self.model, url)
+        except ServeError as exc:
+            return exc
 
     async def _setup(self) -> None:
-        if self.classes:
+        if self._clients:
             return
+        aio, self._transport = self._aio()
+        if self.protocol == "http":
+            clients = [aio.InferenceServerClient(u, conn_timeout=self.timeout) for u in self.urls]
+        else:
+            clients = [aio.InferenceServerClient(u) for u in self.urls]
+        self._lib = aio
+        outcomes = await asyncio.gather(*(self._describe(c, u) for c, u in zip(clients, self.urls)))
         try:
-            config = await self._client.get_model_config(self.model, **({"as_json": True} if self.protocol == "grpc" else {}))
-        except InferenceServerException as exc:
-            raise server_error(exc, self.url, self.protocol, self.model) from exc
-        except (ConnectionError, OSError) as exc:
-            raise unreachable(self.url, self.protocol, exc) from exc
-        except Exception as exc:  # not Triton's endpoint for this protocol
-            raise not_triton(self.url, self.protocol, exc) from exc
-        config = config["config"] if self.protocol == "grpc" else config
-        served = describe(config, self.model, self.url)
-        self.classes, self.max_batch_size, self.threshold = served.classes, served.max_batch_size, served.threshold
+            self._keep(clients, outcomes)
+        except ServeError:
+            await asyncio.gather(*(c.close() for c in clients))
+            raise
+        await asyncio.gather(*(c.close() for c, o in zip(clients, outcomes) if isinstance(o, ServeError)))
 
-    async def _infer(self, images: Sequence[bytes]) -> np.ndarray:
+    async def _send(self, images: Sequence[bytes]) -> np.ndarray:
         data = encoded_batch(images)
-        tensor = self._aio.InferInput(tensors.IMAGE, list(data.shape), "BYTES")
-        tensor.set_data_from_numpy(data)
-        result = await self._client.infer(self.model, [tensor], outputs=[self._aio.InferRequestedOutput(tensors.SCORES)])
-        return result.as_numpy(tensors.SCORES)
+        last: ServeError | InferenceServerException | None = None
+        for _ in range(len(self._clients)):
+            client, url = self._next()
+            tensor = self._lib.InferInput(tensors.IMAGE, list(data.shape), "BYTES")
+            tensor.set_data_from_numpy(data)
+            try:
+                result = await client.infer(self.model, [tensor], outputs=[self._lib.InferRequestedOutput(tensors.SCORES)])
+                return result.as_numpy(tensors.SCORES)
+            except (InferenceServerException, *self._transport) as exc:
+                last = self._passed_on(exc, url)
+        assert last is not None
+        raise last
+
+    async def _chunk(self, images: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
+        try:
+            return await self._send(images)
+        except InferenceServerException as exc:
+            raise ServeError(_blame(str(server_error(exc, ", ".join(self.urls), self.protocol, self.model)), names)) from exc
 
     async def predict(self, paths: Sequence[str | Path], top_k: int = 1) -> list[Prediction]:
-        import asyncio
-
+        """Files and directories (their images); a refused file is named in the ServeError."""
         await self._setup()
         files = expand_inputs(paths)
         images = [f.read_bytes() for f in files]
+        names = [str(f) for f in files]
         ranges = _chunks([len(i) for i in images], self.max_batch_size)
-        try:
-            parts = await asyncio.gather(*(self._infer(images[a:b]) for a, b in ranges))
-        except InferenceServerException as exc:
-            raise server_error(exc, self.url, self.protocol, self.model) from exc
-        probs = np.concatenate(parts)
-        return [make_prediction(str(f), p, self.classes, top_k, self.threshold) for f, p in zip(files, probs)]
+        # every request is let finish (none is left running past a failure), then the first failure in file order raised
+        parts = await asyncio.gather(*(self._chunk(images[a:b], names[a:b]) for a, b in ranges), return_exceptions=True)
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        return [self._prediction(name, p, top_k) for name, p in zip(names, np.concatenate(parts))]
 
     async def close(self) -> None:
-        await self._client.close()
+        await asyncio.gather(*(c.close() for c in self._clients))
+        self._clients = []
+
+    async def __aenter__(self) -> AsyncClassifier:
+        await self._setup()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

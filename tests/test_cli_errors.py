@@ -421,6 +421,29 @@ def test_any_url_is_accepted_as_host_port_or_one_servererror(url):
     assert host and 1 <= port <= 65535
 
 
+def test_a_client_keeps_the_servers_that_answer_and_serve_one_model(caplog):
+    from clfpipe.contract.errors import ServeError
+    from clfpipe.serve.client import Served, kept_servers, split_urls
+
+    cats, dogs = Served(["cat", "dog"], 32), Served(["dog", "cat"], 32)
+    gone = ServeError("cannot reach Triton at b:8001 over grpc: connection refused")
+    unknown = ServeError("model 'classifier' is not served at c:8001: unknown model")
+    assert kept_servers(["a:8001", "b:8001", "c:8001"], [gone, cats, cats]) == ([1, 2], cats)
+    assert "cannot reach Triton at b:8001 over grpc: connection refused: skipped, requests go to b:8001, c:8001" in caplog.text
+    for urls, outcomes, raised in ((["b:8001"], [gone], gone),  # one server: whatever it says is the error
+                                   (["a:8001", "b:8001"], [gone, gone], gone),  # none answers
+                                   (["a:8001", "c:8001"], [cats, unknown], unknown)):  # answers, but not as asked
+        with pytest.raises(ServeError) as error:
+            kept_servers(urls, outcomes)
+        assert error.value is raised
+    with pytest.raises(ServeError, match=r"^b:8001 serves classes \['dog', 'cat'\], a:8001 serves \['cat', 'dog'\]: "
+                                         "expected the same model$"):
+        kept_servers(["a:8001", "b:8001"], [cats, dogs])
+    assert split_urls(" a:8001,b:8001") == ["a:8001", "b:8001"] and split_urls(None) == [None]  # None: the recorded server
+    with pytest.raises(ServeError, match="^url: expected at least one HOST:PORT, got an empty list$"):
+        split_urls([])  # not the recorded server: it was asked for none
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 5000), max_size=6).map(lambda xs: ",".join(map(str, xs))),
                  st.lists(st.text("0123456789 ,_-+", max_size=8), max_size=4).map(",".join)))

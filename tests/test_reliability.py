@@ -3,6 +3,7 @@ file, leftover shared memory, paths with spaces, remote model control, numpy 2 i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +23,8 @@ from clfpipe.cli import main
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.integrity import HASHES_FILE
 from clfpipe.contract.manifest import RunDir
-from clfpipe.serve.client import Classifier
+from clfpipe.serve.bench import settled_stats
+from clfpipe.serve.client import AsyncClassifier, Classifier
 from clfpipe.serve.server import (
     PID_FILE,
     Ports,
@@ -224,6 +227,21 @@ def test_serve_up_refuses_numpy_2_in_the_stubs_python(tmp_path):
     assert check_stub_numpy(dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")).startswith("1.")
 
 
+def _classified(url: str) -> dict[str, dict]:
+    """The classifier ensemble's statistics on one server, in the form ``settled_stats`` reads."""
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics("classifier", as_json=True)["model_stats"][0]
+    return {"classifier": {"inference_count": int(stats.get("inference_count", 0))}}
+
+
+def _async_labels(urls: list[str], paths: list[Path]) -> list[tuple[str, str]]:
+    async def go() -> list[tuple[str, str]]:
+        async with AsyncClassifier(urls, "grpc") as client:
+            return [(p.file, p.label) for p in await client.predict(paths)]
+
+    return asyncio.run(go())
+
+
 def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_fails_or_is_gone(trained_run, server, tmp_path):
     state = tmp_path / "second"
     second = start_server(trained_run / "model_repository", state, ports=_ports(), supervise=False)
@@ -238,13 +256,23 @@ def test_a_client_of_several_servers_spreads_requests_and_skips_one_that_fails_o
         with pytest.raises(ServeError, match="refused: .*not an image"):
             client.probabilities([b"junk"])
         assert client.url == server.grpc_url  # refused by its turn's server, not sent on to the next
+        folder = sorted(RunDir(trained_run).data_dir(RunDir(trained_run).read()).glob("valid/*"))[0]
+        both = [server.grpc_url, second.grpc_url]
+        before = _classified(second.grpc_url)
+        answers = _async_labels(both, [folder, folder])  # 2 x 30 images: a request of 32, then one of 28
+        assert settled_stats(lambda: _classified(second.grpc_url), before, 28)["classifier"]["inference_count"] \
+            == before["classifier"]["inference_count"] + 28  # the second request went to the second server
         os.kill(stub_pid(second.pid, "preprocess"), signal.SIGKILL)  # the second now fails every request (500)
         time.sleep(0.5)
         for _ in range(3):  # a request whose turn is the second's is answered by the first
             assert (client.probabilities([image]) == probs).all() and client.url == server.grpc_url
+        assert _async_labels(both, [folder, folder]) == answers  # and so by the asyncio client
         stop_server(state)
         for _ in range(3):  # the stopped one is skipped, the answers keep coming
             assert (client.probabilities([image]) == probs).all()
+        assert _async_labels(both, [folder, folder]) == answers
+        with pytest.raises(ServeError, match=f"cannot reach Triton at {second.grpc_url}"):
+            _async_labels([second.grpc_url], [folder])
         # one already down when the client is made is skipped too: it refused to start at all
         late = Classifier(f"{second.grpc_url},{server.grpc_url}", "grpc")
         assert late.urls == [server.grpc_url] and (late.probabilities([image]) == probs).all()

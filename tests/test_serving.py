@@ -109,18 +109,26 @@ def test_decoded_pixels_give_the_same_answer_without_re_encoding(trained_run, se
     np.testing.assert_allclose(from_pixels, from_bytes, atol=1e-6)
 
 
-def test_async_client(trained_run, server):
-    async def go():
-        client = AsyncClassifier(server.grpc_url, "grpc")
-        try:
-            return await client.predict([_valid(trained_run).files[0].parent], top_k=2)
-        finally:
-            await client.close()
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_async_client_answers_as_the_sync_one_and_names_a_refused_file(trained_run, server, protocol, tmp_path):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    folder = _valid(trained_run).files[0].parent
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"notimage")
 
-    predictions = asyncio.run(go())
+    async def go():
+        async with AsyncClassifier(url, protocol) as client:
+            predictions = await client.predict([folder], top_k=2)
+            with pytest.raises(ServeError) as refused:
+                await client.predict([folder, bad])  # 31 images in one request: the last is refused
+            return predictions, str(refused.value)
+
+    predictions, refused = asyncio.run(go())
     assert len(predictions) == 30 and all(len(p.top_k) == 2 for p in predictions)
-    sync = Classifier(server.http_url, "http").predict([_valid(trained_run).files[0].parent])
-    assert [p.label for p in predictions] == [p.label for p in sync]
+    sync = Classifier(url, protocol).predict([folder])
+    assert [p.file for p in predictions] == [p.file for p in sync] and [p.label for p in predictions] == [p.label for p in sync]
+    np.testing.assert_allclose([p.probs for p in predictions], [p.probs for p in sync], atol=1e-6)
+    assert refused.startswith(f"{bad}: refused: ") and "not an image" in refused, refused
 
 
 def test_batches_form_under_concurrency(trained_run, server):
