@@ -49,7 +49,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_split(args: argparse.Namespace) -> int:
     from clfpipe.contract.holdout import split_dataset
 
-    done = split_dataset(args.src, args.out, args.valid_pct, args.seed, args.labels_csv)
+    done = split_dataset(args.src, args.out, args.valid_pct, args.seed, args.labels_csv, args.classes_csv)
     classes = f" of {done.classes} classes" if done.classes else ""
     how = f"{done.copied} copied, the rest hard links" if done.copied else "hard links"
     print(f"wrote {done.train} train and {done.valid} valid images{classes} to {args.out} ({how})")
@@ -328,12 +328,15 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data_check)
     p = _sub(data, "split", "hold out part of each class for validation: SRC/<class>/ into OUT/train/<class>/ and "
                             "OUT/valid/<class>/ (hard links: SRC is not changed)")
-    p.add_argument("src", type=Path, help="image folder with <class>/ folders (or tagged images, with --labels-csv)")
+    p.add_argument("src", type=Path, help="image folder with <class>/ folders (or images named in --classes-csv or "
+                                          "--labels-csv)")
     p.add_argument("out", type=Path, help="new folder to write train/ and valid/ into")
     p.add_argument("--valid-pct", type=float, default=0.2, help="fraction of each class held out for validation")
     p.add_argument("--seed", type=int, default=0, help="which images are held out")
     p.add_argument("--labels-csv", type=Path, help="tags CSV of multi-label images in SRC: copied into OUT, to be "
                                                      "the recipe's data.labels_csv")
+    p.add_argument("--classes-csv", type=Path, help="CSV of single-label images in SRC, as fastai's from_csv reads it (a "
+                                                      "header, then image,class rows): each lands in OUT/<split>/<class>/")
     p.set_defaults(func=_cmd_data_split)
 
 

@@ -131,7 +131,8 @@ def test_folders_it_cannot_split_are_refused_before_anything_is_written(flat, tm
     refused(flat, tmp_path / "split", f"class folder has no images: {flat / 'empty'}")
     (flat / "empty").rmdir()
     refused(flat / "horizontal", tmp_path / "split", "expected at least 2 class folders in "
-            f"{flat / 'horizontal'} (<class>/*.jpg), got 0; tagged images (multi-label): give their table with --labels-csv")
+            f"{flat / 'horizontal'} (<class>/*.jpg), got 0; images with a table of their classes: give it with --classes-csv "
+            "(multi-label tags: --labels-csv)")
     assert not (tmp_path / "split").exists() and not list(tmp_path.glob(".split.*"))
 
 
@@ -185,3 +186,87 @@ def test_any_folder_is_split_whole_or_refused_in_one_error(tmp_path_factory, tre
     train = scan_split(root / "out", "train", verify=False)
     assert train.classes == tuple(classes) and len(train) == result.train
     assert len(scan_split(root / "out", "valid", train.classes, verify=False)) == result.valid
+
+
+def _flatten(demo: Path, dest: Path) -> Path:
+    """The demo's train split as Kaggle's dog breeds ships: DEST/train/<id>.jpg and DEST/labels.csv
+    (id without the suffix, breed)."""
+    (dest / "train").mkdir(parents=True)
+    rows = ["id,breed"]
+    for i, f in enumerate(sorted((demo / "train").glob("*/*.jpg"))):
+        image_id = f"{(i * 2654435761) % 2**32:08x}"
+        shutil.copy(f, dest / "train" / f"{image_id}.jpg")
+        rows.append(f"{image_id},{f.parent.name} breed")
+    (dest / "labels.csv").write_text("\n".join(rows) + "\n")
+    return dest
+
+
+def test_images_named_in_a_classes_table_are_split_into_class_folders(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    write_demo_dataset(demo, spec=DemoSpec(train_per_class=10, valid_per_class=1, image_size=32))
+    dogs = _flatten(demo, tmp_path / "dogs")
+    assert main(["train", "--data", str(dogs), "--run", str(tmp_path / "run")]) == 2  # what train says of this layout
+    assert capsys.readouterr().err.strip().endswith(
+        f"labels.csv is there: to put each image in its class's folder and hold out a valid/: clfpipe data split "
+        f"{dogs / 'train'} NEW_FOLDER --classes-csv {dogs / 'labels.csv'}")
+    before = {p: p.read_bytes() for p in dogs.rglob("*") if p.is_file()}
+    out = tmp_path / "split"
+    assert main(["data", "split", str(dogs / "train"), str(out), "--classes-csv", str(dogs / "labels.csv"), "--valid-pct", "0.3"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 21 train and 9 valid images of 3 classes to {out} (hard links)"
+    train = scan_split(out, "train")
+    valid = scan_split(out, "valid", train.classes)
+    assert train.classes == ("checker breed", "horizontal breed", "vertical breed")
+    assert [np.bincount(s.labels).tolist() for s in (train, valid)] == [[7, 7, 7], [3, 3, 3]]
+    table = dict(line.split(",") for line in (dogs / "labels.csv").read_text().splitlines()[1:])
+    for split in (train, valid):  # each image in the folder of the class its row names, linked to the source
+        for f, label in zip(split.files, split.labels):
+            assert table[f.stem] == split.classes[label] and f.samefile(dogs / "train" / f.name)
+    assert {p: p.read_bytes() for p in dogs.rglob("*") if p.is_file()} == before
+
+
+def test_a_classes_table_it_cannot_split_by_is_refused_before_anything_is_written(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    write_demo_dataset(demo, spec=DemoSpec(train_per_class=3, valid_per_class=1, image_size=32))
+    dogs = _flatten(demo, tmp_path / "dogs")
+    table = dogs / "labels.csv"
+    rows = table.read_text().splitlines()
+
+    def refused(lines: list[str], expected: str) -> None:
+        table.write_text("\n".join(lines) + "\n")
+        assert main(["data", "split", str(dogs / "train"), str(tmp_path / "out"), "--classes-csv", str(table)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err == f"clfpipe: error: {expected}", err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+    stem = rows[1].split(",")[0]
+    refused(rows[:1] + [f"{stem},../up"] + rows[2:], f"{table} line 2: class '../up' cannot be a folder's name: "
+            "expected no '/', '\\' or control character, and not '.' or '..'")
+    refused(rows[:1] + [f"{stem},.hidden"] + rows[2:], f"{table} line 2: class '.hidden' would be a hidden folder, "
+            "which no command reads: expected a name not starting with '.'")
+    refused(rows + [f"{stem}.jpg,other"], f"{table} line {len(rows) + 1}: expected each image once, got '{stem}.jpg' again "
+            "with another class ('other', before 'checker breed')")
+    refused(rows[:1] + [f"{stem},"] + rows[2:], f"{table} line 2: expected an image name and its class, got ['{stem}', '']")
+    refused(rows[:-1], f"labels.csv has no class for 1 image(s) in {dogs / 'train'}, e.g. {rows[-1].split(',')[0]}.jpg")
+    refused(rows[:1] + [r.split(",")[0] + ",one" for r in rows[1:]],
+            "expected at least 2 classes to split, got 1: labels.csv names ['one']")
+    refused([rows[0]] + [rows[1]] + [r.split(",")[0] + ",other" for r in rows[2:]],
+            "class 'checker breed': expected at least 2 images to hold one out, got 1")
+    refused(["id"], f"{table}: expected a header row of at least two columns (image, class), got line 1 with fewer")
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=300),
+                 st.lists(st.lists(st.text(max_size=8), max_size=3), max_size=6).map(
+                     lambda rows: "\n".join(",".join(r) for r in [["id", "breed"], *rows]).encode("utf-8", "surrogatepass"))))
+def test_any_classes_file_reads_as_classes_or_one_dataerror(tmp_path, content):
+    from clfpipe.contract.dataset import class_name_problem, read_classes
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(content)
+    try:
+        table = read_classes(path)
+    except DataError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    for stem, name in table.items():
+        assert stem and name and class_name_problem(name) is None and "/" not in name

@@ -151,29 +151,48 @@ def split_folder(data_dir: Path, split: str, layout: str) -> Path:
 def _split_hint(data_dir: Path, split: str) -> str:
     """Where DATA has no validation folder, or only class folders, the command that makes one."""
     if split == "valid" and (data_dir / "train").is_dir():
-        return f"; to hold out part of train/ for it: clfpipe data split {data_dir / 'train'} NEW_FOLDER{_labels_option(data_dir)}"
+        return f"; to hold out part of train/ for it: clfpipe data split {data_dir / 'train'} NEW_FOLDER{_table_option(data_dir)}"
     if split != "train":
         return ""
     if any(p.is_dir() and not hidden(p, data_dir) for p in data_dir.iterdir()):
         return f"; to split class folders into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER"
-    labels = _labels_option(data_dir)
-    if labels and loose_images(data_dir):
-        return f"; to split tagged images into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{labels}"
+    table = _table_option(data_dir)
+    if table and loose_images(data_dir):
+        what = "tagged images" if "--labels-csv" in table else "images by the classes in the table"
+        return f"; to split {what} into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{table}"
     return ""
 
 
-def _labels_option(data_dir: Path) -> str:
+def _table(data_dir: Path) -> tuple[Path, bool] | None:
+    """The first CSV in DATA, and whether it holds tags (a ``tags`` column: multi-label) rather than
+    one class per image."""
     tables = sorted(p for p in Path(data_dir).glob("*.csv") if p.is_file())
-    return f" --labels-csv {tables[0]}" if tables else ""
-
-
-def _labels_hint(data_dir: Path) -> str:
-    """Where DATA holds a CSV (multi-label data's tags), what reads it instead of class folders."""
-    tables = sorted(p.name for p in Path(data_dir).glob("*.csv") if p.is_file())
     if not tables:
+        return None
+    try:
+        with tables[0].open(encoding="utf-8-sig", errors="replace", newline="") as f:
+            header = next(csv.reader([f.readline()]), [])
+    except (OSError, csv.Error):
+        header = []
+    return tables[0], "tags" in [h.strip() for h in header] or not header
+
+
+def _table_option(data_dir: Path) -> str:
+    table = _table(data_dir)
+    return "" if table is None else f" --{'labels' if table[1] else 'classes'}-csv {table[0]}"
+
+
+def _labels_hint(data_dir: Path, root: Path) -> str:
+    """Where DATA holds a CSV, what reads the images of `root` from it instead of class folders."""
+    table = _table(data_dir)
+    if table is None:
         return ""
-    return (f"; {tables[0]} is there: multi-label data is read from its table with data.labels_csv = {tables[0]!r} "
-            f"(data check: --labels-csv {tables[0]})")
+    path, tags = table
+    if tags:
+        return (f"; {path.name} is there: multi-label data is read from its table with data.labels_csv = {path.name!r} "
+                f"(data check: --labels-csv {path.name})")
+    return (f"; {path.name} is there: to put each image in its class's folder and hold out a valid/: "
+            f"clfpipe data split {root} NEW_FOLDER --classes-csv {path}")
 
 
 def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True,
@@ -185,7 +204,7 @@ def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     if classes is None:
         classes = tuple(found)
         if len(classes) < 2:
-            raise DataError(f"expected at least 2 class folders in {root}, got {len(classes)}{_labels_hint(data_dir)}")
+            raise DataError(f"expected at least 2 class folders in {root}, got {len(classes)}{_labels_hint(data_dir, root)}")
     elif some_classes and (not found or not set(found) <= set(classes)):
         raise DataError(f"{root}: expected class folders among {list(classes)}, got {found}")
     elif not some_classes and sorted(classes) != found:
@@ -223,6 +242,48 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
     except csv.Error as exc:
         raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
     return tags
+
+
+def read_classes(csv_path: Path) -> dict[str, str]:
+    """Single-label labels as fastai's ``from_csv`` reads them (Kaggle's dog-breed labels.csv,
+    ``id,breed``): a header row, then each image (its file name or stem) in the first column and its
+    class in the second; keys are file stems. Anything else is one DataError naming the line: not
+    UTF-8, not CSV, a row without its class, a class that cannot be a folder's name, an image listed
+    twice with another class."""
+    if not csv_path.is_file():
+        raise DataError(f"classes file not found: {csv_path} (expected a CSV of image,class rows under a header)")
+    reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
+    classes: dict[str, str] = {}
+    try:
+        if len(next(reader, [])) < 2:
+            raise DataError(f"{csv_path}: expected a header row of at least two columns (image, class), got line 1 "
+                            f"with fewer")
+        for row in reader:
+            where = f"{csv_path} line {reader.line_num}"
+            image, name = (row[0].strip(), row[1].strip()) if len(row) >= 2 else ("", "")
+            if not image or not Path(image).stem or not name:
+                raise DataError(f"{where}: expected an image name and its class, got {row}")
+            if problem := class_name_problem(name):
+                raise DataError(f"{where}: class {name[:40]!r} {problem}")
+            stem = Path(image).stem
+            if classes.get(stem, name) != name:
+                raise DataError(f"{where}: expected each image once, got {image!r} again with another class "
+                                f"({name!r}, before {classes[stem]!r})")
+            classes[stem] = name
+    except csv.Error as exc:
+        raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
+    return classes
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why a class name cannot be the class folder ``data split`` makes for it, or None."""
+    if name in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name):
+        return "cannot be a folder's name: expected no '/', '\\' or control character, and not '.' or '..'"
+    if name.startswith("."):
+        return "would be a hidden folder, which no command reads: expected a name not starting with '.'"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "is longer than a folder's name may be (255 bytes)"
+    return None
 
 
 def _csv_text(csv_path: Path) -> str:

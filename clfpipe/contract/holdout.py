@@ -1,5 +1,5 @@
-"""``clfpipe data split``: a folder of class folders (or of tagged images) into the train/ and valid/
-layout every other command reads, holding out a fraction of each class for validation, as
+"""``clfpipe data split``: a folder of class folders (or of images with a table of their classes or
+tags) into the train/ and valid/ layout every other command reads, holding out a fraction of each class for validation, as
 fastai's ``valid_pct`` does (stratified here: every class keeps its share in both splits).
 
 The source is never changed: files are hard-linked into the new folder (copied where the two lie
@@ -15,11 +15,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-from clfpipe.contract.dataset import class_images, hidden, image_files, loose_images, read_tags
+from clfpipe.contract.dataset import class_images, hidden, image_files, loose_images, read_classes, read_tags
 from clfpipe.contract.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTS
 class HoldoutResult:
     train: int
     valid: int
-    classes: int  # class folders (single-label) or 0 (tagged images)
+    classes: int  # classes (single-label) or 0 (tagged images)
     copied: int  # files copied where a hard link could not be made
     outside: int  # images directly in the source, in no class folder: left out
 
@@ -47,32 +47,61 @@ def check_pct(pct: float) -> None:
         raise DataError(f"--valid-pct: expected a fraction between 0 and 1 (0.2 holds out a fifth), got {pct}")
 
 
-def holdout(files: Sequence[Path], pct: float, rng: np.random.Generator) -> tuple[list[Path], list[Path]]:
+T = TypeVar("T")
+
+
+def holdout(files: Sequence[T], pct: float, rng: np.random.Generator) -> tuple[list[T], list[T]]:
     """(train, valid): a random `valid_count` of `files` to valid, each list in the files' order."""
     chosen = set(rng.permutation(len(files))[: valid_count(len(files), pct)].tolist())
     return [f for i, f in enumerate(files) if i not in chosen], [f for i, f in enumerate(files) if i in chosen]
 
 
-def _groups(src: Path, labels_csv: Path | None) -> tuple[dict[str, list[Path]], int]:
-    """{class folder name (or "" for tagged images): its images}, and how many images lie outside them."""
+# What each group's files are placed as: (the file, its path under OUT/<split>)
+Placed = list[tuple[Path, Path]]
+
+
+def _groups(src: Path, labels_csv: Path | None, classes_csv: Path | None) -> tuple[dict[str, Placed], int]:
+    """{class (or "" for tagged images): its images, each with its path under a split}, and how many
+    images lie outside them."""
     if labels_csv is not None:
         tags = read_tags(labels_csv)  # a table that will not read is refused before anything is written
-        files = image_files(src)
+        files = _listed(src, tags, labels_csv, "tags")
         if len(files) < 2:
             raise DataError(f"expected at least 2 images in {src} to split, got {len(files)}")
-        untagged = [f for f in files if f.stem not in tags]
-        if untagged:
-            raise DataError(f"{labels_csv.name} has no tags for {len(untagged)} image(s) in {src}, e.g. {untagged[0].name}")
-        return {"": files}, 0
+        return {"": [(f, f.relative_to(src)) for f in files]}, 0
+    if classes_csv is not None:
+        table = read_classes(classes_csv)
+        by_class: dict[str, Placed] = {}
+        for f in _listed(src, table, classes_csv, "class"):
+            by_class.setdefault(table[f.stem], []).append((f, Path(table[f.stem]) / f.relative_to(src)))
+        return _classes(dict(sorted(by_class.items())), f"{classes_csv.name} names", lambda c: f"class {c!r}"), 0
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not hidden(p, src))
     if len(folders) < 2:
-        tagged = "; tagged images (multi-label): give their table with --labels-csv" if image_files(src) else ""
+        tagged = ("; images with a table of their classes: give it with --classes-csv (multi-label tags: --labels-csv)"
+                  if image_files(src) else "")
         raise DataError(f"expected at least 2 class folders in {src} (<class>/*.jpg), got {len(folders)}{tagged}")
-    groups = {p.name: class_images(p) for p in folders}  # an empty one refused, as train refuses it
+    # an empty one refused, as train refuses it
+    groups = {p.name: [(f, f.relative_to(src)) for f in class_images(p)] for p in folders}
+    return _classes(groups, f"{src} holds", lambda c: f"class folder {src / c}"), loose_images(src)
+
+
+def _listed(src: Path, table: dict[str, object], csv_path: Path, what: str) -> list[Path]:
+    """The images in SRC, each of which the table must name."""
+    files = image_files(src)
+    unlisted = [f for f in files if f.stem not in table]
+    if unlisted:
+        raise DataError(f"{csv_path.name} has no {what} for {len(unlisted)} image(s) in {src}, e.g. {unlisted[0].name}")
+    return files
+
+
+def _classes(groups: dict[str, Placed], where: str, named: Callable[[str], str]) -> dict[str, Placed]:
+    """Classes to hold out from: at least two, each of at least two images."""
+    if len(groups) < 2:
+        raise DataError(f"expected at least 2 classes to split, got {len(groups)}: {where} {sorted(groups)}")
     small = [name for name, files in groups.items() if len(files) < 2]
     if small:
-        raise DataError(f"class folder {src / small[0]}: expected at least 2 images to hold one out, got 1")
-    return groups, loose_images(src)
+        raise DataError(f"{named(small[0])}: expected at least 2 images to hold one out, got {len(groups[small[0]])}")
+    return groups
 
 
 def _place(source: Path, target: Path) -> bool:
@@ -102,23 +131,26 @@ def _check_places(src: Path, out: Path) -> None:
         raise DataError(f"{out}: expected a folder outside {src} (its images would be read as a class)")
 
 
-def split_dataset(src: Path, out: Path, pct: float, seed: int = 0, labels_csv: Path | None = None) -> HoldoutResult:
-    """SRC/<class>/... (or SRC/*.jpg tagged in the table `labels_csv`, copied to OUT) into OUT/train
-    and OUT/valid, `pct` of each class in valid, chosen by `seed`; each file at its path under its
-    class folder (under SRC for tagged images)."""
+def split_dataset(src: Path, out: Path, pct: float, seed: int = 0, labels_csv: Path | None = None,
+                  classes_csv: Path | None = None) -> HoldoutResult:
+    """SRC/<class>/... into OUT/train and OUT/valid, `pct` of each class in valid, chosen by `seed`,
+    each file at its path under SRC. Or SRC/*.jpg with a table: ``classes_csv`` names each image's
+    class (each lands in OUT/<split>/<class>/), ``labels_csv`` its tags (copied to OUT)."""
     src, out = Path(src), Path(out)
     check_pct(pct)
+    if labels_csv is not None and classes_csv is not None:
+        raise DataError("data split: expected one table, --labels-csv (tags) or --classes-csv (one class each), got both")
     _check_places(src, out)
-    groups, outside = _groups(src, labels_csv)
+    groups, outside = _groups(src, labels_csv, classes_csv)
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     counts, copied = {"train": 0, "valid": 0}, 0
     try:
-        for name, files in groups.items():
-            for split, chosen in zip(("train", "valid"), holdout(files, pct, rng)):
-                for path in chosen:
-                    copied += _place(path, staging / split / path.relative_to(src))
+        for placed in groups.values():
+            for split, chosen in zip(("train", "valid"), holdout(placed, pct, rng)):
+                for path, target in chosen:
+                    copied += _place(path, staging / split / target)
                 counts[split] += len(chosen)
         if labels_csv is not None:
             shutil.copy2(labels_csv, staging / labels_csv.name)
