@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.contract import tensors
 from clfpipe.contract.dataset import image_files
 from clfpipe.contract.errors import ServeError, first_line
-from clfpipe.contract.metrics import tagged
+from clfpipe.contract.probabilities import tagged
 from clfpipe.serve.server import default_state_dir, is_our_server, read_info
 
 log = logging.getLogger(__name__)

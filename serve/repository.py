@@ -143,8 +143,16 @@ def labels_config(manifest: Manifest) -> mc.ModelConfig:
 
 
 def _label_parameters(config: mc.ModelConfig, manifest: Manifest) -> None:
+    """What the step that writes LABELS names: top-k classes, or a multi-label run's tags above its threshold."""
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
     config.parameters["top_k"].string_value = str(manifest.recipe.serve.top_k)
+    if manifest.recipe.multi_label:
+        config.parameters["threshold"].string_value = _threshold(manifest)
+
+
+def _threshold(manifest: Manifest) -> str:
+    """A multi-label run's tags: those above training's F2-best threshold."""
+    return json.dumps(manifest.data["stages"].get("train", {}).get("threshold", 0.5))
 
 
 def backbone_config(manifest: Manifest, backbone: Backbone, target: str, fused: bool = False) -> mc.ModelConfig:
@@ -217,8 +225,8 @@ def _describe(config: mc.ModelConfig, manifest: Manifest) -> mc.ModelConfig:
     """Clients read the class names in order from the model config: the repository describes itself."""
     config.parameters["classes"].string_value = json.dumps(manifest.classes)
     config.parameters["multi_label"].string_value = json.dumps(manifest.recipe.multi_label)
-    if manifest.recipe.multi_label:  # the tags a client names: those above training's F2-best threshold
-        config.parameters["threshold"].string_value = json.dumps(manifest.data["stages"].get("train", {}).get("threshold", 0.5))
+    if manifest.recipe.multi_label:  # the tags a client names
+        config.parameters["threshold"].string_value = _threshold(manifest)
     return config
 
 

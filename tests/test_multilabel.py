@@ -100,7 +100,7 @@ def _the_served_config_carries_the_threshold(run_dir, probs, threshold):
 
     from clfpipe.contract.engines import SERVED, Variant
     from clfpipe.contract.manifest import RunDir
-    from clfpipe.contract.metrics import tagged
+    from clfpipe.contract.probabilities import tagged
     from clfpipe.serve.client import describe, make_prediction
     from clfpipe.serve.repository import Backbone, ensemble_config
 
@@ -197,13 +197,43 @@ def test_a_served_multilabel_run_verifies_against_its_sigmoids(tmp_path, capsys)
 
     write_demo_multilabel(tmp_path / "data", train=96, valid=24, image_size=48)
     recipe = load_recipe("demo", [f"data.labels_csv={LABELS_CSV}", "data.batch_size=16", "stages.*.size=32",
-                                  "stages.*.epochs=1", "stages.*.cycle_mult=1", "evaluate.report=false"])
+                                  # 3 epochs a stage: some tags fall below the threshold (after 1, every one was above)
+                                  "stages.*.epochs=3", "stages.*.cycle_mult=1", "evaluate.report=false"])
     repo = run_pipeline(tmp_path / "data", tmp_path / "run", recipe)
-    start_server(repo, tmp_path / "state", ports=Ports.free(), supervise=False)
+    info = start_server(repo, tmp_path / "state", ports=Ports.free(), supervise=False)
     try:
         assert main(["verify", "--run", str(tmp_path / "run"), "--served", "--state-dir", str(tmp_path / "state")]) == 0
+        images = sorted((tmp_path / "data" / "valid").glob("*.jpg"))
+        _labels_are_the_tags_above_the_threshold(info.grpc_url, [f.read_bytes() for f in images])
     finally:
         stop_server(tmp_path / "state")
     served = [row for row in (line.split() for line in capsys.readouterr().out.splitlines()) if row[1:2] == ["triton-http"]]
     assert [row[0] for row in served] == ["classifier", "classifier_pixels", "classifier_tta", "classifier_tta_pixels"]
     assert all("pass" in row and float(row[5]) < 1e-4 for row in served)  # max |diff| of the probabilities
+
+
+def _labels_are_the_tags_above_the_threshold(url: str, images: list[bytes]) -> None:
+    """What a Triton client reads as LABELS from a multi-label model: every tag its threshold claims,
+    most probable first (was: the top 3 classes, claimed or not), at most the request's top_k."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+
+    from clfpipe.contract.probabilities import tagged
+
+    with grpcclient.InferenceServerClient(url) as client:
+        params = client.get_model_config("classifier", as_json=True)["config"]["parameters"]
+        classes, threshold = json.loads(params["classes"]["string_value"]), float(params["threshold"]["string_value"])
+        request = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
+        request.set_data_from_numpy(np.array([[i] for i in images], dtype=np.object_))
+        outputs = [grpcclient.InferRequestedOutput("PROBS"), grpcclient.InferRequestedOutput("LABELS")]
+        every = client.infer("classifier", [request], outputs=outputs)
+        one = client.infer("classifier", [request], outputs=outputs, parameters={"top_k": 1}).as_numpy("LABELS")
+    probs, labels = every.as_numpy("PROBS"), every.as_numpy("LABELS")
+    claims = tagged(probs, threshold)
+    assert claims.sum(1).min() < len(classes) and claims.sum(1).max() > 1  # some tags unclaimed, some images with several
+    assert labels.shape == (len(images), claims.sum(1).max())
+    for row, claimed, named, first in zip(probs, claims, labels, one):
+        want = [classes[j] for j in np.argsort(-row, kind="stable") if claimed[j]]
+        assert [n.decode().rsplit(":", 1)[0] for n in named if n] == want
+        assert [n.decode().rsplit(":", 1)[0] for n in first if n] == want[:1]

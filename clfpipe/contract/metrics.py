@@ -8,18 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from clfpipe.contract.probabilities import tagged
+
 # fastai lesson 2 searched the F2 threshold in this range for the Planet data.
 THRESHOLDS = np.round(np.arange(0.17, 0.245, 0.01), 2)
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
-
-
-def tagged(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The tags a multi-label model claims: probability strictly above the threshold (F2 is scored,
-    and the threshold chosen, by this same rule; the client names the tags by it)."""
-    return probs > threshold
 
 
 def f2_score(probs: np.ndarray, targets: np.ndarray, threshold: float, beta: float = 2.0) -> float:

@@ -1,4 +1,5 @@
-"""Activations (softmax for one label per image, a sigmoid per tag for multi-label) and top-k labels.
+"""Activations (softmax for one label per image, a sigmoid per tag for multi-label) and the served
+labels (top-k classes, or the tags above a multi-label model's threshold).
 
 Depends on NumPy only: the container repository ships this file beside its Triton model code.
 """
@@ -49,6 +50,38 @@ def top_k_labels(probs: np.ndarray, classes: Sequence[str], k: int) -> np.ndarra
     k = max(1, min(k, len(classes)))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return np.array([[f"{classes[j]}:{row[j]:.6f}".encode() for j in idx] for row, idx in zip(probs, order)], dtype=np.object_)
+
+
+def tagged(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The tags a multi-label model claims: probability strictly above the threshold (F2 is scored,
+    and the threshold chosen, by this same rule; the server and the client name the tags by it)."""
+    return probs > threshold
+
+
+def tag_labels(probs: np.ndarray, classes: Sequence[str], threshold: float, k: int) -> np.ndarray:
+    """Multi-label: (N, C) probabilities -> (N, m) object array of b'label:prob' for the tags above
+    the threshold, most probable first, at most k; rows with fewer are padded with b'' to the
+    longest (m >= 1: an image without a tag is one b'')."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    claimed = tagged(probs, threshold)
+    rows = [[f"{classes[j]}:{row[j]:.6f}".encode() for j in idx if claims[j]][: max(1, k)]
+            for row, idx, claims in zip(probs, order, claimed)]
+    width = max([1, *(len(r) for r in rows)])
+    return np.array([r + [b""] * (width - len(r)) for r in rows], dtype=np.object_).reshape(len(rows), width)
+
+
+def served_labels(probs: np.ndarray, classes: Sequence[str], k: int, threshold: float | None) -> np.ndarray:
+    """The LABELS output: the k most probable classes, or with a threshold (multi-label) the tags
+    above it (at most k)."""
+    return top_k_labels(probs, classes, k) if threshold is None else tag_labels(probs, classes, threshold, k)
+
+
+def label_parameters(parameters: dict, classes: Sequence[str]) -> tuple[int, float | None]:
+    """(default k, threshold) from a labelling model's config parameters ({key: {"string_value": ...}}).
+    A multi-label model names every tag above its threshold unless the request's top_k says fewer."""
+    if "threshold" not in parameters:
+        return int(parameters["top_k"]["string_value"]), None
+    return len(classes), float(json.loads(parameters["threshold"]["string_value"]))
 
 
 def requested_top_k(parameters_json: str, default: int, key: str = "top_k") -> int:

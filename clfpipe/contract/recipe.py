@@ -268,7 +268,8 @@ class ServeConfig:
     # which engine runs the embedded backbones: onnx (ONNX Runtime), aoti or torch (clfpipe export pt2),
     # or auto: the fastest of those exported for this precision, by a short profile on this host
     engine: str = "auto"
-    top_k: int = ranged(3, 1, 1000)  # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}
+    # LABELS: 'label:prob' strings per image unless the request says {"top_k": k}; multi-label: every tag above the threshold
+    top_k: int = ranged(3, 1, 1000)
     warmup: bool = True  # model_warmup on every step: the first real request is as fast as the rest
     # pil: pixels identical to training evaluation's; nvjpeg: batched GPU decode, in the backbone's
     # step when it runs on a torch engine (a few levels of pixel difference from Pillow);

@@ -3,7 +3,7 @@
 The engine comes from the config: ONNX Runtime (``onnx``), or torch for an AOTInductor package
 (``aoti``) or an exported program (``torch``); only that engine's runtime is imported, so an ONNX
 Runtime backbone never loads torch. Outputs PROBS and LABELS (top-k 'label:prob', k from the
-request parameter top_k or the config).
+request parameter top_k or the config; a multi-label model's tags above its threshold).
 
 Its input is uint8 pixels from the preprocessing step, or, for the fused step (``backbone_image``:
 a torch engine with decode=nvjpeg on CUDA), the encoded IMAGE bytes: decoded by nvJPEG, resized
@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from clfpipe.contract import tensors
 from clfpipe.contract.preprocess import per_request
-from clfpipe.contract.probabilities import requested_top_k, top_k_labels
+from clfpipe.contract.probabilities import label_parameters, requested_top_k, served_labels
 
 
 def _engine(params, model_dir):
@@ -49,7 +49,7 @@ class TritonPythonModel:
         self.model = _engine(params, Path(args["model_repository"]) / args["model_version"])
         self.decoder = _decoder(params, self.model.device) if self.input_name == tensors.IMAGE else None
         self.classes = json.loads(params["classes"]["string_value"])
-        self.top_k = int(params["top_k"]["string_value"])
+        self.top_k, self.threshold = label_parameters(params, self.classes)
 
     def _probs(self, inputs):
         """Per request its probabilities or the ValueError that fails it alone; one engine run for
@@ -76,7 +76,7 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)  # the input's fault: HTTP 400
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            labels = pb_utils.Tensor(tensors.LABELS, top_k_labels(p, self.classes, k))
+            labels = pb_utils.Tensor(tensors.LABELS, served_labels(p, self.classes, k, self.threshold))
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(tensors.SCORES, p), labels]))
         return responses
 
