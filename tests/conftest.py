@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
+from clfpipe.contract.errors import DataError
 from clfpipe.contract.recipe import load_recipe
 from clfpipe.demo_data import write_demo_dataset
 
@@ -36,6 +38,22 @@ def free_port() -> int:
     from clfpipe.serve.server import free_port as free
 
     return free()
+
+
+@pytest.fixture
+def read_table(tmp_path: Path) -> Callable[[Callable[[Path], Any], bytes], Any]:
+    """``read_table(reader, content)``: what ``reader`` makes of a CSV file holding ``content``, or
+    None after the one-line DataError it must raise for anything it cannot read."""
+    def read(reader: Callable[[Path], Any], content: bytes) -> Any:
+        path = tmp_path / "labels.csv"
+        path.write_bytes(content)
+        try:
+            return reader(path)
+        except DataError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            return None
+
+    return read
 
 
 @pytest.fixture(scope="session")

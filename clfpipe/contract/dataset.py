@@ -9,7 +9,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from PIL import Image
 
@@ -229,19 +229,12 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
     if not csv_path.is_file():
         raise DataError(f"labels file not found: {csv_path} (expected a CSV with columns image,tags)")
     reader = csv.DictReader(io.StringIO(_csv_text(csv_path), newline=""))
-    tags: dict[str, tuple[str, ...]] = {}
-    try:
+
+    def header() -> None:
         if reader.fieldnames is None or not {"image", "tags"} <= set(reader.fieldnames):
             raise DataError(f"{csv_path}: expected columns image,tags, got {reader.fieldnames}")
-        for row in reader:
-            stem, row_tags = _tag_row(row, f"{csv_path} line {reader.line_num}")
-            if tags.get(stem, row_tags) != row_tags:
-                raise DataError(f"{csv_path} line {reader.line_num}: expected each image once, got {row['image']!r} again "
-                                f"with other tags ({' '.join(row_tags)!r}, before {' '.join(tags[stem])!r})")
-            tags[stem] = row_tags
-    except csv.Error as exc:
-        raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
-    return tags
+
+    return _by_stem(csv_path, reader, header, _tag_row, " ".join, "other tags")
 
 
 def read_classes(csv_path: Path) -> dict[str, str]:
@@ -253,37 +246,35 @@ def read_classes(csv_path: Path) -> dict[str, str]:
     if not csv_path.is_file():
         raise DataError(f"classes file not found: {csv_path} (expected a CSV of image,class rows under a header)")
     reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
-    classes: dict[str, str] = {}
-    try:
+
+    def header() -> None:
         if len(next(reader, [])) < 2:
-            raise DataError(f"{csv_path}: expected a header row of at least two columns (image, class), got line 1 "
-                            f"with fewer")
+            raise DataError(f"{csv_path}: expected a header row of at least two columns (image, class), got line 1 with fewer")
+
+    return _by_stem(csv_path, reader, header, _class_row, str, "another class")
+
+
+V = TypeVar("V")
+
+
+def _by_stem(csv_path: Path, reader: Any, header: Callable[[], None], parse: Callable[[Any, str], tuple[str, str, V]],
+             shown: Callable[[V], str], other: str) -> dict[str, V]:
+    """The table's rows after its header, each (image as written, stem, value) by ``parse``, keyed by
+    stem: one DataError naming the line for a row ``parse`` refuses, an image listed twice with
+    ``other`` value, or text that is not CSV."""
+    table: dict[str, V] = {}
+    try:
+        header()
         for row in reader:
             where = f"{csv_path} line {reader.line_num}"
-            image, name = (row[0].strip(), row[1].strip()) if len(row) >= 2 else ("", "")
-            if not image or not Path(image).stem or not name:
-                raise DataError(f"{where}: expected an image name and its class, got {row}")
-            if problem := class_name_problem(name):
-                raise DataError(f"{where}: class {name[:40]!r} {problem}")
-            stem = Path(image).stem
-            if classes.get(stem, name) != name:
-                raise DataError(f"{where}: expected each image once, got {image!r} again with another class "
-                                f"({name!r}, before {classes[stem]!r})")
-            classes[stem] = name
+            image, stem, value = parse(row, where)
+            if table.get(stem, value) != value:
+                raise DataError(f"{where}: expected each image once, got {image!r} again with {other} "
+                                f"({shown(value)!r}, before {shown(table[stem])!r})")
+            table[stem] = value
     except csv.Error as exc:
         raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
-    return classes
-
-
-def class_name_problem(name: str) -> str | None:
-    """Why a class name cannot be the class folder ``data split`` makes for it, or None."""
-    if name in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name):
-        return "cannot be a folder's name: expected no '/', '\\' or control character, and not '.' or '..'"
-    if name.startswith("."):
-        return "would be a hidden folder, which no command reads: expected a name not starting with '.'"
-    if len(name.encode("utf-8", "surrogatepass")) > 255:
-        return "is longer than a folder's name may be (255 bytes)"
-    return None
+    return table
 
 
 def _csv_text(csv_path: Path) -> str:
@@ -295,12 +286,33 @@ def _csv_text(csv_path: Path) -> str:
         raise DataError(f"cannot read {csv_path}: {exc.strerror or exc}") from exc
 
 
-def _tag_row(row: dict[str | None, Any], where: str) -> tuple[str, tuple[str, ...]]:
-    """(file stem, tags) of one row; a short row leaves a column None."""
+def _tag_row(row: dict[str | None, Any], where: str) -> tuple[str, str, tuple[str, ...]]:
+    """(image, file stem, tags) of one row; a short row leaves a column None."""
     image, tags = row.get("image"), row.get("tags")
     if not image or not Path(image).stem or tags is None:
         raise DataError(f"{where}: expected an image name and its tags, got {[v for k, v in row.items() if k is not None]}")
-    return Path(image).stem, tuple(tags.split())
+    return image, Path(image).stem, tuple(tags.split())
+
+
+def _class_row(row: list[str], where: str) -> tuple[str, str, str]:
+    """(image, file stem, class) of one row."""
+    image, name = (row[0].strip(), row[1].strip()) if len(row) >= 2 else ("", "")
+    if not image or not Path(image).stem or not name:
+        raise DataError(f"{where}: expected an image name and its class, got {row}")
+    if problem := class_name_problem(name):
+        raise DataError(f"{where}: class {name[:40]!r} {problem}")
+    return image, Path(image).stem, name
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why a class name cannot be the class folder ``data split`` makes for it, or None."""
+    if name in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name):
+        return "cannot be a folder's name: expected no '/', '\\' or control character, and not '.' or '..'"
+    if name.startswith("."):
+        return "would be a hidden folder, which no command reads: expected a name not starting with '.'"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "is longer than a folder's name may be (255 bytes)"
+    return None
 
 
 def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None, *,
