@@ -209,8 +209,12 @@ def test_images_named_in_a_classes_table_are_split_into_class_folders(tmp_path, 
     assert capsys.readouterr().err.strip().endswith(
         f"labels.csv is there: to put each image in its class's folder and hold out a valid/: clfpipe data split "
         f"{dogs / 'train'} NEW_FOLDER --classes-csv {dogs / 'labels.csv'}")
-    before = {p: p.read_bytes() for p in dogs.rglob("*") if p.is_file()}
     out = tmp_path / "split"
+    assert main(["data", "split", str(dogs / "train"), str(out), "--labels-csv", str(dogs / "labels.csv")]) == 2  # read as tags
+    assert capsys.readouterr().err.strip() == (
+        f"clfpipe: error: {dogs / 'labels.csv'}: expected columns image,tags, got ['id', 'breed'] (a table of one class per "
+        "image is read by 'clfpipe data split SRC NEW_FOLDER --classes-csv FILE' into class folders)")
+    before = {p: p.read_bytes() for p in dogs.rglob("*") if p.is_file()}
     assert main(["data", "split", str(dogs / "train"), str(out), "--classes-csv", str(dogs / "labels.csv"), "--valid-pct", "0.3"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote 21 train and 9 valid images of 3 classes to {out} (hard links)"
     train = scan_split(out, "train")

@@ -232,7 +232,8 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
 
     def header() -> None:
         if reader.fieldnames is None or not {"image", "tags"} <= set(reader.fieldnames):
-            raise DataError(f"{csv_path}: expected columns image,tags, got {reader.fieldnames}")
+            raise DataError(f"{csv_path}: expected columns image,tags, got {reader.fieldnames} (a table of one class per "
+                            "image is read by 'clfpipe data split SRC NEW_FOLDER --classes-csv FILE' into class folders)")
 
     return _by_stem(csv_path, reader, header, _tag_row, " ".join, "other tags")
 
