@@ -267,3 +267,33 @@ def test_any_classes_file_reads_as_classes_or_one_dataerror(read_table, content)
 
     for stem, name in (read_table(read_classes, content) or {}).items():
         assert stem and name and class_name_problem(name) is None and "/" not in name
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stems=st.lists(st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=8), min_size=3, max_size=12,
+                      unique=True),
+       classes=st.lists(st.one_of(NAMES.filter(lambda n: not n.startswith(".")), NAMES,
+                                  st.sampled_from(["a/b", "..", ".x", "", " c ", "x\ty"])), min_size=2, max_size=3, unique=True),
+       picks=st.lists(st.integers(0, 10), min_size=12, max_size=12), unlisted=st.sampled_from([0, 0, 0, 1]),
+       pct=st.floats(0.01, 0.99), seed=st.integers(0, 2**32 - 1))
+def test_any_folder_and_classes_table_is_split_whole_or_refused_in_one_error(tmp_path_factory, stems, classes, picks, unlisted,
+                                                                              pct, seed):
+    root = tmp_path_factory.mktemp("table")
+    src = root / "src"
+    src.mkdir()
+    for stem in stems:
+        (src / f"{stem}.jpg").write_bytes(b"x")
+    rows = [(stem, classes[pick % len(classes)]) for stem, pick in zip(stems[unlisted:], picks)]
+    (root / "labels.csv").write_text("id,breed\n" + "".join(f"{s},{c}\n" for s, c in rows))
+    try:
+        result = split_dataset(src, root / "out", pct, seed, classes_csv=root / "labels.csv")
+    except DataError as exc:
+        event(str(exc).removeprefix(str(root / "labels.csv")).split(":")[0][:30])
+        assert "\n" not in str(exc) and sorted(p.name for p in root.iterdir()) == ["labels.csv", "src"]
+        return
+    event("split")
+    named = {stem: c.strip() for stem, c in rows}
+    assert set(named) == set(stems) and result.train + result.valid == len(stems) and result.classes == len(set(named.values()))
+    for split in ("train", "valid"):
+        for f in image_files(root / "out" / split):
+            assert f.parent.name == named[f.stem] and f.parent.parent == root / "out" / split
