@@ -171,7 +171,7 @@ def _table(data_dir: Path) -> tuple[Path, bool] | None:
         return None
     try:
         with tables[0].open(encoding="utf-8-sig", errors="replace", newline="") as f:
-            header = next(csv.reader([f.readline()]), [])
+            header = next(csv.reader([f.readline(1 << 16)]), [])  # a header, not a whole file without newlines
     except (OSError, csv.Error):
         header = []
     return tables[0], "tags" in [h.strip() for h in header] or not header

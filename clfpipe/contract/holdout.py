@@ -1,6 +1,7 @@
 """``clfpipe data split``: a folder of class folders (or of images with a table of their classes or
-tags) into the train/ and valid/ layout every other command reads, holding out a fraction of each class for validation, as
-fastai's ``valid_pct`` does (stratified here: every class keeps its share in both splits).
+tags) into the train/ and valid/ layout every other command reads, holding out a fraction of each
+class for validation, as fastai's ``valid_pct`` does (stratified here: every class keeps its share
+in both splits).
 
 The source is never changed: files are hard-linked into the new folder (copied where the two lie
 on different file systems), and the new folder appears whole or not at all.
