@@ -77,7 +77,8 @@ def _client(url: str, protocol: str):
         else grpcclient.InferenceServerClient(url)
 
 
-def _stats(client, protocol: str, model: str) -> dict[str, float]:
+def model_stats(client, protocol: str, model: str) -> dict[str, float]:
+    """One model's cumulative statistics (counts, and ns per phase) from Triton's statistics extension."""
     raw = client.get_inference_statistics(model, as_json=True) if protocol == "grpc" else client.get_inference_statistics(model)
     stats = raw["model_stats"][0]
     inf = stats["inference_stats"]
@@ -149,7 +150,7 @@ def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, con
     """`concurrency` closed-loop clients: `requests` in total, or as many as fit in `seconds`."""
     monitor = _client(url, protocol)
     models = composing_models(monitor, protocol, model)
-    before = {m: _stats(monitor, protocol, m) for m in models}
+    before = {m: model_stats(monitor, protocol, m) for m in models}
     latencies: list[float] = []
     errors: list[Any] = [0, None]  # how many failed, and the first one's message
     lock = threading.Lock()
@@ -188,7 +189,7 @@ def measure(url: str, protocol: str, model: str, images: Sequence[bytes], *, con
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    after = settled_stats(lambda: {m: _stats(monitor, protocol, m) for m in models}, before, len(latencies) * batch)
+    after = settled_stats(lambda: {m: model_stats(monitor, protocol, m) for m in models}, before, len(latencies) * batch)
     if not latencies:
         raise ServeError(f"bench: every request to {model!r} failed at concurrency {concurrency} ({errors[0]} errors; "
                          f"the first: {errors[1]})")

@@ -247,7 +247,8 @@ def kept_servers(urls: Sequence[str], outcomes: Sequence[Served | ServeError]) -
     first, served = kept[0]
     for i, other in kept[1:]:
         if other.classes != served.classes:
-            raise ServeError(f"{urls[i]} serves classes {other.classes}, {urls[first]} serves {served.classes}: expected the same model")
+            raise ServeError(f"{urls[i]} serves classes {other.classes}, {urls[first]} serves {served.classes}: "
+                             "expected the same model")
     for error in errors:
         log.warning("%s: skipped, requests go to %s", error, ", ".join(urls[i] for i, _ in kept))
     return [i for i, _ in kept], served
@@ -284,6 +285,14 @@ class _Servers:
             error = server_error(exc, url, self.protocol, self.model)
             return error if is_unreachable(error) else exc
         return unreachable(url, self.protocol, exc)
+
+    def _unanswered(self, exc: Exception, url: str) -> ServeError:
+        """What asking a server for the model's config raised, as one line."""
+        if isinstance(exc, InferenceServerException):
+            return server_error(exc, url, self.protocol, self.model)
+        if isinstance(exc, (ConnectionError, OSError)):
+            return unreachable(url, self.protocol, exc)
+        return not_triton(url, self.protocol, exc)  # an HTTP parser fed gRPC frames raises its own types
 
     def _prediction(self, name: str, probs: np.ndarray, top_k: int) -> Prediction:
         return make_prediction(name, probs, self.classes, top_k, self.threshold)
@@ -324,12 +333,8 @@ class Classifier(_Servers):
             else:
                 client = grpcclient.InferenceServerClient(url)
             self._model_config(client)
-        except InferenceServerException as exc:
-            raise server_error(exc, url, self.protocol, self.model) from exc
-        except (ConnectionError, OSError) as exc:
-            raise unreachable(url, self.protocol, exc) from exc
-        except Exception as exc:  # an HTTP parser fed gRPC frames raises its own types: not Triton's HTTP port
-            raise not_triton(url, self.protocol, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - every failure here is one line (_unanswered)
+            raise self._unanswered(exc, url) from exc
         return client
 
     def _model_config(self, client: Any) -> dict[str, Any]:
@@ -494,12 +499,8 @@ class AsyncClassifier(_Servers):
                 config = (await client.get_model_config(self.model, as_json=True))["config"]
             else:
                 config = await client.get_model_config(self.model)
-        except InferenceServerException as exc:
-            return server_error(exc, url, self.protocol, self.model)
-        except (ConnectionError, OSError) as exc:
-            return unreachable(url, self.protocol, exc)
-        except Exception as exc:  # not Triton's endpoint for this protocol
-            return not_triton(url, self.protocol, exc)
+        except Exception as exc:  # noqa: BLE001 - every failure here is one line (_unanswered)
+            return self._unanswered(exc, url)
         try:
             return describe(config, self.model, url)
         except ServeError as exc:
@@ -524,14 +525,14 @@ class AsyncClassifier(_Servers):
 
     async def _send(self, images: Sequence[bytes]) -> np.ndarray:
         data = encoded_batch(images)
+        tensor = self._lib.InferInput(tensors.IMAGE, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        outputs = [self._lib.InferRequestedOutput(tensors.SCORES)]
         last: ServeError | InferenceServerException | None = None
         for _ in range(len(self._clients)):
             client, url = self._next()
-            tensor = self._lib.InferInput(tensors.IMAGE, list(data.shape), "BYTES")
-            tensor.set_data_from_numpy(data)
             try:
-                result = await client.infer(self.model, [tensor], outputs=[self._lib.InferRequestedOutput(tensors.SCORES)])
-                return result.as_numpy(tensors.SCORES)
+                return (await client.infer(self.model, [tensor], outputs=outputs)).as_numpy(tensors.SCORES)
             except (InferenceServerException, *self._transport) as exc:
                 last = self._passed_on(exc, url)
         assert last is not None

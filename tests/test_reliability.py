@@ -23,7 +23,7 @@ from clfpipe.cli import main
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.integrity import HASHES_FILE
 from clfpipe.contract.manifest import RunDir
-from clfpipe.serve.bench import settled_stats
+from clfpipe.serve.bench import model_stats, settled_stats
 from clfpipe.serve.client import AsyncClassifier, Classifier
 from clfpipe.serve.server import (
     PID_FILE,
@@ -230,8 +230,7 @@ def test_serve_up_refuses_numpy_2_in_the_stubs_python(tmp_path):
 def _classified(url: str) -> dict[str, dict]:
     """The classifier ensemble's statistics on one server, in the form ``settled_stats`` reads."""
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics("classifier", as_json=True)["model_stats"][0]
-    return {"classifier": {"inference_count": int(stats.get("inference_count", 0))}}
+        return {"classifier": model_stats(client, "grpc", "classifier")}
 
 
 def _async_labels(urls: list[str], paths: list[Path]) -> list[tuple[str, str]]:

@@ -151,15 +151,16 @@ def split_folder(data_dir: Path, split: str, layout: str) -> Path:
 def _split_hint(data_dir: Path, split: str) -> str:
     """Where DATA has no validation folder, or only class folders, the command that makes one."""
     if split == "valid" and (data_dir / "train").is_dir():
-        return f"; to hold out part of train/ for it: clfpipe data split {data_dir / 'train'} NEW_FOLDER{_table_option(data_dir)}"
+        return (f"; to hold out part of train/ for it: clfpipe data split {data_dir / 'train'} "
+                f"NEW_FOLDER{_option(_table(data_dir))}")
     if split != "train":
         return ""
     if any(p.is_dir() and not hidden(p, data_dir) for p in data_dir.iterdir()):
         return f"; to split class folders into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER"
-    table = _table_option(data_dir)
+    table = _table(data_dir)
     if table and loose_images(data_dir):
-        what = "tagged images" if "--labels-csv" in table else "images by the classes in the table"
-        return f"; to split {what} into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{table}"
+        what = "tagged images" if table[1] else "images by the classes in the table"
+        return f"; to split {what} into train/ and valid/: clfpipe data split {data_dir} NEW_FOLDER{_option(table)}"
     return ""
 
 
@@ -177,8 +178,8 @@ def _table(data_dir: Path) -> tuple[Path, bool] | None:
     return tables[0], "tags" in [h.strip() for h in header] or not header
 
 
-def _table_option(data_dir: Path) -> str:
-    table = _table(data_dir)
+def _option(table: tuple[Path, bool] | None) -> str:
+    """The data split option that reads the table."""
     return "" if table is None else f" --{'labels' if table[1] else 'classes'}-csv {table[0]}"
 
 
@@ -192,7 +193,7 @@ def _labels_hint(data_dir: Path, root: Path) -> str:
         return (f"; {path.name} is there: multi-label data is read from its table with data.labels_csv = {path.name!r} "
                 f"(data check: --labels-csv {path.name})")
     return (f"; {path.name} is there: to put each image in its class's folder and hold out a valid/: "
-            f"clfpipe data split {root} NEW_FOLDER --classes-csv {path}")
+            f"clfpipe data split {root} NEW_FOLDER{_option(table)}")
 
 
 def scan_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None, *, verify: bool = True,
@@ -316,17 +317,24 @@ def class_name_problem(name: str) -> str | None:
     return None
 
 
+def listed_images(folder: Path, table: dict[str, Any], table_name: str, what: str) -> list[Path]:
+    """The images in `folder`, each of which the table (keyed by file stem) must name: one DataError
+    counting those it does not."""
+    files = image_files(folder)
+    unlisted = [f for f in files if f.stem not in table]
+    if unlisted:
+        raise DataError(f"{table_name} has no {what} for {len(unlisted)} image(s) in {folder}, e.g. {unlisted[0].name}")
+    return files
+
+
 def scan_multilabel(data_dir: Path, split: str, labels_csv: str, classes: tuple[str, ...] | None = None, *,
                     verify: bool = True) -> Split:
     """DATA/<split>/*.jpg with tags from DATA/<labels_csv>; classes default to the sorted tags."""
     root = split_folder(data_dir, split, "*.jpg, tags in a CSV")
     tags = read_tags(Path(data_dir) / labels_csv)
-    files = image_files(root)
+    files = listed_images(root, tags, labels_csv, "tags")
     if not files:
         raise DataError(f"no images in {root} (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
-    missing = [f.name for f in files if f.stem not in tags]
-    if missing:
-        raise DataError(f"{labels_csv} has no tags for {len(missing)} image(s) in {root}, e.g. {missing[0]}")
     if classes is None:
         classes = tuple(sorted({t for f in files for t in tags[f.stem]}))
     index = {c: i for i, c in enumerate(classes)}

@@ -20,7 +20,15 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-from clfpipe.contract.dataset import class_images, hidden, image_files, loose_images, read_classes, read_tags
+from clfpipe.contract.dataset import (
+    class_images,
+    hidden,
+    image_files,
+    listed_images,
+    loose_images,
+    read_classes,
+    read_tags,
+)
 from clfpipe.contract.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -66,14 +74,14 @@ def _groups(src: Path, labels_csv: Path | None, classes_csv: Path | None) -> tup
     images lie outside them."""
     if labels_csv is not None:
         tags = read_tags(labels_csv)  # a table that will not read is refused before anything is written
-        files = _listed(src, tags, labels_csv, "tags")
+        files = listed_images(src, tags, labels_csv.name, "tags")
         if len(files) < 2:
             raise DataError(f"expected at least 2 images in {src} to split, got {len(files)}")
         return {"": [(f, f.relative_to(src)) for f in files]}, 0
     if classes_csv is not None:
         table = read_classes(classes_csv)
         by_class: dict[str, Placed] = {}
-        for f in _listed(src, table, classes_csv, "class"):
+        for f in listed_images(src, table, classes_csv.name, "class"):
             by_class.setdefault(table[f.stem], []).append((f, Path(table[f.stem]) / f.relative_to(src)))
         return _classes(dict(sorted(by_class.items())), f"{classes_csv.name} names", lambda c: f"class {c!r}"), 0
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not hidden(p, src))
@@ -84,15 +92,6 @@ def _groups(src: Path, labels_csv: Path | None, classes_csv: Path | None) -> tup
     # an empty one refused, as train refuses it
     groups = {p.name: [(f, f.relative_to(src)) for f in class_images(p)] for p in folders}
     return _classes(groups, f"{src} holds", lambda c: f"class folder {src / c}"), loose_images(src)
-
-
-def _listed(src: Path, table: dict[str, object], csv_path: Path, what: str) -> list[Path]:
-    """The images in SRC, each of which the table must name."""
-    files = image_files(src)
-    unlisted = [f for f in files if f.stem not in table]
-    if unlisted:
-        raise DataError(f"{csv_path.name} has no {what} for {len(unlisted)} image(s) in {src}, e.g. {unlisted[0].name}")
-    return files
 
 
 def _classes(groups: dict[str, Placed], where: str, named: Callable[[str], str]) -> dict[str, Placed]:

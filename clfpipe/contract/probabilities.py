@@ -49,7 +49,12 @@ def top_k_labels(probs: np.ndarray, classes: Sequence[str], k: int) -> np.ndarra
     """(N, C) probabilities -> (N, k) object array of b'label:prob', highest first (stable on ties)."""
     k = max(1, min(k, len(classes)))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return np.array([[f"{classes[j]}:{row[j]:.6f}".encode() for j in idx] for row, idx in zip(probs, order)], dtype=np.object_)
+    return np.array([[_entry(classes[j], row[j]) for j in idx] for row, idx in zip(probs, order)], dtype=np.object_)
+
+
+def _entry(name: str, prob: float) -> bytes:
+    """One LABELS entry: b'label:prob' (clients split at the last colon: a name may hold one)."""
+    return f"{name}:{prob:.6f}".encode()
 
 
 def tagged(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -64,7 +69,7 @@ def tag_labels(probs: np.ndarray, classes: Sequence[str], threshold: float, k: i
     longest (m >= 1: an image without a tag is one b'')."""
     order = np.argsort(-probs, axis=1, kind="stable")
     claimed = tagged(probs, threshold)
-    rows = [[f"{classes[j]}:{row[j]:.6f}".encode() for j in idx if claims[j]][: max(1, k)]
+    rows = [[_entry(classes[j], row[j]) for j in idx if claims[j]][: max(1, k)]
             for row, idx, claims in zip(probs, order, claimed)]
     width = max([1, *(len(r) for r in rows)])
     return np.array([r + [b""] * (width - len(r)) for r in rows], dtype=np.object_).reshape(len(rows), width)
