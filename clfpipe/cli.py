@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clfpipe import __version__
-from clfpipe.contract.errors import ClfpipeError, RecipeError, first_line
+from clfpipe.contract.errors import ClfpipeError, DataError, RecipeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,33 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     print(f"wrote {done.train} train and {done.valid} valid images{classes} to {args.out} ({how})")
     if done.outside:
         log.warning("data split: %d images directly in %s, in no class folder, were left out", done.outside, args.src)
+    return 0
+
+
+def _cmd_data_clean(args: argparse.Namespace) -> int:
+    from clfpipe.contract.cleaning import ASIDE, apply_plan, run_plan
+
+    if args.apply is None:
+        if args.move_to is not None or args.dry_run:
+            raise DataError("data clean: --move-to and --dry-run go with --apply CSV")
+        from clfpipe.train.clean import clean_run
+
+        table, rows = clean_run(args.run, args.show, args.out, args.data)
+        print(f"wrote {table} ({rows} images, highest loss first) and {table.parent / 'index.html'} "
+              f"(the top {min(args.show, rows)})")
+        print(f"next: set the action of the images to clean (delete, or the class one belongs to), then "
+              f"'clfpipe data clean --run {args.run} --apply {table}'")
+        return 0
+    if args.out is not None or args.show != SHOWN:
+        raise DataError("data clean: --out and --show make the table: expected neither with --apply")
+    data, plan = run_plan(args.run, args.apply, args.data)
+    move_to = args.move_to or data / ASIDE
+    moves = apply_plan(plan, data, move_to, dry_run=args.dry_run)
+    for source, target in moves:
+        print(f"{source}\t{target}")
+    aside, relabelled = (f"{n} image{'' if n == 1 else 's'}" for n in (len(plan.delete), len(plan.relabel)))
+    log.info("data clean: %s %s to %s and %s into another class's folder%s", "would move" if args.dry_run else "moved",
+             aside, move_to, relabelled, "" if args.dry_run else ": train again to use them")
     return 0
 
 
@@ -279,6 +306,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+SHOWN = 50  # images the data-cleaning page draws unless --show says
 STATE_HELP = "folder of the server's pid file and log (default: $CLFPIPE_STATE_DIR/server, else ~/.cache/clfpipe/server)"
 
 
@@ -338,6 +366,18 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes-csv", type=Path, help="CSV of single-label images in SRC, as fastai's from_csv reads it (a "
                                                       "header, then image,class rows): each lands in OUT/<split>/<class>/")
     p.set_defaults(func=_cmd_data_split)
+    p = _sub(data, "clean", "rank every image of a run's data by its loss (fastai's top losses) into a table to edit, "
+                            "and a page of the highest; --apply carries out the edited table")
+    p.add_argument("--run", type=Path, required=True, help="a trained single-label run directory")
+    p.add_argument("--data", type=Path, help="the run's image folder (default: the one training read)")
+    p.add_argument("--out", type=Path, help="folder for cleaning.csv and index.html (default: RUN/clean)")
+    p.add_argument("--show", type=int, default=SHOWN, help="images index.html draws, highest loss first")
+    p.add_argument("--apply", type=Path, metavar="CSV", help="carry out an edited table: each image whose action is "
+                   "delete is moved aside, each set to a class moved into that class's folder of its split")
+    p.add_argument("--move-to", type=Path, help="with --apply: where deleted images go, each at its path under DATA "
+                                                "(default: DATA/removed)")
+    p.add_argument("--dry-run", action="store_true", help="with --apply: print the moves, make none")
+    p.set_defaults(func=_cmd_data_clean)
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

@@ -110,13 +110,13 @@ def test_a_grids_title_is_drawn_whole_however_long(tmp_path):
     middle to an ellipsis."""
     from PIL import ImageDraw
 
-    from clfpipe.train.report import _GAP, _fit_text, _font, _grid
+    from clfpipe.train.report import _GAP, _fit_text, _font, image_grid
 
     files = _images(tmp_path)[:1]
     for n in range(20, 80, 7):
         title = f"{'class_' * (n // 6)}: most incorrect (file, predicted, p(class))"
         path = tmp_path / f"grid{n}.png"
-        _grid(files, ["img_0.png\nb 0.70"], path, title)
+        image_grid(files, ["img_0.png\nb 0.70"], path, title)
         width = Image.open(path).width
         assert _fit_text(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, _font(15), width - 2 * _GAP) == title, n
 
@@ -199,7 +199,7 @@ def test_class_names_dejavu_lacks_are_drawn_from_an_installed_font_that_has_them
 
     from PIL import ImageDraw
 
-    from clfpipe.train.report import _dejavu, _font, _font_file, _grid, confusion_png
+    from clfpipe.train.report import _dejavu, _font, _font_file, confusion_png, image_grid
 
     assert _font_file("img_0.png\ncafé 0.70") == _dejavu()
     if _cjk_font() is None:
@@ -213,7 +213,7 @@ def test_class_names_dejavu_lacks_are_drawn_from_an_installed_font_that_has_them
         return img.tobytes()
 
     assert drawn("猫", _font(11, face)) != drawn("\U0010FFFF", _font(11, face))
-    _grid(_images(tmp_path)[:1], ["img_0.png\n猫 0.70"], tmp_path / "grid.png", "猫: most incorrect")
+    image_grid(_images(tmp_path)[:1], ["img_0.png\n猫 0.70"], tmp_path / "grid.png", "猫: most incorrect")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         confusion_png(np.array([[3, 1], [0, 4]]), ["猫", "café"], tmp_path / "m.png", "plain predictions, no TTA")

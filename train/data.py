@@ -21,10 +21,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clfpipe.contract.augment import AUGMENTS, AugmentPolicy
-from clfpipe.contract.dataset import Split
+from clfpipe.contract.dataset import SPLITS, Split, scan_data
 from clfpipe.contract.errors import DataError
+from clfpipe.contract.manifest import Manifest, RunDir
 from clfpipe.contract.preprocess import PreprocessSpec, load_image, normalize
 from clfpipe.nn.transforms import decode_batch, normalize_batch, to_device, torch_draws, train_pixels, train_pixels_batch
+
+
+def run_splits(run: RunDir, manifest: Manifest, data_dir: Path | None = None) -> tuple[Split, Split]:
+    """A trained run's train and valid splits, from ``data_dir`` (default: the folder training
+    read), which must hold the run's classes: one DataError saying which folder was read."""
+    data = Path(data_dir) if data_dir else run.data_dir(manifest)
+    try:
+        train, valid = (scan_data(data, split, manifest.recipe.data.labels_csv, tuple(manifest.classes)) for split in SPLITS)
+    except DataError as exc:
+        hint = "--data: expected the run's classes" if data_dir else "the folder training read; pass --data"
+        raise DataError(f"{exc} ({hint})") from exc
+    return train, valid
 
 
 def _target(label: int | tuple[int, ...]) -> int | torch.Tensor:

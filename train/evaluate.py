@@ -35,12 +35,17 @@ def _batches(split: Split, spec: PreprocessSpec, batch_size: int, *, augment: st
 
 
 @torch.inference_mode()
+def predict_logits(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int, device: torch.device,
+                   augment: str = "none") -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(x.to(device)).float().cpu().numpy()
+                           for x, _ in _batches(split, spec, batch_size, augment=augment, what=f"predict ({augment})")])
+
+
 def predict_probs(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int, device: torch.device,
                   augment: str = "none") -> np.ndarray:
-    model.eval()
-    activation = activation_for(split.multi_label)
-    return np.concatenate([activate(model(x.to(device)).float().cpu().numpy(), activation)
-                           for x, _ in _batches(split, spec, batch_size, augment=augment, what=f"predict ({augment})")])
+    logits = predict_logits(model, split, spec=spec, batch_size=batch_size, device=device, augment=augment)
+    return activate(logits, activation_for(split.multi_label))
 
 
 @torch.inference_mode()

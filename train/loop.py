@@ -27,7 +27,7 @@ from torch import nn
 
 from clfpipe.contract.archs import LAYER_GROUPS
 from clfpipe.contract.dataset import scan_data
-from clfpipe.contract.errors import ClfpipeError, DataError, ManifestError, RecipeError
+from clfpipe.contract.errors import ClfpipeError, ManifestError, RecipeError
 from clfpipe.contract.lock import holding_run, run_lock
 from clfpipe.contract.manifest import (
     CHECKPOINT,
@@ -43,6 +43,7 @@ from clfpipe.contract.metrics import metric_name
 from clfpipe.contract.progress import progress
 from clfpipe.contract.recipe import Recipe, StageConfig, dump_recipe, load_recipe
 from clfpipe.nn.models import Classifier, build_model, load_checkpoint, set_trainable, train_mode
+from clfpipe.train.data import run_splits
 from clfpipe.train.distributed import Dist, broadcast, from_env, mean, peer_stopped, per_rank_batch, setup, teardown
 from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
@@ -422,13 +423,7 @@ def lr_find_for_run(run_dir: Path, stage_index: int, data_dir: Path | None = Non
         n = len(recipe.stages)
         raise RecipeError(f"--stage: expected one of the run's stages, {'0' if n == 1 else f'0 to {n - 1}'} "
                           f"({', '.join(f'{i} {s.name}' for i, s in enumerate(recipe.stages))}), got {stage_index}")
-    data = Path(data_dir) if data_dir else run.data_dir(manifest)
-    try:
-        train_split, valid_split = (scan_data(data, split, recipe.data.labels_csv, tuple(manifest.classes))
-                                    for split in ("train", "valid"))
-    except DataError as exc:
-        hint = "--data: expected the run's classes" if data_dir else "the folder training read; pass --data"
-        raise DataError(f"{exc} ({hint})") from exc
+    train_split, valid_split = run_splits(run, manifest, data_dir)
     ctx = Context(recipe, train_split, valid_split, pick_device(recipe.data.device), Path(run_dir))
     model = stage_start_model(run, manifest, stage_index).to(ctx.device)
     stage = recipe.stages[stage_index]

@@ -229,7 +229,7 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
     tags, an image listed twice with other tags (which was meant was unsaid: the last row won)."""
     if not csv_path.is_file():
         raise DataError(f"labels file not found: {csv_path} (expected a CSV with columns image,tags)")
-    reader = csv.DictReader(io.StringIO(_csv_text(csv_path), newline=""))
+    reader = csv.DictReader(io.StringIO(csv_text(csv_path), newline=""))
 
     def header() -> None:
         if reader.fieldnames is None or not {"image", "tags"} <= set(reader.fieldnames):
@@ -247,7 +247,7 @@ def read_classes(csv_path: Path) -> dict[str, str]:
     twice with another class."""
     if not csv_path.is_file():
         raise DataError(f"classes file not found: {csv_path} (expected a CSV of image,class rows under a header)")
-    reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
+    reader = csv.reader(io.StringIO(csv_text(csv_path), newline=""))
 
     def header() -> None:
         if len(next(reader, [])) < 2:
@@ -279,7 +279,7 @@ def _by_stem(csv_path: Path, reader: Any, header: Callable[[], None], parse: Cal
     return table
 
 
-def _csv_text(csv_path: Path) -> str:
+def csv_text(csv_path: Path) -> str:
     try:
         return csv_path.read_text(encoding="utf-8-sig")  # Excel's byte-order mark is no part of the first column's name
     except UnicodeDecodeError as exc:
@@ -409,9 +409,17 @@ def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:
 
 
 def move_aside(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
-    """Move ``files`` (under ``data_dir``) to ``dest``, each at its path relative to ``data_dir``;
+    """Move ``files`` (under ``data_dir``) to ``dest``, each at its path relative to ``data_dir``
+    (``aside_targets``). Returns where each went."""
+    targets = aside_targets(files, data_dir, dest)
+    move_files(list(zip(files, targets)), "--move-to")
+    return targets
+
+
+def aside_targets(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
+    """Where ``move_aside`` puts ``files``: ``dest``, each at its path relative to ``data_dir``;
     nothing is overwritten, and ``dest`` may not lie in a split folder (its files would be read
-    again). Returns where each went."""
+    again). Nothing is moved here."""
     dest = Path(dest)
     where = dest.resolve()
     for split in SPLITS:
@@ -426,10 +434,16 @@ def move_aside(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
     taken = [t for t in targets if t.exists() or t.is_symlink()]
     if taken:
         raise DataError(f"--move-to: {taken[0]} already exists: expected a folder without these files")
-    for source, target in zip(files, targets):
+    return targets
+
+
+def move_files(moves: Sequence[tuple[Path, Path]], what: str) -> None:
+    """Each (source, target) moved, its target's folder made; the first failure is one DataError
+    that says how many were moved before it."""
+    for done, (source, target) in enumerate(moves):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(source, target)
         except OSError as exc:
-            raise DataError(f"--move-to: cannot move {source} to {target}: {exc}") from exc
-    return targets
+            before = f" ({done} moved before it)" if done else ""
+            raise DataError(f"{what}: cannot move {source} to {target}: {exc.strerror or exc}{before}") from exc

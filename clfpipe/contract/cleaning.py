@@ -1,0 +1,198 @@
+"""The data-cleaning table: fastai's ``ImageClassifierCleaner`` as a file a user edits. Every image
+of a single-label run's data (both splits) is ranked by its loss under the trained model, highest
+first (fastai's ``top_losses``), with an action to edit: ``keep``, ``delete`` (moved aside, never
+unlinked) or the name of the class it belongs to (moved into that class's folder of its split).
+Reading the edited table checks every row, and where each file would go, before anything moves."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+
+from clfpipe.contract.dataset import IMAGE_SUFFIXES, SPLITS, aside_targets, csv_text, image_files, move_files, split_folder
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.manifest import Manifest, RunDir
+
+KEEP, DELETE = "keep", "delete"
+TABLE = "cleaning.csv"
+ASIDE = "removed"  # where deleted images go by default: DATA/removed, outside both splits
+COLUMNS = ("rank", "file", "split", "label", "predicted", "p_label", "loss", "action")
+SHOWN_CLASSES = 12  # an error lists at most this many of a run's classes
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One image's row; ``file`` is its path under the data folder, '/'-separated."""
+
+    file: str
+    split: str
+    label: str
+    predicted: str
+    p_label: float
+    loss: float
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's -log softmax(logits)[label], in float64 by log-sum-exp: a probability that
+    underflows to 0 would make a loss of inf, and every such image would rank the same."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=1)
+    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    return lse - z[np.arange(len(z)), np.asarray(labels)]
+
+
+def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits: np.ndarray,
+         classes: Sequence[str]) -> list[Ranked]:
+    """The images by loss, highest first; equal losses keep the files' order."""
+    loss = cross_entropy(logits, labels)
+    predicted = np.asarray(logits).argmax(1)
+    return [Ranked(files[i], splits[i], classes[labels[i]], classes[predicted[i]], float(np.exp(-loss[i])), float(loss[i]))
+            for i in np.argsort(-loss, kind="stable")]
+
+
+def table_bytes(rows: Sequence[Ranked]) -> bytes:
+    """The table as 'clfpipe data clean' writes it: every action ``keep``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for number, row in enumerate(rows, 1):
+        writer.writerow([number, row.file, row.split, row.label, row.predicted, f"{row.p_label:.4g}", f"{row.loss:.4f}", KEEP])
+    return buf.getvalue().encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an edited table asks for: files to move aside, and (file, its place in another class's folder)."""
+
+    delete: tuple[Path, ...]
+    relabel: tuple[tuple[Path, Path], ...]
+
+    def __len__(self) -> int:
+        return len(self.delete) + len(self.relabel)
+
+
+def _listed(classes: Sequence[str]) -> str:
+    shown = ", ".join(classes[:SHOWN_CLASSES])
+    return shown + (f" and {len(classes) - SHOWN_CLASSES} more" if len(classes) > SHOWN_CLASSES else "")
+
+
+@dataclass(frozen=True)
+class _Row:
+    parts: tuple[str, ...]  # split folder, class, the rest of the path
+    action: str
+
+
+def _row(row: dict, where: str, roots: Sequence[str], classes: Sequence[str]) -> _Row:
+    """One row checked against the layout and the run's classes; the file's existence is checked later."""
+    file = (row.get("file") or "").strip()
+    path = PurePosixPath(file)
+    parts = path.parts
+    # a part starting with '.' is '..', or hidden from the layout (it reads no such file)
+    if path.is_absolute() or len(parts) < 3 or parts[0] not in roots or any(p.startswith(".") for p in parts):
+        raise DataError(f"{where}: file: expected a path under {' or '.join(f'{r}/<class>/' for r in roots)} (no part "
+                        f"starting with '.'), got {file[:200]!r}")
+    if parts[1] not in classes:
+        raise DataError(f"{where}: {file[:200]!r}: expected a folder of one of the run's classes ({_listed(classes)}), "
+                        f"got {parts[1][:40]!r}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(f"{where}: {file[:200]!r}: expected an image ({', '.join(IMAGE_SUFFIXES)})")
+    label = (row.get("label") or "").strip()
+    if label and label != parts[1]:
+        raise DataError(f"{where}: label {label[:40]!r}, but the file is in {parts[1][:40]!r}'s folder: expected the table "
+                        "'clfpipe data clean' wrote for this data (was the file moved since?)")
+    action = (row.get("action") or "").strip()
+    if action not in (KEEP, DELETE, "") and action not in classes:
+        raise DataError(f"{where}: action: expected keep, delete or one of the run's classes ({_listed(classes)}), "
+                        f"got {action[:40]!r}")
+    return _Row(parts, parts[1] if action in (KEEP, "") else action)
+
+
+def _rows(csv_path: Path, roots: Sequence[str], classes: Sequence[str]) -> list[_Row]:
+    """The table's rows that move a file, each file listed once."""
+    reader = csv.DictReader(io.StringIO(csv_text(csv_path), newline=""))
+    rows: list[_Row] = []
+    seen: set[tuple[str, ...]] = set()
+    try:
+        if reader.fieldnames is None or not {"file", "action"} <= set(reader.fieldnames):
+            raise DataError(f"{csv_path}: expected the columns file and action ('clfpipe data clean' writes "
+                            f"{','.join(COLUMNS)}), got {(reader.fieldnames or [])[:10]}")
+        for raw in reader:
+            where = f"{csv_path} line {reader.line_num}"
+            row = _row(raw, where, roots, classes)
+            if row.parts in seen:
+                raise DataError(f"{where}: expected each file once, got {'/'.join(row.parts)[:200]!r} again")
+            seen.add(row.parts)
+            if row.action != row.parts[1]:
+                rows.append(row)
+    except csv.Error as exc:
+        raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
+    return rows
+
+
+def read_plan(csv_path: Path, data_dir: Path, classes: Sequence[str]) -> Plan:
+    """The moves an edited table asks for in ``data_dir``, every one checked: each file is there, no
+    two land on one place, nothing is overwritten, and every class keeps an image in each split
+    (training reads every class from both). One DataError names the first problem."""
+    data_dir = Path(data_dir)
+    roots = [split_folder(data_dir, split, "<class>/*.jpg").name for split in SPLITS]
+    rows = _rows(Path(csv_path), roots, classes)
+    for row in rows:
+        if not data_dir.joinpath(*row.parts).is_file():
+            raise DataError(f"{csv_path}: {'/'.join(row.parts)!r}: expected a file in {data_dir}, got none "
+                            "(moved by an earlier --apply?)")
+    relabel = tuple((data_dir.joinpath(*r.parts), data_dir.joinpath(r.parts[0], r.action, *r.parts[2:]))
+                    for r in rows if r.action != DELETE)
+    targets = Counter(target for _, target in relabel)
+    for target, n in targets.items():
+        if n > 1 or target.exists() or target.is_symlink():
+            raise DataError(f"{csv_path}: relabelling would move {'two files' if n > 1 else 'a file'} onto {target}: "
+                            "expected a name free in its new class folder (rename the file, or delete one)")
+    _check_classes_kept(data_dir, rows)
+    return Plan(tuple(data_dir.joinpath(*r.parts) for r in rows if r.action == DELETE), relabel)
+
+
+def _check_classes_kept(data_dir: Path, rows: Sequence[_Row]) -> None:
+    leaving = Counter(r.parts[:2] for r in rows)
+    arriving = Counter((r.parts[0], r.action) for r in rows if r.action != DELETE)
+    for folder, n in leaving.items():
+        if len(image_files(data_dir.joinpath(*folder))) - n + arriving[folder] < 1:
+            raise DataError(f"the table leaves {data_dir.joinpath(*folder)} without an image: expected every class to keep "
+                            "one in each split (training reads every class from both)")
+
+
+def single_label(manifest: Manifest) -> None:
+    """The table ranks one class per image: a multi-label run's labels are its tags table's rows."""
+    if manifest.recipe.multi_label:
+        raise DataError("data clean: expected a single-label run, got a multi-label one (its labels are the rows of "
+                        f"{manifest.recipe.data.labels_csv}: edit that table)")
+
+
+def run_plan(run_dir: Path, csv_path: Path, data_dir: Path | None = None) -> tuple[Path, Plan]:
+    """(the data folder, the plan) of an edited table for a run's data (default: the folder training read)."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    single_label(manifest)
+    data = Path(data_dir) if data_dir else run.data_dir(manifest)
+    return data, read_plan(csv_path, data, manifest.classes)
+
+
+def apply_plan(plan: Plan, data_dir: Path, move_to: Path, *, dry_run: bool = False) -> list[tuple[Path, Path]]:
+    """The plan's moves, (from, to): deleted files to ``move_to`` at their paths under ``data_dir``,
+    relabelled ones into their new class folders. Every target is checked before the first move;
+    ``dry_run`` moves nothing."""
+    moves = [*zip(plan.delete, aside_targets(plan.delete, data_dir, move_to)), *plan.relabel]
+    if not dry_run:
+        move_files(moves, "data clean")
+    return moves
+
+
+def relative(path: Path, data_dir: Path) -> str:
+    """A file's path under the data folder, '/'-separated (a symlinked file as its link's place)."""
+    return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(data_dir)).parts).as_posix()

@@ -1,0 +1,283 @@
+"""`clfpipe data clean`: every image of a run's data ranked by its loss into a table the user edits
+(fastai's top losses and ImageClassifierCleaner), and ``--apply`` carrying the edits out: deleted
+images moved aside, relabelled ones moved into their class's folder, every row checked first."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from clfpipe.cli import main
+from clfpipe.contract.cleaning import COLUMNS, apply_plan, cross_entropy, rank, read_plan, table_bytes
+from clfpipe.contract.dataset import image_files
+from clfpipe.contract.errors import DataError
+from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.pipeline import Reference
+
+CLASSES = ("checker", "horizontal", "vertical")
+
+
+def _softmax_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return -np.log(p[np.arange(len(p)), labels])
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(2, 5)), elements=st.floats(-30, 30, width=32)),
+       st.data())
+def test_cross_entropy_is_minus_log_softmax_of_the_label(logits, data):
+    labels = np.array(data.draw(st.lists(st.integers(0, logits.shape[1] - 1), min_size=len(logits), max_size=len(logits))))
+    np.testing.assert_allclose(cross_entropy(logits, labels), _softmax_loss(logits.astype(np.float64), labels),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_cross_entropy_stays_finite_where_the_probability_underflows():
+    # softmax gives p(label) = 0 in float32 here: -log would be inf for both, and they would rank as equals
+    loss = cross_entropy(np.array([[1000.0, -1000.0], [500.0, -500.0]], dtype=np.float32), np.array([1, 1]))
+    np.testing.assert_allclose(loss, [2000.0, 1000.0])
+
+
+def test_rank_is_highest_loss_first_and_stable_on_ties():
+    logits = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
+    rows = rank(["a", "b", "c", "d"], ["train"] * 4, np.array([0, 1, 1, 1]), logits, ("x", "y"))
+    assert [r.file for r in rows] == ["b", "a", "c", "d"]  # a and c tie at log 2: file order
+    assert [r.predicted for r in rows] == ["x", "x", "x", "y"]
+    assert rows[0].label == "y" and rows[0].p_label == pytest.approx(1 / (1 + np.exp(3)))
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    write_demo_dataset(root, spec=DemoSpec(train_per_class=3, valid_per_class=2, image_size=16))
+    return root
+
+
+def _table(path: Path, rows: list[dict], columns=COLUMNS) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())
+    return path
+
+
+def _rows(data: Path, actions: dict[str, str]) -> list[dict]:
+    """Every image of data as a row, with `actions` by file (else keep)."""
+    files = [f.relative_to(data).as_posix() for f in image_files(data)]
+    return [{"file": f, "label": f.split("/")[1], "action": actions.get(f, "keep")} for f in files]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_written_table_read_back_unchanged_moves_nothing(data, tmp_path):
+    files = [f.relative_to(data).as_posix() for f in image_files(data)]
+    rows = rank(files, [f.split("/")[0] for f in files], np.array([CLASSES.index(f.split("/")[1]) for f in files]),
+                np.random.default_rng(0).normal(size=(len(files), 3)), CLASSES)
+    (tmp_path / "t.csv").write_bytes(table_bytes(rows))
+    assert len(read_plan(tmp_path / "t.csv", data, CLASSES)) == 0
+
+
+def test_apply_moves_deleted_images_aside_and_relabelled_ones_into_their_class(data, tmp_path):
+    before = _tree(data)
+    table = _table(tmp_path / "t.csv", _rows(data, {"train/checker/checker_0000.jpg": "delete",
+                                                      "train/vertical/vertical_0001.jpg": "horizontal",
+                                                      "valid/horizontal/horizontal_0000.jpg": "horizontal"}))  # its own: kept
+    plan = read_plan(table, data, CLASSES)
+    aside = tmp_path / "aside"
+    moves = apply_plan(plan, data, aside)
+    assert moves == [(data / "train/checker/checker_0000.jpg", aside / "train/checker/checker_0000.jpg"),
+                     (data / "train/vertical/vertical_0001.jpg", data / "train/horizontal/vertical_0001.jpg")]
+    after = {**_tree(data), **{f"aside/{k}": v for k, v in _tree(aside).items()}}
+    expected = dict(before)
+    expected["aside/train/checker/checker_0000.jpg"] = expected.pop("train/checker/checker_0000.jpg")
+    expected["train/horizontal/vertical_0001.jpg"] = expected.pop("train/vertical/vertical_0001.jpg")
+    assert after == expected
+
+
+def test_a_dry_run_moves_nothing(data, tmp_path):
+    before = _tree(data)
+    plan = read_plan(_table(tmp_path / "t.csv", _rows(data, {"train/checker/checker_0000.jpg": "delete"})), data, CLASSES)
+    assert len(apply_plan(plan, data, tmp_path / "aside", dry_run=True)) == 1
+    assert _tree(data) == before and not (tmp_path / "aside").exists()
+
+
+REFUSED = [
+    ({"train/checker/checker_0000.jpg": "Delete"}, "line 2: action: expected keep, delete or one of the run's classes "
+     "(checker, horizontal, vertical), got 'Delete'"),
+    ({"valid/vertical/vertical_0000.jpg": "delete", "valid/vertical/vertical_0001.jpg": "checker"},
+     "the table leaves {data}/valid/vertical without an image: expected every class to keep one in each split"),
+]
+
+
+@pytest.mark.parametrize("actions, message", REFUSED)
+def test_a_table_that_cannot_be_carried_out_is_refused_whole(data, tmp_path, actions, message):
+    before = _tree(data)
+    with pytest.raises(DataError) as info:
+        read_plan(_table(tmp_path / "t.csv", _rows(data, actions)), data, CLASSES)
+    assert message.format(data=data) in str(info.value)
+    assert _tree(data) == before
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"file": "../data/train/checker/checker_0000.jpg"}, "file: expected a path under train/<class>/ or valid/<class>/ "
+                                                          "(no part starting with '.'), got '../data/train/checker/checker_0000.jpg'"),
+    ({"file": "train/checker/._checker_0000.jpg"}, "(no part starting with '.'), got 'train/checker/._checker_0000.jpg'"),
+    ({"file": "/etc/passwd.jpg"}, "file: expected a path under train/<class>/ or valid/<class>/"),
+    ({"file": "train/dog/a.jpg"}, "'train/dog/a.jpg': expected a folder of one of the run's classes (checker, "
+                                  "horizontal, vertical), got 'dog'"),
+    ({"file": "train/checker/notes.txt"}, "'train/checker/notes.txt': expected an image (.jpg"),
+    ({"file": "train/checker/checker_0000.jpg", "label": "vertical"},
+     "label 'vertical', but the file is in 'checker''s folder"),
+    ({"file": "train/checker/gone.jpg", "action": "delete"}, "'train/checker/gone.jpg': expected a file in"),
+    ({"file": "train/checker/checker_0001.jpg", "action": "delete"}, "expected each file once, got "
+                                                                     "'train/checker/checker_0001.jpg' again"),
+])
+def test_each_bad_row_is_one_line_naming_it(data, tmp_path, row, message):
+    rows = [{"file": "train/checker/checker_0001.jpg", "action": "keep"}, row]
+    with pytest.raises(DataError) as info:
+        read_plan(_table(tmp_path / "t.csv", rows), data, CLASSES)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_two_files_relabelled_onto_one_name_or_onto_a_file_are_refused(data, tmp_path):
+    image = (data / "train/checker/checker_0000.jpg").read_bytes()
+    for folder in ("checker", "horizontal", "vertical"):
+        (data / "train" / folder / "dup.jpg").write_bytes(image)
+    with pytest.raises(DataError, match="relabelling would move a file onto .*train/horizontal/dup.jpg: expected a name free"):
+        read_plan(_table(tmp_path / "t.csv", _rows(data, {"train/checker/dup.jpg": "horizontal"})), data, CLASSES)
+    (data / "train/checker/dup.jpg").unlink()
+    with pytest.raises(DataError, match="relabelling would move two files onto .*train/checker/dup.jpg"):
+        read_plan(_table(tmp_path / "t.csv", _rows(data, {"train/vertical/dup.jpg": "checker",
+                                                           "train/horizontal/dup.jpg": "checker"})), data, CLASSES)
+
+
+def test_deleted_images_go_outside_the_splits(data, tmp_path):
+    plan = read_plan(_table(tmp_path / "t.csv", _rows(data, {"train/checker/checker_0000.jpg": "delete"})), data, CLASSES)
+    with pytest.raises(DataError, match="--move-to: expected a folder outside"):
+        apply_plan(plan, data, data / "train" / "removed")
+    assert (data / "train/checker/checker_0000.jpg").is_file()
+
+
+REAL = [f"{split}/{c}/{c}_{i:04d}.jpg" for split, n in (("train", 3), ("valid", 2)) for c in CLASSES for i in range(n)]
+JUNK = ["train/checker/missing.jpg", "train/dog/a.jpg", "valid/checker/../x.jpg", "", "train", "/train/checker/a.jpg"]
+ACTIONS = ["keep", "delete", "", *CLASSES]
+GOOD = st.fixed_dictionaries({"file": st.sampled_from(REAL), "label": st.sampled_from(["=", ""]),  # '=': the file's class
+                              "action": st.sampled_from(ACTIONS)})
+ANY = st.fixed_dictionaries({
+    "file": st.one_of(st.sampled_from(REAL), st.sampled_from(JUNK), st.text(max_size=20)),
+    "label": st.one_of(st.just("="), st.sampled_from(CLASSES), st.text(max_size=5)),
+    "action": st.one_of(st.sampled_from(ACTIONS), st.text(max_size=8)),
+})
+# rows a user may write, and at most one that may be anything: one bad row refuses the whole table
+TABLES = st.tuples(st.lists(GOOD, max_size=10, unique_by=lambda r: r["file"]), st.lists(ANY, max_size=1))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=300), TABLES.map(lambda rows: _csv_bytes(rows[0] + rows[1]))))
+def test_any_table_is_carried_out_whole_or_refused_in_one_line(content):
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_demo_dataset(data, spec=DemoSpec(train_per_class=3, valid_per_class=2, image_size=8))
+        before = _tree(data)
+        (Path(tmp) / "t.csv").write_bytes(content)
+        try:
+            plan = read_plan(Path(tmp) / "t.csv", data, CLASSES)
+        except DataError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            assert _tree(data) == before
+            event("refused")
+            return
+        event(f"{len(plan)} moves")
+        moves = apply_plan(plan, data, Path(tmp) / "aside")
+        after = {**_tree(data), **{f"aside/{k}": v for k, v in _tree(Path(tmp) / "aside").items()}}
+        assert sorted(after.values()) == sorted(before.values())  # every image somewhere, none lost or doubled
+        for source, target in moves:
+            assert not source.exists() and target.read_bytes() == before[source.relative_to(data).as_posix()]
+        for split in ("train", "valid"):
+            assert all(image_files(data / split / c) for c in CLASSES)
+
+
+def _csv_bytes(rows: list[dict]) -> bytes:
+    rows = [{**r, "label": r["file"].split("/")[1] if r["label"] == "=" and r["file"].count("/") > 1 else r["label"]}
+            for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["file", "label", "action"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode("utf-8", "surrogatepass")
+
+
+def _read(table: Path) -> list[dict]:
+    return list(csv.DictReader(table.open(newline="")))
+
+
+@pytest.mark.slow
+def test_clean_ranks_mislabelled_images_first_and_apply_puts_them_back(trained_run, demo_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    wrong = sorted((data / "train" / "horizontal").glob("*.jpg"))[:3]
+    for f in wrong:  # three horizontal images filed as checker: the trained model knows better
+        f.rename(data / "train" / "checker" / f.name)
+    out = tmp_path / "clean"
+    assert main(["data", "clean", "--run", str(trained_run), "--data", str(data), "--out", str(out), "--show", "12"]) == 0
+    rows = _read(out / "cleaning.csv")
+    assert list(rows[0]) == list(COLUMNS)
+    assert sorted(r["file"] for r in rows) == sorted(f.relative_to(data).as_posix() for f in image_files(data))
+    losses = [float(r["loss"]) for r in rows]
+    assert losses == sorted(losses, reverse=True) and [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    misfiled = {f"train/checker/{f.name}" for f in wrong}
+    top = [r for r in rows[:9] if r["file"] in misfiled]  # the top 2% of 450: here they ranked 1, 2 and 5
+    assert len(top) == 3 and all(r["predicted"] == "horizontal" and r["label"] == "checker" for r in top)
+    # the probabilities are the run's, as the reference path that judges the server computes them
+    valid = [r for r in rows if r["split"] == "valid"]
+    ref = Reference(trained_run, [demo_data / r["file"] for r in valid]).on("pil")  # the same files, unmoved
+    p = ref[np.arange(len(valid)), [CLASSES.index(r["label"]) for r in valid]]
+    np.testing.assert_allclose([float(r["p_label"]) for r in valid], p, rtol=1e-3, atol=1e-6)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["top_losses_1.png", "top_losses_11.png", "top_losses_6.png"]
+    assert "clfpipe data clean --run" in (out / "index.html").read_text() and rows[0]["file"] in (out / "index.html").read_text()
+    capsys.readouterr()
+
+    for r in top:
+        r["action"] = "horizontal"
+    deleted = next(r["file"] for r in rows if r["file"] not in misfiled)
+    rows[[r["file"] for r in rows].index(deleted)]["action"] = "delete"
+    _table(out / "cleaning.csv", rows)
+    assert main(["data", "clean", "--run", str(trained_run), "--data", str(data), "--apply", str(out / "cleaning.csv")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and printed[0] == f"{data / deleted}\t{data / 'removed' / deleted}"
+    assert all((data / "train" / "horizontal" / f.name).is_file() for f in wrong)
+    assert (data / "removed" / deleted).is_file() and not (data / deleted).exists()
+    # the same table again: its files have moved, and it says so
+    assert main(["data", "clean", "--run", str(trained_run), "--data", str(data), "--apply", str(out / "cleaning.csv")]) == 2
+    assert "expected a file in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_clean_refuses_bad_options_before_any_work(trained_run, tmp_path, capsys):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("not a table")
+    for argv, message in [
+        (["--show", "481"], "--show: expected 0 to 480 images, got 481"),
+        (["--out", str(keep)], f"--out {keep}: expected a new folder or one 'clfpipe data clean' wrote (no cleaning.csv "
+                               "there): it is left as it was"),
+        (["--move-to", str(tmp_path / "x")], "data clean: --move-to and --dry-run go with --apply CSV"),
+        (["--apply", str(tmp_path / "t.csv"), "--show", "3"], "data clean: --out and --show make the table: expected "
+                                                             "neither with --apply"),
+    ]:
+        assert main(["data", "clean", "--run", str(trained_run), *argv]) == 2
+        assert capsys.readouterr().err == f"clfpipe: error: {message}\n"
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"] and not (trained_run / "clean").exists()

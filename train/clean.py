@@ -1,0 +1,124 @@
+"""``clfpipe data clean``: every image of a run's data, training split too, ranked by its loss under
+the trained model (fastai's ``top_losses``; lesson 2 cleans the training images, where a
+scraped dataset's wrong labels sit), into the table ``clfpipe.contract.cleaning`` reads back, and
+a page that draws the highest losses."""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clfpipe.contract.cleaning import TABLE, Ranked, rank, relative, single_label, table_bytes
+from clfpipe.contract.dataset import SPLITS
+from clfpipe.contract.errors import DataError, ManifestError
+from clfpipe.contract.lock import holding_run
+from clfpipe.contract.manifest import RunDir, check_out_folder
+from clfpipe.nn.reference import load_run_model
+from clfpipe.train.data import run_splits
+from clfpipe.train.evaluate import predict_logits
+from clfpipe.train.report import STYLE, image_grid
+from clfpipe.train.stage import pick_device
+
+log = logging.getLogger(__name__)
+
+OUT = "clean"  # RUN/clean unless --out says
+PER_GRID = 5  # a grid of 5 (1,048 px) shows at its size in the page (1,200 px at most); 8 were scaled to 0.6
+MAX_SHOWN = 480
+
+
+@holding_run("data clean")
+def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path | None = None) -> tuple[Path, int]:
+    """``clfpipe data clean``: the run's data ranked into OUT/cleaning.csv and drawn in
+    OUT/index.html (default OUT: RUN/clean); returns (the table, its rows)."""
+    out = Path(out) if out else Path(run_dir) / OUT
+    check_out(out, shown)  # before the ranking's work
+    data, rows = rank_run(run_dir, data_dir)
+    write_cleaning(out, rows, data, run_dir, shown)
+    return out / TABLE, len(rows)
+
+
+def rank_run(run_dir: Path, data_dir: Path | None = None) -> tuple[Path, list[Ranked]]:
+    """(the data folder, its images ranked): both splits of the run's data (default: the folder
+    training read) by the run's loss on the evaluation transforms (no augmentation), highest first."""
+    run = RunDir(run_dir)
+    manifest = run.read()
+    single_label(manifest)
+    data = Path(data_dir) if data_dir else run.data_dir(manifest)
+    splits = run_splits(run, manifest, data_dir)
+    device = pick_device("auto")
+    model = load_run_model(run, manifest).to(device)
+    logits = [predict_logits(model, split, spec=manifest.preprocess, batch_size=manifest.recipe.data.batch_size,
+                             device=device) for split in splits]
+    files = [relative(f, data) for split in splits for f in split.files]
+    names = [name for name, split in zip(SPLITS, splits) for _ in split.files]
+    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64) for split in splits])
+    return data, rank(files, names, labels, np.concatenate(logits), manifest.classes)
+
+
+def check_out(out: Path, shown: int) -> None:
+    """``--out`` and ``--show`` as ``write_cleaning`` takes them: checked before the ranking's work."""
+    if not 0 <= shown <= MAX_SHOWN:
+        raise DataError(f"--show: expected 0 to {MAX_SHOWN} images, got {shown}")
+    if out.exists() and not (out.is_dir() and ((out / TABLE).is_file() or not any(out.iterdir()))):
+        raise ManifestError(f"--out {out}: expected a new folder or one 'clfpipe data clean' wrote (no {TABLE} there): "
+                            "it is left as it was")
+    check_out_folder(out, "data clean")
+
+
+def write_cleaning(out: Path, rows: Sequence[Ranked], data_dir: Path, run_dir: Path, shown: int) -> Path:
+    """OUT/cleaning.csv (every row) and OUT/index.html (the ``shown`` highest losses, in grids), written
+    whole or not at all; an OUT that is neither empty nor a table written before is left alone."""
+    check_out(out, shown)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except OSError as exc:
+        raise ManifestError(f"--out {out}: cannot write there: {exc.strerror or exc}") from exc
+    try:
+        (staging / TABLE).write_bytes(table_bytes(rows))
+        _page(staging, rows[:shown], data_dir, f"clfpipe data clean --run {run_dir} --apply {out / TABLE}", len(rows))
+        staging.chmod(0o755)  # mkdtemp's 0700
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except OSError as exc:
+        raise ManifestError(f"--out {out}: cannot write there: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already where the rename took it
+    return out / "index.html"
+
+
+def _cell(value: object) -> str:
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _page(out: Path, top: Sequence[Ranked], data_dir: Path, apply: str, total: int) -> None:
+    """index.html: the rows in grids of PER_GRID, each grid over its rows' table."""
+    sections = []
+    for start in range(0, len(top), PER_GRID):
+        part = top[start:start + PER_GRID]
+        png = f"top_losses_{start + 1}.png"
+        image_grid([data_dir / row.file for row in part],
+                   [f"{Path(row.file).name}\n{row.label} \u2192 {row.predicted} {row.loss:.2f}" for row in part],
+                   out / png, f"losses {start + 1} to {start + len(part)} (file, label \u2192 predicted, loss)")
+        rows = "".join("<tr>" + "".join(_cell(v) for v in (start + i + 1, row.file, row.split, row.label, row.predicted,
+                                                            f"{row.p_label:.4f}", f"{row.loss:.3f}")) + "</tr>"
+                       for i, row in enumerate(part))
+        sections.append(f"<img src=\"{png}\" alt=\"losses {start + 1} to {start + len(part)}\"><table><tr><th>rank</th>"
+                        f"<th>file</th><th>split</th><th>label</th><th>predicted</th><th>p(label)</th><th>loss</th></tr>"
+                        f"{rows}</table>")
+    data = html.escape(str(data_dir))
+    (out / "index.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>clfpipe data cleaning</title>" + STYLE + "</head><body>"
+        "<h1>Data cleaning: the highest losses</h1>"
+        f"<p>The data <code>{data}</code>: {total} images of both splits ranked by their loss, "
+        f"the top {len(top)} drawn here. Every one is a row of <code>{TABLE}</code> beside this page, its action "
+        "<code>keep</code>. Set it to <code>delete</code> (the file is moved aside) or to the class the image belongs "
+        f"to, then:</p><pre>{html.escape(apply)}</pre>"
+        "<p>File paths are under the data folder.</p>" + "".join(sections) + "</body></html>\n", encoding="utf-8")
