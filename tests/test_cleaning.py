@@ -281,3 +281,17 @@ def test_clean_refuses_bad_options_before_any_work(trained_run, tmp_path, capsys
         assert main(["data", "clean", "--run", str(trained_run), *argv]) == 2
         assert capsys.readouterr().err == f"clfpipe: error: {message}\n"
     assert [p.name for p in keep.iterdir()] == ["notes.txt"] and not (trained_run / "clean").exists()
+
+
+@pytest.mark.parametrize("delimiter, newline, bom", [(";", "\r\n", "\ufeff"), ("\t", "\n", ""), (",", "\r\n", "\ufeff")])
+def test_a_table_saved_by_a_spreadsheet_reads_the_same(data, tmp_path, delimiter, newline, bom):
+    rows = _rows(data, {"train/checker/checker_0000.jpg": "delete", "valid/vertical/vertical_0001.jpg": "checker"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["file", "label", "action"], delimiter=delimiter, lineterminator=newline,
+                            quoting=csv.QUOTE_ALL)
+    writer.writeheader()
+    writer.writerows(rows)
+    (tmp_path / "t.csv").write_text(bom + buf.getvalue(), newline="")
+    plan = read_plan(tmp_path / "t.csv", data, CLASSES)
+    assert plan.delete == (data / "train/checker/checker_0000.jpg",)
+    assert plan.relabel == ((data / "valid/vertical/vertical_0001.jpg", data / "valid/checker/vertical_0001.jpg"),)

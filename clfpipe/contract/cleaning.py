@@ -114,9 +114,19 @@ def _row(row: dict, where: str, roots: Sequence[str], classes: Sequence[str]) ->
     return _Row(parts, parts[1] if action in (KEEP, "") else action)
 
 
+DELIMITERS = (",", ";", "\t")  # spreadsheets save CSV with ';' where ',' is the decimal mark, or tabs
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter whose header holds the columns file and action (',' where none does)."""
+    header = text.split("\n", 1)[0]
+    return next((d for d in DELIMITERS if {"file", "action"} <= {c.strip().strip('"') for c in header.split(d)}), ",")
+
+
 def _rows(csv_path: Path, roots: Sequence[str], classes: Sequence[str]) -> list[_Row]:
     """The table's rows that move a file, each file listed once."""
-    reader = csv.DictReader(io.StringIO(csv_text(csv_path), newline=""))
+    text = csv_text(csv_path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
     rows: list[_Row] = []
     seen: set[tuple[str, ...]] = set()
     try:
