@@ -225,6 +225,7 @@ def _read(table: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_clean_ranks_mislabelled_images_first_and_apply_puts_them_back(trained_run, demo_data, tmp_path, capsys):
+    assert f"<code>clfpipe data clean --run {trained_run}</code>" in (trained_run / "report" / "index.html").read_text()
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     wrong = sorted((data / "train" / "horizontal").glob("*.jpg"))[:3]

@@ -53,8 +53,9 @@ def test_report_names_every_file_and_lists_confusions(tmp_path):
     files = _images(tmp_path)
     losses = [LossPoint("head", 1, 1.2, 1.1), LossPoint("head", 2, 1.0, 0.9), LossPoint("all", 1, 0.8, 0.7)]
     index = write_report(tmp_path / "report", files=files, labels=LABELS, probs=PROBS, classes=["a", "b", "c"], k=4,
-                         losses=losses)
+                         losses=losses, next_step="clfpipe data clean --run runs/<a&b>")
     text = index.read_text()
+    assert "ranked by its loss, to fix or remove the wrong ones: <code>clfpipe data clean --run runs/&lt;a&amp;b&gt;</code>" in text
     for f in files:  # each image appears under its grid by its path relative to the report
         assert f"../images/{f.name}" in text
     assert "plain predictions, no TTA: accuracy 0.6667 on 6 images" in text

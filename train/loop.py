@@ -352,7 +352,8 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
     if recipe.evaluate.report and not recipe.multi_label:
         index = write_report(run_dir / "report", files=ctx.valid.files, labels=np.asarray(ctx.valid.labels),
                              probs=result.probs, classes=ctx.valid.classes, k=recipe.evaluate.report_images,
-                             losses=[LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows])
+                             losses=[LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows],
+                             next_step=f"clfpipe data clean --run {run_dir}")
         log.info("report: %s", index)
     elif recipe.evaluate.report:  # asked for, and not made: say so rather than leave the user looking for it
         log.info("report: none for a multi-label run (the data-cleaning report ranks one class per image); "

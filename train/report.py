@@ -362,8 +362,9 @@ CONFUSED_ROWS = 50  # of a many-class matrix's thousands of confused pairs, the 
 
 def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, probs: np.ndarray,
                  classes: Sequence[str], k: int = 8, predictions: str = "plain predictions, no TTA",
-                 losses: Sequence[LossPoint] = ()) -> Path:
-    """Write the PNGs and index.html into out_dir; returns the index path."""
+                 losses: Sequence[LossPoint] = (), next_step: str = "") -> Path:
+    """Write the PNGs and index.html into out_dir; returns the index path. ``next_step``: the
+    command that ranks the training images too (``clfpipe data clean``), named under the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if missing := undrawable("".join(classes)):
         log.warning("report: no font here has %r (in class names): the PNGs draw them as boxes (install one that has "
@@ -399,7 +400,9 @@ def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, pr
         "<h1>Data-cleaning report (validation set)</h1>"
         f"<p>{predictions}: accuracy {float((predicted == labels).mean()):.4f} on {len(labels)} images. "
         "Image paths are relative to this report.</p>"
-        "<table><tr><th>class</th><th>images</th><th>accuracy</th></tr>" + "".join(rows) + "</table>"
+        + (f"<p>Every image of both splits, training too, ranked by its loss, to fix or remove the wrong ones: "
+           f"<code>{html.escape(next_step)}</code></p>" if next_step else "")
+        + "<table><tr><th>class</th><th>images</th><th>accuracy</th></tr>" + "".join(rows) + "</table>"
         "<h2>Most confused (actual &rarr; predicted)</h2>"
         + ("<table><tr><th>actual</th><th>predicted</th><th>images</th></tr>" + confused_rows + "</table>" if confused
            else "<p>no confusions</p>")
