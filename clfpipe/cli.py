@@ -36,14 +36,16 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     found = check_data(args.data, args.labels_csv, args.workers)
     for path, why in found.unusable:
         print(f"{path}\t{why}")
+    for copy in found.duplicates:
+        print(f"{copy.path}\tsame bytes as {copy.first}: {copy.why}")
     skipped = ", ".join(f"{n} {suffix}" for suffix, n in found.skipped.items())
-    log.info("data check: %d images, %d unusable%s", found.images, len(found.unusable),
-             f"; not read as images: {skipped}" if skipped else "")
+    log.info("data check: %d images, %d unusable, %d repeating another's bytes%s", found.images, len(found.unusable),
+             len(found.duplicates), f"; not read as images: {skipped}" if skipped else "")
     if found.unusable and args.move_to is not None:
         moved = move_aside([path for path, _ in found.unusable], args.data, args.move_to)
-        log.info("data check: moved %d files to %s", len(moved), args.move_to)
-        return 0
-    return 2 if found.unusable else 0
+        log.info("data check: moved %d unusable files to %s", len(moved), args.move_to)
+        return 2 if found.duplicates else 0
+    return 2 if found.unusable or found.duplicates else 0
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
@@ -347,11 +349,12 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
     p.add_argument("--multi-label", action="store_true", help="Planet-style tags in labels.csv instead of class folders")
     p.set_defaults(func=_cmd_data_demo)
-    p = _sub(data, "check", "decode every image of a data folder as training does: list the unusable ones "
-                            "(exit status 2 if any), or move them aside")
+    p = _sub(data, "check", "decode every image of a data folder as training does: list the unusable ones, and the "
+                            "files that repeat another's bytes (exit status 2 if any); or move the unusable ones aside")
     p.add_argument("data", type=Path, help="image folder with train/<class>/ and valid/<class>/")
     p.add_argument("--labels-csv", default="", help="multi-label tags CSV in DATA, as the recipe's data.labels_csv")
-    p.add_argument("--move-to", type=Path, help="move the unusable files here, each at its path under DATA")
+    p.add_argument("--move-to", type=Path, help="move the unusable files here, each at its path under DATA (repeated "
+                                                "ones stay: which copy goes is the user's choice)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
     p.set_defaults(func=_cmd_data_check)
     p = _sub(data, "split", "hold out part of each class for validation: SRC/<class>/ into OUT/train/<class>/ and "

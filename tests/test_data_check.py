@@ -16,7 +16,7 @@ from clfpipe.cli import main
 from clfpipe.contract.dataset import check_data, image_problem
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import load_image
-from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
 
 
 @pytest.fixture
@@ -57,13 +57,17 @@ def _png(width: int, height: int) -> bytes:
 
 def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_path, capsys):
     bad = _spoil(data)
+    nested = data / "valid" / "vertical" / "more" / "nested.jpg"
+    first = next(p for p in sorted((data / "train" / "vertical").glob("*.jpg")) if p.read_bytes() == nested.read_bytes())
+    leak = f"{nested}\tsame bytes as {first}: in both splits: the validation score counts an image training saw"
     assert main(["data", "check", str(data), "--workers", "2"]) == 2
     out, err = capsys.readouterr()
     listed = sorted(line.split("\t")[0] for line in out.splitlines())
-    assert listed == [str(p) for p in bad]
+    assert listed == sorted([str(p) for p in bad] + [str(nested)])
     assert "image file is truncated" in out and "image too elongated" in out and "not an image" in out
+    assert out.splitlines()[-1] == leak  # a copy of a training image in valid/
     # hidden files and folders (.DS_Store, ._resource.jpg, .ipynb_checkpoints): not read, not counted
-    assert "3 unusable; not read as images: 1 .jpg not in a class folder, 1 .tiff, 1 .txt" in err
+    assert "3 unusable, 1 repeating another's bytes; not read as images: 1 .jpg not in a class folder, 1 .tiff, 1 .txt" in err
     assert check_data(data).images == 3 * 3 + 3 * 2 + 3 + 1  # the demo's, the bad ones and more/nested.jpg
 
     inside = data / "train" / "rejected"
@@ -71,10 +75,13 @@ def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_pat
     assert "expected a folder outside" in capsys.readouterr().err and all(p.exists() for p in bad)
 
     aside = tmp_path / "rejected"
-    assert main(["data", "check", str(data), "--move-to", str(aside)]) == 0
+    assert main(["data", "check", str(data), "--move-to", str(aside)]) == 2  # the copy stays: which one goes is the user's call
     assert not any(p.exists() for p in bad)
     assert sorted(aside.rglob("*.*")) == sorted(aside / p.relative_to(data) for p in bad)
     capsys.readouterr()
+    assert main(["data", "check", str(data)]) == 2
+    assert capsys.readouterr().out == leak + "\n"
+    nested.unlink()
     assert main(["data", "check", str(data)]) == 0
     assert capsys.readouterr().out == ""
 
@@ -82,6 +89,37 @@ def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_pat
     again.write_bytes(b"\xff\xd8\xff")
     assert main(["data", "check", str(data), "--move-to", str(aside)]) == 2
     assert "already exists" in capsys.readouterr().err and again.exists()
+
+
+def test_data_check_names_each_file_that_repeats_another_and_what_the_copy_does(data, capsys):
+    train = sorted((data / "train" / "checker").glob("*.jpg"))
+    copies = {
+        data / "train" / "checker" / "z_again.jpg": (train[1], "a second copy of its class: trained on twice as often"),
+        data / "train" / "vertical" / "z.jpg": (train[0], "labelled 'checker' there, 'vertical' here"),
+        data / "valid" / "horizontal" / "z.jpg": (train[2], "labelled 'checker' there, 'horizontal' here; in both splits: "
+                                                           "the validation score counts an image training saw"),
+    }
+    for copy, (source, _) in copies.items():
+        copy.write_bytes(source.read_bytes())
+    found = check_data(data)
+    assert {d.path: (d.first, d.why) for d in found.duplicates} == copies and not found.unusable
+    assert main(["data", "check", str(data)]) == 2
+    assert sorted(capsys.readouterr().out.splitlines()) == sorted(f"{c}\tsame bytes as {s}: {why}" for c, (s, why) in copies.items())
+
+
+def test_repeated_multi_label_images_are_named_by_their_tags(tmp_path):
+    data = tmp_path / "planet"
+    write_demo_multilabel(data, train=20, valid=4, image_size=16)
+    first = sorted((data / "train").glob("*.jpg"))[0]
+    copy = data / "valid" / "copy.jpg"
+    copy.write_bytes(first.read_bytes())
+    tags = dict(row.split(",", 1) for row in (data / "labels.csv").read_text().splitlines()[1:])
+    with (data / "labels.csv").open("a") as fh:
+        fh.write("copy,disc\n")
+    (found,) = check_data(data, "labels.csv").duplicates
+    assert (found.path, found.first) == (copy, first)
+    assert found.why == (f"labelled {tags[first.stem]!r} there, 'disc' here; in both splits: the validation score counts "
+                         "an image training saw")
 
 
 def test_training_refuses_unusable_headers_all_counted_before_the_run_exists(data, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import shutil
@@ -365,6 +366,26 @@ class DataCheck:
     images: int  # files read as images, every split
     unusable: tuple[tuple[Path, str], ...]  # (file, why), in the splits' order
     skipped: dict[str, int]  # other files under the splits by suffix: never read (hidden files left out)
+    duplicates: tuple[Duplicate, ...] = ()  # usable files whose bytes an earlier one has
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A file with the same bytes as one read before it (train before valid, each in layout order)."""
+
+    path: Path
+    first: Path
+    why: str  # what the copy does to training or to its score
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One image as ``check_data`` found it: its split and label, and its bytes' digest (None: unusable)."""
+
+    path: Path
+    split: str
+    label: str
+    digest: str | None
 
 
 SPLITS = ("train", "valid")
@@ -375,8 +396,9 @@ MAX_CHECK_WORKERS = 256  # decoding threads: past the machine's cores they only 
 
 def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1) -> DataCheck:
     """Every image the layout finds in DATA (both splits) decoded whole, as training and the
-    server decode it: the files a run would stop on, all at once (as fastai's ``verify_images``).
-    ``workers`` threads decode (Pillow releases the GIL while decoding)."""
+    server decode it: the files a run would stop on, all at once (as fastai's ``verify_images``);
+    and the files that repeat another's bytes (a validation image that training also reads, an
+    image in two classes). ``workers`` threads decode (Pillow releases the GIL while decoding)."""
     if not 1 <= workers <= MAX_CHECK_WORKERS:
         raise DataError(f"--workers: expected 1 to {MAX_CHECK_WORKERS}, got {workers}")
     data_dir = Path(data_dir)
@@ -384,15 +406,52 @@ def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1) -> DataCh
     splits = [train, scan_data(data_dir, "valid", labels_csv, train.classes, verify=False)]
     files = [path for split in splits for path in split.files]
     with ThreadPoolExecutor(workers) as pool:
-        found = list(progress(pool.map(image_problem, files), "data check", total=len(files), unit="images"))
-    unusable = tuple((path, why) for path, why in zip(files, found) if why is not None)
+        found = list(progress(pool.map(_inspect, files), "data check", total=len(files), unit="images"))
+    unusable = tuple((path, why) for path, (why, _) in zip(files, found) if why is not None)
+    where = [(name, split, i) for name, split in zip(SPLITS, splits) for i in range(len(split))]
+    read = [_Read(path, name, _label_text(split, i), digest) for path, (name, split, i), (_, digest) in zip(files, where, found)]
     roots = [split_folder(data_dir, split, "") for split in SPLITS]
-    return DataCheck(len(files), unusable, _skipped(roots, set(files)))
+    return DataCheck(len(files), unusable, _skipped(roots, set(files)), same_bytes(read))
 
 
 def image_problem(path: Path) -> str | None:
     """Why a file is no usable image, by its header or its whole decode; None when it is one."""
     return header_problem(path) or decode_problem(path)
+
+
+def _inspect(path: Path) -> tuple[str | None, str | None]:
+    """(why the file is unusable, or None; the sha256 of a usable one's bytes)."""
+    why = image_problem(path)
+    if why is not None:
+        return why, None
+    try:
+        return None, hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:  # gone or unreadable since its decode
+        return f"cannot read: {exc.strerror or exc}", None
+
+
+def _label_text(split: Split, index: int) -> str:
+    """A file's class, or its tags space-separated."""
+    label = split.labels[index]
+    return " ".join(c for c, on in zip(split.classes, label) if on) if split.multi_label else split.classes[label]
+
+
+def same_bytes(read: Sequence[_Read]) -> tuple[Duplicate, ...]:
+    """Each usable file whose bytes an earlier one has, with what the copy does."""
+    first: dict[str, _Read] = {}
+    found = []
+    for item in read:
+        if item.digest is None:
+            continue
+        if item.digest not in first:
+            first[item.digest] = item
+            continue
+        was = first[item.digest]
+        why = [f"labelled {was.label!r} there, {item.label!r} here"] if item.label != was.label else []
+        if item.split != was.split:
+            why.append("in both splits: the validation score counts an image training saw")
+        found.append(Duplicate(item.path, was.path, "; ".join(why) or "a second copy of its class: trained on twice as often"))
+    return tuple(found)
 
 
 def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:
