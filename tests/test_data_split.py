@@ -127,6 +127,10 @@ def test_folders_it_cannot_split_are_refused_before_anything_is_written(flat, tm
         f.unlink()
     (flat / "vertical" / "only.jpg").write_bytes(b"one")
     refused(flat, tmp_path / "split", "class folder " + str(flat / "vertical") + ": expected at least 2 images to hold one out, got 1")
+    (flat / "vertical" / "copy.jpg").write_bytes(b"one")  # two files, one image: a copy on each side would leak
+    refused(flat, tmp_path / "split", "class 'vertical': expected at least 2 different images to hold one out, got 2 files "
+            "of the same bytes")
+    (flat / "vertical" / "copy.jpg").unlink()
     (flat / "empty").mkdir()
     refused(flat, tmp_path / "split", f"class folder has no images: {flat / 'empty'}")
     (flat / "empty").rmdir()
@@ -159,16 +163,21 @@ NAMES = st.text(string.ascii_letters + string.digits + "._- é猫", min_size=1, 
 @given(tree=st.dictionaries(NAMES, st.lists(st.tuples(NAMES, st.sampled_from([".jpg", ".jpg", ".jpg", ".PNG", ".txt", ""])),
                                             min_size=1, max_size=6), min_size=2, max_size=4),
        loose=st.integers(0, 2),
+       copies=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=4),
        pct=st.floats(0.01, 0.99),
        seed=st.integers(0, 2**32 - 1))
-def test_any_folder_is_split_whole_or_refused_in_one_error(tmp_path_factory, tree, loose, pct, seed):
+def test_any_folder_is_split_whole_or_refused_in_one_error(tmp_path_factory, tree, loose, copies, pct, seed):
     root = tmp_path_factory.mktemp("prop")
     src = root / "src"
     src.mkdir()
+    written = []
     for folder, files in tree.items():
         (src / folder).mkdir(exist_ok=True)
         for stem, suffix in files:
-            (src / folder / f"{stem}{suffix}").write_bytes(b"x")
+            written.append(src / folder / f"{stem}{suffix}")
+            written[-1].write_bytes(f"{folder}/{stem}{suffix}".encode())
+    for i, j in copies:  # some files with another's bytes, in its class or another
+        written[i % len(written)].write_bytes(written[j % len(written)].read_bytes())
     for i in range(loose):
         (src / f"loose{i}.jpg").write_bytes(b"x")
     try:
@@ -186,6 +195,12 @@ def test_any_folder_is_split_whole_or_refused_in_one_error(tmp_path_factory, tre
     train = scan_split(root / "out", "train", verify=False)
     assert train.classes == tuple(classes) and len(train) == result.train
     assert len(scan_split(root / "out", "valid", train.classes, verify=False)) == result.valid
+    for c in classes:  # the files of a class with one content went to one split
+        split_of: dict[bytes, set[str]] = {}
+        for f in image_files(src / c):
+            where = [s for s in ("train", "valid") if (root / "out" / s / f.relative_to(src)).is_file()]
+            split_of.setdefault(f.read_bytes(), set()).update(where)
+        assert all(len(splits) == 1 for splits in split_of.values())
 
 
 def _flatten(demo: Path, dest: Path) -> Path:
@@ -282,7 +297,7 @@ def test_any_folder_and_classes_table_is_split_whole_or_refused_in_one_error(tmp
     src = root / "src"
     src.mkdir()
     for stem in stems:
-        (src / f"{stem}.jpg").write_bytes(b"x")
+        (src / f"{stem}.jpg").write_bytes(stem.encode())
     rows = [(stem, classes[pick % len(classes)]) for stem, pick in zip(stems[unlisted:], picks)]
     (root / "labels.csv").write_text("id,breed\n" + "".join(f"{s},{c}\n" for s, c in rows))
     try:

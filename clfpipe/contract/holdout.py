@@ -1,7 +1,8 @@
 """``clfpipe data split``: a folder of class folders (or of images with a table of their classes or
 tags) into the train/ and valid/ layout every other command reads, holding out a fraction of each
 class for validation, as fastai's ``valid_pct`` does (stratified here: every class keeps its share
-in both splits).
+in both splits). Files of a class with the same bytes go to one split together: a copy on each
+side would put a training image in the validation score.
 
 The source is never changed: files are hard-linked into the new folder (copied where the two lie
 on different file systems), and the new folder appears whole or not at all.
@@ -10,10 +11,12 @@ on different file systems), and the new folder appears whole or not at all.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -67,6 +70,30 @@ def holdout(files: Sequence[T], pct: float, rng: np.random.Generator) -> tuple[l
 
 # What each group's files are placed as: (the file, its path under OUT/<split>)
 Placed = list[tuple[Path, Path]]
+
+
+def same_bytes(files: Sequence[Path]) -> list[list[int]]:
+    """The files' indices grouped by identical bytes, each group and the groups in the files'
+    order. Only files of one size are read (and hashed): most files have a size no other has."""
+    try:
+        sizes = [f.stat().st_size for f in files]
+        counts = Counter(sizes)
+        groups: dict[object, list[int]] = {}
+        for i, (f, size) in enumerate(zip(files, sizes)):
+            key = (size, hashlib.sha256(f.read_bytes()).digest()) if counts[size] > 1 else i
+            groups.setdefault(key, []).append(i)
+    except OSError as exc:
+        raise DataError(f"data split: cannot read {exc.filename}: {exc.strerror or exc}") from exc
+    return list(groups.values())
+
+
+def _units(placed: Placed, name: str) -> list[Placed]:
+    """A class's files as the units held out: each file, or the files with one content together."""
+    units = [[placed[i] for i in group] for group in same_bytes([f for f, _ in placed])]
+    if len(units) < 2:
+        raise DataError(f"{f'class {name!r}' if name else 'the images'}: expected at least 2 different images to hold "
+                        f"one out, got {len(placed)} files of the same bytes")
+    return units
 
 
 def _groups(src: Path, labels_csv: Path | None, classes_csv: Path | None) -> tuple[dict[str, Placed], int]:
@@ -142,16 +169,17 @@ def split_dataset(src: Path, out: Path, pct: float, seed: int = 0, labels_csv: P
         raise DataError("data split: expected one table, --labels-csv (tags) or --classes-csv (one class each), got both")
     _check_places(src, out)
     groups, outside = _groups(src, labels_csv, classes_csv)
+    units = {name: _units(placed, name) for name, placed in groups.items()}
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     counts, copied = {"train": 0, "valid": 0}, 0
     try:
-        for placed in groups.values():
-            for split, chosen in zip(("train", "valid"), holdout(placed, pct, rng)):
-                for path, target in chosen:
+        for held in units.values():
+            for split, chosen in zip(("train", "valid"), holdout(held, pct, rng)):
+                for path, target in (pair for unit in chosen for pair in unit):
                     copied += _place(path, staging / split / target)
-                counts[split] += len(chosen)
+                    counts[split] += 1
         if labels_csv is not None:
             shutil.copy2(labels_csv, staging / labels_csv.name)
         if out.is_dir():
