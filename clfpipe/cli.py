@@ -68,10 +68,11 @@ def _cmd_data_clean(args: argparse.Namespace) -> int:
             raise DataError("data clean: --move-to and --dry-run go with --apply CSV")
         from clfpipe.train.clean import clean_run
 
-        table, rows = clean_run(args.run, args.show, args.out, args.data)
+        table, ranking = clean_run(args.run, args.show, args.out, args.data)
+        rows = len(ranking.rows)
         print(f"wrote {table} ({rows} images, highest loss first) and {table.parent / 'index.html'} "
               f"(the top {min(args.show, rows)})")
-        print(f"next: set the action of the images to clean (delete, or the class one belongs to), then "
+        print(f"next: set the action of the images to clean to {ranking.edits()}; then "
               f"'clfpipe data clean --run {args.run} --apply {table}'")
         return 0
     if args.out is not None or args.show != SHOWN:
@@ -371,7 +372,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data_split)
     p = _sub(data, "clean", "rank every image of a run's data by its loss (fastai's top losses) into a table to edit, "
                             "and a page of the highest; --apply carries out the edited table")
-    p.add_argument("--run", type=Path, required=True, help="a trained single-label run directory")
+    p.add_argument("--run", type=Path, required=True, help="a trained run directory")
     p.add_argument("--data", type=Path, help="the run's image folder (default: the one training read)")
     p.add_argument("--out", type=Path, help="folder for cleaning.csv and index.html (default: RUN/clean)")
     p.add_argument("--show", type=int, default=SHOWN, help="images index.html draws, highest loss first")

@@ -152,7 +152,7 @@ def _label_parameters(config: mc.ModelConfig, manifest: Manifest) -> None:
 
 def _threshold(manifest: Manifest) -> str:
     """A multi-label run's tags: those above training's F2-best threshold."""
-    return json.dumps(manifest.data["stages"].get("train", {}).get("threshold", 0.5))
+    return json.dumps(manifest.threshold)
 
 
 def backbone_config(manifest: Manifest, backbone: Backbone, target: str, fused: bool = False) -> mc.ModelConfig:

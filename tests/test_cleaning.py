@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from clfpipe.cli import main
-from clfpipe.contract.cleaning import COLUMNS, apply_plan, cross_entropy, rank, read_plan, table_bytes
+from clfpipe.contract.cleaning import COLUMNS, apply_plan, binary_cross_entropy, cross_entropy, rank, read_plan, table_bytes
 from clfpipe.contract.dataset import image_files
 from clfpipe.contract.errors import DataError
-from clfpipe.demo_data import DemoSpec, write_demo_dataset
+from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
 from clfpipe.pipeline import Reference
 
 CLASSES = ("checker", "horizontal", "vertical")
@@ -45,6 +45,36 @@ def test_cross_entropy_stays_finite_where_the_probability_underflows():
     # softmax gives p(label) = 0 in float32 here: -log would be inf for both, and they would rank as equals
     loss = cross_entropy(np.array([[1000.0, -1000.0], [500.0, -500.0]], dtype=np.float32), np.array([1, 1]))
     np.testing.assert_allclose(loss, [2000.0, 1000.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 5)), elements=st.floats(-15, 15, width=32)),
+       st.data())
+def test_binary_cross_entropy_is_the_mean_minus_log_p_of_each_tag_as_labelled(logits, data):
+    targets = data.draw(arrays(np.int64, logits.shape, elements=st.integers(0, 1)))
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    expected = -np.mean(np.log(np.where(targets == 1, p, 1 - p)), axis=1)
+    np.testing.assert_allclose(binary_cross_entropy(logits, targets), expected, rtol=1e-6, atol=1e-9)  # 1 - p: ~1e-9 at 15
+
+
+def test_tagged_images_rank_by_their_tags_loss_and_predict_the_tags_above_the_threshold():
+    logits = np.array([[4.0, -4.0], [-4.0, 4.0], [0.0, 0.0]])
+    rows = rank(["a", "b", "c"], ["train"] * 3, np.array([[1, 0], [1, 0], [0, 1]]), logits, ("x", "y"), threshold=0.5)
+    assert [(r.file, r.label, r.predicted) for r in rows] == [("b", "x", "y"), ("c", "y", ""), ("a", "x", "x")]
+    assert rows[1].loss == pytest.approx(np.log(2)) and rows[1].p_label == pytest.approx(0.5)
+
+
+def test_a_multi_label_table_deletes_and_keeps_a_split_whole(tmp_path):
+    data = tmp_path / "planet"
+    write_demo_multilabel(data, train=3, valid=2, image_size=8)
+    rows = [{"file": "valid/valid_0000.jpg", "action": "delete"}, {"file": "train/train_0001.jpg", "action": "keep"}]
+    plan = read_plan(_table(tmp_path / "t.csv", rows), data, ("disc", "horizontal", "vertical"), tags=True)
+    assert plan.delete == (data / "valid/valid_0000.jpg",) and plan.relabel == ()
+    rows.append({"file": "valid/valid_0001.jpg", "action": "delete"})
+    with pytest.raises(DataError, match="leaves .*valid without an image: expected each split to keep one"):
+        read_plan(_table(tmp_path / "t.csv", rows), data, ("disc", "horizontal", "vertical"), tags=True)
+    with pytest.raises(DataError, match=r"file: expected a path under train/ or valid/ \(no part"):
+        read_plan(_table(tmp_path / "t.csv", [{"file": "valid_0000.jpg", "action": "delete"}]), data, ("disc",), tags=True)
 
 
 def test_rank_is_highest_loss_first_and_stable_on_ties():

@@ -89,6 +89,49 @@ def test_multilabel_trains_exports_and_records_f2(tmp_path):
     np.testing.assert_allclose(served, reference, atol=1e-4)
     assert not np.allclose(served.sum(1), 1.0, atol=1e-3)  # independent sigmoids, not a softmax
     _the_served_config_carries_the_threshold(tmp_path / "run", served, figures["threshold"])
+    _data_clean_ranks_tagged_images(tmp_path, files, reference, figures["threshold"])
+
+
+def _data_clean_ranks_tagged_images(tmp_path, valid_files, reference, threshold):
+    """data clean on a multi-label run: each image's mean binary cross-entropy over its tags, the
+    tags it predicts above the threshold; --apply moves a deleted image aside and refuses a new
+    tag list (tags are the labels table's rows)."""
+    from clfpipe.cli import main
+    from clfpipe.contract.cleaning import read_plan
+    from clfpipe.train.clean import clean_run
+
+    table, ranking = clean_run(tmp_path / "run", 5)
+    rows = list(csv.DictReader(table.open(newline="")))
+    assert len(rows) == 96 + 24 and ranking.tags_table == LABELS_CSV
+    losses = [float(r["loss"]) for r in rows]
+    assert losses == sorted(losses, reverse=True)
+    by_file = {r["file"]: r for r in rows}
+    tags = read_tags(tmp_path / "data" / LABELS_CSV)
+    classes = ("disc", "horizontal", "vertical")
+    for f, probs in zip(valid_files, reference):
+        row = by_file[f"valid/{f.name}"]
+        truth = np.array([c in tags[f.stem] for c in classes])
+        bce = -np.mean(np.log(np.where(truth, probs, 1 - probs)))
+        assert float(row["loss"]) == pytest.approx(bce, abs=2e-3)
+        assert set(row["label"].split()) == set(tags[f.stem])
+        assert row["predicted"] == " ".join(c for c, p in zip(classes, probs) if p > threshold)
+    rows[0]["action"] = "delete"
+    rows[1]["action"] = "vertical"
+    _write_rows(table, rows)
+    with pytest.raises(DataError, match="line 3: action: expected keep or delete \\(an image's tags are its row of"):
+        read_plan(table, tmp_path / "data", classes, tags=True)
+    rows[1]["action"] = "keep"
+    _write_rows(table, rows)
+    assert main(["data", "clean", "--run", str(tmp_path / "run"), "--apply", str(table)]) == 0
+    assert (tmp_path / "data" / "removed" / rows[0]["file"]).is_file() and not (tmp_path / "data" / rows[0]["file"]).exists()
+
+
+def _write_rows(table, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    table.write_text(buf.getvalue())
 
 
 def _the_served_config_carries_the_threshold(run_dir, probs, threshold):

@@ -9,12 +9,12 @@ import html
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from clfpipe.contract.cleaning import TABLE, Ranked, rank, relative, single_label, table_bytes
+from clfpipe.contract.cleaning import TABLE, Ranked, rank, relative, table_bytes
 from clfpipe.contract.dataset import SPLITS
 from clfpipe.contract.errors import DataError, ManifestError
 from clfpipe.contract.lock import holding_run
@@ -32,23 +32,37 @@ PER_GRID = 5  # a grid of 5 (1,048 px) shows at its size in the page (1,200 px a
 MAX_SHOWN = 480
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """A run's data ranked: where it lies, its rows, and a multi-label run's tags table ("" for class folders)."""
+
+    data_dir: Path
+    rows: list[Ranked]
+    tags_table: str = ""
+
+    def edits(self) -> str:
+        """What a row's action may become."""
+        if self.tags_table:
+            return f"delete (the file is moved aside); an image's tags are its row of {self.tags_table}: edit them there"
+        return "delete (the file is moved aside), or the class the image belongs to"
+
+
 @holding_run("data clean")
-def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path | None = None) -> tuple[Path, int]:
+def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path | None = None) -> tuple[Path, Ranking]:
     """``clfpipe data clean``: the run's data ranked into OUT/cleaning.csv and drawn in
-    OUT/index.html (default OUT: RUN/clean); returns (the table, its rows)."""
+    OUT/index.html (default OUT: RUN/clean); returns (the table, the ranking)."""
     out = Path(out) if out else Path(run_dir) / OUT
     check_out(out, shown)  # before the ranking's work
-    data, rows = rank_run(run_dir, data_dir)
-    write_cleaning(out, rows, data, run_dir, shown)
-    return out / TABLE, len(rows)
+    ranking = rank_run(run_dir, data_dir)
+    write_cleaning(out, ranking, run_dir, shown)
+    return out / TABLE, ranking
 
 
-def rank_run(run_dir: Path, data_dir: Path | None = None) -> tuple[Path, list[Ranked]]:
-    """(the data folder, its images ranked): both splits of the run's data (default: the folder
-    training read) by the run's loss on the evaluation transforms (no augmentation), highest first."""
+def rank_run(run_dir: Path, data_dir: Path | None = None) -> Ranking:
+    """Both splits of the run's data (default: the folder training read) ranked by the run's loss
+    on the evaluation transforms (no augmentation), highest first."""
     run = RunDir(run_dir)
     manifest = run.read()
-    single_label(manifest)
     data = Path(data_dir) if data_dir else run.data_dir(manifest)
     splits = run_splits(run, manifest, data_dir)
     device = pick_device("auto")
@@ -58,7 +72,9 @@ def rank_run(run_dir: Path, data_dir: Path | None = None) -> tuple[Path, list[Ra
     files = [relative(f, data) for split in splits for f in split.files]
     names = [name for name, split in zip(SPLITS, splits) for _ in split.files]
     labels = np.concatenate([np.asarray(split.labels, dtype=np.int64) for split in splits])
-    return data, rank(files, names, labels, np.concatenate(logits), manifest.classes)
+    multi = manifest.recipe.multi_label
+    rows = rank(files, names, labels, np.concatenate(logits), manifest.classes, manifest.threshold if multi else None)
+    return Ranking(data, rows, manifest.recipe.data.labels_csv if multi else "")
 
 
 def check_out(out: Path, shown: int) -> None:
@@ -71,7 +87,7 @@ def check_out(out: Path, shown: int) -> None:
     check_out_folder(out, "data clean")
 
 
-def write_cleaning(out: Path, rows: Sequence[Ranked], data_dir: Path, run_dir: Path, shown: int) -> Path:
+def write_cleaning(out: Path, ranking: Ranking, run_dir: Path, shown: int) -> Path:
     """OUT/cleaning.csv (every row) and OUT/index.html (the ``shown`` highest losses, in grids), written
     whole or not at all; an OUT that is neither empty nor a table written before is left alone."""
     check_out(out, shown)
@@ -81,8 +97,8 @@ def write_cleaning(out: Path, rows: Sequence[Ranked], data_dir: Path, run_dir: P
     except OSError as exc:
         raise ManifestError(f"--out {out}: cannot write there: {exc.strerror or exc}") from exc
     try:
-        (staging / TABLE).write_bytes(table_bytes(rows))
-        _page(staging, rows[:shown], data_dir, f"clfpipe data clean --run {run_dir} --apply {out / TABLE}", len(rows))
+        (staging / TABLE).write_bytes(table_bytes(ranking.rows))
+        _page(staging, ranking, shown, f"clfpipe data clean --run {run_dir} --apply {out / TABLE}")
         staging.chmod(0o755)  # mkdtemp's 0700
         if out.exists():
             shutil.rmtree(out)
@@ -98,8 +114,9 @@ def _cell(value: object) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
-def _page(out: Path, top: Sequence[Ranked], data_dir: Path, apply: str, total: int) -> None:
-    """index.html: the rows in grids of PER_GRID, each grid over its rows' table."""
+def _page(out: Path, ranking: Ranking, shown: int, apply: str) -> None:
+    """index.html: the top rows in grids of PER_GRID, each grid over its rows' table."""
+    top, data_dir = ranking.rows[:shown], ranking.data_dir
     sections = []
     for start in range(0, len(top), PER_GRID):
         part = top[start:start + PER_GRID]
@@ -117,8 +134,7 @@ def _page(out: Path, top: Sequence[Ranked], data_dir: Path, apply: str, total: i
     (out / "index.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>clfpipe data cleaning</title>" + STYLE + "</head><body>"
         "<h1>Data cleaning: the highest losses</h1>"
-        f"<p>The data <code>{data}</code>: {total} images of both splits ranked by their loss, "
+        f"<p>The data <code>{data}</code>: {len(ranking.rows)} images of both splits ranked by their loss, "
         f"the top {len(top)} drawn here. Every one is a row of <code>{TABLE}</code> beside this page, its action "
-        "<code>keep</code>. Set it to <code>delete</code> (the file is moved aside) or to the class the image belongs "
-        f"to, then:</p><pre>{html.escape(apply)}</pre>"
+        f"<code>keep</code>. Set it to {html.escape(ranking.edits())}, then:</p><pre>{html.escape(apply)}</pre>"
         "<p>File paths are under the data folder.</p>" + "".join(sections) + "</body></html>\n", encoding="utf-8")

@@ -18,7 +18,8 @@ import numpy as np
 
 from clfpipe.contract.dataset import IMAGE_SUFFIXES, SPLITS, aside_targets, csv_text, image_files, move_files, split_folder
 from clfpipe.contract.errors import DataError
-from clfpipe.contract.manifest import Manifest, RunDir
+from clfpipe.contract.manifest import RunDir
+from clfpipe.contract.probabilities import sigmoid, tagged
 
 KEEP, DELETE = "keep", "delete"
 TABLE = "cleaning.csv"
@@ -48,12 +49,32 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return lse - z[np.arange(len(z)), np.asarray(labels)]
 
 
-def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits: np.ndarray,
-         classes: Sequence[str]) -> list[Ranked]:
-    """The images by loss, highest first; equal losses keep the files' order."""
-    loss = cross_entropy(logits, labels)
-    predicted = np.asarray(logits).argmax(1)
-    return [Ranked(files[i], splits[i], classes[labels[i]], classes[predicted[i]], float(np.exp(-loss[i])), float(loss[i]))
+def binary_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's mean over tags of -log p(tag as labelled) under a sigmoid (fastai's
+    BCEWithLogitsLossFlat per image), in float64 and stable for any logit."""
+    z = np.asarray(logits, dtype=np.float64)
+    return (np.maximum(z, 0) - z * np.asarray(targets, dtype=np.float64) + np.log1p(np.exp(-np.abs(z)))).mean(axis=1)
+
+
+def _tags(row: np.ndarray, classes: Sequence[str]) -> str:
+    return " ".join(c for c, on in zip(classes, row) if on)
+
+
+def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits: np.ndarray, classes: Sequence[str],
+         threshold: float | None = None) -> list[Ranked]:
+    """The images by loss, highest first; equal losses keep the files' order. Single-label: the
+    cross-entropy, p(label), the top class. With a ``threshold``, labels are multi-hot tags: the
+    mean binary cross-entropy over tags, its exp(-loss) (the geometric mean of p(tag as labelled)),
+    and the tags above the threshold."""
+    if threshold is None:
+        loss = cross_entropy(logits, labels)
+        label = [classes[i] for i in labels]
+        predicted = [classes[i] for i in np.asarray(logits).argmax(1)]
+    else:
+        loss = binary_cross_entropy(logits, labels)
+        label = [_tags(row, classes) for row in np.asarray(labels)]
+        predicted = [_tags(row, classes) for row in tagged(sigmoid(np.asarray(logits, dtype=np.float64)), threshold)]
+    return [Ranked(files[i], splits[i], label[i], predicted[i], float(np.exp(-loss[i])), float(loss[i]))
             for i in np.argsort(-loss, kind="stable")]
 
 
@@ -85,33 +106,55 @@ def _listed(classes: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class _Row:
-    parts: tuple[str, ...]  # split folder, class, the rest of the path
-    action: str
+    parts: tuple[str, ...]  # split folder, then (class folders) the class, then the rest of the path
+    action: str  # keep, delete or the class it moves to
 
 
-def _row(row: dict, where: str, roots: Sequence[str], classes: Sequence[str]) -> _Row:
-    """One row checked against the layout and the run's classes; the file's existence is checked later."""
-    file = (row.get("file") or "").strip()
+@dataclass(frozen=True)
+class _Layout:
+    """What the table's paths are read against: the split folders' names, and the run's classes
+    (class folders) or its tags (images directly in the split folders, tags in a table)."""
+
+    roots: tuple[str, ...]
+    classes: tuple[str, ...]
+    tags: bool
+
+    def where(self) -> str:
+        return " or ".join(f"{r}/" if self.tags else f"{r}/<class>/" for r in self.roots)
+
+
+def _path(file: str, where: str, layout: _Layout) -> tuple[str, ...]:
+    """The parts of a row's path under the data folder, checked against the layout."""
     path = PurePosixPath(file)
     parts = path.parts
     # a part starting with '.' is '..', or hidden from the layout (it reads no such file)
-    if path.is_absolute() or len(parts) < 3 or parts[0] not in roots or any(p.startswith(".") for p in parts):
-        raise DataError(f"{where}: file: expected a path under {' or '.join(f'{r}/<class>/' for r in roots)} (no part "
-                        f"starting with '.'), got {file[:200]!r}")
-    if parts[1] not in classes:
-        raise DataError(f"{where}: {file[:200]!r}: expected a folder of one of the run's classes ({_listed(classes)}), "
-                        f"got {parts[1][:40]!r}")
+    if (path.is_absolute() or len(parts) < (2 if layout.tags else 3) or parts[0] not in layout.roots
+            or any(p.startswith(".") for p in parts)):
+        raise DataError(f"{where}: file: expected a path under {layout.where()} (no part starting with '.'), "
+                        f"got {file[:200]!r}")
+    if not layout.tags and parts[1] not in layout.classes:
+        raise DataError(f"{where}: {file[:200]!r}: expected a folder of one of the run's classes "
+                        f"({_listed(layout.classes)}), got {parts[1][:40]!r}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{where}: {file[:200]!r}: expected an image ({', '.join(IMAGE_SUFFIXES)})")
+    return parts
+
+
+def _row(row: dict, where: str, layout: _Layout) -> _Row:
+    """One row checked against the layout and the run's classes; the file's existence is checked later."""
+    parts = _path((row.get("file") or "").strip(), where, layout)
     label = (row.get("label") or "").strip()
-    if label and label != parts[1]:
+    if not layout.tags and label and label != parts[1]:
         raise DataError(f"{where}: label {label[:40]!r}, but the file is in {parts[1][:40]!r}'s folder: expected the table "
                         "'clfpipe data clean' wrote for this data (was the file moved since?)")
-    action = (row.get("action") or "").strip()
-    if action not in (KEEP, DELETE, "") and action not in classes:
-        raise DataError(f"{where}: action: expected keep, delete or one of the run's classes ({_listed(classes)}), "
+    action = (row.get("action") or "").strip() or KEEP
+    if layout.tags and action not in (KEEP, DELETE):
+        raise DataError(f"{where}: action: expected keep or delete (an image's tags are its row of the run's tags table: "
+                        f"edit them there), got {action[:40]!r}")
+    if action not in (KEEP, DELETE) and action not in layout.classes:
+        raise DataError(f"{where}: action: expected keep, delete or one of the run's classes ({_listed(layout.classes)}), "
                         f"got {action[:40]!r}")
-    return _Row(parts, parts[1] if action in (KEEP, "") else action)
+    return _Row(parts, KEEP if not layout.tags and action == parts[1] else action)
 
 
 DELIMITERS = (",", ";", "\t")  # spreadsheets save CSV with ';' where ',' is the decimal mark, or tabs
@@ -123,7 +166,7 @@ def _delimiter(text: str) -> str:
     return next((d for d in DELIMITERS if {"file", "action"} <= {c.strip().strip('"') for c in header.split(d)}), ",")
 
 
-def _rows(csv_path: Path, roots: Sequence[str], classes: Sequence[str]) -> list[_Row]:
+def _rows(csv_path: Path, layout: _Layout) -> list[_Row]:
     """The table's rows that move a file, each file listed once."""
     text = csv_text(csv_path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
@@ -135,24 +178,25 @@ def _rows(csv_path: Path, roots: Sequence[str], classes: Sequence[str]) -> list[
                             f"{','.join(COLUMNS)}), got {(reader.fieldnames or [])[:10]}")
         for raw in reader:
             where = f"{csv_path} line {reader.line_num}"
-            row = _row(raw, where, roots, classes)
+            row = _row(raw, where, layout)
             if row.parts in seen:
                 raise DataError(f"{where}: expected each file once, got {'/'.join(row.parts)[:200]!r} again")
             seen.add(row.parts)
-            if row.action != row.parts[1]:
+            if row.action != KEEP:
                 rows.append(row)
     except csv.Error as exc:
         raise DataError(f"{csv_path} line {reader.line_num}: not CSV ({exc})") from exc
     return rows
 
 
-def read_plan(csv_path: Path, data_dir: Path, classes: Sequence[str]) -> Plan:
+def read_plan(csv_path: Path, data_dir: Path, classes: Sequence[str], tags: bool = False) -> Plan:
     """The moves an edited table asks for in ``data_dir``, every one checked: each file is there, no
     two land on one place, nothing is overwritten, and every class keeps an image in each split
-    (training reads every class from both). One DataError names the first problem."""
+    (training reads every class from both; with ``tags``, images of a multi-label run, each split
+    keeps one). One DataError names the first problem."""
     data_dir = Path(data_dir)
-    roots = [split_folder(data_dir, split, "<class>/*.jpg").name for split in SPLITS]
-    rows = _rows(Path(csv_path), roots, classes)
+    layout = _Layout(tuple(split_folder(data_dir, split, "").name for split in SPLITS), tuple(classes), tags)
+    rows = _rows(Path(csv_path), layout)
     for row in rows:
         if not data_dir.joinpath(*row.parts).is_file():
             raise DataError(f"{csv_path}: {'/'.join(row.parts)!r}: expected a file in {data_dir}, got none "
@@ -164,33 +208,27 @@ def read_plan(csv_path: Path, data_dir: Path, classes: Sequence[str]) -> Plan:
         if n > 1 or target.exists() or target.is_symlink():
             raise DataError(f"{csv_path}: relabelling would move {'two files' if n > 1 else 'a file'} onto {target}: "
                             "expected a name free in its new class folder (rename the file, or delete one)")
-    _check_classes_kept(data_dir, rows)
+    _check_kept(data_dir, rows, 1 if tags else 2)
     return Plan(tuple(data_dir.joinpath(*r.parts) for r in rows if r.action == DELETE), relabel)
 
 
-def _check_classes_kept(data_dir: Path, rows: Sequence[_Row]) -> None:
-    leaving = Counter(r.parts[:2] for r in rows)
+def _check_kept(data_dir: Path, rows: Sequence[_Row], depth: int) -> None:
+    """Every folder ``depth`` parts deep (a split, or a split's class) keeps an image."""
+    leaving = Counter(r.parts[:depth] for r in rows)
     arriving = Counter((r.parts[0], r.action) for r in rows if r.action != DELETE)
     for folder, n in leaving.items():
         if len(image_files(data_dir.joinpath(*folder))) - n + arriving[folder] < 1:
-            raise DataError(f"the table leaves {data_dir.joinpath(*folder)} without an image: expected every class to keep "
-                            "one in each split (training reads every class from both)")
-
-
-def single_label(manifest: Manifest) -> None:
-    """The table ranks one class per image: a multi-label run's labels are its tags table's rows."""
-    if manifest.recipe.multi_label:
-        raise DataError("data clean: expected a single-label run, got a multi-label one (its labels are the rows of "
-                        f"{manifest.recipe.data.labels_csv}: edit that table)")
+            raise DataError(f"the table leaves {data_dir.joinpath(*folder)} without an image: expected "
+                            + ("each split to keep one" if depth == 1 else
+                               "every class to keep one in each split (training reads every class from both)"))
 
 
 def run_plan(run_dir: Path, csv_path: Path, data_dir: Path | None = None) -> tuple[Path, Plan]:
     """(the data folder, the plan) of an edited table for a run's data (default: the folder training read)."""
     run = RunDir(run_dir)
     manifest = run.read()
-    single_label(manifest)
     data = Path(data_dir) if data_dir else run.data_dir(manifest)
-    return data, read_plan(csv_path, data, manifest.classes)
+    return data, read_plan(csv_path, data, manifest.classes, manifest.recipe.multi_label)
 
 
 def apply_plan(plan: Plan, data_dir: Path, move_to: Path, *, dry_run: bool = False) -> list[tuple[Path, Path]]:

@@ -124,6 +124,12 @@ class Manifest:
     def preprocess(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.data["preprocess"])
 
+    @property
+    def threshold(self) -> float:
+        """A multi-label run's tags are those above it: training's F2-best threshold (0.5 before one is recorded)."""
+        threshold = self.data["stages"].get("train", {}).get("threshold")
+        return 0.5 if threshold is None else float(threshold)
+
     def stage(self, name: str) -> dict[str, Any]:
         if name not in self.data["stages"]:
             raise ManifestError(f"manifest has no {name!r} stage: run it first (stages done: {', '.join(self.data['stages']) or 'none'})")
