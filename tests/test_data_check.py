@@ -94,7 +94,7 @@ def test_data_check_lists_every_unusable_file_and_moves_them_aside(data, tmp_pat
 def test_data_check_names_each_file_that_repeats_another_and_what_the_copy_does(data, capsys):
     train = sorted((data / "train" / "checker").glob("*.jpg"))
     copies = {
-        data / "train" / "checker" / "z_again.jpg": (train[1], "a second copy of its class: trained on twice as often"),
+        data / "train" / "checker" / "z_again.jpg": (train[1], "a second copy with the same label: trained on twice as often"),
         data / "train" / "vertical" / "z.jpg": (train[0], "labelled 'checker' there, 'vertical' here"),
         data / "valid" / "horizontal" / "z.jpg": (train[2], "labelled 'checker' there, 'horizontal' here; in both splits: "
                                                            "the validation score counts an image training saw"),

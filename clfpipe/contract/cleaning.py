@@ -16,7 +16,16 @@ from typing import Sequence
 
 import numpy as np
 
-from clfpipe.contract.dataset import IMAGE_SUFFIXES, SPLITS, aside_targets, csv_text, image_files, move_files, split_folder
+from clfpipe.contract.dataset import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    aside_targets,
+    csv_text,
+    image_files,
+    move_files,
+    split_folder,
+    tag_names,
+)
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.probabilities import sigmoid, tagged
@@ -56,10 +65,6 @@ def binary_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (np.maximum(z, 0) - z * np.asarray(targets, dtype=np.float64) + np.log1p(np.exp(-np.abs(z)))).mean(axis=1)
 
 
-def _tags(row: np.ndarray, classes: Sequence[str]) -> str:
-    return " ".join(c for c, on in zip(classes, row) if on)
-
-
 def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits: np.ndarray, classes: Sequence[str],
          threshold: float | None = None) -> list[Ranked]:
     """The images by loss, highest first; equal losses keep the files' order. Single-label: the
@@ -72,8 +77,8 @@ def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits
         predicted = [classes[i] for i in np.asarray(logits).argmax(1)]
     else:
         loss = binary_cross_entropy(logits, labels)
-        label = [_tags(row, classes) for row in np.asarray(labels)]
-        predicted = [_tags(row, classes) for row in tagged(sigmoid(np.asarray(logits, dtype=np.float64)), threshold)]
+        label = [tag_names(row, classes) for row in np.asarray(labels)]
+        predicted = [tag_names(row, classes) for row in tagged(sigmoid(np.asarray(logits, dtype=np.float64)), threshold)]
     return [Ranked(files[i], splits[i], label[i], predicted[i], float(np.exp(-loss[i])), float(loss[i]))
             for i in np.argsort(-loss, kind="stable")]
 

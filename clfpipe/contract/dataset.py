@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import shutil
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,12 +381,11 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class _Read:
-    """One image as ``check_data`` found it: its split and label, and its bytes' digest (None: unusable)."""
+    """A usable image as ``check_data`` found it: its split and label."""
 
     path: Path
     split: str
     label: str
-    digest: str | None
 
 
 SPLITS = ("train", "valid")
@@ -406,12 +406,12 @@ def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1) -> DataCh
     splits = [train, scan_data(data_dir, "valid", labels_csv, train.classes, verify=False)]
     files = [path for split in splits for path in split.files]
     with ThreadPoolExecutor(workers) as pool:
-        found = list(progress(pool.map(_inspect, files), "data check", total=len(files), unit="images"))
-    unusable = tuple((path, why) for path, (why, _) in zip(files, found) if why is not None)
+        found = list(progress(pool.map(image_problem, files), "data check", total=len(files), unit="images"))
+    unusable = tuple((path, why) for path, why in zip(files, found) if why is not None)
     where = [(name, split, i) for name, split in zip(SPLITS, splits) for i in range(len(split))]
-    read = [_Read(path, name, _label_text(split, i), digest) for path, (name, split, i), (_, digest) in zip(files, where, found)]
+    usable = [_Read(path, name, label_text(split, i)) for path, (name, split, i), why in zip(files, where, found) if why is None]
     roots = [split_folder(data_dir, split, "") for split in SPLITS]
-    return DataCheck(len(files), unusable, _skipped(roots, set(files)), same_bytes(read))
+    return DataCheck(len(files), unusable, _skipped(roots, set(files)), _copies(usable))
 
 
 def image_problem(path: Path) -> str | None:
@@ -419,39 +419,45 @@ def image_problem(path: Path) -> str | None:
     return header_problem(path) or decode_problem(path)
 
 
-def _inspect(path: Path) -> tuple[str | None, str | None]:
-    """(why the file is unusable, or None; the sha256 of a usable one's bytes)."""
-    why = image_problem(path)
-    if why is not None:
-        return why, None
-    try:
-        return None, hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:  # gone or unreadable since its decode
-        return f"cannot read: {exc.strerror or exc}", None
+def tag_names(row: Sequence[int], classes: Sequence[str]) -> str:
+    """A multi-hot row as its tags, space-separated (a labels table's tags cell)."""
+    return " ".join(c for c, on in zip(classes, row) if on)
 
 
-def _label_text(split: Split, index: int) -> str:
-    """A file's class, or its tags space-separated."""
+def label_text(split: Split, index: int) -> str:
+    """A file's class, or its tags."""
     label = split.labels[index]
-    return " ".join(c for c, on in zip(split.classes, label) if on) if split.multi_label else split.classes[label]
+    return tag_names(label, split.classes) if split.multi_label else split.classes[label]
 
 
-def same_bytes(read: Sequence[_Read]) -> tuple[Duplicate, ...]:
-    """Each usable file whose bytes an earlier one has, with what the copy does."""
-    first: dict[str, _Read] = {}
+def identical(files: Sequence[Path]) -> list[list[int]]:
+    """The files' indices grouped by identical bytes, each group and the groups in the files'
+    order. Only files of one size are read (and hashed): most files have a size no other has."""
+    try:
+        sizes = [f.stat().st_size for f in files]
+        counts = Counter(sizes)
+        groups: dict[object, list[int]] = {}
+        for i, (f, size) in enumerate(zip(files, sizes)):
+            key = (size, hashlib.sha256(f.read_bytes()).digest()) if counts[size] > 1 else i
+            groups.setdefault(key, []).append(i)
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename}: {exc.strerror or exc}") from exc
+    return list(groups.values())
+
+
+def _copies(read: Sequence[_Read]) -> tuple[Duplicate, ...]:
+    """Each file whose bytes an earlier one has, in the files' order, with what the copy does."""
     found = []
-    for item in read:
-        if item.digest is None:
-            continue
-        if item.digest not in first:
-            first[item.digest] = item
-            continue
-        was = first[item.digest]
-        why = [f"labelled {was.label!r} there, {item.label!r} here"] if item.label != was.label else []
-        if item.split != was.split:
-            why.append("in both splits: the validation score counts an image training saw")
-        found.append(Duplicate(item.path, was.path, "; ".join(why) or "a second copy of its class: trained on twice as often"))
-    return tuple(found)
+    for group in identical([item.path for item in read]):
+        was = read[group[0]]
+        for index in group[1:]:
+            item = read[index]
+            why = [f"labelled {was.label!r} there, {item.label!r} here"] if item.label != was.label else []
+            if item.split != was.split:
+                why.append("in both splits: the validation score counts an image training saw")
+            found.append((index, Duplicate(item.path, was.path, "; ".join(why) or
+                                           "a second copy with the same label: trained on twice as often")))
+    return tuple(duplicate for _, duplicate in sorted(found, key=lambda pair: pair[0]))
 
 
 def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:

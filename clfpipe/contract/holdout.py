@@ -11,12 +11,10 @@ on different file systems), and the new folder appears whole or not at all.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -26,6 +24,7 @@ import numpy as np
 from clfpipe.contract.dataset import (
     class_images,
     hidden,
+    identical,
     image_files,
     listed_images,
     loose_images,
@@ -72,24 +71,9 @@ def holdout(files: Sequence[T], pct: float, rng: np.random.Generator) -> tuple[l
 Placed = list[tuple[Path, Path]]
 
 
-def same_bytes(files: Sequence[Path]) -> list[list[int]]:
-    """The files' indices grouped by identical bytes, each group and the groups in the files'
-    order. Only files of one size are read (and hashed): most files have a size no other has."""
-    try:
-        sizes = [f.stat().st_size for f in files]
-        counts = Counter(sizes)
-        groups: dict[object, list[int]] = {}
-        for i, (f, size) in enumerate(zip(files, sizes)):
-            key = (size, hashlib.sha256(f.read_bytes()).digest()) if counts[size] > 1 else i
-            groups.setdefault(key, []).append(i)
-    except OSError as exc:
-        raise DataError(f"data split: cannot read {exc.filename}: {exc.strerror or exc}") from exc
-    return list(groups.values())
-
-
 def _units(placed: Placed, name: str) -> list[Placed]:
     """A class's files as the units held out: each file, or the files with one content together."""
-    units = [[placed[i] for i in group] for group in same_bytes([f for f, _ in placed])]
+    units = [[placed[i] for i in group] for group in identical([f for f, _ in placed])]
     if len(units) < 2:
         raise DataError(f"{f'class {name!r}' if name else 'the images'}: expected at least 2 different images to hold "
                         f"one out, got {len(placed)} files of the same bytes")
