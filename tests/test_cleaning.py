@@ -214,29 +214,50 @@ ANY = st.fixed_dictionaries({
 TABLES = st.tuples(st.lists(GOOD, max_size=10, unique_by=lambda r: r["file"]), st.lists(ANY, max_size=1))
 
 
+TAGGED = [f"{split}/{split}_{i:04d}.jpg" for split, n in (("train", 3), ("valid", 2)) for i in range(n)]
+TAGGED_ROW = st.fixed_dictionaries({"file": st.sampled_from(TAGGED), "label": st.sampled_from(["", "disc"]),
+                                    "action": st.sampled_from(["keep", "delete", ""])})
+TAGGED_TABLES = st.tuples(st.lists(TAGGED_ROW, max_size=5, unique_by=lambda r: r["file"]), st.lists(ANY, max_size=1))
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=300), TABLES.map(lambda rows: _csv_bytes(rows[0] + rows[1]))))
 def test_any_table_is_carried_out_whole_or_refused_in_one_line(content):
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_demo_dataset(data, spec=DemoSpec(train_per_class=3, valid_per_class=2, image_size=8))
-        before = _tree(data)
-        (Path(tmp) / "t.csv").write_bytes(content)
-        try:
-            plan = read_plan(Path(tmp) / "t.csv", data, CLASSES)
-        except DataError as exc:
-            assert str(exc) and "\n" not in str(exc)
-            assert _tree(data) == before
-            event("refused")
-            return
-        event(f"{len(plan)} moves")
-        moves = apply_plan(plan, data, Path(tmp) / "aside")
-        after = {**_tree(data), **{f"aside/{k}": v for k, v in _tree(Path(tmp) / "aside").items()}}
-        assert sorted(after.values()) == sorted(before.values())  # every image somewhere, none lost or doubled
-        for source, target in moves:
-            assert not source.exists() and target.read_bytes() == before[source.relative_to(data).as_posix()]
+        _carried_out_or_refused(data, content, tags=False)
         for split in ("train", "valid"):
             assert all(image_files(data / split / c) for c in CLASSES)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=300), TAGGED_TABLES.map(lambda rows: _csv_bytes(rows[0] + rows[1]))))
+def test_any_table_of_a_multi_label_run_is_carried_out_whole_or_refused_in_one_line(content):
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_demo_multilabel(data, train=3, valid=2, image_size=8)
+        _carried_out_or_refused(data, content, tags=True)
+        assert image_files(data / "train") and image_files(data / "valid")
+
+
+def _carried_out_or_refused(data: Path, content: bytes, tags: bool) -> None:
+    """The table read and carried out, every image then somewhere once; or one DataError, nothing moved."""
+    before = _tree(data)
+    (data.parent / "t.csv").write_bytes(content)
+    try:
+        plan = read_plan(data.parent / "t.csv", data, ("disc", "horizontal", "vertical") if tags else CLASSES, tags=tags)
+    except DataError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        assert _tree(data) == before
+        event("refused")
+        return
+    event(f"{len(plan)} moves")
+    moves = apply_plan(plan, data, data.parent / "aside")
+    after = {**_tree(data), **{f"aside/{k}": v for k, v in _tree(data.parent / "aside").items()}}
+    assert sorted(after.values()) == sorted(before.values())  # every image somewhere, none lost or doubled
+    for source, target in moves:
+        assert not source.exists() and target.read_bytes() == before[source.relative_to(data).as_posix()]
 
 
 def _csv_bytes(rows: list[dict]) -> bytes:

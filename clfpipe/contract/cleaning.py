@@ -1,8 +1,9 @@
 """The data-cleaning table: fastai's ``ImageClassifierCleaner`` as a file a user edits. Every image
-of a single-label run's data (both splits) is ranked by its loss under the trained model, highest
-first (fastai's ``top_losses``), with an action to edit: ``keep``, ``delete`` (moved aside, never
-unlinked) or the name of the class it belongs to (moved into that class's folder of its split).
-Reading the edited table checks every row, and where each file would go, before anything moves."""
+of a run's data (both splits) is ranked by its loss under the trained model, highest first
+(fastai's ``top_losses``), with an action to edit: ``keep``, ``delete`` (moved aside, never
+unlinked) or the name of the class it belongs to (moved into that class's folder of its split; a
+multi-label image's tags are its row of the run's tags table, edited there). Reading the edited
+table checks every row, and where each file would go, before anything moves."""
 
 from __future__ import annotations
 
