@@ -3,7 +3,7 @@
 # (default 480: the 8 minutes of issue 9), most important first; a check that would not fit is
 # skipped with a line that says so.
 #
-#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo serving train graphs input_process augment decode precompute pt2 engines peer)
+#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo clean serving train graphs input_process augment decode precompute pt2 engines peer)
 #
 # Where the machine has no network, fill .whl/ beforehand (../shared/tools/gpu_wheels.sh --http:
 # nvidia-pytriton, numpy<2, tritonclient and its HTTP client, python-rapidjson, tomli-w,
@@ -60,6 +60,12 @@ run_demo() {
   for item in ${DEMO_SET:-}; do overrides+=(--set "$item"); done
   check demo 240 python3 -m clfpipe -v demo --workdir "$DEMO" --recipe "$ROOT/recipes/demo.toml" \
       --http-port 18000 --grpc-port 18001 --metrics-port 18002 "${overrides[@]}"
+}
+run_clean() {
+  # data clean on CUDA: every image of the demo run's data ranked by its loss (the table and its page)
+  [ -d "$DEMO/run" ] || { emit '{"check": "clean", "skipped": "needs the demo run first"}'; return; }
+  check clean 60 python3 -m clfpipe data clean --run "$DEMO/run" --out "$WORK/clean"
+  cp "$WORK/clean/cleaning.csv" "$OUT/cleaning.csv" 2>/dev/null
 }
 run_serving() {
   # SERVING_INSTANCES: stub processes of the fused step (each has its own nvJPEG decoder, which takes one batch at a time)
@@ -152,14 +158,14 @@ run_peer() {
   done
 }
 CHECKS=("$@")
-[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo serving train graphs input_process augment decode precompute pt2 engines peer)
+[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo clean serving train graphs input_process augment decode precompute pt2 engines peer)
 emit "$PEER"
 # what the figures were measured with: the GPU, its driver, the CUDA torch was built for, the host's CPUs
 emit "$(python3 -c "import json, os, torch, torchvision, numpy; print(json.dumps({'check': 'env', 'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), 'numpy': numpy.__version__, 'cpus': os.cpu_count(), 'driver': os.popen('nvidia-smi --query-gpu=driver_version --format=csv,noheader').read().strip()}))")"
 for name in "${CHECKS[@]}"; do
   case $name in
-    demo|serving|train|graphs|input_process|augment|decode|precompute|pt2|engines|peer) "run_$name" ;;
-    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo serving train graphs input_process augment decode precompute pt2 engines peer)\"}" ;;
+    demo|clean|serving|train|graphs|input_process|augment|decode|precompute|pt2|engines|peer) "run_$name" ;;
+    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo clean serving train graphs input_process augment decode precompute pt2 engines peer)\"}" ;;
   esac
 done
 if [ -n "$OUT" ]; then  # what explains a failure: the server's log, the verify report
