@@ -22,7 +22,7 @@ from clfpipe.contract.manifest import RunDir, check_out_folder
 from clfpipe.nn.reference import load_run_model
 from clfpipe.train.data import run_splits
 from clfpipe.train.evaluate import predict_logits
-from clfpipe.train.report import STYLE, image_grid
+from clfpipe.train.report import STYLE, image_grid, warn_undrawable
 from clfpipe.train.stage import pick_device
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def _cell(value: object) -> str:
 def _page(out: Path, ranking: Ranking, shown: int, apply: str) -> None:
     """index.html: the top rows in grids of PER_GRID, each grid over its rows' table."""
     top, data_dir = ranking.rows[:shown], ranking.data_dir
+    warn_undrawable("".join(row.label + row.predicted for row in top), "data clean")
     sections = []
     for start in range(0, len(top), PER_GRID):
         part = top[start:start + PER_GRID]

@@ -141,6 +141,13 @@ def undrawable(text: str) -> str:
     return "".join(dict.fromkeys(c for c in text if ord(c) in missing))
 
 
+def warn_undrawable(names: str, what: str) -> None:
+    """One warning for the characters of class names that no font here has (the PNGs draw boxes)."""
+    if missing := undrawable(names):
+        log.warning("%s: no font here has %r (in class names): the PNGs draw them as boxes (install one that has "
+                    "them, e.g. Debian's fonts-noto-cjk)", what, missing[:20])
+
+
 def _font_file(text: str) -> str:
     """DejaVu Sans, the font matplotlib ships and draws the report's plots with, where it has every
     character of text; else an installed font that has them all. Pillow's default (Aileron) has no
@@ -366,9 +373,7 @@ def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, pr
     """Write the PNGs and index.html into out_dir; returns the index path. ``next_step``: the
     command that ranks the training images too (``clfpipe data clean``), named under the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if missing := undrawable("".join(classes)):
-        log.warning("report: no font here has %r (in class names): the PNGs draw them as boxes (install one that has "
-                    "them, e.g. Debian's fonts-noto-cjk)", missing[:20])
+    warn_undrawable("".join(classes), "report")
     predicted = probs.argmax(1)
     matrix = confusion_matrix(labels, predicted, len(classes))
     confusion_png(matrix, classes, out_dir / "confusion_matrix.png", predictions)
