@@ -318,7 +318,7 @@ def test_clean_ranks_mislabelled_images_first_and_apply_puts_them_back(trained_r
 
 
 @pytest.mark.slow
-def test_clean_refuses_bad_options_before_any_work(trained_run, tmp_path, capsys):
+def test_clean_refuses_bad_options_before_any_work(trained_run, demo_data, tmp_path, capsys):
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("not a table")
@@ -327,12 +327,15 @@ def test_clean_refuses_bad_options_before_any_work(trained_run, tmp_path, capsys
         (["--out", str(keep)], f"--out {keep}: expected a new folder or one 'clfpipe data clean' wrote (no cleaning.csv "
                                "there): it is left as it was"),
         (["--move-to", str(tmp_path / "x")], "data clean: --move-to and --dry-run go with --apply CSV"),
+        (["--out", str(demo_data / "train" / "clean")], f"--out: expected a folder outside {demo_data.resolve() / 'train'}, "
+                                                         f"got {demo_data / 'train' / 'clean'}"),  # its PNGs: a class
         (["--apply", str(tmp_path / "t.csv"), "--show", "3"], "data clean: --out and --show make the table: expected "
                                                              "neither with --apply"),
     ]:
         assert main(["data", "clean", "--run", str(trained_run), *argv]) == 2
         assert capsys.readouterr().err == f"clfpipe: error: {message}\n"
     assert [p.name for p in keep.iterdir()] == ["notes.txt"] and not (trained_run / "clean").exists()
+    assert not (demo_data / "train" / "clean").exists()
 
 
 @pytest.mark.parametrize("delimiter, newline, bom", [(";", "\r\n", "\ufeff"), ("\t", "\n", ""), (",", "\r\n", "\ufeff")])

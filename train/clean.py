@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clfpipe.contract.cleaning import TABLE, Ranked, rank, relative, table_bytes
-from clfpipe.contract.dataset import SPLITS
+from clfpipe.contract.dataset import SPLITS, check_outside_splits
 from clfpipe.contract.errors import DataError, ManifestError
 from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import RunDir, check_out_folder
@@ -53,6 +53,8 @@ def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path
     OUT/index.html (default OUT: RUN/clean); returns (the table, the ranking)."""
     out = Path(out) if out else Path(run_dir) / OUT
     check_out(out, shown)  # before the ranking's work
+    run = RunDir(run_dir)
+    check_outside_splits(out, Path(data_dir) if data_dir else run.data_dir(run.read()), "--out")  # its PNGs would be images
     ranking = rank_run(run_dir, data_dir)
     write_cleaning(out, ranking, run_dir, shown)
     return out / TABLE, ranking

@@ -481,19 +481,24 @@ def move_aside(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
     return targets
 
 
-def aside_targets(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
-    """Where ``move_aside`` puts ``files``: ``dest``, each at its path relative to ``data_dir``;
-    nothing is overwritten, and ``dest`` may not lie in a split folder (its files would be read
-    again). Nothing is moved here."""
-    dest = Path(dest)
-    where = dest.resolve()
+def check_outside_splits(folder: Path, data_dir: Path, option: str) -> None:
+    """``folder`` lies in no split folder of ``data_dir``: what is written there would be read as images."""
+    where = Path(folder).resolve()
     for split in SPLITS:
         try:
             root = split_folder(data_dir, split, "").resolve()
         except DataError:  # no such split: nothing to keep out of
             continue
         if where == root or root in where.parents:
-            raise DataError(f"--move-to: expected a folder outside {root}, got {dest}")
+            raise DataError(f"{option}: expected a folder outside {root}, got {folder}")
+
+
+def aside_targets(files: Sequence[Path], data_dir: Path, dest: Path) -> list[Path]:
+    """Where ``move_aside`` puts ``files``: ``dest``, each at its path relative to ``data_dir``;
+    nothing is overwritten, and ``dest`` may not lie in a split folder (its files would be read
+    again). Nothing is moved here."""
+    dest = Path(dest)
+    check_outside_splits(dest, data_dir, "--move-to")
     # absolute, not resolved: a symlinked file moves as the link, at the link's place
     targets = [Path(os.path.abspath(dest)) / Path(os.path.abspath(f)).relative_to(os.path.abspath(data_dir)) for f in files]
     taken = [t for t in targets if t.exists() or t.is_symlink()]
