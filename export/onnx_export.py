@@ -86,7 +86,7 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
 def validation_split(run: RunDir, manifest: Manifest, data_dir: Path | None, option: str | None = "--data") -> Split:
     """DATA/valid of `data_dir`, else of the folder training read; `option`: what names another
     folder in the command at hand, for the error (None: none does)."""
-    root = Path(data_dir) if data_dir else run.data_dir(manifest)
+    root = run.data_dir(manifest, data_dir)
     try:
         return scan_data(root, "valid", manifest.recipe.data.labels_csv, classes=tuple(manifest.classes))
     except DataError as exc:
@@ -190,7 +190,7 @@ def export_variants(run_dir: Path, variants: Sequence[Variant], data_dir: Path |
     split = validation_split(run, manifest, data_dir)
     log.info("export: loading %d validation images for the agreement gates", len(split))
     inputs = ExportInputs(run, load_run_model(run, manifest), split, load_pixels(split.files, manifest.preprocess),
-                          Path(data_dir) if data_dir else run.data_dir(manifest), count)
+                          run.data_dir(manifest, data_dir), count)
     for variant in variants:
         manifest = _export_one(inputs, manifest, variant)
     return manifest

@@ -18,7 +18,7 @@ from clfpipe.contract.cleaning import TABLE, Ranked, rank, relative, table_bytes
 from clfpipe.contract.dataset import SPLITS, check_outside_splits
 from clfpipe.contract.errors import DataError, ManifestError
 from clfpipe.contract.lock import holding_run
-from clfpipe.contract.manifest import RunDir, check_out_folder
+from clfpipe.contract.manifest import Manifest, RunDir, check_out_folder
 from clfpipe.nn.reference import load_run_model
 from clfpipe.train.data import run_splits
 from clfpipe.train.evaluate import predict_logits
@@ -49,28 +49,28 @@ class Ranking:
 
 @holding_run("data clean")
 def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path | None = None) -> tuple[Path, Ranking]:
-    """``clfpipe data clean``: the run's data ranked into OUT/cleaning.csv and drawn in
-    OUT/index.html (default OUT: RUN/clean); returns (the table, the ranking)."""
+    """``clfpipe data clean``: the run's data (default: the folder training read) ranked into
+    OUT/cleaning.csv and drawn in OUT/index.html (default OUT: RUN/clean); returns (the table, the
+    ranking). OUT and --show are checked before the ranking's work."""
     out = Path(out) if out else Path(run_dir) / OUT
-    check_out(out, shown)  # before the ranking's work
+    check_out(out, shown)
     run = RunDir(run_dir)
-    check_outside_splits(out, Path(data_dir) if data_dir else run.data_dir(run.read()), "--out")  # its PNGs would be images
-    ranking = rank_run(run_dir, data_dir)
-    write_cleaning(out, ranking, run_dir, shown)
+    manifest = run.read()
+    check_outside_splits(out, run.data_dir(manifest, data_dir), "--out")  # its PNGs would be read as images
+    ranking = rank_run(run, manifest, data_dir)
+    _write(out, ranking, run_dir, shown)
     return out / TABLE, ranking
 
 
-def rank_run(run_dir: Path, data_dir: Path | None = None) -> Ranking:
+def rank_run(run: RunDir, manifest: Manifest, data_dir: Path | None = None) -> Ranking:
     """Both splits of the run's data (default: the folder training read) ranked by the run's loss
     on the evaluation transforms (no augmentation), highest first."""
-    run = RunDir(run_dir)
-    manifest = run.read()
-    data = Path(data_dir) if data_dir else run.data_dir(manifest)
     splits = run_splits(run, manifest, data_dir)
     device = pick_device("auto")
     model = load_run_model(run, manifest).to(device)
     logits = [predict_logits(model, split, spec=manifest.preprocess, batch_size=manifest.recipe.data.batch_size,
                              device=device) for split in splits]
+    data = run.data_dir(manifest, data_dir)
     files = [relative(f, data) for split in splits for f in split.files]
     names = [name for name, split in zip(SPLITS, splits) for _ in split.files]
     labels = np.concatenate([np.asarray(split.labels, dtype=np.int64) for split in splits])
@@ -80,7 +80,7 @@ def rank_run(run_dir: Path, data_dir: Path | None = None) -> Ranking:
 
 
 def check_out(out: Path, shown: int) -> None:
-    """``--out`` and ``--show`` as ``write_cleaning`` takes them: checked before the ranking's work."""
+    """``--out`` (a new folder, or one this wrote) and ``--show`` in range."""
     if not 0 <= shown <= MAX_SHOWN:
         raise DataError(f"--show: expected 0 to {MAX_SHOWN} images, got {shown}")
     if out.exists() and not (out.is_dir() and ((out / TABLE).is_file() or not any(out.iterdir()))):
@@ -89,10 +89,9 @@ def check_out(out: Path, shown: int) -> None:
     check_out_folder(out, "data clean")
 
 
-def write_cleaning(out: Path, ranking: Ranking, run_dir: Path, shown: int) -> Path:
-    """OUT/cleaning.csv (every row) and OUT/index.html (the ``shown`` highest losses, in grids), written
-    whole or not at all; an OUT that is neither empty nor a table written before is left alone."""
-    check_out(out, shown)
+def _write(out: Path, ranking: Ranking, run_dir: Path, shown: int) -> None:
+    """OUT/cleaning.csv (every row) and OUT/index.html (the ``shown`` highest losses, in grids),
+    written whole or not at all, into an OUT that ``check_out`` passed."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
@@ -109,7 +108,6 @@ def write_cleaning(out: Path, ranking: Ranking, run_dir: Path, shown: int) -> Pa
         raise ManifestError(f"--out {out}: cannot write there: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already where the rename took it
-    return out / "index.html"
 
 
 def _cell(value: object) -> str:

@@ -31,7 +31,7 @@ from clfpipe.nn.transforms import decode_batch, normalize_batch, to_device, torc
 def run_splits(run: RunDir, manifest: Manifest, data_dir: Path | None = None) -> tuple[Split, Split]:
     """A trained run's train and valid splits, from ``data_dir`` (default: the folder training
     read), which must hold the run's classes: one DataError saying which folder was read."""
-    data = Path(data_dir) if data_dir else run.data_dir(manifest)
+    data = run.data_dir(manifest, data_dir)
     try:
         train, valid = (scan_data(data, split, manifest.recipe.data.labels_csv, tuple(manifest.classes)) for split in SPLITS)
     except DataError as exc:

@@ -233,7 +233,7 @@ def run_plan(run_dir: Path, csv_path: Path, data_dir: Path | None = None) -> tup
     """(the data folder, the plan) of an edited table for a run's data (default: the folder training read)."""
     run = RunDir(run_dir)
     manifest = run.read()
-    data = Path(data_dir) if data_dir else run.data_dir(manifest)
+    data = run.data_dir(manifest, data_dir)
     return data, read_plan(csv_path, data, manifest.classes, manifest.recipe.multi_label)
 
 

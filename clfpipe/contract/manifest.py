@@ -221,8 +221,9 @@ class RunDir:
         """A path the manifest recorded (relative to this directory, or absolute in older runs)."""
         return (self.path / recorded).resolve()
 
-    def data_dir(self, manifest: Manifest) -> Path:
-        return self.resolve(manifest.data["data_dir"])
+    def data_dir(self, manifest: Manifest, given: Path | None = None) -> Path:
+        """The data folder a command reads: ``given`` (its --data) where set, else the one training read."""
+        return Path(given) if given else self.resolve(manifest.data["data_dir"])
 
     def read(self) -> Manifest:
         if not self.path.is_dir():
