@@ -11,10 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from clfpipe import __version__
 from clfpipe.contract.errors import ClfpipeError, DataError, RecipeError, first_line
+
+if TYPE_CHECKING:
+    from clfpipe.contract.cleaning import Plan
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_clean(args: argparse.Namespace) -> int:
-    from clfpipe.contract.cleaning import ASIDE, apply_plan, run_plan
+    from clfpipe.contract.cleaning import ASIDE, NO_TAGS, apply_plan, run_plan
 
     if args.apply is None:
         if args.move_to is not None or args.dry_run:
@@ -82,10 +85,23 @@ def _cmd_data_clean(args: argparse.Namespace) -> int:
     moves = apply_plan(plan, data, move_to, dry_run=args.dry_run)
     for source, target in moves:
         print(f"{source}\t{target}")
-    aside, relabelled = (f"{n} image{'' if n == 1 else 's'}" for n in (len(plan.delete), len(plan.relabel)))
-    log.info("data clean: %s %s to %s and %s into another class's folder%s", "would move" if args.dry_run else "moved",
-             aside, move_to, relabelled, "" if args.dry_run else ": train again to use them")
+    for file, tags in plan.retag:
+        print(f"{file}\ttags: {' '.join(tags) or NO_TAGS}")
+    log.info("data clean: %s%s", "; ".join(_cleaned(plan, move_to, args.dry_run)), "" if args.dry_run else ": train again to use them")
     return 0
+
+
+def _cleaned(plan: Plan, move_to: Path, dry_run: bool) -> list[str]:
+    """What --apply did, or would do, in words: a multi-label run's images are retagged, not relabelled."""
+    def images(n: int) -> str:
+        return f"{n} image{'' if n == 1 else 's'}"
+
+    said = [f"{'would move' if dry_run else 'moved'} {images(len(plan.delete))} to {move_to}"]
+    if plan.tags_table is None:
+        said[0] += f" and {images(len(plan.relabel))} into another class's folder"
+    else:
+        said.append(f"{'would retag' if dry_run else 'retagged'} {images(len(plan.retag))} in {plan.tags_table}")
+    return said
 
 
 def _recipe(args: argparse.Namespace):
@@ -377,7 +393,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="folder for cleaning.csv and index.html (default: RUN/clean)")
     p.add_argument("--show", type=int, default=SHOWN, help="images index.html draws, highest loss first")
     p.add_argument("--apply", type=Path, metavar="CSV", help="carry out an edited table: each image whose action is "
-                   "delete is moved aside, each set to a class moved into that class's folder of its split")
+                   "delete is moved aside, each set to a class moved into that class's folder of its split (multi-label: "
+                   "each set to tags retagged in the tags table)")
     p.add_argument("--move-to", type=Path, help="with --apply: where deleted images go, each at its path under DATA "
                                                 "(default: DATA/removed)")
     p.add_argument("--dry-run", action="store_true", help="with --apply: print the moves, make none")

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from clfpipe.cli import main
-from clfpipe.contract.cleaning import COLUMNS, apply_plan, binary_cross_entropy, cross_entropy, rank, read_plan, table_bytes
-from clfpipe.contract.dataset import image_files
+from clfpipe.contract.cleaning import COLUMNS, Plan, apply_plan, binary_cross_entropy, cross_entropy, rank, read_plan, table_bytes
+from clfpipe.contract.dataset import image_files, read_tags, write_tags
 from clfpipe.contract.errors import DataError
-from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
+from clfpipe.demo_data import LABELS_CSV, DemoSpec, write_demo_dataset, write_demo_multilabel
 from clfpipe.pipeline import Reference
 
 CLASSES = ("checker", "horizontal", "vertical")
@@ -60,21 +60,89 @@ def test_binary_cross_entropy_is_the_mean_minus_log_p_of_each_tag_as_labelled(lo
 def test_tagged_images_rank_by_their_tags_loss_and_predict_the_tags_above_the_threshold():
     logits = np.array([[4.0, -4.0], [-4.0, 4.0], [0.0, 0.0]])
     rows = rank(["a", "b", "c"], ["train"] * 3, np.array([[1, 0], [1, 0], [0, 1]]), logits, ("x", "y"), threshold=0.5)
-    assert [(r.file, r.label, r.predicted) for r in rows] == [("b", "x", "y"), ("c", "y", ""), ("a", "x", "x")]
+    assert [(r.file, r.label, r.predicted) for r in rows] == [("b", "x", "y"), ("c", "y", "-"), ("a", "x", "x")]
     assert rows[1].loss == pytest.approx(np.log(2)) and rows[1].p_label == pytest.approx(0.5)
+
+
+TAGS = ("disc", "horizontal", "vertical")
 
 
 def test_a_multi_label_table_deletes_and_keeps_a_split_whole(tmp_path):
     data = tmp_path / "planet"
     write_demo_multilabel(data, train=3, valid=2, image_size=8)
     rows = [{"file": "valid/valid_0000.jpg", "action": "delete"}, {"file": "train/train_0001.jpg", "action": "keep"}]
-    plan = read_plan(_table(tmp_path / "t.csv", rows), data, ("disc", "horizontal", "vertical"), tags=True)
-    assert plan.delete == (data / "valid/valid_0000.jpg",) and plan.relabel == ()
+    plan = read_plan(_table(tmp_path / "t.csv", rows), data, TAGS, LABELS_CSV)
+    assert plan.delete == (data / "valid/valid_0000.jpg",) and plan.relabel == () and plan.retag == ()
     rows.append({"file": "valid/valid_0001.jpg", "action": "delete"})
     with pytest.raises(DataError, match="leaves .*valid without an image: expected each split to keep one"):
-        read_plan(_table(tmp_path / "t.csv", rows), data, ("disc", "horizontal", "vertical"), tags=True)
+        read_plan(_table(tmp_path / "t.csv", rows), data, TAGS, LABELS_CSV)
     with pytest.raises(DataError, match=r"file: expected a path under train/ or valid/ \(no part"):
-        read_plan(_table(tmp_path / "t.csv", [{"file": "valid_0000.jpg", "action": "delete"}]), data, ("disc",), tags=True)
+        read_plan(_table(tmp_path / "t.csv", [{"file": "valid_0000.jpg", "action": "delete"}]), data, ("disc",), LABELS_CSV)
+
+
+@pytest.fixture
+def planet(tmp_path):
+    """Six tagged images, their tags written by hand: every tag on a training image."""
+    data = tmp_path / "planet"
+    write_demo_multilabel(data, train=4, valid=2, image_size=8)
+    (data / LABELS_CSV).write_text("image,tags\ntrain_0000,disc\ntrain_0001,horizontal\ntrain_0002,disc vertical\n"
+                                   "train_0003,horizontal\nvalid_0000,disc\nvalid_0001,vertical\n")
+    return data
+
+
+def test_a_multi_label_row_set_to_tags_rewrites_that_image_s_row_of_the_tags_table(planet, tmp_path):
+    images = _tree(planet)
+    rows = [{"file": "train/train_0000.jpg", "label": "disc", "action": "vertical disc"},
+            {"file": "train/train_0001.jpg", "label": "horizontal", "action": "horizontal"},  # its tags: kept
+            {"file": "valid/valid_0000.jpg", "label": "disc", "action": "-"},  # none
+            {"file": "train/train_0003.jpg", "label": "horizontal", "action": "delete"}]
+    plan = read_plan(_table(tmp_path / "t.csv", rows), planet, TAGS, LABELS_CSV)
+    assert plan.retag == ((planet / "train/train_0000.jpg", ("disc", "vertical")), (planet / "valid/valid_0000.jpg", ()))
+    assert len(apply_plan(plan, planet, tmp_path / "aside", dry_run=True)) == 1 and _tree(planet) == images
+    apply_plan(plan, planet, tmp_path / "aside")
+    assert (planet / LABELS_CSV).read_text() == ("image,tags\ntrain_0000,disc vertical\ntrain_0001,horizontal\n"
+                                                 "train_0002,disc vertical\ntrain_0003,horizontal\nvalid_0000,\n"
+                                                 "valid_0001,vertical\n")
+    assert read_tags(planet / LABELS_CSV)["valid_0000"] == ()
+    with pytest.raises(DataError, match="'train/train_0000.jpg': label 'disc', but its tags in labels.csv are 'disc vertical': "
+                                        "expected the table 'clfpipe data clean' wrote for this data \\(applied already\\?\\)"):
+        read_plan(_table(tmp_path / "t.csv", rows[:3]), planet, TAGS, LABELS_CSV)  # the same table, less the moved file
+
+
+@pytest.mark.parametrize("actions, message", [
+    ({"train/train_0000.jpg": "disc cloudy"}, "line 2: action: expected keep, delete or the image's tags, space-separated "
+     "('-' for none), each one of the run's (disc, horizontal, vertical), got 'cloudy'"),
+    ({"train/train_0000.jpg": "horizontal", "train/train_0002.jpg": "horizontal"},
+     "leaves valid/valid_0000.jpg tagged 'disc', a tag of no training image: expected every tag of a validation image"),
+    ({"train/train_0002.jpg": "delete"}, "leaves valid/valid_0001.jpg tagged 'vertical', a tag of no training image"),
+])
+def test_a_multi_label_table_that_cannot_be_carried_out_is_refused_whole(planet, tmp_path, actions, message):
+    before = _tree(planet)
+    tags = read_tags(planet / LABELS_CSV)
+    rows = [{"file": f, "label": " ".join(tags[Path(f).stem]), "action": a} for f, a in actions.items()]
+    with pytest.raises(DataError) as info:
+        read_plan(_table(tmp_path / "t.csv", rows), planet, TAGS, LABELS_CSV)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert _tree(planet) == before
+
+
+def test_an_image_sharing_its_tags_row_with_another_is_not_retagged(planet, tmp_path):
+    # the table is keyed by stem: valid/train_0000.png would take train_0000's new tags too
+    (planet / "valid" / "train_0000.png").write_bytes((planet / "train/train_0000.jpg").read_bytes())
+    rows = [{"file": "train/train_0000.jpg", "label": "disc", "action": "disc horizontal"}]
+    with pytest.raises(DataError, match="its row of labels.csv \\('train_0000'\\) names another image of the data too"):
+        read_plan(_table(tmp_path / "t.csv", rows), planet, TAGS, LABELS_CSV)
+
+
+def test_the_tags_table_is_rewritten_as_it_was_but_the_edited_rows(tmp_path):
+    table = tmp_path / "labels.csv"
+    original = '\ufeffimage,note,tags\r\na.jpg,"x, y",disc\r\n\r\nb,plain,horizontal vertical\r\nc,"say ""hi""",\r\n'
+    table.write_bytes(original.encode("utf-8"))
+    table.chmod(0o640)
+    write_tags(table, {"b": ("vertical",), "zz": ("disc",)})
+    assert table.read_bytes() == original.replace("horizontal vertical", "vertical").encode("utf-8")
+    assert table.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+    assert read_tags(table) == {"a": ("disc",), "b": ("vertical",), "c": ()}
 
 
 def test_rank_is_highest_loss_first_and_stable_on_ties():
@@ -215,9 +283,12 @@ TABLES = st.tuples(st.lists(GOOD, max_size=10, unique_by=lambda r: r["file"]), s
 
 
 TAGGED = [f"{split}/{split}_{i:04d}.jpg" for split, n in (("train", 3), ("valid", 2)) for i in range(n)]
-TAGGED_ROW = st.fixed_dictionaries({"file": st.sampled_from(TAGGED), "label": st.sampled_from(["", "disc"]),
-                                    "action": st.sampled_from(["keep", "delete", ""])})
-TAGGED_TABLES = st.tuples(st.lists(TAGGED_ROW, max_size=5, unique_by=lambda r: r["file"]), st.lists(ANY, max_size=1))
+TAG_LISTS = st.lists(st.sampled_from([*TAGS, "-"]), max_size=3).map(" ".join)
+TAGGED_ROW = st.fixed_dictionaries({"file": st.sampled_from(TAGGED), "label": st.sampled_from(["=", "=", "=", "", "disc"]),
+                                    "action": st.one_of(st.sampled_from(["keep", "delete", ""]), TAG_LISTS)})
+# at most one row that may be anything, in a third of the tables
+TAGGED_TABLES = st.tuples(st.lists(TAGGED_ROW, max_size=5, unique_by=lambda r: r["file"]),
+                          st.sampled_from([0, 0, 1]).flatmap(lambda n: st.lists(ANY, min_size=n, max_size=n)))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -226,38 +297,50 @@ def test_any_table_is_carried_out_whole_or_refused_in_one_line(content):
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_demo_dataset(data, spec=DemoSpec(train_per_class=3, valid_per_class=2, image_size=8))
-        _carried_out_or_refused(data, content, tags=False)
+        _carried_out_or_refused(data, content)
         for split in ("train", "valid"):
             assert all(image_files(data / split / c) for c in CLASSES)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.binary(max_size=300), TAGGED_TABLES.map(lambda rows: _csv_bytes(rows[0] + rows[1]))))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=300), TAGGED_TABLES))
 def test_any_table_of_a_multi_label_run_is_carried_out_whole_or_refused_in_one_line(content):
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_demo_multilabel(data, train=3, valid=2, image_size=8)
-        _carried_out_or_refused(data, content, tags=True)
+        tags = read_tags(data / LABELS_CSV)
+        if not isinstance(content, bytes):  # rows: '=' is the image's tags now
+            content = _csv_bytes([{**r, "label": " ".join(tags.get(Path(r["file"]).stem, ())) if r["label"] == "=" else r["label"]}
+                                  for r in content[0] + content[1]])
+        plan = _carried_out_or_refused(data, content, LABELS_CSV)
         assert image_files(data / "train") and image_files(data / "valid")
+        new = {file.stem: retagged for file, retagged in plan.retag} if plan else {}
+        assert read_tags(data / LABELS_CSV) == {**tags, **new}  # the edited rows, and no other, changed
+        trained = {t for f in image_files(data / "train") for t in read_tags(data / LABELS_CSV)[f.stem]}
+        assert all(set(read_tags(data / LABELS_CSV)[f.stem]) <= trained for f in image_files(data / "valid"))
 
 
-def _carried_out_or_refused(data: Path, content: bytes, tags: bool) -> None:
-    """The table read and carried out, every image then somewhere once; or one DataError, nothing moved."""
+def _carried_out_or_refused(data: Path, content: bytes, labels_csv: str = "") -> Plan | None:
+    """The table read and carried out, every image then somewhere once; or one DataError, nothing
+    changed (None)."""
     before = _tree(data)
     (data.parent / "t.csv").write_bytes(content)
     try:
-        plan = read_plan(data.parent / "t.csv", data, ("disc", "horizontal", "vertical") if tags else CLASSES, tags=tags)
+        plan = read_plan(data.parent / "t.csv", data, TAGS if labels_csv else CLASSES, labels_csv)
     except DataError as exc:
         assert str(exc) and "\n" not in str(exc)
         assert _tree(data) == before
         event("refused")
-        return
-    event(f"{len(plan)} moves")
+        return None
+    event(f"{len(plan)} changes")
     moves = apply_plan(plan, data, data.parent / "aside")
-    after = {**_tree(data), **{f"aside/{k}": v for k, v in _tree(data.parent / "aside").items()}}
-    assert sorted(after.values()) == sorted(before.values())  # every image somewhere, none lost or doubled
+    images = {k: v for k, v in before.items() if k != labels_csv}
+    after = {k: v for k, v in _tree(data).items() if k != labels_csv}
+    after.update({f"aside/{k}": v for k, v in _tree(data.parent / "aside").items()})
+    assert sorted(after.values()) == sorted(images.values())  # every image somewhere, none lost or doubled
     for source, target in moves:
         assert not source.exists() and target.read_bytes() == before[source.relative_to(data).as_posix()]
+    return plan
 
 
 def _csv_bytes(rows: list[dict]) -> bytes:

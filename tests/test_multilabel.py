@@ -1,5 +1,6 @@
 import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,8 +95,8 @@ def test_multilabel_trains_exports_and_records_f2(tmp_path):
 
 def _data_clean_ranks_tagged_images(tmp_path, valid_files, reference, threshold):
     """data clean on a multi-label run: each image's mean binary cross-entropy over its tags, the
-    tags it predicts above the threshold; --apply moves a deleted image aside and refuses a new
-    tag list (tags are the labels table's rows)."""
+    tags it predicts above the threshold; --apply moves a deleted image aside, refuses a tag list
+    that names an unknown tag, and writes a new one into the image's row of the labels table."""
     from clfpipe.cli import main
     from clfpipe.contract.cleaning import read_plan
     from clfpipe.train.clean import clean_run
@@ -113,17 +114,19 @@ def _data_clean_ranks_tagged_images(tmp_path, valid_files, reference, threshold)
         truth = np.array([c in tags[f.stem] for c in classes])
         bce = -np.mean(np.log(np.where(truth, probs, 1 - probs)))
         assert float(row["loss"]) == pytest.approx(bce, abs=2e-3)
-        assert set(row["label"].split()) == set(tags[f.stem])
-        assert row["predicted"] == " ".join(c for c, p in zip(classes, probs) if p > threshold)
+        assert set(row["label"].split()) - {"-"} == set(tags[f.stem])
+        assert row["predicted"] == (" ".join(c for c, p in zip(classes, probs) if p > threshold) or "-")
     rows[0]["action"] = "delete"
-    rows[1]["action"] = "vertical"
+    rows[1]["action"] = "cloudy"
     _write_rows(table, rows)
-    with pytest.raises(DataError, match="line 3: action: expected keep or delete \\(an image's tags are its row of"):
-        read_plan(table, tmp_path / "data", classes, tags=True)
-    rows[1]["action"] = "keep"
+    with pytest.raises(DataError, match="line 3: action: expected keep, delete or the image's tags, space-separated"):
+        read_plan(table, tmp_path / "data", classes, LABELS_CSV)
+    new = ("disc",) if rows[1]["label"] == "vertical" else ("vertical",)
+    rows[1]["action"] = new[0]
     _write_rows(table, rows)
     assert main(["data", "clean", "--run", str(tmp_path / "run"), "--apply", str(table)]) == 0
     assert (tmp_path / "data" / "removed" / rows[0]["file"]).is_file() and not (tmp_path / "data" / rows[0]["file"]).exists()
+    assert read_tags(tmp_path / "data" / LABELS_CSV) == {**tags, Path(rows[1]["file"]).stem: new}
 
 
 def _write_rows(table, rows):
@@ -137,8 +140,6 @@ def _write_rows(table, rows):
 def _the_served_config_carries_the_threshold(run_dir, probs, threshold):
     """The client named the most probable class of a multi-label model alone, as if single-label:
     the ensemble now carries training's F2 threshold, and the client names every tag above it."""
-    from pathlib import Path
-
     from google.protobuf import json_format
 
     from clfpipe.contract.engines import SERVED, Variant

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clfpipe.contract.cleaning import TABLE, Ranked, rank, relative, table_bytes
+from clfpipe.contract.cleaning import NO_TAGS, TABLE, Ranked, rank, relative, table_bytes
 from clfpipe.contract.dataset import SPLITS, check_outside_splits
 from clfpipe.contract.errors import DataError, ManifestError
 from clfpipe.contract.lock import holding_run
@@ -43,7 +43,8 @@ class Ranking:
     def edits(self) -> str:
         """What a row's action may become."""
         if self.tags_table:
-            return f"delete (the file is moved aside); an image's tags are its row of {self.tags_table}: edit them there"
+            return (f"delete (the file is moved aside), or the image's tags, space-separated as 'predicted' names them "
+                    f"({NO_TAGS} for none; its row of {self.tags_table} is rewritten)")
         return "delete (the file is moved aside), or the class the image belongs to"
 
 

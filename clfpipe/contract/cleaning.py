@@ -1,9 +1,9 @@
 """The data-cleaning table: fastai's ``ImageClassifierCleaner`` as a file a user edits. Every image
 of a run's data (both splits) is ranked by its loss under the trained model, highest first
 (fastai's ``top_losses``), with an action to edit: ``keep``, ``delete`` (moved aside, never
-unlinked) or the name of the class it belongs to (moved into that class's folder of its split; a
-multi-label image's tags are its row of the run's tags table, edited there). Reading the edited
-table checks every row, and where each file would go, before anything moves."""
+unlinked) or the name of the class it belongs to (moved into that class's folder of its split); a
+multi-label image's action may be its tags instead (its row of the run's tags table is rewritten).
+Reading the edited table checks every row, and where each file would go, before anything moves."""
 
 from __future__ import annotations
 
@@ -24,14 +24,17 @@ from clfpipe.contract.dataset import (
     csv_text,
     image_files,
     move_files,
+    read_tags,
     split_folder,
     tag_names,
+    write_tags,
 )
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.manifest import RunDir
 from clfpipe.contract.probabilities import sigmoid, tagged
 
 KEEP, DELETE = "keep", "delete"
+NO_TAGS = "-"  # a multi-label image with none of the tags, as 'clfpipe predict' names it
 TABLE = "cleaning.csv"
 ASIDE = "removed"  # where deleted images go by default: DATA/removed, outside both splits
 COLUMNS = ("rank", "file", "split", "label", "predicted", "p_label", "loss", "action")
@@ -78,8 +81,10 @@ def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits
         predicted = [classes[i] for i in np.asarray(logits).argmax(1)]
     else:
         loss = binary_cross_entropy(logits, labels)
-        label = [tag_names(row, classes) for row in np.asarray(labels)]
-        predicted = [tag_names(row, classes) for row in tagged(sigmoid(np.asarray(logits, dtype=np.float64)), threshold)]
+        # '-', not '': a predicted cell copied into the action retags the image (an empty action keeps it)
+        label = [tag_names(row, classes) or NO_TAGS for row in np.asarray(labels)]
+        predicted = [tag_names(row, classes) or NO_TAGS
+                     for row in tagged(sigmoid(np.asarray(logits, dtype=np.float64)), threshold)]
     return [Ranked(files[i], splits[i], label[i], predicted[i], float(np.exp(-loss[i])), float(loss[i]))
             for i in np.argsort(-loss, kind="stable")]
 
@@ -96,13 +101,16 @@ def table_bytes(rows: Sequence[Ranked]) -> bytes:
 
 @dataclass(frozen=True)
 class Plan:
-    """What an edited table asks for: files to move aside, and (file, its place in another class's folder)."""
+    """What an edited table asks for: files to move aside, (file, its place in another class's
+    folder), and (file, its new tags) with the tags table that holds them."""
 
     delete: tuple[Path, ...]
     relabel: tuple[tuple[Path, Path], ...]
+    retag: tuple[tuple[Path, tuple[str, ...]], ...] = ()
+    tags_table: Path | None = None
 
     def __len__(self) -> int:
-        return len(self.delete) + len(self.relabel)
+        return len(self.delete) + len(self.relabel) + len(self.retag)
 
 
 def _listed(classes: Sequence[str]) -> str:
@@ -113,7 +121,12 @@ def _listed(classes: Sequence[str]) -> str:
 @dataclass(frozen=True)
 class _Row:
     parts: tuple[str, ...]  # split folder, then (class folders) the class, then the rest of the path
-    action: str  # keep, delete or the class it moves to
+    action: str  # keep, delete, the class it moves to, or RETAG
+    label: str | None = None  # as the table says (None: no such column; empty: not said)
+    tags: tuple[str, ...] = ()  # RETAG's new tags, in the run's order
+
+
+RETAG = "retag"  # a row's action once read as new tags (never a table's word: a tag list is)
 
 
 @dataclass(frozen=True)
@@ -155,12 +168,21 @@ def _row(row: dict, where: str, layout: _Layout) -> _Row:
                         "'clfpipe data clean' wrote for this data (was the file moved since?)")
     action = (row.get("action") or "").strip() or KEEP
     if layout.tags and action not in (KEEP, DELETE):
-        raise DataError(f"{where}: action: expected keep or delete (an image's tags are its row of the run's tags table: "
-                        f"edit them there), got {action[:40]!r}")
+        return _Row(parts, RETAG, row.get("label"), _tags(action, where, layout.classes))
     if action not in (KEEP, DELETE) and action not in layout.classes:
         raise DataError(f"{where}: action: expected keep, delete or one of the run's classes ({_listed(layout.classes)}), "
                         f"got {action[:40]!r}")
-    return _Row(parts, KEEP if not layout.tags and action == parts[1] else action)
+    return _Row(parts, KEEP if not layout.tags and action == parts[1] else action, row.get("label"))
+
+
+def _tags(action: str, where: str, classes: Sequence[str]) -> tuple[str, ...]:
+    """A multi-label row's action read as its image's tags, space-separated ('-' for none), in the run's order."""
+    named = set(action.split()) - ({NO_TAGS} - set(classes))
+    unknown = sorted(named - set(classes))
+    if unknown:
+        raise DataError(f"{where}: action: expected keep, delete or the image's tags, space-separated ('{NO_TAGS}' for none), "
+                        f"each one of the run's ({_listed(classes)}), got {unknown[0][:40]!r}")
+    return tuple(c for c in classes if c in named)
 
 
 DELIMITERS = (",", ";", "\t")  # spreadsheets save CSV with ';' where ',' is the decimal mark, or tabs
@@ -195,27 +217,73 @@ def _rows(csv_path: Path, layout: _Layout) -> list[_Row]:
     return rows
 
 
-def read_plan(csv_path: Path, data_dir: Path, classes: Sequence[str], tags: bool = False) -> Plan:
+def read_plan(csv_path: Path, data_dir: Path, classes: Sequence[str], labels_csv: str = "") -> Plan:
     """The moves an edited table asks for in ``data_dir``, every one checked: each file is there, no
     two land on one place, nothing is overwritten, and every class keeps an image in each split
-    (training reads every class from both; with ``tags``, images of a multi-label run, each split
-    keeps one). One DataError names the first problem."""
+    (training reads every class from both). With ``labels_csv`` (the tags table of a multi-label
+    run's images), each split keeps an image and rows may retag theirs (``_retags``). One DataError
+    names the first problem."""
     data_dir = Path(data_dir)
-    layout = _Layout(tuple(split_folder(data_dir, split, "").name for split in SPLITS), tuple(classes), tags)
+    layout = _Layout(tuple(split_folder(data_dir, split, "").name for split in SPLITS), tuple(classes), bool(labels_csv))
     rows = _rows(Path(csv_path), layout)
     for row in rows:
         if not data_dir.joinpath(*row.parts).is_file():
             raise DataError(f"{csv_path}: {'/'.join(row.parts)!r}: expected a file in {data_dir}, got none "
                             "(moved by an earlier --apply?)")
+    moving = [r for r in rows if r.action != RETAG]
     relabel = tuple((data_dir.joinpath(*r.parts), data_dir.joinpath(r.parts[0], r.action, *r.parts[2:]))
-                    for r in rows if r.action != DELETE)
+                    for r in moving if r.action != DELETE)
     targets = Counter(target for _, target in relabel)
     for target, n in targets.items():
         if n > 1 or target.exists() or target.is_symlink():
             raise DataError(f"{csv_path}: relabelling would move {'two files' if n > 1 else 'a file'} onto {target}: "
                             "expected a name free in its new class folder (rename the file, or delete one)")
-    _check_kept(data_dir, rows, 1 if tags else 2)
-    return Plan(tuple(data_dir.joinpath(*r.parts) for r in rows if r.action == DELETE), relabel)
+    _check_kept(data_dir, moving, 1 if labels_csv else 2)
+    delete = tuple(data_dir.joinpath(*r.parts) for r in moving if r.action == DELETE)
+    if not labels_csv:
+        return Plan(delete, relabel)
+    return Plan(delete, relabel, _retags(Path(csv_path), data_dir, rows, labels_csv), data_dir / labels_csv)
+
+
+def _retags(csv_path: Path, data_dir: Path, rows: Sequence[_Row], labels_csv: str) -> tuple[tuple[Path, tuple[str, ...]], ...]:
+    """(file, new tags) of the rows that change an image's tags. Refused: a row whose ``label`` is
+    not its image's tags now (applied already, or the tags table edited since), an image whose row
+    of the tags table (keyed by file stem) names another image too, and a plan that leaves a
+    validation image a tag no training image keeps (training's tags are train/'s)."""
+    table = read_tags(data_dir / labels_csv)
+    files = {relative(f, data_dir): f for split in SPLITS for f in image_files(split_folder(data_dir, split, ""))}
+    stems = Counter(f.stem for f in files.values())
+    now = {name: set(table.get(f.stem, ())) for name, f in files.items()}
+    retag: dict[str, tuple[str, ...]] = {}
+    for row in rows:
+        name = "/".join(row.parts)
+        if row.action == KEEP:
+            continue
+        if name not in files:  # e.g. a second path to a folder the walk read once
+            raise DataError(f"{csv_path}: {name!r}: expected an image training reads, got a path it does not read")
+        if (row.label or "").strip() and set(row.label.split()) - {NO_TAGS} != now[name] - {NO_TAGS}:
+            raise DataError(f"{csv_path}: {name!r}: label {row.label.strip()[:60]!r}, but its tags in {labels_csv} are "
+                            f"{' '.join(sorted(now[name]))[:60] or NO_TAGS!r}: expected the table 'clfpipe data clean' wrote "
+                            "for this data (applied already?)")
+        if row.action == RETAG and set(row.tags) != now[name]:
+            if stems[files[name].stem] > 1:
+                raise DataError(f"{csv_path}: {name!r}: its row of {labels_csv} ({files[name].stem!r}) names another image "
+                                "of the data too: expected one image a row to retag it (rename one)")
+            retag[name] = row.tags
+    gone = {"/".join(r.parts) for r in rows if r.action == DELETE}
+    _check_trained_tags(files, {**{n: set(t) for n, t in now.items()}, **{n: set(t) for n, t in retag.items()}}, gone,
+                        split_folder(data_dir, "train", "").name)
+    return tuple((files[name], tags) for name, tags in retag.items())
+
+
+def _check_trained_tags(files: dict[str, Path], tags: dict[str, set[str]], gone: set[str], train: str) -> None:
+    """Every tag of a validation image that stays is a training image's too."""
+    kept = [name for name in files if name not in gone]
+    trained = set().union(*(tags[n] for n in kept if n.split("/")[0] == train))
+    for name in kept:
+        if missing := sorted(tags[name] - trained):
+            raise DataError(f"the table leaves {name} tagged {missing[0]!r}, a tag of no training image: expected every "
+                            "tag of a validation image on a training image too (training's tags are train/'s)")
 
 
 def _check_kept(data_dir: Path, rows: Sequence[_Row], depth: int) -> None:
@@ -234,15 +302,17 @@ def run_plan(run_dir: Path, csv_path: Path, data_dir: Path | None = None) -> tup
     run = RunDir(run_dir)
     manifest = run.read()
     data = run.data_dir(manifest, data_dir)
-    return data, read_plan(csv_path, data, manifest.classes, manifest.recipe.multi_label)
+    return data, read_plan(csv_path, data, manifest.classes, manifest.recipe.data.labels_csv)
 
 
 def apply_plan(plan: Plan, data_dir: Path, move_to: Path, *, dry_run: bool = False) -> list[tuple[Path, Path]]:
     """The plan's moves, (from, to): deleted files to ``move_to`` at their paths under ``data_dir``,
-    relabelled ones into their new class folders. Every target is checked before the first move;
-    ``dry_run`` moves nothing."""
+    relabelled ones into their new class folders; its new tags written into the tags table first.
+    Every target is checked before the first change; ``dry_run`` changes nothing."""
     moves = [*zip(plan.delete, aside_targets(plan.delete, data_dir, move_to)), *plan.relabel]
     if not dry_run:
+        if plan.retag and plan.tags_table is not None:
+            write_tags(plan.tags_table, {file.stem: tags for file, tags in plan.retag})
         move_files(moves, "data clean")
     return moves
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import os
 import shutil
+import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from PIL import Image
 
@@ -239,6 +241,39 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
                             "image is read by 'clfpipe data split SRC NEW_FOLDER --classes-csv FILE' into class folders)")
 
     return _by_stem(csv_path, reader, header, _tag_row, " ".join, "other tags")
+
+
+def write_tags(csv_path: Path, new: Mapping[str, tuple[str, ...]]) -> None:
+    """The tags table with the rows of ``new``'s images (file stems) given those tags, every other
+    row and cell as it was (its byte-order mark and line ends too). It is replaced whole, by a
+    file renamed over it, or not at all."""
+    raw = csv_path.read_bytes() if csv_path.is_file() else b""
+    rows = list(csv.reader(io.StringIO(csv_text(csv_path), newline="")))
+    header = rows[0] if rows else []
+    if not {"image", "tags"} <= set(header):
+        raise DataError(f"{csv_path}: expected columns image,tags, got {header[:10]}")
+    # the last column of each name, as read_tags's DictReader reads a header that repeats one
+    image, tags = (len(header) - 1 - header[::-1].index(name) for name in ("image", "tags"))
+    for row in rows[1:]:
+        if len(row) > max(image, tags) and Path(row[image]).stem in new:
+            row[tags] = " ".join(new[Path(row[image]).stem])
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n" if b"\r\n" in raw else "\n").writerows(rows)
+    text = ("\ufeff" if raw.startswith(codecs.BOM_UTF8) else "") + buf.getvalue()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=csv_path.parent, prefix=f".{csv_path.name}.", suffix=".partial")
+    except OSError as exc:
+        raise DataError(f"cannot rewrite {csv_path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, csv_path.stat().st_mode & 0o7777)  # mkstemp's 0600
+        os.replace(tmp, csv_path)
+    except OSError as exc:
+        raise DataError(f"cannot rewrite {csv_path}: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):  # gone where the rename took it
+            os.unlink(tmp)
 
 
 def read_classes(csv_path: Path) -> dict[str, str]:
