@@ -145,6 +145,30 @@ def test_the_tags_table_is_rewritten_as_it_was_but_the_edited_rows(tmp_path):
     assert read_tags(table) == {"a": ("disc",), "b": ("vertical",), "c": ()}
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.lists(st.tuples(st.sampled_from(["a", "b.jpg", "", "c"]), st.text(max_size=12)),
+                                                    max_size=5).map(lambda rows: "image,tags\n" + "".join(
+                                                        f'{i},"{t.replace(chr(34), "")}"\n' for i, t in rows)).map(str.encode)),
+       st.dictionaries(st.sampled_from(["a", "b", "z"]), st.lists(st.sampled_from(TAGS), max_size=2).map(tuple), max_size=2))
+def test_any_tags_table_is_rewritten_to_read_back_with_the_new_tags_or_refused_in_one_line(content, new):
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "labels.csv"
+        table.write_bytes(content)
+        try:
+            before = read_tags(table)
+        except DataError:
+            before = None
+        try:
+            write_tags(table, new)
+        except DataError as exc:
+            assert str(exc) and "\n" not in str(exc) and table.read_bytes() == content
+            event("refused")
+            return
+        event("read by training" if before is not None else "rewritten, unread by training")
+        if before is not None:  # a table training reads still reads, with the new tags where it has the images
+            assert read_tags(table) == {**before, **{k: v for k, v in new.items() if k in before}}
+
+
 def test_rank_is_highest_loss_first_and_stable_on_ties():
     logits = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
     rows = rank(["a", "b", "c", "d"], ["train"] * 4, np.array([0, 1, 1, 1]), logits, ("x", "y"))

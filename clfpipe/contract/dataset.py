@@ -247,8 +247,12 @@ def write_tags(csv_path: Path, new: Mapping[str, tuple[str, ...]]) -> None:
     """The tags table with the rows of ``new``'s images (file stems) given those tags, every other
     row and cell as it was (its byte-order mark and line ends too). It is replaced whole, by a
     file renamed over it, or not at all."""
-    raw = csv_path.read_bytes() if csv_path.is_file() else b""
-    rows = list(csv.reader(io.StringIO(csv_text(csv_path), newline="")))
+    text = csv_text(csv_path)
+    raw = csv_path.read_bytes()
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: not CSV ({exc})") from exc
     header = rows[0] if rows else []
     if not {"image", "tags"} <= set(header):
         raise DataError(f"{csv_path}: expected columns image,tags, got {header[:10]}")
