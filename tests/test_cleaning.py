@@ -136,13 +136,15 @@ def test_an_image_sharing_its_tags_row_with_another_is_not_retagged(planet, tmp_
 
 def test_the_tags_table_is_rewritten_as_it_was_but_the_edited_rows(tmp_path):
     table = tmp_path / "labels.csv"
-    original = '\ufeffimage,note,tags\r\na.jpg,"x, y",disc\r\n\r\nb,plain,horizontal vertical\r\nc,"say ""hi""",\r\n'
+    original = ('\ufeffimage,note,tags\r\na.jpg,"x, y",disc\r\n\r\n"b","two\nlines","horizontal vertical"\r\n'
+                '"c","say ""hi""",""\n"d",,"disc"')  # quoted as no writer here would, the last line without an end
     table.write_bytes(original.encode("utf-8"))
     table.chmod(0o640)
-    write_tags(table, {"b": ("vertical",), "zz": ("disc",)})
-    assert table.read_bytes() == original.replace("horizontal vertical", "vertical").encode("utf-8")
+    write_tags(table, {"b": ("vertical",), "d": (), "zz": ("disc",)})
+    expected = original.replace('"b","two\nlines","horizontal vertical"', 'b,"two\nlines",vertical').replace('"d",,"disc"', "d,,")
+    assert table.read_bytes() == expected.encode("utf-8")  # the other lines byte for byte
     assert table.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
-    assert read_tags(table) == {"a": ("disc",), "b": ("vertical",), "c": ()}
+    assert read_tags(table) == {"a": ("disc",), "b": ("vertical",), "c": (), "d": ()}
 
 
 @settings(max_examples=150, deadline=None)

@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from PIL import Image
 
 from clfpipe.contract.errors import DataError, first_line
+from clfpipe.contract.manifest import atomic_write_bytes
 from clfpipe.contract.preprocess import ENCODINGS, FORMATS, check_jpeg_bytes, check_size, load_image
 from clfpipe.contract.progress import progress
 
@@ -244,40 +244,36 @@ def read_tags(csv_path: Path) -> dict[str, tuple[str, ...]]:
 
 
 def write_tags(csv_path: Path, new: Mapping[str, tuple[str, ...]]) -> None:
-    """The tags table with the rows of ``new``'s images (file stems) given those tags, every other
-    row and cell as it was (its byte-order mark and line ends too). It is replaced whole, by a
-    file renamed over it, or not at all."""
+    """The tags table with the rows of ``new``'s images (file stems) given those tags: every other
+    line stays byte for byte as it was (quoting, byte-order mark, line ends), and an edited row
+    keeps its line end. The file is replaced whole, by one renamed over it, or not at all."""
     text = csv_text(csv_path)
-    raw = csv_path.read_bytes()
+    lines = io.StringIO(text, newline="").readlines()  # the lines csv.reader reads, ends kept
+    reader = csv.reader(iter(lines))
     try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
+        header = next(reader, [])
+        if not {"image", "tags"} <= set(header):
+            raise DataError(f"{csv_path}: expected columns image,tags, got {header[:10]}")
+        # the last column of each name, as read_tags's DictReader reads a header that repeats one
+        image, tags = (len(header) - 1 - header[::-1].index(name) for name in ("image", "tags"))
+        out, done = lines[:reader.line_num], reader.line_num
+        for row in reader:
+            if len(row) > max(image, tags) and Path(row[image]).stem in new:
+                row[tags] = " ".join(new[Path(row[image]).stem])
+                end = lines[reader.line_num - 1]
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator=end[len(end.rstrip("\r\n")):]).writerow(row)
+                out.append(buf.getvalue())
+            else:
+                out.extend(lines[done:reader.line_num])
+            done = reader.line_num
     except csv.Error as exc:
         raise DataError(f"{csv_path}: not CSV ({exc})") from exc
-    header = rows[0] if rows else []
-    if not {"image", "tags"} <= set(header):
-        raise DataError(f"{csv_path}: expected columns image,tags, got {header[:10]}")
-    # the last column of each name, as read_tags's DictReader reads a header that repeats one
-    image, tags = (len(header) - 1 - header[::-1].index(name) for name in ("image", "tags"))
-    for row in rows[1:]:
-        if len(row) > max(image, tags) and Path(row[image]).stem in new:
-            row[tags] = " ".join(new[Path(row[image]).stem])
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\r\n" if b"\r\n" in raw else "\n").writerows(rows)
-    text = ("\ufeff" if raw.startswith(codecs.BOM_UTF8) else "") + buf.getvalue()
+    bom = "\ufeff" if csv_path.read_bytes().startswith(codecs.BOM_UTF8) else ""
     try:
-        fd, tmp = tempfile.mkstemp(dir=csv_path.parent, prefix=f".{csv_path.name}.", suffix=".partial")
+        atomic_write_bytes(csv_path, (bom + "".join(out + lines[done:])).encode("utf-8"), csv_path.stat().st_mode & 0o7777)
     except OSError as exc:
         raise DataError(f"cannot rewrite {csv_path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, csv_path.stat().st_mode & 0o7777)  # mkstemp's 0600
-        os.replace(tmp, csv_path)
-    except OSError as exc:
-        raise DataError(f"cannot rewrite {csv_path}: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):  # gone where the rename took it
-            os.unlink(tmp)
 
 
 def read_classes(csv_path: Path) -> dict[str, str]:
@@ -321,8 +317,9 @@ def _by_stem(csv_path: Path, reader: Any, header: Callable[[], None], parse: Cal
 
 
 def csv_text(csv_path: Path) -> str:
+    """A CSV file's text, line ends as written (the csv module reads them, quoted ones in a cell too)."""
     try:
-        return csv_path.read_text(encoding="utf-8-sig")  # Excel's byte-order mark is no part of the first column's name
+        return csv_path.read_bytes().decode("utf-8-sig")  # Excel's byte-order mark is no part of the first column's name
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path}: expected UTF-8 text, got byte {exc.object[exc.start]:#04x} at offset {exc.start}") from exc
     except OSError as exc:

@@ -83,7 +83,7 @@ def _check_writable(folder: Path, expected: str) -> None:
         raise ManifestError(f"{expected} ({exc.strerror or exc})") from exc
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write to a temporary file beside ``path`` and rename: readers never see a torn file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise ManifestError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
+        os.fchmod(fd, mode)  # mkstemp makes 0600; artifacts are meant to be shared
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
