@@ -6,9 +6,16 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import sysconfig
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,13 +30,14 @@ from tritonclient.utils import InferenceServerException
 from clfpipe.cli import main
 from clfpipe.contract.errors import ServeError
 from clfpipe.contract.manifest import RunDir
-from clfpipe.contract.preprocess import load_image
+from clfpipe.contract.preprocess import load_image, load_pixels
 from clfpipe.contract.probabilities import softmax
 from clfpipe.export.onnx_export import validation_split
 from clfpipe.nn.reference import files_to_batch, load_run_model, torch_logits
 from clfpipe.serve.bench import run_level, sweep
 from clfpipe.serve.client import AsyncClassifier, Classifier
 from clfpipe.serve.repository import build_repository
+from clfpipe.serve.server import Ports, Process, find_triton, prepare_backends, remove_shm, server_args, server_env, stop_group
 from clfpipe.train.evaluate import deterministic_tta
 
 pytestmark = pytest.mark.slow
@@ -263,6 +271,95 @@ def test_both_targets_generate_configs_triton_parses(trained_run, tmp_path):
     import onnx
 
     assert [o.name for o in onnx.load(str(container / "backbone" / "1" / "model.onnx")).graph.output] == ["PROBS"]
+
+
+def _without_clfpipe(venv: Path) -> Path:
+    """A venv's bin folder whose python sees this one's packages but not clfpipe, as NVIDIA's image
+    has numpy and Pillow but no clfpipe: this site-packages is a plain path there, so its .pth files
+    (the editable install's finder among them) are not read."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    (Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"]) / "packages.pth").write_text(f"{site}\n")
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import numpy, PIL; import clfpipe"], capture_output=True,
+                           text=True, cwd=venv)
+    assert "No module named 'clfpipe'" in check.stderr, check.stderr
+    return venv / "bin"
+
+
+def test_the_container_s_python_steps_serve_without_clfpipe_as_nvidia_s_image_runs_them(trained_run, tmp_path):
+    """The container repository's preprocess and labels models, on the real tritonserver, in a
+    Python where ``import clfpipe`` fails: they run on the modules shipped beside them, and answer
+    as the project's own code. Without its shipped module a model does not load (the control)."""
+    container = build_repository(trained_run, tmp_path / "container", "container")
+    repo = tmp_path / "steps"
+    for name in ("preprocess", "labels"):
+        shutil.copytree(container / name, repo / name)
+    control = repo / "labels_unshipped"
+    shutil.copytree(container / "labels", control)
+    (control / "1" / "clfpipe_probabilities.py").unlink()
+    config = text_format.Parse((control / "config.pbtxt").read_text(), mc.ModelConfig())
+    config.name = control.name
+    (control / "config.pbtxt").write_text(text_format.MessageToString(config))
+    env = server_env(install := find_triton())
+    env["PATH"] = f"{_without_clfpipe(tmp_path / 'venv')}{os.pathsep}{env['PATH']}"  # the python the stub embeds
+    ports = Ports.free()
+    args = server_args(install, repo, prepare_backends(install, tmp_path / "state"), host="127.0.0.1", ports=ports)
+    with open(tmp_path / "triton.log", "wb") as log:
+        proc = subprocess.Popen([*args, "--exit-on-error=false"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=tmp_path, start_new_session=True)
+    process = Process.of(proc.pid)
+    try:
+        with contextlib.closing(httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")) as client:
+            _wait_for_models(client, proc, ("preprocess", "labels"), tmp_path / "triton.log")
+            assert not client.is_model_ready("labels_unshipped")
+            _labels_answer_as_the_project_s_code(client, RunDir(trained_run).read())
+            _preprocess_answers_as_the_project_s_code(client, RunDir(trained_run).read(), _valid(trained_run).files[:4])
+        assert "No module named 'clfpipe_probabilities'" in (tmp_path / "triton.log").read_text()
+    finally:
+        if process is not None:
+            stop_group(process)
+        remove_shm(ports)
+
+
+def _wait_for_models(client, proc, models, log, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_ready(client, m) for m in models):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+
+
+def _ready(client, model: str) -> bool:
+    try:
+        return client.is_model_ready(model)
+    except Exception:  # not listening yet
+        return False
+
+
+def _labels_answer_as_the_project_s_code(client, manifest) -> None:
+    probs = np.random.default_rng(0).dirichlet(np.ones(len(manifest.classes)), size=5).astype(np.float32)
+    tensor = httpclient.InferInput("PROBS", list(probs.shape), "FP32")
+    tensor.set_data_from_numpy(probs)
+    for top_k in (1, 2):
+        labels = client.infer("labels", [tensor], parameters={"top_k": top_k}).as_numpy("LABELS")
+        for row, served in zip(probs, labels):
+            best = np.argsort(-row, kind="stable")[:top_k]
+            assert [s.decode().split(":")[0] for s in served] == [manifest.classes[i] for i in best]
+            assert [float(s.decode().split(":")[1]) for s in served] == pytest.approx(row[best], abs=1e-4)
+    with pytest.raises(InferenceServerException, match="top_k: expected a positive integer, got 0") as refused:
+        client.infer("labels", [tensor], parameters={"top_k": 0})
+    assert refused.value.status() == INVALID_INPUT["http"]
+
+
+def _preprocess_answers_as_the_project_s_code(client, manifest, files) -> None:
+    for path in files:
+        tensor = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[path.read_bytes()]], dtype=np.object_))
+        served = client.infer("preprocess", [tensor]).as_numpy("PIXELS")
+        np.testing.assert_array_equal(served, load_pixels([path], manifest.preprocess))
+    tensor.set_data_from_numpy(np.array([[b"notimage"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="not an image") as refused:
+        client.infer("preprocess", [tensor])
+    assert refused.value.status() == INVALID_INPUT["http"]
 
 
 def _non_loopback_address() -> str | None:
