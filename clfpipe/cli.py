@@ -35,20 +35,25 @@ def _cmd_data_demo(args: argparse.Namespace) -> None:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from clfpipe.contract.dataset import check_data, move_aside
+    from clfpipe.contract.similar import HASH_BITS
 
-    found = check_data(args.data, args.labels_csv, args.workers)
+    found = check_data(args.data, args.labels_csv, args.workers, args.near_copies)
     for path, why in found.unusable:
         print(f"{path}\t{why}")
     for copy in found.duplicates:
         print(f"{copy.path}\tsame bytes as {copy.first}: {copy.why}")
+    for near in found.near or ():
+        print(f"{near.path}\tlooks like {near.first} ({near.bits} of {HASH_BITS} hash bits differ): {near.why}")
     skipped = ", ".join(f"{n} {suffix}" for suffix, n in found.skipped.items())
-    log.info("data check: %d images, %d unusable, %d repeating another's bytes%s", found.images, len(found.unusable),
-             len(found.duplicates), f"; not read as images: {skipped}" if skipped else "")
+    looking = "" if found.near is None else f", {len(found.near)} looking like another"
+    log.info("data check: %d images, %d unusable, %d repeating another's bytes%s%s", found.images, len(found.unusable),
+             len(found.duplicates), looking, f"; not read as images: {skipped}" if skipped else "")
+    copies = bool(found.duplicates or found.near)
     if found.unusable and args.move_to is not None:
         moved = move_aside([path for path, _ in found.unusable], args.data, args.move_to)
         log.info("data check: moved %d unusable files to %s", len(moved), args.move_to)
-        return 2 if found.duplicates else 0
-    return 2 if found.unusable or found.duplicates else 0
+        return 2 if copies else 0
+    return 2 if found.unusable or copies else 0
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
@@ -360,6 +365,8 @@ def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.Argu
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    from clfpipe.contract.similar import HASH_BITS, NEAR_BITS
+
     data = _sub(sub, "data", "datasets").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = _sub(data, "demo", "write the deterministic demo dataset (fast.ai folder layout)")
     p.add_argument("out_dir", type=Path, help="folder to write train/ and valid/ into")
@@ -373,6 +380,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--move-to", type=Path, help="move the unusable files here, each at its path under DATA (repeated "
                                                 "ones stay: which copy goes is the user's choice)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
+    p.add_argument("--near-copies", type=int, nargs="?", const=NEAR_BITS, metavar="BITS",
+                   help="also list the images that look like an earlier one (resized, saved again): perceptual hashes "
+                        f"at most BITS of {HASH_BITS} apart (default {NEAR_BITS})")
     p.set_defaults(func=_cmd_data_check)
     p = _sub(data, "split", "hold out part of each class for validation: SRC/<class>/ into OUT/train/<class>/ and "
                             "OUT/valid/<class>/ (hard links: SRC is not changed)")

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from clfpipe.cli import main
 from clfpipe.contract.dataset import check_data, image_problem
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import load_image
+from clfpipe.contract.similar import HASH_BITS, MAX_NEAR_BITS, NEAR_BITS, nearest_earlier
 from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
 
 
@@ -223,3 +225,70 @@ def test_any_tree_of_folders_and_links_is_walked_to_an_end_each_image_once(tmp_p
     assert all(str(f).startswith(str(root) + "/") and not f.name.startswith(".") for f in found)
     assert len(found) == len({f.resolve() for f in found})
     assert {f.resolve() for f in found} == _reachable_images(root)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_nearest_earlier_is_each_hash_s_nearest_earlier_one_within_the_bound(data):
+    n = data.draw(st.integers(0, 12))
+    rows = data.draw(arrays(np.bool_, (n, HASH_BITS)))
+    for j in range(1, n):  # a row may be an earlier one with some bits flipped: near it, or equally near two
+        if data.draw(st.booleans()):
+            source, count = data.draw(st.integers(0, j - 1)), data.draw(st.integers(0, 60))
+            rows[j] = rows[source] ^ (np.arange(HASH_BITS) < count)
+    max_bits = data.draw(st.integers(0, 128))
+    expected = []
+    for j in range(n):
+        dist = [int((rows[i] != rows[j]).sum()) for i in range(j)]
+        if dist and min(dist) <= max_bits:
+            expected.append((j, dist.index(min(dist)), min(dist)))
+    assert nearest_earlier(rows, max_bits) == expected
+
+
+def _texture(seed: int, size: int = 160) -> Image.Image:
+    """A random colour field with detail at every scale of a 12-cell grid: distinct photos' stand-in,
+    unlike the demo's stripes of one kind a class."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
+def _saved(img: Image.Image, path, scale: float = 1.0, quality: int = 90) -> None:
+    img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR).save(path, quality=quality)
+
+
+def test_near_copies_are_named_with_what_they_do_and_distinct_images_are_not(tmp_path, capsys):
+    data = tmp_path / "photos"
+    for split, count in (("train", 6), ("valid", 3)):
+        for c, name in enumerate(("cat", "dog")):
+            (data / split / name).mkdir(parents=True)
+            for i in range(count):
+                _saved(_texture(100 * c + 10 * (split == "valid") + i), data / split / name / f"{i}.jpg")
+    first = data / "train" / "cat" / "0.jpg"
+    near = {  # resized and saved again; one copied byte for byte (a copy, not a near copy)
+        data / "valid" / "cat" / "small.jpg": (2 / 3, 70, "in both splits: the validation score counts an image training saw"),
+        data / "train" / "dog" / "z.jpg": (1.0, 40, "labelled 'cat' there, 'dog' here"),
+        data / "train" / "cat" / "z_big.jpg": (1.5, 95, "a second copy with the same label: trained on twice as often"),
+    }
+    for path, (scale, quality, _) in near.items():
+        _saved(Image.open(first), path, scale, quality)
+    (data / "valid" / "dog" / "same.jpg").write_bytes(first.read_bytes())
+    found = check_data(data, near_bits=NEAR_BITS)
+    assert {n.path: n.why for n in found.near} == {p: why for p, (_, _, why) in near.items()}
+    assert all(n.first in {first, *near} and n.bits <= NEAR_BITS for n in found.near)  # the nearest of the image's copies
+    assert [d.path for d in found.duplicates] == [data / "valid" / "dog" / "same.jpg"] and check_data(data).near is None
+    assert main(["data", "check", str(data), "--near-copies"]) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "looks like" in line]
+    assert sorted(lines) == sorted(f"{n.path}\tlooks like {n.first} ({n.bits} of 256 hash bits differ): {n.why}" for n in found.near)
+    assert not check_data(data, near_bits=0).near  # no copy here hashes the same
+
+
+def test_the_demo_images_of_a_class_look_alike_but_not_near_copies(demo_data):
+    # stripes of one kind a class: the closest two of 450 were 66 bits apart when the bound was chosen
+    found = check_data(demo_data, near_bits=NEAR_BITS)
+    assert found.images == 450 and found.near == ()
+
+
+@pytest.mark.parametrize("bits", [-1, MAX_NEAR_BITS + 1])
+def test_the_near_copy_bound_is_range_checked(data, bits):
+    with pytest.raises(DataError, match=f"--near-copies: expected 0 to 128 bits of 256, got {bits}"):
+        check_data(data, near_bits=bits)

@@ -11,15 +11,18 @@ import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from clfpipe.contract.errors import DataError, first_line
 from clfpipe.contract.manifest import atomic_write_bytes
 from clfpipe.contract.preprocess import ENCODINGS, FORMATS, check_jpeg_bytes, check_size, load_image
 from clfpipe.contract.progress import progress
+from clfpipe.contract.similar import HASH_BITS, MAX_NEAR_BITS, nearest_earlier, perceptual_hash
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -404,6 +407,7 @@ class DataCheck:
     unusable: tuple[tuple[Path, str], ...]  # (file, why), in the splits' order
     skipped: dict[str, int]  # other files under the splits by suffix: never read (hidden files left out)
     duplicates: tuple[Duplicate, ...] = ()  # usable files whose bytes an earlier one has
+    near: tuple[NearCopy, ...] | None = None  # usable files that look like an earlier one (None: not looked for)
 
 
 @dataclass(frozen=True)
@@ -413,6 +417,16 @@ class Duplicate:
     path: Path
     first: Path
     why: str  # what the copy does to training or to its score
+
+
+@dataclass(frozen=True)
+class NearCopy:
+    """A file that looks like one read before it (perceptual hashes ``bits`` apart), bytes not the same."""
+
+    path: Path
+    first: Path
+    bits: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -430,29 +444,49 @@ SPLITS = ("train", "valid")
 MAX_CHECK_WORKERS = 256  # decoding threads: past the machine's cores they only add memory
 
 
-def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1) -> DataCheck:
+def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1, near_bits: int | None = None) -> DataCheck:
     """Every image the layout finds in DATA (both splits) decoded whole, as training and the
     server decode it: the files a run would stop on, all at once (as fastai's ``verify_images``);
-    and the files that repeat another's bytes (a validation image that training also reads, an
-    image in two classes). ``workers`` threads decode (Pillow releases the GIL while decoding)."""
+    the files that repeat another's bytes (a validation image that training also reads, an image
+    in two classes); with ``near_bits``, the files that look like another (``similar``).
+    ``workers`` threads decode (Pillow releases the GIL while decoding)."""
     if not 1 <= workers <= MAX_CHECK_WORKERS:
         raise DataError(f"--workers: expected 1 to {MAX_CHECK_WORKERS}, got {workers}")
+    if near_bits is not None and not 0 <= near_bits <= MAX_NEAR_BITS:
+        raise DataError(f"--near-copies: expected 0 to {MAX_NEAR_BITS} bits of {HASH_BITS}, got {near_bits}")
     data_dir = Path(data_dir)
     train = scan_data(data_dir, "train", labels_csv, verify=False)
     splits = [train, scan_data(data_dir, "valid", labels_csv, train.classes, verify=False)]
     files = [path for split in splits for path in split.files]
+    inspect = partial(_inspected, hashing=near_bits is not None)
     with ThreadPoolExecutor(workers) as pool:
-        found = list(progress(pool.map(image_problem, files), "data check", total=len(files), unit="images"))
-    unusable = tuple((path, why) for path, why in zip(files, found) if why is not None)
+        found = list(progress(pool.map(inspect, files), "data check", total=len(files), unit="images"))
+    unusable = tuple((path, why) for path, (why, _) in zip(files, found) if why is not None)
     where = [(name, split, i) for name, split in zip(SPLITS, splits) for i in range(len(split))]
-    usable = [_Read(path, name, label_text(split, i)) for path, (name, split, i), why in zip(files, where, found) if why is None]
+    usable = [_Read(path, name, label_text(split, i)) for path, (name, split, i), (why, _) in zip(files, where, found)
+              if why is None]
     roots = [split_folder(data_dir, split, "") for split in SPLITS]
-    return DataCheck(len(files), unusable, _skipped(roots, set(files)), _copies(usable))
+    copies = _copies(usable)
+    near = None
+    if near_bits is not None:
+        near = _near_copies(usable, [h for why, h in found if why is None], near_bits, {c.path for c in copies})
+    return DataCheck(len(files), unusable, _skipped(roots, set(files)), copies, near)
 
 
 def image_problem(path: Path) -> str | None:
     """Why a file is no usable image, by its header or its whole decode; None when it is one."""
     return header_problem(path) or decode_problem(path)
+
+
+def _inspected(path: Path, hashing: bool) -> tuple[str | None, np.ndarray | None]:
+    """(why the file is no usable image or None, its perceptual hash when ``hashing`` and usable)."""
+    if (problem := header_problem(path)) is not None:
+        return problem, None
+    try:
+        img = load_image(path)
+    except ValueError as exc:
+        return first_line(exc).removeprefix(f"{path}: "), None
+    return None, perceptual_hash(img) if hashing else None
 
 
 def tag_names(row: Sequence[int], classes: Sequence[str]) -> str:
@@ -485,15 +519,27 @@ def _copies(read: Sequence[_Read]) -> tuple[Duplicate, ...]:
     """Each file whose bytes an earlier one has, in the files' order, with what the copy does."""
     found = []
     for group in identical([item.path for item in read]):
-        was = read[group[0]]
         for index in group[1:]:
-            item = read[index]
-            why = [f"labelled {was.label!r} there, {item.label!r} here"] if item.label != was.label else []
-            if item.split != was.split:
-                why.append("in both splits: the validation score counts an image training saw")
-            found.append((index, Duplicate(item.path, was.path, "; ".join(why) or
-                                           "a second copy with the same label: trained on twice as often")))
+            found.append((index, Duplicate(read[index].path, read[group[0]].path, _what_copy_does(read[group[0]], read[index]))))
     return tuple(duplicate for _, duplicate in sorted(found, key=lambda pair: pair[0]))
+
+
+def _what_copy_does(was: _Read, item: _Read) -> str:
+    """What a (near) copy of ``was`` does to training or to its score."""
+    why = [f"labelled {was.label!r} there, {item.label!r} here"] if item.label != was.label else []
+    if item.split != was.split:
+        why.append("in both splits: the validation score counts an image training saw")
+    return "; ".join(why) or "a second copy with the same label: trained on twice as often"
+
+
+def _near_copies(read: Sequence[_Read], hashes: Sequence[np.ndarray], max_bits: int, copies: set[Path]) -> tuple[NearCopy, ...]:
+    """Each file that looks like an earlier one, in the files' order; a byte copy is left to ``_copies``."""
+    keep = [i for i, item in enumerate(read) if item.path not in copies]
+    if not keep:
+        return ()
+    found = nearest_earlier(np.stack([hashes[i] for i in keep]), max_bits)
+    return tuple(NearCopy(read[keep[j]].path, read[keep[i]].path, bits, _what_copy_does(read[keep[i]], read[keep[j]]))
+                 for j, i, bits in found)
 
 
 def _skipped(roots: Sequence[Path], read: set[Path]) -> dict[str, int]:

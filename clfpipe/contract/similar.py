@@ -1,0 +1,50 @@
+"""Near copies: images that look alike though their bytes differ (one resized or saved again at
+another JPEG quality), found by a perceptual hash (imagehash's pHash: the signs of an image's
+lowest DCT frequencies against their median) and the Hamming distance between hashes.
+
+A 256-bit hash (hash size 16) rather than pHash's usual 64: on the demo data, whose images of a
+class are stripes of one kind, no two distinct images came closer than 66 bits of 256, while a
+copy at two thirds of the size in JPEG quality 70 stayed within 24 (at half the size in quality
+50, within 52); at 64 bits the two overlapped (6 against 8). Random colour fields with detail
+at every scale of a 12 or 48-cell grid (photos' stand-in) sat 98 bits or more apart, their copies
+within 16. An image with almost no detail (a blur of a 6-cell grid) is where it falls short:
+its higher frequencies are near zero, their signs noise, and a resized copy drifted up to 68 bits
+away: missed, not confused with another. Unmeasured on real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+HASH_SIZE = 16  # pHash over the 16x16 lowest frequencies: 256 bits
+HASH_BITS = HASH_SIZE * HASH_SIZE
+NEAR_BITS = 40  # at most this many bits apart is a near copy: 16% of the bits, as imagededup's 10 of 64
+MAX_NEAR_BITS = HASH_BITS // 2  # two unrelated hashes differ in about half their bits
+_ROWS = 256  # hashes compared at once against all: a (256, n) block of distances (100 MB at 100,000 images)
+
+
+def perceptual_hash(img: Image.Image) -> np.ndarray:
+    """The image's pHash as HASH_BITS booleans."""
+    import imagehash  # scipy with it: only for the check that asks
+
+    return np.asarray(imagehash.phash(img, hash_size=HASH_SIZE).hash, dtype=bool).reshape(-1)
+
+
+def nearest_earlier(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int, int]]:
+    """(j, i, bits) for each hash j with an earlier one i at most ``max_bits`` apart: the nearest
+    such i, the first on a tie. Distances by a matrix product (|a| + |b| - 2 a.b), a block of rows
+    at a time: n hashes cost n^2 * HASH_BITS multiply-adds, not n^2 Python comparisons."""
+    bits = np.asarray(hashes, dtype=np.float32)
+    ones = bits.sum(axis=1)
+    found = []
+    for start in range(0, len(bits), _ROWS):
+        block = bits[start:start + _ROWS]
+        dist = ones[start:start + len(block), None] + ones[None, :] - 2 * block @ bits.T
+        dist = np.rint(dist).astype(np.int32)  # exact integers in float32 below 2^24
+        earlier = np.arange(len(bits))[None, :] < np.arange(start, start + len(block))[:, None]
+        dist = np.where(earlier, dist, HASH_BITS + 1)
+        nearest = dist.argmin(axis=1)  # the first of equal minima
+        for row, i in enumerate(nearest):
+            if dist[row, i] <= max_bits:
+                found.append((start + row, int(i), int(dist[row, i])))
+    return found
