@@ -59,7 +59,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_split(args: argparse.Namespace) -> int:
     from clfpipe.contract.holdout import split_dataset
 
-    done = split_dataset(args.src, args.out, args.valid_pct, args.seed, args.labels_csv, args.classes_csv)
+    done = split_dataset(args.src, args.out, args.valid_pct, args.seed, args.labels_csv, args.classes_csv, args.near_copies)
     classes = f" of {done.classes} classes" if done.classes else ""
     how = f"{done.copied} copied, the rest hard links" if done.copied else "hard links"
     print(f"wrote {done.train} train and {done.valid} valid images{classes} to {args.out} ({how})")
@@ -364,9 +364,14 @@ def _sub(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.Argu
     return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
 
 
-def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+def _near_copies_arg(p: argparse.ArgumentParser, what: str) -> None:
     from clfpipe.contract.similar import HASH_BITS, NEAR_BITS
 
+    p.add_argument("--near-copies", type=int, nargs="?", const=NEAR_BITS, metavar="BITS",
+                   help=f"{what}: perceptual hashes at most BITS of {HASH_BITS} apart (default {NEAR_BITS})")
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = _sub(sub, "data", "datasets").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = _sub(data, "demo", "write the deterministic demo dataset (fast.ai folder layout)")
     p.add_argument("out_dir", type=Path, help="folder to write train/ and valid/ into")
@@ -380,9 +385,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--move-to", type=Path, help="move the unusable files here, each at its path under DATA (repeated "
                                                 "ones stay: which copy goes is the user's choice)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
-    p.add_argument("--near-copies", type=int, nargs="?", const=NEAR_BITS, metavar="BITS",
-                   help="also list the images that look like an earlier one (resized, saved again): perceptual hashes "
-                        f"at most BITS of {HASH_BITS} apart (default {NEAR_BITS})")
+    _near_copies_arg(p, "also list the images that look like an earlier one (resized, saved again)")
     p.set_defaults(func=_cmd_data_check)
     p = _sub(data, "split", "hold out part of each class for validation: SRC/<class>/ into OUT/train/<class>/ and "
                             "OUT/valid/<class>/ (hard links: SRC is not changed)")
@@ -395,6 +398,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
                                                      "the recipe's data.labels_csv")
     p.add_argument("--classes-csv", type=Path, help="CSV of single-label images in SRC, as fastai's from_csv reads it (a "
                                                       "header, then image,class rows): each lands in OUT/<split>/<class>/")
+    _near_copies_arg(p, "hold out the images of a class that look alike (resized, saved again) together too")
     p.set_defaults(func=_cmd_data_split)
     p = _sub(data, "clean", "rank every image of a run's data by its loss (fastai's top losses) into a table to edit, "
                             "and a page of the highest; --apply carries out the edited table")

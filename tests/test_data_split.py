@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from clfpipe.cli import main
 from clfpipe.contract import holdout
 from clfpipe.contract.dataset import image_files, scan_data, scan_split
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.holdout import check_pct, split_dataset, valid_count
+from clfpipe.contract.similar import NEAR_BITS
 from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
 
 
@@ -312,3 +314,65 @@ def test_any_folder_and_classes_table_is_split_whole_or_refused_in_one_error(tmp
     for split in ("train", "valid"):
         for f in image_files(root / "out" / split):
             assert f.parent.name == named[f.stem] and f.parent.parent == root / "out" / split
+
+
+def _texture(seed: int, size: int = 120) -> Image.Image:
+    """A random colour field with detail at every scale of a 12-cell grid (a photo's stand-in)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
+@pytest.fixture
+def alike(tmp_path):
+    """Two classes of 8 distinct images; three near copies of cat/0 and one of cat/1 and dog/0."""
+    src = tmp_path / "alike"
+    for c, name in enumerate(("cat", "dog")):
+        (src / name).mkdir(parents=True)
+        for i in range(8):
+            _texture(10 * c + i).save(src / name / f"{i}.jpg", quality=90)
+    for copy, (source, scale, quality) in {"cat/0_small.jpg": ("cat/0.jpg", 0.6, 70), "cat/0_big.jpg": ("cat/0.jpg", 1.4, 95),
+                                           "cat/0_low.jpg": ("cat/0.jpg", 1.0, 40), "cat/1_small.jpg": ("cat/1.jpg", 0.5, 80),
+                                           "dog/0_again.jpg": ("dog/0.jpg", 1.0, 50)}.items():
+        img = Image.open(src / source)
+        img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR).save(src / copy, quality=quality)
+    return src
+
+
+GROUPS = [("cat/0.jpg", "cat/0_small.jpg", "cat/0_big.jpg", "cat/0_low.jpg"), ("cat/1.jpg", "cat/1_small.jpg"),
+          ("dog/0.jpg", "dog/0_again.jpg")]
+
+
+def _split_of(out: Path, name: str) -> str:
+    (split,) = [s for s in ("train", "valid") if (out / s / name).is_file()]
+    return split
+
+
+def test_near_copies_of_a_class_are_held_out_together_when_asked(alike, tmp_path, capsys):
+    apart = []
+    for seed in range(6):
+        out, plain = tmp_path / f"near{seed}", tmp_path / f"plain{seed}"
+        assert main(["-q", "data", "split", str(alike), str(out), "--valid-pct", "0.3", "--seed", str(seed), "--near-copies"]) == 0
+        assert all(len({_split_of(out, f) for f in group}) == 1 for group in GROUPS)
+        assert len(image_files(out)) == len(image_files(alike))
+        split_dataset(alike, plain, 0.3, seed)
+        apart.append(any(len({_split_of(plain, f) for f in group}) == 2 for group in GROUPS))
+    assert any(apart)  # without the option, some seed put a copy on each side
+
+
+def test_a_folder_without_near_copies_splits_as_it_does_without_the_option(flat, tmp_path):
+    split_dataset(flat, tmp_path / "plain", 0.3, seed=3)
+    split_dataset(flat, tmp_path / "near", 0.3, seed=3, near_bits=NEAR_BITS)
+    assert ({p.relative_to(tmp_path / "near") for p in image_files(tmp_path / "near")}
+            == {p.relative_to(tmp_path / "plain") for p in image_files(tmp_path / "plain")})
+
+
+def test_a_class_of_one_image_and_its_near_copies_is_refused(alike, tmp_path, capsys):
+    for f in (alike / "cat").iterdir():
+        if not f.name.startswith("0"):
+            f.unlink()
+    assert main(["data", "split", str(alike), str(tmp_path / "out"), "--near-copies"]) == 2
+    assert capsys.readouterr().err.strip() == ("clfpipe: error: class 'cat': expected at least 2 different images to hold one "
+                                               "out, got 4 copies or near copies of one image")
+    assert main(["data", "split", str(alike), str(tmp_path / "out"), "--near-copies", "129"]) == 2
+    assert "--near-copies: expected 0 to 128 bits of 256, got 129" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ from clfpipe.contract.errors import DataError, first_line
 from clfpipe.contract.manifest import atomic_write_bytes
 from clfpipe.contract.preprocess import ENCODINGS, FORMATS, check_jpeg_bytes, check_size, load_image
 from clfpipe.contract.progress import progress
-from clfpipe.contract.similar import HASH_BITS, MAX_NEAR_BITS, nearest_earlier, perceptual_hash
+from clfpipe.contract.similar import check_near_bits, nearest_earlier, perceptual_hash
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -452,8 +452,7 @@ def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1, near_bits
     ``workers`` threads decode (Pillow releases the GIL while decoding)."""
     if not 1 <= workers <= MAX_CHECK_WORKERS:
         raise DataError(f"--workers: expected 1 to {MAX_CHECK_WORKERS}, got {workers}")
-    if near_bits is not None and not 0 <= near_bits <= MAX_NEAR_BITS:
-        raise DataError(f"--near-copies: expected 0 to {MAX_NEAR_BITS} bits of {HASH_BITS}, got {near_bits}")
+    check_near_bits(near_bits)
     data_dir = Path(data_dir)
     train = scan_data(data_dir, "train", labels_csv, verify=False)
     splits = [train, scan_data(data_dir, "valid", labels_csv, train.classes, verify=False)]

@@ -1,8 +1,9 @@
 """``clfpipe data split``: a folder of class folders (or of images with a table of their classes or
 tags) into the train/ and valid/ layout every other command reads, holding out a fraction of each
 class for validation, as fastai's ``valid_pct`` does (stratified here: every class keeps its share
-in both splits). Files of a class with the same bytes go to one split together: a copy on each
-side would put a training image in the validation score.
+in both splits). Files of a class with the same bytes go to one split together (with
+``near_bits``, those that look alike too: ``similar``): a copy on each side would put a training
+image in the validation score.
 
 The source is never changed: files are hard-linked into the new folder (copied where the two lie
 on different file systems), and the new folder appears whole or not at all.
@@ -15,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -22,6 +24,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 
 from clfpipe.contract.dataset import (
+    MAX_CHECK_WORKERS,
     class_images,
     hidden,
     identical,
@@ -32,6 +35,7 @@ from clfpipe.contract.dataset import (
     read_tags,
 )
 from clfpipe.contract.errors import DataError
+from clfpipe.contract.similar import check_near_bits, file_hash, near_groups
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +75,31 @@ def holdout(files: Sequence[T], pct: float, rng: np.random.Generator) -> tuple[l
 Placed = list[tuple[Path, Path]]
 
 
-def _units(placed: Placed, name: str) -> list[Placed]:
-    """A class's files as the units held out: each file, or the files with one content together."""
-    units = [[placed[i] for i in group] for group in identical([f for f, _ in placed])]
+def _units(placed: Placed, name: str, near_bits: int | None = None) -> list[Placed]:
+    """A class's files as the units held out: each file, or the files with one content together
+    (with ``near_bits``, near copies too)."""
+    groups = identical([f for f, _ in placed])
+    if near_bits is not None:
+        groups = _near(groups, [placed[group[0]][0] for group in groups], near_bits)
+    units = [[placed[i] for i in group] for group in groups]
     if len(units) < 2:
+        what = "copies or near copies of one image" if near_bits is not None else "files of the same bytes"
         raise DataError(f"{f'class {name!r}' if name else 'the images'}: expected at least 2 different images to hold "
-                        f"one out, got {len(placed)} files of the same bytes")
+                        f"one out, got {len(placed)} {what}")
     return units
+
+
+def _near(groups: list[list[int]], firsts: Sequence[Path], near_bits: int) -> list[list[int]]:
+    """``groups`` (of files' indices; ``firsts``, a file of each) merged where their images look
+    alike; a file that does not decode keeps its group. In the order of each group's first index."""
+    with ThreadPoolExecutor(min(os.cpu_count() or 1, MAX_CHECK_WORKERS)) as pool:
+        hashes = list(pool.map(file_hash, firsts))
+    hashed = [g for g, h in enumerate(hashes) if h is not None]
+    merged = [groups[g] for g, h in enumerate(hashes) if h is None]
+    if hashed:
+        for near in near_groups(np.stack([hashes[g] for g in hashed]), near_bits):
+            merged.append(sorted(i for g in near for i in groups[hashed[g]]))
+    return sorted(merged, key=lambda group: group[0])
 
 
 def _groups(src: Path, labels_csv: Path | None, classes_csv: Path | None) -> tuple[dict[str, Placed], int]:
@@ -143,17 +165,19 @@ def _check_places(src: Path, out: Path) -> None:
 
 
 def split_dataset(src: Path, out: Path, pct: float, seed: int = 0, labels_csv: Path | None = None,
-                  classes_csv: Path | None = None) -> HoldoutResult:
+                  classes_csv: Path | None = None, near_bits: int | None = None) -> HoldoutResult:
     """SRC/<class>/... into OUT/train and OUT/valid, `pct` of each class in valid, chosen by `seed`,
     each file at its path under SRC. Or SRC/*.jpg with a table: ``classes_csv`` names each image's
-    class (each lands in OUT/<split>/<class>/), ``labels_csv`` its tags (copied to OUT)."""
+    class (each lands in OUT/<split>/<class>/), ``labels_csv`` its tags (copied to OUT). With
+    ``near_bits``, images of a class that look alike are held out together too."""
     src, out = Path(src), Path(out)
     check_pct(pct)
+    check_near_bits(near_bits)
     if labels_csv is not None and classes_csv is not None:
         raise DataError("data split: expected one table, --labels-csv (tags) or --classes-csv (one class each), got both")
     _check_places(src, out)
     groups, outside = _groups(src, labels_csv, classes_csv)
-    units = {name: _units(placed, name) for name, placed in groups.items()}
+    units = {name: _units(placed, name, near_bits) for name, placed in groups.items()}
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))

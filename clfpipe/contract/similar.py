@@ -13,8 +13,14 @@ away: missed, not confused with another. Unmeasured on real photos."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import numpy as np
 from PIL import Image
+
+from clfpipe.contract.errors import DataError
+from clfpipe.contract.preprocess import load_image
 
 HASH_SIZE = 16  # pHash over the 16x16 lowest frequencies: 256 bits
 HASH_BITS = HASH_SIZE * HASH_SIZE
@@ -23,28 +29,66 @@ MAX_NEAR_BITS = HASH_BITS // 2  # two unrelated hashes differ in about half thei
 _ROWS = 256  # hashes compared at once against all: a (256, n) block of distances (100 MB at 100,000 images)
 
 
+def check_near_bits(near_bits: int | None) -> None:
+    """``--near-copies``: None (not asked for) or a bound that can tell a copy from another image."""
+    if near_bits is not None and not 0 <= near_bits <= MAX_NEAR_BITS:
+        raise DataError(f"--near-copies: expected 0 to {MAX_NEAR_BITS} bits of {HASH_BITS}, got {near_bits}")
+
+
 def perceptual_hash(img: Image.Image) -> np.ndarray:
     """The image's pHash as HASH_BITS booleans."""
-    import imagehash  # scipy with it: only for the check that asks
+    import imagehash  # scipy with it: only for the commands that ask
 
     return np.asarray(imagehash.phash(img, hash_size=HASH_SIZE).hash, dtype=bool).reshape(-1)
 
 
-def nearest_earlier(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int, int]]:
-    """(j, i, bits) for each hash j with an earlier one i at most ``max_bits`` apart: the nearest
-    such i, the first on a tie. Distances by a matrix product (|a| + |b| - 2 a.b), a block of rows
-    at a time: n hashes cost n^2 * HASH_BITS multiply-adds, not n^2 Python comparisons."""
+def file_hash(path: Path) -> np.ndarray | None:
+    """An image file's pHash as training decodes it (``load_image``); None where it does not decode."""
+    try:
+        return perceptual_hash(load_image(path))
+    except ValueError:
+        return None
+
+
+def _earlier_distances(hashes: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, distances): for a block of rows from ``start``, each row's Hamming distance to every
+    earlier hash (HASH_BITS + 1 to itself and later ones). By a matrix product, |a| + |b| - 2 a.b, a
+    block at a time: n hashes cost n^2 * HASH_BITS multiply-adds, not n^2 Python comparisons."""
     bits = np.asarray(hashes, dtype=np.float32)
     ones = bits.sum(axis=1)
-    found = []
     for start in range(0, len(bits), _ROWS):
         block = bits[start:start + _ROWS]
-        dist = ones[start:start + len(block), None] + ones[None, :] - 2 * block @ bits.T
-        dist = np.rint(dist).astype(np.int32)  # exact integers in float32 below 2^24
+        dist = np.rint(ones[start:start + len(block), None] + ones[None, :] - 2 * block @ bits.T).astype(np.int32)
         earlier = np.arange(len(bits))[None, :] < np.arange(start, start + len(block))[:, None]
-        dist = np.where(earlier, dist, HASH_BITS + 1)
+        yield start, np.where(earlier, dist, HASH_BITS + 1)  # exact integers: float32 holds them below 2^24
+
+
+def nearest_earlier(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int, int]]:
+    """(j, i, bits) for each hash j with an earlier one i at most ``max_bits`` apart: the nearest
+    such i, the first on a tie."""
+    found = []
+    for start, dist in _earlier_distances(hashes):
         nearest = dist.argmin(axis=1)  # the first of equal minima
-        for row, i in enumerate(nearest):
-            if dist[row, i] <= max_bits:
-                found.append((start + row, int(i), int(dist[row, i])))
+        found += [(start + row, int(i), int(dist[row, i])) for row, i in enumerate(nearest) if dist[row, i] <= max_bits]
     return found
+
+
+def near_groups(hashes: np.ndarray, max_bits: int) -> list[list[int]]:
+    """The hashes' indices grouped so that any two at most ``max_bits`` apart share a group (and
+    so, through a chain, may two further apart); groups, and each group, in index order."""
+    parent = list(range(len(hashes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start, dist in _earlier_distances(hashes):
+        for row, i in zip(*np.nonzero(dist <= max_bits)):
+            a, b = root(start + int(row)), root(int(i))
+            parent[max(a, b)] = min(a, b)  # the first index roots its group
+    groups: dict[int, list[int]] = {}
+    for i in range(len(hashes)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
