@@ -17,7 +17,7 @@ from clfpipe.cli import main
 from clfpipe.contract.dataset import check_data, image_problem
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import load_image
-from clfpipe.contract.similar import HASH_BITS, MAX_NEAR_BITS, NEAR_BITS, nearest_earlier
+from clfpipe.contract.similar import HASH_BITS, MAX_NEAR_BITS, NEAR_BITS, near_groups, nearest_earlier
 from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
 
 
@@ -243,6 +243,29 @@ def test_nearest_earlier_is_each_hash_s_nearest_earlier_one_within_the_bound(dat
         if dist and min(dist) <= max_bits:
             expected.append((j, dist.index(min(dist)), min(dist)))
     assert nearest_earlier(rows, max_bits) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_near_groups_are_the_components_of_the_pairs_within_the_bound(data):
+    n = data.draw(st.integers(0, 12))
+    rows = data.draw(arrays(np.bool_, (n, HASH_BITS)))
+    for j in range(1, n):
+        if data.draw(st.booleans()):
+            rows[j] = rows[data.draw(st.integers(0, j - 1))] ^ (np.arange(HASH_BITS) < data.draw(st.integers(0, 60)))
+    max_bits = data.draw(st.integers(0, 128))
+    component = list(range(n))  # by relabelling until nothing changes: the closed form, slowly
+    changed = True
+    while changed:
+        changed = False
+        for i in range(n):
+            for j in range(n):
+                if int((rows[i] != rows[j]).sum()) <= max_bits and component[j] > component[i]:
+                    component[j], changed = component[i], True
+    expected = {}
+    for i in range(n):
+        expected.setdefault(component[i], []).append(i)
+    assert near_groups(rows, max_bits) == list(expected.values())
 
 
 def _texture(seed: int, size: int = 160) -> Image.Image:
