@@ -26,7 +26,7 @@ HASH_SIZE = 16  # pHash over the 16x16 lowest frequencies: 256 bits
 HASH_BITS = HASH_SIZE * HASH_SIZE
 NEAR_BITS = 40  # at most this many bits apart is a near copy: 16% of the bits, as imagededup's 10 of 64
 MAX_NEAR_BITS = HASH_BITS // 2  # two unrelated hashes differ in about half their bits
-_ROWS = 256  # hashes compared at once against all: a (256, n) block of distances (100 MB at 100,000 images)
+_ROWS = 256  # hashes compared at once against all: 108 MB at its peak for 20,000 hashes here, ~0.5 GB at 100,000
 
 
 def check_near_bits(near_bits: int | None) -> None:
