@@ -150,6 +150,13 @@ def write_demo_multilabel(out_dir: str | Path, seed: int = 0, *, train: int = 24
     return {"train": train, "valid": valid}
 
 
+def detailed_image(seed: int, size: int) -> Image.Image:
+    """A random colour field with detail at every scale of a 12-cell grid: a stand-in for distinct
+    photos, unlike the demo's stripes of one kind a class (the near-copy tests draw these)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
 def write_format_samples(out_dir: str | Path, seed: int = 3) -> list[Path]:
     """One small file per format and mode a user's folder may hold, among those training reads:
     JPEG (RGB, grey, CMYK, progressive), PNG (16-bit grey, RGBA, palette), BMP, WebP."""

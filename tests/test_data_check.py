@@ -18,7 +18,7 @@ from clfpipe.contract.dataset import check_data, image_problem
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.preprocess import load_image
 from clfpipe.contract.similar import HASH_BITS, MAX_NEAR_BITS, NEAR_BITS, near_groups, nearest_earlier
-from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
+from clfpipe.demo_data import DemoSpec, detailed_image, write_demo_dataset, write_demo_multilabel
 
 
 @pytest.fixture
@@ -268,13 +268,6 @@ def test_near_groups_are_the_components_of_the_pairs_within_the_bound(data):
     assert near_groups(rows, max_bits) == list(expected.values())
 
 
-def _texture(seed: int, size: int = 160) -> Image.Image:
-    """A random colour field with detail at every scale of a 12-cell grid: distinct photos' stand-in,
-    unlike the demo's stripes of one kind a class."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-
-
 def _saved(img: Image.Image, path, scale: float = 1.0, quality: int = 90) -> None:
     img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR).save(path, quality=quality)
 
@@ -285,7 +278,7 @@ def test_near_copies_are_named_with_what_they_do_and_distinct_images_are_not(tmp
         for c, name in enumerate(("cat", "dog")):
             (data / split / name).mkdir(parents=True)
             for i in range(count):
-                _saved(_texture(100 * c + 10 * (split == "valid") + i), data / split / name / f"{i}.jpg")
+                _saved(detailed_image(100 * c + 10 * (split == "valid") + i, 160), data / split / name / f"{i}.jpg")
     first = data / "train" / "cat" / "0.jpg"
     near = {  # resized and saved again; one copied byte for byte (a copy, not a near copy)
         data / "valid" / "cat" / "small.jpg": (2 / 3, 70, "in both splits: the validation score counts an image training saw"),

@@ -20,7 +20,7 @@ from clfpipe.contract.dataset import image_files, scan_data, scan_split
 from clfpipe.contract.errors import DataError
 from clfpipe.contract.holdout import check_pct, split_dataset, valid_count
 from clfpipe.contract.similar import NEAR_BITS
-from clfpipe.demo_data import DemoSpec, write_demo_dataset, write_demo_multilabel
+from clfpipe.demo_data import DemoSpec, detailed_image, write_demo_dataset, write_demo_multilabel
 
 
 @pytest.fixture
@@ -316,12 +316,6 @@ def test_any_folder_and_classes_table_is_split_whole_or_refused_in_one_error(tmp
             assert f.parent.name == named[f.stem] and f.parent.parent == root / "out" / split
 
 
-def _texture(seed: int, size: int = 120) -> Image.Image:
-    """A random colour field with detail at every scale of a 12-cell grid (a photo's stand-in)."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-
-
 @pytest.fixture
 def alike(tmp_path):
     """Two classes of 8 distinct images; three near copies of cat/0 and one of cat/1 and dog/0."""
@@ -329,7 +323,7 @@ def alike(tmp_path):
     for c, name in enumerate(("cat", "dog")):
         (src / name).mkdir(parents=True)
         for i in range(8):
-            _texture(10 * c + i).save(src / name / f"{i}.jpg", quality=90)
+            detailed_image(10 * c + i, 120).save(src / name / f"{i}.jpg", quality=90)
     for copy, (source, scale, quality) in {"cat/0_small.jpg": ("cat/0.jpg", 0.6, 70), "cat/0_big.jpg": ("cat/0.jpg", 1.4, 95),
                                            "cat/0_low.jpg": ("cat/0.jpg", 1.0, 40), "cat/1_small.jpg": ("cat/1.jpg", 0.5, 80),
                                            "dog/0_again.jpg": ("dog/0.jpg", 1.0, 50)}.items():

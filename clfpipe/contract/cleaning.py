@@ -271,8 +271,7 @@ def _retags(csv_path: Path, data_dir: Path, rows: Sequence[_Row], labels_csv: st
                                 "of the data too: expected one image a row to retag it (rename one)")
             retag[name] = row.tags
     gone = {"/".join(r.parts) for r in rows if r.action == DELETE}
-    _check_trained_tags(files, {**{n: set(t) for n, t in now.items()}, **{n: set(t) for n, t in retag.items()}}, gone,
-                        split_folder(data_dir, "train", "").name)
+    _check_trained_tags(files, {**now, **{n: set(t) for n, t in retag.items()}}, gone, split_folder(data_dir, "train", "").name)
     return tuple((files[name], tags) for name, tags in retag.items())
 
 

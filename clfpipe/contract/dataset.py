@@ -118,16 +118,6 @@ def _size_problem(img: Image.Image, path: Path) -> str | None:
     return None
 
 
-def decode_problem(path: Path) -> str | None:
-    """Why a file does not decode whole as the loaders decode it (``load_image``: what a header
-    check cannot see, such as a truncated file), None when it does."""
-    try:
-        load_image(path)
-    except ValueError as exc:
-        return first_line(exc).removeprefix(f"{path}: ")
-    return None
-
-
 def check_images(files: Sequence[Path], data_dir: Path) -> None:
     """Every file's header (``header_problem``): a DataError naming the first unusable one and
     counting the others, so that one run of ``clfpipe data check`` finds them all."""
@@ -250,7 +240,7 @@ def write_tags(csv_path: Path, new: Mapping[str, tuple[str, ...]]) -> None:
     """The tags table with the rows of ``new``'s images (file stems) given those tags: every other
     line stays byte for byte as it was (quoting, byte-order mark, line ends), and an edited row
     keeps its line end. The file is replaced whole, by one renamed over it, or not at all."""
-    text = csv_text(csv_path)
+    raw, text = _csv_bytes_text(csv_path)
     lines = io.StringIO(text, newline="").readlines()  # the lines csv.reader reads, ends kept
     reader = csv.reader(iter(lines))
     try:
@@ -272,7 +262,7 @@ def write_tags(csv_path: Path, new: Mapping[str, tuple[str, ...]]) -> None:
             done = reader.line_num
     except csv.Error as exc:
         raise DataError(f"{csv_path}: not CSV ({exc})") from exc
-    bom = "\ufeff" if csv_path.read_bytes().startswith(codecs.BOM_UTF8) else ""
+    bom = "\ufeff" if raw.startswith(codecs.BOM_UTF8) else ""
     try:
         atomic_write_bytes(csv_path, (bom + "".join(out + lines[done:])).encode("utf-8"), csv_path.stat().st_mode & 0o7777)
     except OSError as exc:
@@ -321,8 +311,14 @@ def _by_stem(csv_path: Path, reader: Any, header: Callable[[], None], parse: Cal
 
 def csv_text(csv_path: Path) -> str:
     """A CSV file's text, line ends as written (the csv module reads them, quoted ones in a cell too)."""
+    return _csv_bytes_text(csv_path)[1]
+
+
+def _csv_bytes_text(csv_path: Path) -> tuple[bytes, str]:
+    """A CSV file's bytes, and its text as ``csv_text`` gives it."""
     try:
-        return csv_path.read_bytes().decode("utf-8-sig")  # Excel's byte-order mark is no part of the first column's name
+        raw = csv_path.read_bytes()
+        return raw, raw.decode("utf-8-sig")  # Excel's byte-order mark is no part of the first column's name
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path}: expected UTF-8 text, got byte {exc.object[exc.start]:#04x} at offset {exc.start}") from exc
     except OSError as exc:
@@ -474,11 +470,12 @@ def check_data(data_dir: Path, labels_csv: str = "", workers: int = 1, near_bits
 
 def image_problem(path: Path) -> str | None:
     """Why a file is no usable image, by its header or its whole decode; None when it is one."""
-    return header_problem(path) or decode_problem(path)
+    return _inspected(path, hashing=False)[0]
 
 
 def _inspected(path: Path, hashing: bool) -> tuple[str | None, np.ndarray | None]:
-    """(why the file is no usable image or None, its perceptual hash when ``hashing`` and usable)."""
+    """(why the file is no usable image or None, its perceptual hash when ``hashing`` and usable).
+    The whole decode (``load_image``) sees what a header check cannot, such as a truncated file."""
     if (problem := header_problem(path)) is not None:
         return problem, None
     try:
