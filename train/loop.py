@@ -15,6 +15,7 @@ import datetime as _dt
 import io
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import fields
@@ -47,10 +48,11 @@ from clfpipe.train.data import run_splits
 from clfpipe.train.distributed import Dist, broadcast, from_env, mean, peer_stopped, per_rank_batch, setup, teardown
 from clfpipe.train.evaluate import evaluate
 from clfpipe.train.lr_find import LrFindResult, lr_find, plot_lr_find
+from clfpipe.train.overfit import CycleEnd, better, cycle_ends, improves
 from clfpipe.train.report import LossPoint, loss_png, write_report
 from clfpipe.train.schedule import stage_multipliers
 from clfpipe.train.stage import Context, StageData, make_optimizer, param_groups, pick_device
-from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState, torch_bytes
+from clfpipe.train.state import STATE_FILE, EpochMetrics, StageDone, StateWriter, TrainState, to_host, torch_bytes
 from clfpipe.train.step import TrainStep, train_step
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageD
         state.optimizer = None
     multipliers = stage_multipliers(stage, len(data.train_loader))
     step = train_step(data.loss, optimizer, ctx.device, cuda_graphs=_graphs(ctx))
-    for epoch in range(state.epoch, stage.epochs):
+    ends = cycle_ends(stage)
+    for epoch in range(state.epoch, state.epoch if state.ended else stage.epochs):
         start = time.perf_counter()
         data.seed_epoch(epoch)
         train_mode(model)
@@ -165,18 +168,60 @@ def _train_stage(model: Classifier, index: int, stage: StageConfig, data: StageD
                               what=f"stage {index} {stage.name} epoch {epoch + 1}/{stage.epochs}")
         train_loss = mean(float(np.mean(losses)), ctx.dist)
         state.epoch = epoch + 1
-        if not ctx.dist.main:
-            continue  # rank 0 validates, records and saves; the next step's gradient exchange waits for it
-        valid_loss, metric = data.validate()
-        row = EpochMetrics(index, stage.name, epoch + 1, {g["name"]: g["lr"] for g in optimizer.param_groups},
-                           train_loss, valid_loss, metric, time.perf_counter() - start)
-        state.rows.append(row)
-        log.info("stage %d %s epoch %d/%d: train_loss %.4f valid_loss %.4f %s %.4f (%.1fs)", index, row.stage, row.epoch,
-                 stage.epochs, row.train_loss, row.valid_loss, metric_name(ctx.recipe.multi_label), row.metric, row.seconds)
-        state.model, state.optimizer = model.state_dict(), optimizer.state_dict()
-        writer.save(state)
-        state.optimizer = None
-    state.stages_done.append(StageDone(list(lrs), len(data.train_loader)))
+        # rank 0 validates, records and saves; the next step's gradient exchange (or a cycle's end) waits for it
+        row = _validate(data, index, stage, optimizer, train_loss, state.epoch, start, ctx) if ctx.dist.main else None
+        if row is not None:
+            state.rows.append(row)
+        if state.epoch in ends:
+            _cycle_end(model, index, stage, row, ctx, state)
+        if ctx.dist.main:
+            state.model, state.optimizer = model.state_dict(), optimizer.state_dict()
+            writer.save(state)
+            state.optimizer = None
+        if state.ended:
+            break
+    kept = state.best["end"]["epoch"] if state.ended and state.best else None
+    state.stages_done.append(StageDone(list(lrs), len(data.train_loader), epochs=state.epoch, kept=kept))
+
+
+def _validate(data: StageData, index: int, stage: StageConfig, optimizer: torch.optim.Optimizer, train_loss: float,
+              epoch: int, start: float, ctx: Context) -> EpochMetrics:
+    """The row of metrics.csv of the epoch (counted from 1) that began at `start`, logged."""
+    valid_loss, metric = data.validate()
+    row = EpochMetrics(index, stage.name, epoch, {g["name"]: g["lr"] for g in optimizer.param_groups}, train_loss,
+                       valid_loss, metric, time.perf_counter() - start)
+    log.info("stage %d %s epoch %d/%d: train_loss %.4f valid_loss %.4f %s %.4f (%.1fs)", index, row.stage, row.epoch,
+             stage.epochs, row.train_loss, row.valid_loss, metric_name(ctx.recipe.multi_label), row.metric, row.seconds)
+    return row
+
+
+def _cycle_end(model: Classifier, index: int, stage: StageConfig, row: EpochMetrics | None, ctx: Context,
+               state: TrainState) -> None:
+    """An ``until = "overfit"`` stage at a cycle's end: over-fitting ends the stage with the best
+    cycle end's weights restored; else this end's weights are kept if it is the best yet. Rank 0
+    measured the end; every rank decides alike on it and keeps its own copy of the weights, which
+    DDP holds equal."""
+    end = broadcast(CycleEnd(row.epoch, row.metric, row.valid_loss) if row is not None else None, ctx.dist)
+    best = CycleEnd(**state.best["end"]) if state.best else None
+    metric = metric_name(ctx.recipe.multi_label)
+    if not improves(end, best, state.lowest_loss):
+        model.load_state_dict(state.best["model"])
+        state.ended = True
+        log.info("stage %d %s: over-fitting: epoch %d ends a cycle at %s %.4f, valid_loss %.4f, neither above the best "
+                 "%s (epoch %d: %.4f) nor below the lowest loss (%.4f): epoch %d's weights restored, the stage ends after "
+                 "%d of at most %d epochs", index, stage.name, end.epoch, metric, end.metric, end.valid_loss, metric,
+                 best.epoch, best.metric, state.lowest_loss, best.epoch, end.epoch, stage.epochs)
+        return
+    if not better(end, best):  # the loss fell, or the first cycle end diverged
+        why = "the loss still falls" if best else "not a number: no weights kept"
+    elif end.epoch < stage.epochs:  # after the last cycle the stage ends with these weights anyway
+        state.best, why = {"end": dataclasses.asdict(end), "model": to_host(model.state_dict())}, "the best yet"
+    else:
+        why = "the best yet"
+    if math.isfinite(end.valid_loss):
+        state.lowest_loss = min(state.lowest_loss, end.valid_loss)
+    log.info("stage %d %s: epoch %d ends a cycle at %s %.4f, valid_loss %.4f: %s", index, stage.name, end.epoch, metric,
+             end.metric, end.valid_loss, why)
 
 
 def _metrics_csv(rows: list[EpochMetrics], metric: str) -> bytes:
@@ -207,7 +252,8 @@ def plot_schedule(recipe: Recipe, done: list[StageDone], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3))
     offset = 0
     for stage, stage_done in zip(recipe.stages, done):
-        values = np.asarray(stage_multipliers(stage, stage_done.steps))
+        ran = stage.epochs if stage_done.epochs is None else stage_done.epochs  # a stage stopped at over-fitting: what ran
+        values = np.asarray(stage_multipliers(stage, stage_done.steps)[:ran * stage_done.steps])
         ax.plot(np.arange(offset, offset + len(values)), values * stage_done.lrs[-1], label=stage.name)
         offset += len(values)
     ax.set_xlabel("step")
@@ -341,6 +387,28 @@ def _train_held(dist: Dist, data_dir: Path | None, run_dir: Path, recipe: Recipe
     return _on_main(dist, lambda: finish_run(model, ctx, state, time.perf_counter() - start))
 
 
+def _kept(state: TrainState) -> set[tuple[int, int]]:
+    """(stage index, epoch) of each stage that stopped at over-fitting: the epoch whose weights it kept."""
+    return {(index, done.kept) for index, done in enumerate(state.stages_done) if done.kept is not None}
+
+
+def _loss_points(state: TrainState) -> list[LossPoint]:
+    kept = _kept(state)
+    return [LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss, kept=(r.stage_index, r.epoch) in kept) for r in state.rows]
+
+
+def _final_row(state: TrainState) -> EpochMetrics:
+    """The row of the weights the run ends with: its last epoch's, or the one its last stage kept."""
+    last, done = len(state.stages_done) - 1, state.stages_done[-1]
+    return next((r for r in state.rows if (r.stage_index, r.epoch) == (last, done.kept)), state.rows[-1])
+
+
+def _stopped(recipe: Recipe, done: list[StageDone]) -> list[dict[str, Any]]:
+    """The manifest's record of the stages that stopped at over-fitting."""
+    return [{"stage": stage.name, "epochs": d.epochs, "max_epochs": stage.epochs, "kept_epoch": d.kept}
+            for stage, d in zip(recipe.stages, done) if d.kept is not None]
+
+
 def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: float) -> Manifest:
     recipe, run_dir = ctx.recipe, ctx.run_dir
     final = recipe.stages[-1]
@@ -352,14 +420,14 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
     if recipe.evaluate.report and not recipe.multi_label:
         index = write_report(run_dir / "report", files=ctx.valid.files, labels=np.asarray(ctx.valid.labels),
                              probs=result.probs, classes=ctx.valid.classes, k=recipe.evaluate.report_images,
-                             losses=[LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows],
+                             losses=_loss_points(state),
                              next_step=f"clfpipe data clean --run {run_dir}")
         log.info("report: %s", index)
     elif recipe.evaluate.report:  # asked for, and not made: say so rather than leave the user looking for it
         log.info("report: none for a multi-label run (the data-cleaning report ranks one class per image); "
                  "metrics.csv and loss.png are written")
     plot_schedule(recipe, state.stages_done, run_dir / "schedule.png")
-    loss_png([LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss) for r in state.rows], run_dir / "loss.png")
+    loss_png(_loss_points(state), run_dir / "loss.png")
     metric = metric_name(recipe.multi_label)
     atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state.rows, metric))
     figures: dict[str, Any] = {"valid_accuracy": result.scores["plain"], "accuracy": result.scores}
@@ -368,13 +436,14 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
     manifest = commit_checkpoint(model, run_dir, recipe=recipe, classes=list(ctx.train.classes), data_dir=Path(state.data_dir), figures={
         **figures,
         "metric": metric,
-        "valid_loss": state.rows[-1].valid_loss,
+        "valid_loss": _final_row(state).valid_loss,
         "epochs": len(state.rows),
         "seconds": round(seconds, 2),
         "device": str(ctx.device),
         "train_images": len(ctx.train),
         "valid_images": len(ctx.valid),
         "stage_lrs": [done.lrs for done in state.stages_done],
+        "stopped_at_overfitting": _stopped(recipe, state.stages_done),
         "sessions": state.sessions,
         "lr_finds": [{k: v for k, v in f.items() if k in ("stage", "suggestions")} for f in state.lr_finds],
     })

@@ -295,6 +295,7 @@ class LossPoint:
     epoch: int
     train_loss: float
     valid_loss: float
+    kept: bool = False  # the epoch whose weights a stage kept when it stopped at over-fitting
 
 
 # The top of the loss plot is a band for the stage names: the losses are drawn below it.
@@ -311,6 +312,10 @@ def loss_figure(points: Sequence[LossPoint]):
     train, valid = [p.train_loss for p in points], [p.valid_loss for p in points]
     ax.plot(x, train, marker="o", label="train loss")
     ax.plot(x, valid, marker="s", label="valid loss")
+    kept = [i for i, p in enumerate(points) if p.kept]
+    if kept:  # the epochs after it ran, and their weights were dropped
+        ax.plot(x[kept], [valid[i] for i in kept], linestyle="none", marker="*", markersize=16, color="tab:red",
+                label="weights kept (over-fitting after)")
     ax.set_xlim(0.5, len(points) + 0.5)  # stage 0 starts at 0.5 as the others start at a boundary
     finite = np.array([v for v in train + valid if math.isfinite(v)] or [0.0, 1.0])  # a diverged epoch's loss is nan
     lo, hi = float(finite.min()), float(finite.max())

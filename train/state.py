@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import pickle
 import threading
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ class EpochMetrics:
 class StageDone:
     lrs: list[float]  # peak lr per trainable layer group, after lr_find
     steps: int  # steps per epoch
+    epochs: int | None = None  # epochs run: fewer than the stage's where it stopped at over-fitting (None: all)
+    kept: int | None = None  # where it stopped so: the epoch whose weights ended the stage
 
 
 @dataclass
@@ -54,9 +57,16 @@ class TrainState:
     sessions: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
     model: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
+    # until = "overfit": the stage's best cycle end so far ({"end": CycleEnd's fields, "model": its
+    # weights on the host}), the lowest validation loss of its cycle ends, and whether the stage has
+    # stopped (a resume then runs none of its epochs)
+    best: dict[str, Any] | None = None
+    lowest_loss: float = math.inf
+    ended: bool = False
 
     def next_stage(self) -> None:
         self.stage, self.epoch, self.lrs = self.stage + 1, 0, None
+        self.best, self.lowest_loss, self.ended = None, math.inf, False
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -93,15 +103,15 @@ def torch_bytes(value: Any) -> bytes:
     return buf.getvalue()
 
 
-def _to_host(value: Any) -> Any:
+def to_host(value: Any) -> Any:
     """A copy of a nested state (dicts, lists, tensors) with every tensor copied to the host: what
     the training changes next cannot reach it."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
+        return {k: to_host(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(v) for v in value)
+        return type(value)(to_host(v) for v in value)
     return value
 
 
@@ -120,7 +130,7 @@ class StateWriter:
 
     def save(self, state: TrainState) -> None:
         self.wait()
-        snapshot = _to_host(state.to_dict())
+        snapshot = to_host(state.to_dict())
         self._thread = threading.Thread(target=self._write, args=(snapshot,), name="clfpipe-state-writer")
         self._thread.start()
 

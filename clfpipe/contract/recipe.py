@@ -29,6 +29,7 @@ from clfpipe.contract.preprocess import PreprocessSpec
 
 TRAINABLE = ("head", "all")
 SCHEDULES = ("constant", "cosine", "sgdr", "onecycle")
+UNTIL = ("epochs", "overfit")  # a stage runs its epochs, or stops at the first SGDR cycle end that over-fits
 SUGGESTIONS = ("valley", "steep", "minimum")
 TTA_POLICIES = ("fastai", "deterministic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -170,6 +171,10 @@ class StageConfig:
     precompute: bool = False  # train the head on cached activations of the frozen body
     lr_find: bool = False  # run lr_find first and take the peak lr from its suggestion
     warmup: float = ranged(0.0, 0.0, 0.99)  # fraction of the first cycle held at lr/100 (fastai 0.7 used 1/20)
+    # "overfit": the lesson's "train with cycle_mult=2 until over-fitting" (train/overfit.py). The first
+    # SGDR cycle end that raises neither the metric above the best cycle end's nor the validation loss
+    # below the lowest ends the stage, with the best's weights. `epochs` is then the most it runs.
+    until: str = "epochs"
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -179,7 +184,11 @@ class StageConfig:
         _check_choice(f"{where} schedule", self.schedule, SCHEDULES)
         _check_choice(f"{where} augment", self.augment, list(AUGMENTS))
         _check_choice(f"{where} optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice(f"{where} until", self.until, UNTIL)
         _check_ranges(f"{where} ", self)
+        if self.until == "overfit" and self.schedule != "sgdr":
+            raise RecipeError(f"{where} until: \"overfit\" stops at the end of an SGDR cycle: expected schedule = \"sgdr\", "
+                              f"got {self.schedule!r}")
         if self.precompute and self.trainable != "head":
             raise RecipeError(f"{where}: precompute needs trainable = \"head\" (a trainable body changes its activations), got {self.trainable!r}")
         if len(self.lr) not in (1, 3):
