@@ -30,7 +30,7 @@ STAGE_KEYS = [f.name for f in dataclasses.fields(StageConfig)]
 
 scalars = st.one_of(
     st.booleans(), st.integers(-(10**30), 10**30), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0, 1, 2, 7, 32, 64, 1e-3, 0.5, 1.0, -1, "none", "sgdr", "head", "all", "fp16", "resnet34", "auto", ""]),
+    st.sampled_from([0, 1, 2, 7, 32, 64, 1e-3, 0.5, 1.0, -1, "none", "sgdr", "overfit", "epochs", "head", "all", "fp16", "resnet34", "auto", ""]),
     st.text(max_size=12),
 )
 values = st.one_of(scalars, st.lists(scalars, max_size=4), st.dictionaries(st.text(max_size=6), scalars, max_size=3))
@@ -47,9 +47,9 @@ recipes = st.fixed_dictionaries({}, optional={
     "junk": values,
 })
 override_keys = st.sampled_from(["seed", "stages.0.epochs", "stages.*.cycle_len", "stages.0", "stages.9.size", "seed.x",
-                                 "model.dropout", "serve.model_instances", "data.num_workers", "stages.*.lr", "lr_find.start", "data", ".", ""])
+                                 "model.dropout", "serve.model_instances", "data.num_workers", "stages.*.lr", "stages.*.until", "lr_find.start", "data", ".", ""])
 overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", override_keys,
-                               st.sampled_from(["0", "-1", "nan", "inf", "[1, 2]", "[]", "{a = 1}", "abc", "1e400", "7", "2", '""', "auto"])),
+                               st.sampled_from(["0", "-1", "nan", "inf", "[1, 2]", "[]", "{a = 1}", "abc", "1e400", "7", "2", '""', "auto", "overfit"])),
                      max_size=4)
 
 
