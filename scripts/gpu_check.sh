@@ -3,7 +3,7 @@
 # (default 480: the 8 minutes of issue 9), most important first; a check that would not fit is
 # skipped with a line that says so.
 #
-#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo clean serving train graphs input_process augment decode precompute pt2 engines peer)
+#   scripts/gpu_check.sh [CHECK ...]     # all checks, or the named ones in that order (demo clean serving train graphs input_process augment decode precompute pt2 engines archs peer)
 #
 # Where the machine has no network, fill .whl/ beforehand (../shared/tools/gpu_wheels.sh --http:
 # nvidia-pytriton, numpy<2, tritonclient and its HTTP client, python-rapidjson, tomli-w,
@@ -122,6 +122,10 @@ run_graphs() {
 run_engines() {
   check engines 200 python3 "$ROOT/benchmarks/engines.py" --rounds 5
 }
+run_archs() {
+  # resnext50 against resnet34 on the GPU: the seed notes' "twice as long, 2-3x the memory", at the recipes' batch
+  check archs 90 python3 "$ROOT/benchmarks/archs.py" --size 224 --batch 64 --steps 10
+}
 peer_env() {
   # A venv of the image's python (its numpy 2, torch, scikit-learn through a .pth) with fastai and this
   # checkout: in the numpy<2 venv the server needs, fastai's import fails (AttributeError: numpy has no
@@ -158,14 +162,14 @@ run_peer() {
   done
 }
 CHECKS=("$@")
-[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo clean serving train graphs input_process augment decode precompute pt2 engines peer)
+[ "${#CHECKS[@]}" -eq 0 ] && CHECKS=(demo clean serving train graphs input_process augment decode precompute pt2 engines archs peer)
 emit "$PEER"
 # what the figures were measured with: the GPU, its driver, the CUDA torch was built for, the host's CPUs
 emit "$(python3 -c "import json, os, torch, torchvision, numpy; print(json.dumps({'check': 'env', 'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, 'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), 'numpy': numpy.__version__, 'cpus': os.cpu_count(), 'driver': os.popen('nvidia-smi --query-gpu=driver_version --format=csv,noheader').read().strip()}))")"
 for name in "${CHECKS[@]}"; do
   case $name in
-    demo|clean|serving|train|graphs|input_process|augment|decode|precompute|pt2|engines|peer) "run_$name" ;;
-    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo clean serving train graphs input_process augment decode precompute pt2 engines peer)\"}" ;;
+    demo|clean|serving|train|graphs|input_process|augment|decode|precompute|pt2|engines|archs|peer) "run_$name" ;;
+    *) emit "{\"check\": \"$name\", \"skipped\": \"unknown check (demo clean serving train graphs input_process augment decode precompute pt2 engines archs peer)\"}" ;;
   esac
 done
 if [ -n "$OUT" ]; then  # what explains a failure: the server's log, the verify report
