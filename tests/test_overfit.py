@@ -204,5 +204,7 @@ def test_every_rank_stops_and_restores_alike_under_torchrun(misled, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [stopped] = RunDir(run).read().stage("train")["stopped_at_overfitting"]
     rows = _rows(run)
-    assert len(rows) == stopped["epochs"] < 6 and result.stderr.count("over-fitting") == 1
+    assert len(rows) == stopped["epochs"] < 6 and result.stderr.count("stage 0 fit: over-fitting") == 1  # one rank logs
+    assert (f"fit stopped at over-fitting after {stopped['epochs']} of 6 epochs, epoch {stopped['kept_epoch']}'s weights kept"
+            in result.stderr.splitlines()[-1])
     _check_kept_weights(run, rows[stopped["kept_epoch"] - 1], rows[-1])

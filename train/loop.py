@@ -448,8 +448,10 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
         "lr_finds": [{k: v for k, v in f.items() if k in ("stage", "suggestions")} for f in state.lr_finds],
     })
     (run_dir / STATE_FILE).unlink(missing_ok=True)  # optimizer state is large; model.pt is the artifact
-    log.info("train: valid %s %.4f after %d epochs (%.1fs) -> %s", metric, result.scores["plain"], len(state.rows),
-             seconds, run_dir)
+    stops = "".join(f"; {s['stage']} stopped at over-fitting after {s['epochs']} of {s['max_epochs']} epochs, "
+                    f"epoch {s['kept_epoch']}'s weights kept" for s in _stopped(recipe, state.stages_done))
+    log.info("train: valid %s %.4f after %d epochs (%.1fs) -> %s%s", metric, result.scores["plain"], len(state.rows),
+             seconds, run_dir, stops)
     return manifest
 
 
