@@ -76,15 +76,15 @@ def _cmd_data_clean(args: argparse.Namespace) -> int:
             raise DataError("data clean: --move-to and --dry-run go with --apply CSV")
         from clfpipe.train.clean import clean_run
 
-        table, ranking = clean_run(args.run, args.show, args.out, args.data)
+        table, ranking = clean_run(args.run, args.show, args.out, args.data, args.tta)
         rows = len(ranking.rows)
         print(f"wrote {table} ({rows} images, highest loss first) and {table.parent / 'index.html'} "
               f"(the top {min(args.show, rows)})")
         print(f"next: set the action of the images to clean to {ranking.edits()}; then "
               f"'clfpipe data clean --run {args.run} --apply {table}'")
         return 0
-    if args.out is not None or args.show != SHOWN:
-        raise DataError("data clean: --out and --show make the table: expected neither with --apply")
+    if args.out is not None or args.show != SHOWN or args.tta:
+        raise DataError("data clean: --out, --show and --tta make the table: expected none of them with --apply")
     data, plan = run_plan(args.run, args.apply, args.data)
     move_to = args.move_to or data / ASIDE
     moves = apply_plan(plan, data, move_to, dry_run=args.dry_run)
@@ -406,6 +406,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="the run's image folder (default: the one training read)")
     p.add_argument("--out", type=Path, help="folder for cleaning.csv and index.html (default: RUN/clean)")
     p.add_argument("--show", type=int, default=SHOWN, help="images index.html draws, highest loss first")
+    p.add_argument("--tta", action="store_true", help="rank by the deterministic TTA views' mean probabilities (as the "
+                                                      "served TTA ensemble answers), not the plain predictions")
     p.add_argument("--apply", type=Path, metavar="CSV", help="carry out an edited table: each image whose action is "
                    "delete is moved aside, each set to a class moved into that class's folder of its split (multi-label: "
                    "each set to tags retagged in the tags table)")

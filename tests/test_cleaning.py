@@ -57,6 +57,30 @@ def test_binary_cross_entropy_is_the_mean_minus_log_p_of_each_tag_as_labelled(lo
     np.testing.assert_allclose(binary_cross_entropy(logits, targets), expected, rtol=1e-6, atol=1e-9)  # 1 - p: ~1e-9 at 15
 
 
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(2, 5)), elements=st.floats(-30, 30, width=32)),
+       st.data())
+def test_over_tta_views_the_losses_are_those_of_the_mean_probability(logits, data):
+    views, n, c = logits.shape
+    labels = np.array(data.draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n)))
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(cross_entropy(logits, labels), -np.log(p[np.arange(n), labels]), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(cross_entropy(logits[:1], labels), cross_entropy(logits[0], labels), rtol=1e-12)
+    targets = (z[0] > 0).astype(np.int64)
+    q = (1 / (1 + np.exp(-z))).mean(0)
+    expected = -np.mean(np.log(np.where(targets == 1, q, 1 - q)), axis=1)
+    np.testing.assert_allclose(binary_cross_entropy(logits, targets), expected, rtol=1e-6, atol=1e-9)
+    rows = rank([f"f{i}" for i in range(n)], ["valid"] * n, labels, logits, [f"c{j}" for j in range(c)])
+    assert {r.file: r.predicted for r in rows} == {f"f{i}": f"c{int(np.argmax(p[i]))}" for i in range(n)}
+
+
+def test_over_tta_views_a_loss_stays_finite_where_every_view_s_probability_underflows():
+    views = np.array([[[1000.0, -1000.0]], [[500.0, -500.0]]], dtype=np.float32)  # p(label 1): 0 in both views
+    np.testing.assert_allclose(cross_entropy(views, np.array([1])), [1000.0 + np.log(2)])  # -log((e^-2000 + e^-1000) / 2)
+
+
 def test_tagged_images_rank_by_their_tags_loss_and_predict_the_tags_above_the_threshold():
     logits = np.array([[4.0, -4.0], [-4.0, 4.0], [0.0, 0.0]])
     rows = rank(["a", "b", "c"], ["train"] * 3, np.array([[1, 0], [1, 0], [0, 1]]), logits, ("x", "y"), threshold=0.5)
@@ -427,6 +451,21 @@ def test_clean_ranks_mislabelled_images_first_and_apply_puts_them_back(trained_r
 
 
 @pytest.mark.slow
+def test_clean_with_tta_ranks_by_the_tta_views_mean_probabilities(trained_run, demo_data, tmp_path):
+    out = tmp_path / "clean"
+    assert main(["data", "clean", "--run", str(trained_run), "--out", str(out), "--show", "5", "--tta"]) == 0
+    rows = _read(out / "cleaning.csv")
+    losses = [float(r["loss"]) for r in rows]
+    assert len(rows) == 450 and losses == sorted(losses, reverse=True)
+    valid = sorted((r for r in rows if r["split"] == "valid"), key=lambda r: r["file"])
+    ref = Reference(trained_run, [demo_data / r["file"] for r in valid]).tta  # what the served TTA ensemble is judged by
+    np.testing.assert_allclose([float(r["p_label"]) for r in valid],
+                               ref[np.arange(len(valid)), [CLASSES.index(r["label"]) for r in valid]], rtol=1e-3, atol=1e-6)
+    assert [r["predicted"] for r in valid] == [CLASSES[i] for i in ref.argmax(1)]
+    assert "deterministic TTA views" in (out / "index.html").read_text()
+
+
+@pytest.mark.slow
 def test_clean_refuses_bad_options_before_any_work(trained_run, demo_data, tmp_path, capsys):
     keep = tmp_path / "mine"
     keep.mkdir()
@@ -438,8 +477,8 @@ def test_clean_refuses_bad_options_before_any_work(trained_run, demo_data, tmp_p
         (["--move-to", str(tmp_path / "x")], "data clean: --move-to and --dry-run go with --apply CSV"),
         (["--out", str(demo_data / "train" / "clean")], f"--out: expected a folder outside {demo_data.resolve() / 'train'}, "
                                                          f"got {demo_data / 'train' / 'clean'}"),  # its PNGs: a class
-        (["--apply", str(tmp_path / "t.csv"), "--show", "3"], "data clean: --out and --show make the table: expected "
-                                                             "neither with --apply"),
+        (["--apply", str(tmp_path / "t.csv"), "--show", "3"], "data clean: --out, --show and --tta make the table: expected "
+                                                             "none of them with --apply"),
     ]:
         assert main(["data", "clean", "--run", str(trained_run), *argv]) == 2
         assert capsys.readouterr().err == f"clfpipe: error: {message}\n"

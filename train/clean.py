@@ -21,7 +21,7 @@ from clfpipe.contract.lock import holding_run
 from clfpipe.contract.manifest import Manifest, RunDir, check_out_folder
 from clfpipe.nn.reference import load_run_model
 from clfpipe.train.data import run_splits
-from clfpipe.train.evaluate import predict_logits
+from clfpipe.train.evaluate import predict_logits, view_logits
 from clfpipe.train.report import STYLE, image_grid, warn_undrawable
 from clfpipe.train.stage import pick_device
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 OUT = "clean"  # RUN/clean unless --out says
 PER_GRID = 5  # a grid of 5 (1,048 px) shows at its size in the page (1,200 px at most); 8 were scaled to 0.6
 MAX_SHOWN = 480
+PREDICTIONS = {False: "plain predictions, no TTA",
+               True: "the mean probabilities of the deterministic TTA views (identity, flip, zoom, zoom + flip)"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Ranking:
     data_dir: Path
     rows: list[Ranked]
     tags_table: str = ""
+    predictions: str = ""  # what ranked them, in words (PREDICTIONS)
 
     def edits(self) -> str:
         """What a row's action may become."""
@@ -49,7 +52,8 @@ class Ranking:
 
 
 @holding_run("data clean")
-def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path | None = None) -> tuple[Path, Ranking]:
+def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path | None = None,
+              tta: bool = False) -> tuple[Path, Ranking]:
     """``clfpipe data clean``: the run's data (default: the folder training read) ranked into
     OUT/cleaning.csv and drawn in OUT/index.html (default OUT: RUN/clean); returns (the table, the
     ranking). OUT and --show are checked before the ranking's work."""
@@ -58,26 +62,28 @@ def clean_run(run_dir: Path, shown: int, out: Path | None = None, data_dir: Path
     run = RunDir(run_dir)
     manifest = run.read()
     check_outside_splits(out, run.data_dir(manifest, data_dir), "--out")  # its PNGs would be read as images
-    ranking = rank_run(run, manifest, data_dir)
+    ranking = rank_run(run, manifest, data_dir, tta)
     _write(out, ranking, run_dir, shown)
     return out / TABLE, ranking
 
 
-def rank_run(run: RunDir, manifest: Manifest, data_dir: Path | None = None) -> Ranking:
+def rank_run(run: RunDir, manifest: Manifest, data_dir: Path | None = None, tta: bool = False) -> Ranking:
     """Both splits of the run's data (default: the folder training read) ranked by the run's loss
-    on the evaluation transforms (no augmentation), highest first."""
+    on the evaluation transforms (no augmentation), highest first; with `tta`, by the loss of the
+    deterministic TTA views' mean probabilities (what the served TTA ensemble answers)."""
     splits = run_splits(run, manifest, data_dir)
     device = pick_device("auto")
     model = load_run_model(run, manifest).to(device)
-    logits = [predict_logits(model, split, spec=manifest.preprocess, batch_size=manifest.recipe.data.batch_size,
-                             device=device) for split in splits]
+    predict = view_logits if tta else predict_logits
+    logits = [predict(model, split, spec=manifest.preprocess, batch_size=manifest.recipe.data.batch_size, device=device)
+              for split in splits]
     data = run.data_dir(manifest, data_dir)
     files = [relative(f, data) for split in splits for f in split.files]
     names = [name for name, split in zip(SPLITS, splits) for _ in split.files]
     labels = np.concatenate([np.asarray(split.labels, dtype=np.int64) for split in splits])
     multi = manifest.recipe.multi_label
-    rows = rank(files, names, labels, np.concatenate(logits), manifest.classes, manifest.threshold if multi else None)
-    return Ranking(data, rows, manifest.recipe.data.labels_csv if multi else "")
+    rows = rank(files, names, labels, np.concatenate(logits, axis=-2), manifest.classes, manifest.threshold if multi else None)
+    return Ranking(data, rows, manifest.recipe.data.labels_csv if multi else "", PREDICTIONS[tta])
 
 
 def check_out(out: Path, shown: int) -> None:
@@ -136,7 +142,8 @@ def _page(out: Path, ranking: Ranking, shown: int, apply: str) -> None:
     (out / "index.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>clfpipe data cleaning</title>" + STYLE + "</head><body>"
         "<h1>Data cleaning: the highest losses</h1>"
-        f"<p>The data <code>{data}</code>: {len(ranking.rows)} images of both splits ranked by their loss, "
+        f"<p>The data <code>{data}</code>: {len(ranking.rows)} images of both splits ranked by their loss under "
+        f"{html.escape(ranking.predictions)}, "
         f"the top {len(top)} drawn here. Every one is a row of <code>{TABLE}</code> beside this page, its action "
         f"<code>keep</code>. Set it to {html.escape(ranking.edits())}, then:</p><pre>{html.escape(apply)}</pre>"
         "<p>File paths are under the data folder.</p>" + "".join(sections) + "</body></html>\n", encoding="utf-8")

@@ -7,6 +7,7 @@ Single-label: accuracy. Multi-label: F2 at the threshold searched on the plain p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,8 +17,9 @@ from clfpipe.contract.metrics import best_threshold, score
 from clfpipe.contract.preprocess import PreprocessSpec
 from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.progress import progress
+from clfpipe.contract.tta import DETERMINISTIC_VIEWS, View
 from clfpipe.nn.models import Classifier
-from clfpipe.nn.tta import average_probs
+from clfpipe.nn.tta import apply_view, average_probs
 from clfpipe.train.data import ImageDataset, make_loader
 
 
@@ -46,6 +48,17 @@ def predict_probs(model: Classifier, split: Split, *, spec: PreprocessSpec, batc
                   augment: str = "none") -> np.ndarray:
     logits = predict_logits(model, split, spec=spec, batch_size=batch_size, device=device, augment=augment)
     return activate(logits, activation_for(split.multi_label))
+
+
+@torch.inference_mode()
+def view_logits(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_size: int, device: torch.device,
+                views: Sequence[View] = DETERMINISTIC_VIEWS) -> np.ndarray:
+    """(views, N, classes): the model's logits on each TTA view of every image (``deterministic_tta``
+    averages their probabilities; ``data clean --tta`` ranks by the loss of that mean)."""
+    model.eval()
+    batches = [np.stack([model(apply_view(view, x.to(device))).float().cpu().numpy() for view in views])
+               for x, _ in _batches(split, spec, batch_size, augment="none", what="predict (TTA views)")]
+    return np.concatenate(batches, axis=1)
 
 
 @torch.inference_mode()

@@ -53,20 +53,44 @@ class Ranked:
     loss: float
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each row's -log softmax(logits)[label], in float64 by log-sum-exp: a probability that
-    underflows to 0 would make a loss of inf, and every such image would rank the same."""
+def _views(logits: np.ndarray) -> np.ndarray:
+    """Logits as (views, N, C) in float64: one view where they are (N, C)."""
     z = np.asarray(logits, dtype=np.float64)
-    top = z.max(axis=1)
-    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    return lse - z[np.arange(len(z)), np.asarray(labels)]
+    return z[None] if z.ndim == 2 else z
+
+
+def _log_mean_exp(log_p: np.ndarray) -> np.ndarray:
+    """log(mean over the first axis of exp(log_p)), by log-sum-exp: the log of a mean of
+    probabilities, finite where every one of them underflows."""
+    top = log_p.max(axis=0)
+    return top + np.log(np.exp(log_p - top).mean(axis=0))
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=-1, keepdims=True)
+    return z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+
+
+def _log_sigmoid(z: np.ndarray) -> np.ndarray:
+    return -(np.maximum(-z, 0) + np.log1p(np.exp(-np.abs(z))))
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's -log p(label), p the softmax, or its mean over TTA views where logits are
+    (views, N, C); in float64 by log-sum-exp: a probability that underflows to 0 would make a loss
+    of inf, and every such image would rank the same."""
+    z = _views(logits)
+    log_p = _log_softmax(z)[:, np.arange(z.shape[1]), np.asarray(labels)]
+    return -_log_mean_exp(log_p)
 
 
 def binary_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Each row's mean over tags of -log p(tag as labelled) under a sigmoid (fastai's
-    BCEWithLogitsLossFlat per image), in float64 and stable for any logit."""
-    z = np.asarray(logits, dtype=np.float64)
-    return (np.maximum(z, 0) - z * np.asarray(targets, dtype=np.float64) + np.log1p(np.exp(-np.abs(z)))).mean(axis=1)
+    """Each image's mean over tags of -log p(tag as labelled), p the sigmoid (fastai's
+    BCEWithLogitsLossFlat per image), or its mean over TTA views where logits are (views, N, C);
+    in float64 and stable for any logit."""
+    z, y = _views(logits), np.asarray(targets, dtype=np.float64)
+    loss = -(y * _log_mean_exp(_log_sigmoid(z)) + (1 - y) * _log_mean_exp(_log_sigmoid(-z)))
+    return loss.mean(axis=1)
 
 
 def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits: np.ndarray, classes: Sequence[str],
@@ -74,17 +98,18 @@ def rank(files: Sequence[str], splits: Sequence[str], labels: np.ndarray, logits
     """The images by loss, highest first; equal losses keep the files' order. Single-label: the
     cross-entropy, p(label), the top class. With a ``threshold``, labels are multi-hot tags: the
     mean binary cross-entropy over tags, its exp(-loss) (the geometric mean of p(tag as labelled)),
-    and the tags above the threshold."""
+    and the tags above the threshold. Logits (views, N, C) rank by the TTA views' mean
+    probabilities, as the served TTA ensemble answers."""
+    z = _views(logits)
     if threshold is None:
-        loss = cross_entropy(logits, labels)
+        loss = cross_entropy(z, labels)
         label = [classes[i] for i in labels]
-        predicted = [classes[i] for i in np.asarray(logits).argmax(1)]
+        predicted = [classes[i] for i in np.exp(_log_softmax(z)).mean(axis=0).argmax(1)]
     else:
-        loss = binary_cross_entropy(logits, labels)
+        loss = binary_cross_entropy(z, labels)
         # '-', not '': a predicted cell copied into the action retags the image (an empty action keeps it)
         label = [tag_names(row, classes) or NO_TAGS for row in np.asarray(labels)]
-        predicted = [tag_names(row, classes) or NO_TAGS
-                     for row in tagged(sigmoid(np.asarray(logits, dtype=np.float64)), threshold)]
+        predicted = [tag_names(row, classes) or NO_TAGS for row in tagged(sigmoid(z).mean(axis=0), threshold)]
     return [Ranked(files[i], splits[i], label[i], predicted[i], float(np.exp(-loss[i])), float(loss[i]))
             for i in np.argsort(-loss, kind="stable")]
 
