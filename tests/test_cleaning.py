@@ -72,8 +72,10 @@ def test_over_tta_views_the_losses_are_those_of_the_mean_probability(logits, dat
     q = (1 / (1 + np.exp(-z))).mean(0)
     expected = -np.mean(np.log(np.where(targets == 1, q, 1 - q)), axis=1)
     np.testing.assert_allclose(binary_cross_entropy(logits, targets), expected, rtol=1e-6, atol=1e-9)
-    rows = rank([f"f{i}" for i in range(n)], ["valid"] * n, labels, logits, [f"c{j}" for j in range(c)])
-    assert {r.file: r.predicted for r in rows} == {f"f{i}": f"c{int(np.argmax(p[i]))}" for i in range(n)}
+    rows = {r.file: r.predicted for r in rank([f"f{i}" for i in range(n)], ["valid"] * n, labels, logits, [f"c{j}" for j in range(c)])}
+    top2 = np.sort(p, axis=1)[:, -2:]
+    for i in np.flatnonzero(top2[:, 1] - top2[:, 0] > 1e-9):  # a tie's winner is rounding's to choose
+        assert rows[f"f{i}"] == f"c{int(np.argmax(p[i]))}"
 
 
 def test_over_tta_views_a_loss_stays_finite_where_every_view_s_probability_underflows():
