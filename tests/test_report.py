@@ -128,7 +128,7 @@ def test_the_loss_plot_shows_every_stage_name_clear_of_the_losses_and_the_legend
     sat under the legend, and names were drawn across the curves."""
     names = ["head_precomputed", "head_augmented", "unfreeze", "grow"]
     rng = np.random.default_rng(0)
-    points = [LossPoint(name, e + 1, float(rng.uniform(0.2, 1.6)), float(rng.uniform(0.2, 1.6)))
+    points = [LossPoint(name, e + 1, float(rng.uniform(0.2, 1.6)), float(rng.uniform(0.2, 1.6)), metric=float(rng.uniform()))
               for name, n in zip(names, epochs) for e in range(n)]
     import matplotlib.pyplot as plt
 
@@ -140,7 +140,10 @@ def test_the_loss_plot_shows_every_stage_name_clear_of_the_losses_and_the_legend
     box = ax.get_window_extent(renderer)
     labels = [text.get_window_extent(renderer) for text in ax.texts]
     assert [text.get_text() for text in ax.texts] == [f"{i}: {name}" for i, name in enumerate(names)]
-    markers = np.concatenate([ax.transData.transform(line.get_xydata()) for line in ax.lines if line.get_marker() != "None"])
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "valid accuracy"  # the metric, on its own axis
+    assert max(fig.axes[1].get_yticks()) <= 1.0
+    markers = np.concatenate([a.transData.transform(line.get_xydata()) for a in fig.axes for line in a.lines
+                              if line.get_marker() != "None"])
     for label in labels:
         assert box.x0 <= label.x0 and label.x1 <= box.x1 and box.y0 <= label.y0 and label.y1 <= box.y1
         assert not label.overlaps(legend), label

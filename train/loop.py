@@ -394,7 +394,8 @@ def _kept(state: TrainState) -> set[tuple[int, int]]:
 
 def _loss_points(state: TrainState) -> list[LossPoint]:
     kept = _kept(state)
-    return [LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss, kept=(r.stage_index, r.epoch) in kept) for r in state.rows]
+    return [LossPoint(r.stage, r.epoch, r.train_loss, r.valid_loss, kept=(r.stage_index, r.epoch) in kept, metric=r.metric)
+            for r in state.rows]
 
 
 def _final_row(state: TrainState) -> EpochMetrics:
@@ -427,8 +428,8 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
         log.info("report: none for a multi-label run (the data-cleaning report ranks one class per image); "
                  "metrics.csv and loss.png are written")
     plot_schedule(recipe, state.stages_done, run_dir / "schedule.png")
-    loss_png(_loss_points(state), run_dir / "loss.png")
     metric = metric_name(recipe.multi_label)
+    loss_png(_loss_points(state), run_dir / "loss.png", metric)
     atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state.rows, metric))
     figures: dict[str, Any] = {"valid_accuracy": result.scores["plain"], "accuracy": result.scores}
     if recipe.multi_label:

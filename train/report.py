@@ -296,16 +296,27 @@ class LossPoint:
     train_loss: float
     valid_loss: float
     kept: bool = False  # the epoch whose weights a stage kept when it stopped at over-fitting
+    metric: float = math.nan  # the validation metric (accuracy, or F2)
 
 
 # The top of the loss plot is a band for the stage names: the losses are drawn below it.
 _LABEL_BAND = 0.38
 
 
-def loss_figure(points: Sequence[LossPoint]):
-    """Train and valid loss per epoch across every stage, stage boundaries marked (fastai's plot_loss).
-    Each stage's name is written at its start, in a band above the curves, the legend below the
-    axes: neither is drawn over the other or over a loss, however short the run."""
+def _below_band(ax, values: Sequence[float]) -> None:
+    """The y range that draws `values` below the band of stage names (a diverged epoch's nan aside)."""
+    finite = np.array([v for v in values if math.isfinite(v)] or [0.0, 1.0])
+    lo, hi = float(finite.min()), float(finite.max())
+    span = (hi - lo) or max(abs(hi), 1.0) * 0.1
+    ax.set_ylim(lo - 0.05 * span, lo + span / (1 - _LABEL_BAND))
+
+
+def loss_figure(points: Sequence[LossPoint], metric: str = "accuracy"):
+    """Train and valid loss per epoch across every stage, stage boundaries marked (fastai's plot_loss),
+    and the validation `metric` on an axis of its own at the right: a stage that trains until
+    over-fitting watches both. Each stage's name is written at its start, in a band above the
+    curves, the legend below the axes: neither is drawn over the other or over a loss, however
+    short the run."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.4), layout="constrained")
     x = np.arange(1, len(points) + 1)
@@ -317,10 +328,15 @@ def loss_figure(points: Sequence[LossPoint]):
         ax.plot(x[kept], [valid[i] for i in kept], linestyle="none", marker="*", markersize=16, color="tab:red",
                 label="weights kept (over-fitting after)")
     ax.set_xlim(0.5, len(points) + 0.5)  # stage 0 starts at 0.5 as the others start at a boundary
-    finite = np.array([v for v in train + valid if math.isfinite(v)] or [0.0, 1.0])  # a diverged epoch's loss is nan
-    lo, hi = float(finite.min()), float(finite.max())
-    span = (hi - lo) or max(abs(hi), 1.0) * 0.1
-    ax.set_ylim(lo - 0.05 * span, lo + span / (1 - _LABEL_BAND))
+    _below_band(ax, train + valid)
+    values = [p.metric for p in points]
+    if any(math.isfinite(v) for v in values):
+        right = ax.twinx()
+        right.plot(x, values, marker="^", linestyle=":", color="tab:green", label=f"valid {metric} (right)")
+        right.set_ylabel(f"valid {metric}")
+        _below_band(right, values)
+        bottom, top = right.get_ylim()
+        right.set_yticks([t for t in right.get_yticks() if bottom <= t <= min(top, 1.0)])  # the band's room: no 1.2 accuracy
     starts = [i for i, p in enumerate(points) if i == 0 or p.stage != points[i - 1].stage]
     for index, start in enumerate(starts):
         if start:
@@ -335,8 +351,8 @@ def loss_figure(points: Sequence[LossPoint]):
     return fig
 
 
-def loss_png(points: Sequence[LossPoint], path: Path) -> None:
-    fig = loss_figure(points)
+def loss_png(points: Sequence[LossPoint], path: Path, metric: str = "accuracy") -> None:
+    fig = loss_figure(points, metric)
     fig.savefig(path, dpi=100)
     _plt().close(fig)
 
