@@ -419,7 +419,7 @@ def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, pr
     loss_html = ""
     if losses:
         loss_png(losses, out_dir / "loss.png")
-        loss_html = '<h2>Loss per epoch</h2><img src="loss.png" alt="train and valid loss per epoch">'
+        loss_html = '<h2>Loss and accuracy per epoch</h2><img src="loss.png" alt="train and valid loss, and valid accuracy, per epoch">'
     index = out_dir / "index.html"
     index.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>clfpipe data-cleaning report</title>" + STYLE + "</head><body>"
