@@ -22,7 +22,7 @@ from clfpipe.contract.manifest import Manifest, RunDir, check_out_folder
 from clfpipe.nn.reference import load_run_model
 from clfpipe.train.data import run_splits
 from clfpipe.train.evaluate import predict_logits, view_logits
-from clfpipe.train.report import STYLE, image_grid, warn_undrawable
+from clfpipe.train.report import PLAIN, STYLE, image_grid, warn_undrawable
 from clfpipe.train.stage import pick_device
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 OUT = "clean"  # RUN/clean unless --out says
 PER_GRID = 5  # a grid of 5 (1,048 px) shows at its size in the page (1,200 px at most); 8 were scaled to 0.6
 MAX_SHOWN = 480
-PREDICTIONS = {False: "plain predictions, no TTA",
+PREDICTIONS = {False: PLAIN,
                True: "the mean probabilities of the deterministic TTA views (identity, flip, zoom, zoom + flip)"}
 
 

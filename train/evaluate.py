@@ -19,7 +19,7 @@ from clfpipe.contract.probabilities import activate, activation_for
 from clfpipe.contract.progress import progress
 from clfpipe.contract.tta import DETERMINISTIC_VIEWS, View
 from clfpipe.nn.models import Classifier
-from clfpipe.nn.tta import apply_view, average_probs
+from clfpipe.nn.tta import average_probs, view_outputs
 from clfpipe.train.data import ImageDataset, make_loader
 
 
@@ -56,9 +56,8 @@ def view_logits(model: Classifier, split: Split, *, spec: PreprocessSpec, batch_
     """(views, N, classes): the model's logits on each TTA view of every image (``deterministic_tta``
     averages their probabilities; ``data clean --tta`` ranks by the loss of that mean)."""
     model.eval()
-    batches = [np.stack([model(apply_view(view, x.to(device))).float().cpu().numpy() for view in views])
-               for x, _ in _batches(split, spec, batch_size, augment="none", what="predict (TTA views)")]
-    return np.concatenate(batches, axis=1)
+    return np.concatenate([view_outputs(model, x.to(device), views).float().cpu().numpy()
+                           for x, _ in _batches(split, spec, batch_size, augment="none", what="predict (TTA views)")], axis=1)
 
 
 @torch.inference_mode()

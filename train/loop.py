@@ -431,6 +431,7 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
     metric = metric_name(recipe.multi_label)
     loss_png(_loss_points(state), run_dir / "loss.png", metric)
     atomic_write_bytes(run_dir / "metrics.csv", _metrics_csv(state.rows, metric))
+    stopped = _stopped(recipe, state.stages_done)
     figures: dict[str, Any] = {"valid_accuracy": result.scores["plain"], "accuracy": result.scores}
     if recipe.multi_label:
         figures = {"valid_f2": result.scores["plain"], "f2": result.scores, "threshold": result.threshold}
@@ -444,13 +445,13 @@ def finish_run(model: Classifier, ctx: Context, state: TrainState, seconds: floa
         "train_images": len(ctx.train),
         "valid_images": len(ctx.valid),
         "stage_lrs": [done.lrs for done in state.stages_done],
-        "stopped_at_overfitting": _stopped(recipe, state.stages_done),
+        "stopped_at_overfitting": stopped,
         "sessions": state.sessions,
         "lr_finds": [{k: v for k, v in f.items() if k in ("stage", "suggestions")} for f in state.lr_finds],
     })
     (run_dir / STATE_FILE).unlink(missing_ok=True)  # optimizer state is large; model.pt is the artifact
     stops = "".join(f"; {s['stage']} stopped at over-fitting after {s['epochs']} of {s['max_epochs']} epochs, "
-                    f"epoch {s['kept_epoch']}'s weights kept" for s in _stopped(recipe, state.stages_done))
+                    f"epoch {s['kept_epoch']}'s weights kept" for s in stopped)
     log.info("train: valid %s %.4f after %d epochs (%.1fs) -> %s%s", metric, result.scores["plain"], len(state.rows),
              seconds, run_dir, stops)
     return manifest

@@ -28,6 +28,11 @@ class CycleEnd:
     metric: float  # accuracy, or F2 for multi-label: higher is better
     valid_loss: float
 
+    @property
+    def finite(self) -> bool:
+        """False for a diverged (nan) end."""
+        return math.isfinite(self.metric) and math.isfinite(self.valid_loss)
+
 
 def cycle_ends(stage: StageConfig) -> frozenset[int]:
     """The epochs (counted from 1) at which a watched stage's cycles end; none for any other stage."""
@@ -40,7 +45,7 @@ def better(end: CycleEnd, best: CycleEnd | None) -> bool:
     """Whether `end` beats the best cycle end so far: a higher metric, or the same metric at a lower
     valid loss. The metric comes first because it is what the run reports; the loss breaks ties,
     which a small validation set's accuracy often makes. A diverged (nan) cycle end is never better."""
-    if not (math.isfinite(end.metric) and math.isfinite(end.valid_loss)):
+    if not end.finite:
         return False
     if best is None:
         return True
@@ -53,6 +58,4 @@ def improves(end: CycleEnd, best: CycleEnd | None, lowest_loss: float) -> bool:
     diverged (nan) after a best; the first cycle end has nothing to be compared with (nor restored)."""
     if best is None:
         return True
-    if not (math.isfinite(end.metric) and math.isfinite(end.valid_loss)):
-        return False
-    return end.metric > best.metric or end.valid_loss < lowest_loss
+    return end.finite and (end.metric > best.metric or end.valid_loss < lowest_loss)

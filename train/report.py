@@ -25,6 +25,7 @@ from clfpipe.contract.preprocess import load_image
 log = logging.getLogger(__name__)
 
 KINDS = ("most_correct", "most_incorrect", "most_uncertain")
+PLAIN = "plain predictions, no TTA"  # what the report's figures count, unless told otherwise
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -389,7 +390,7 @@ CONFUSED_ROWS = 50  # of a many-class matrix's thousands of confused pairs, the 
 
 
 def write_report(out_dir: Path, *, files: Sequence[Path], labels: np.ndarray, probs: np.ndarray,
-                 classes: Sequence[str], k: int = 8, predictions: str = "plain predictions, no TTA",
+                 classes: Sequence[str], k: int = 8, predictions: str = PLAIN,
                  losses: Sequence[LossPoint] = (), next_step: str = "") -> Path:
     """Write the PNGs and index.html into out_dir; returns the index path. ``next_step``: the
     command that ranks the training images too (``clfpipe data clean``), named under the summary."""

@@ -29,9 +29,13 @@ def apply_view(view: View, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def view_outputs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 views: Sequence[View] = DETERMINISTIC_VIEWS) -> torch.Tensor:
+    """(views, N, outputs): forward(view(x)) for each view, in one forward pass for all views."""
+    return forward(torch.cat([apply_view(view, x) for view in views])).reshape(len(views), x.shape[0], -1)
+
+
 def average_probs(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, activation: str,
                   views: Sequence[View] = DETERMINISTIC_VIEWS) -> torch.Tensor:
     """Mean over views of activation(forward(view(x))); one forward pass for all views."""
-    n = x.shape[0]
-    probs = ACTIVATIONS[activation](forward(torch.cat([apply_view(view, x) for view in views])))
-    return probs.reshape(len(views), n, -1).mean(0)
+    return ACTIVATIONS[activation](view_outputs(forward, x, views)).mean(0)
